@@ -1,0 +1,213 @@
+//! Anodot 2.0 metric points and Anodot's property rules: at most 20 properties,
+//! keys of at most 50 and values of at most 150 characters, `.`, `=` and space in
+//! values replaced by `_`, and finite values only. A `Point` that exists obeys them.
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+
+/// Anodot's aggregation hint: counters are summed, gauges averaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetType {
+    Gauge,
+    Counter,
+}
+
+impl TargetType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetType::Gauge => "gauge",
+            TargetType::Counter => "counter",
+        }
+    }
+}
+
+/// Most properties a point may carry.
+pub const MAX_PROPERTIES: usize = 20;
+/// Longest property key.
+pub const MAX_KEY_CHARS: usize = 50;
+/// Longest property value.
+pub const MAX_VALUE_CHARS: usize = 150;
+
+/// One Anodot 2.0 point. Properties keep their insertion order (`what`,
+/// `target_type`, `model`, `version`, `signature`, the metric's own dimensions, `ver`),
+/// which is also the order they are written in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    properties: Vec<(String, String)>,
+    /// Bucket start, epoch seconds.
+    pub timestamp: i64,
+    /// A finite number.
+    pub value: f64,
+}
+
+/// Builds a point; `finish` checks the value and appends `ver`.
+#[derive(Debug, Clone)]
+pub struct PointBuilder {
+    properties: Vec<(String, String)>,
+    timestamp: i64,
+    value: f64,
+}
+
+impl Point {
+    /// Starts a point of metric `what`.
+    pub fn builder(what: &str, target_type: TargetType, timestamp: i64, value: f64) -> PointBuilder {
+        let mut b = PointBuilder { properties: Vec::with_capacity(8), timestamp, value };
+        b = b.with("what", what).with("target_type", target_type.as_str());
+        b
+    }
+
+    /// The properties in order.
+    pub fn properties(&self) -> &[(String, String)] {
+        &self.properties
+    }
+
+    /// The value of one property.
+    pub fn property(&self, key: &str) -> Option<&str> {
+        self.properties.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The metric name.
+    pub fn what(&self) -> &str {
+        self.property("what").unwrap_or_default()
+    }
+}
+
+impl PointBuilder {
+    /// Adds a property, sanitized to Anodot's rules. Properties past the 19th (one
+    /// slot stays for `ver`) are ignored: dimensions are fixed by the code, so this
+    /// only guards against a programming error, which debug builds assert.
+    pub fn with(mut self, key: &str, value: impl AsRef<str>) -> Self {
+        debug_assert!(self.properties.len() < MAX_PROPERTIES - 1, "too many properties for {key}");
+        if self.properties.len() < MAX_PROPERTIES - 1 {
+            self.properties.push((sanitize_key(key), sanitize_value(value.as_ref())));
+        }
+        self
+    }
+
+    /// Adds a property when the value is known.
+    pub fn with_opt(self, key: &str, value: Option<impl AsRef<str>>) -> Self {
+        match value {
+            Some(v) => self.with(key, v),
+            None => self,
+        }
+    }
+
+    /// The point, or None when its value is not finite (never emitted).
+    pub fn finish(mut self) -> Option<Point> {
+        if !self.value.is_finite() {
+            return None;
+        }
+        self.properties.push(("ver".to_string(), "1".to_string()));
+        Some(Point { properties: self.properties, timestamp: self.timestamp, value: self.value })
+    }
+}
+
+fn sanitize_key(key: &str) -> String {
+    key.chars().take(MAX_KEY_CHARS).collect()
+}
+
+/// Replaces `.`, `=` and whitespace with `_` and cuts to 150 characters. An empty
+/// value becomes `_`, since Anodot rejects empty property values.
+pub fn sanitize_value(value: &str) -> String {
+    let s: String = value
+        .chars()
+        .map(|c| if c == '.' || c == '=' || c.is_whitespace() { '_' } else { c })
+        .take(MAX_VALUE_CHARS)
+        .collect();
+    if s.is_empty() {
+        "_".to_string()
+    } else {
+        s
+    }
+}
+
+struct Properties<'a>(&'a [(String, String)]);
+
+impl Serialize for Properties<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+struct EmptyTags;
+
+impl Serialize for EmptyTags {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_map(Some(0))?.end()
+    }
+}
+
+impl Serialize for Point {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(4))?;
+        map.serialize_entry("properties", &Properties(&self.properties))?;
+        map.serialize_entry("tags", &EmptyTags)?;
+        map.serialize_entry("timestamp", &self.timestamp)?;
+        map.serialize_entry("value", &self.value)?;
+        map.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Point {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Wire {
+            properties: serde_json::Map<String, serde_json::Value>,
+            timestamp: i64,
+            value: f64,
+        }
+        let wire = Wire::deserialize(deserializer)?;
+        let properties = wire
+            .properties
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, v)
+            })
+            .collect();
+        Ok(Point { properties, timestamp: wire.timestamp, value: wire.value })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_serialize_in_anodot_20_shape_with_ordered_properties() {
+        let p = Point::builder("feature_value", TargetType::Gauge, 1_700_000_000, 1.5)
+            .with("model", "iris")
+            .with("feat_name", "petal.length x=1")
+            .with("stat", "mean")
+            .finish()
+            .unwrap();
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(
+            json,
+            r#"{"properties":{"what":"feature_value","target_type":"gauge","model":"iris","feat_name":"petal_length_x_1","stat":"mean","ver":"1"},"tags":{},"timestamp":1700000000,"value":1.5}"#
+        );
+        let back: Point = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn non_finite_values_are_never_emitted() {
+        assert!(Point::builder("x", TargetType::Gauge, 0, f64::NAN).finish().is_none());
+        assert!(Point::builder("x", TargetType::Gauge, 0, f64::INFINITY).finish().is_none());
+    }
+
+    #[test]
+    fn long_values_and_keys_are_cut() {
+        let long = "a".repeat(400);
+        let p = Point::builder("x", TargetType::Counter, 0, 1.0).with(&long, &long).finish().unwrap();
+        let (k, v) = &p.properties()[2];
+        assert_eq!(k.len(), MAX_KEY_CHARS);
+        assert_eq!(v.len(), MAX_VALUE_CHARS);
+    }
+}
