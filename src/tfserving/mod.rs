@@ -159,3 +159,48 @@ impl Observation {
         }
     }
 }
+
+/// Why a payload could not be turned into observations. `reason` is a short,
+/// fixed label (`truncated_frame`, `bad_protobuf`, `bad_json`, `not_probabilities`,
+/// `unsupported_dtype`, `too_large`, ...) used in metrics; `detail` is for debug logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// What the worker learns from one exchange, whatever its outcome.
+#[derive(Debug, Clone, Default)]
+pub struct Decoded {
+    /// The model, when the URL or the request says it (also for failed exchanges).
+    pub model: Option<String>,
+    /// The inference method, when known.
+    pub method: Option<InferenceMethod>,
+    /// The observations: one for Predict/Classify/Regress, one per task for
+    /// MultiInference, none for an exchange that failed upstream or could not be decoded.
+    pub observations: Vec<Observation>,
+    /// Problems met while decoding; data that decoded fine is still observed.
+    pub errors: Vec<DecodeError>,
+}
+
+/// Turns exchanges into observations, with the per-model overrides of the config.
+#[derive(Debug, Clone, Default)]
+pub struct Decoder {
+    models: std::collections::BTreeMap<String, crate::config::ModelConfig>,
+}
+
+impl Decoder {
+    pub fn new(models: std::collections::BTreeMap<String, crate::config::ModelConfig>) -> Self {
+        Decoder { models }
+    }
+
+    /// Decodes one exchange. (Placeholder until the decoders land: reports the
+    /// exchange as undecoded.)
+    pub fn decode(&self, _exchange: &crate::capture::Exchange) -> Decoded {
+        let _ = &self.models;
+        Decoded {
+            errors: vec![DecodeError { reason: "not_implemented", detail: "decoders pending".into() }],
+            ..Decoded::default()
+        }
+    }
+}
