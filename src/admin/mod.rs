@@ -1,2 +1,28 @@
 //! The admin HTTP server: `/metrics`, `/healthz`, `/readyz`, `/v1/labels` and the
 //! dashboard. It never sits on the proxy's path.
+//!
+//! Components that serve admin endpoints (labels, dashboard) implement `AdminRoute`
+//! and are registered when the server is composed; the admin server owns only
+//! health, readiness and metrics.
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+
+/// Request bodies as admin routes see them (tests build them from `Full`).
+pub type AdminRequestBody = UnsyncBoxBody<Bytes, hyper::Error>;
+/// Response bodies of admin routes; streaming (SSE) bodies box a stream.
+pub type AdminBody = UnsyncBoxBody<Bytes, Infallible>;
+pub type AdminRequest = http::Request<AdminRequestBody>;
+pub type AdminResponse = http::Response<AdminBody>;
+pub type AdminFuture = Pin<Box<dyn Future<Output = AdminResponse> + Send>>;
+
+/// An endpoint served on the admin port by another component.
+pub trait AdminRoute: Send + Sync + 'static {
+    /// Whether this route serves the request; asked in registration order.
+    fn matches(&self, method: &http::Method, path: &str) -> bool;
+    /// Answers the request.
+    fn call(&self, request: AdminRequest) -> AdminFuture;
+}
