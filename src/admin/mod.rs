@@ -26,3 +26,6 @@ pub trait AdminRoute: Send + Sync + 'static {
     /// Answers the request.
     fn call(&self, request: AdminRequest) -> AdminFuture;
 }
+
+pub mod dashboard;
+pub mod history;

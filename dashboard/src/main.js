@@ -1,0 +1,518 @@
+// The mltap dashboard: reads /api/models and /api/models/{model}/series, draws the
+// charts with uPlot, and follows /api/events (Server-Sent Events) to merge each
+// closed bucket without reloading. Everything it needs is bundled: no CDN.
+import uPlot from "uplot";
+import "uplot/dist/uPlot.min.css";
+import "./style.css";
+
+const RANGES = [
+  ["15 min", 900],
+  ["1 h", 3600],
+  ["24 h", 86400],
+];
+const PALETTE = [
+  "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+  "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+];
+// Metrics of the overview charts, fetched in one request.
+const OVERVIEW_METRICS = [
+  "buffer_count", "request_count", "prediction_freq", "prediction_count", "max_prediction_proba",
+  "estimated_accuracy", "accuracy", "capture_dropped", "decode_errors", "label_late_count", "prediction_drift",
+];
+// Drift methods in order of preference for the heat strip and feature titles.
+const DRIFT_METHODS = ["psi", "js", "linf"];
+
+const state = {
+  models: [],
+  model: null,
+  stream: null,
+  range: Number(new URLSearchParams(location.search).get("range")) || 3600,
+  data: null, // { buckets: number[], series: Map<key, {what, labels, values}> }
+  shape: "", // series keys the charts were built for; a change rebuilds them
+  charts: new Map(), // id -> { plot, build }
+  strip: null,
+  liveUpdates: 0,
+  lastEvent: null,
+  firstRenderMs: null,
+  pending: Promise.resolve(),
+};
+// Read-only handle for scripts and tests: the uPlot instances and live counters.
+window.mltapDashboard = state;
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, attrs = {}, ...children) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v;
+    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  e.append(...children);
+  return e;
+};
+
+const seriesKey = (s) => s.what + "|" + Object.entries(s.labels).map(([k, v]) => k + "=" + v).join("|");
+
+function streamFilters() {
+  const p = new URLSearchParams();
+  if (state.stream?.version) p.set("version", state.stream.version);
+  if (state.stream?.signature) p.set("signature", state.stream.signature);
+  return p;
+}
+
+async function getJson(url) {
+  const r = await fetch(url);
+  if (!r.ok) throw new Error(`${url}: ${r.status} ${await r.text()}`);
+  return r.json();
+}
+
+// The three requests behind one view; `since` limits them to updated buckets.
+async function fetchSeries(model, since) {
+  const base = `/api/models/${encodeURIComponent(model)}/series?`;
+  const range = since === undefined ? { last: String(state.range) } : { since: String(since) };
+  const q = (params) => {
+    const p = streamFilters();
+    for (const [k, v] of Object.entries({ ...params, ...range })) p.set(k, v);
+    return getJson(base + p.toString());
+  };
+  const [overview, features, drift] = await Promise.all([
+    q({ what: OVERVIEW_METRICS.join(",") }),
+    q({ what: "feature_value", stat: "mean,median,q25,q75" }),
+    q({ what: "feature_drift", method: "psi" }).then((a) =>
+      a.series.length ? a : q({ what: "feature_drift" })),
+  ]);
+  return [overview, features, drift];
+}
+
+// Merges answers into `data` by bucket: answers win for the buckets they cover.
+function merge(data, answers) {
+  const buckets = new Set(data ? data.buckets : []);
+  for (const a of answers) for (const b of a.buckets) buckets.add(b);
+  const sorted = [...buckets].sort((x, y) => x - y);
+  const latest = sorted.length ? sorted[sorted.length - 1] : 0;
+  const kept = sorted.filter((b) => b >= latest - state.range);
+  const index = new Map(kept.map((b, i) => [b, i]));
+  const series = new Map();
+  const place = (s, fromBuckets) => {
+    const key = seriesKey(s);
+    let target = series.get(key);
+    if (!target) {
+      target = { what: s.what, labels: s.labels, values: new Array(kept.length).fill(null) };
+      series.set(key, target);
+    }
+    fromBuckets.forEach((b, i) => {
+      const j = index.get(b);
+      if (j !== undefined && s.values[i] !== null) target.values[j] = s.values[i];
+    });
+  };
+  if (data) for (const s of data.series.values()) place(s, data.buckets);
+  for (const a of answers) for (const s of a.series) place(s, a.buckets);
+  for (const [k, s] of series) if (s.values.every((v) => v === null)) series.delete(k);
+  return { buckets: kept, series };
+}
+
+function pick(what, filter = () => true) {
+  const out = [];
+  for (const s of state.data.series.values()) if (s.what === what && filter(s.labels)) out.push(s);
+  return out;
+}
+
+const natural = new Intl.Collator(undefined, { numeric: true }).compare;
+
+function driftMethod(seriesList) {
+  const have = new Set(seriesList.map((s) => s.labels.method));
+  return DRIFT_METHODS.find((m) => have.has(m)) ?? [...have][0];
+}
+
+// ---------- chart builders: each returns { title, series, bands?, data, opts? } ----------
+
+function trafficChart() {
+  const rows = pick("buffer_count");
+  const reqs = pick("request_count").sort((a, b) => natural(seriesKey(a), seriesKey(b)));
+  const series = [];
+  const data = [];
+  rows.forEach((s) => { series.push({ label: "rows", stroke: PALETTE[0], width: 2 }); data.push(s.values); });
+  reqs.forEach((s, i) => {
+    series.push({ label: `requests ${s.labels.method ?? ""} ${s.labels.status ?? ""}`.trim(), stroke: PALETTE[(i + 1) % 10] });
+    data.push(s.values);
+  });
+  return { title: "Requests and rows per bucket", series, data };
+}
+
+function classesChart() {
+  let list = pick("prediction_freq");
+  const share = list.length > 0;
+  if (!share) list = pick("prediction_count");
+  list.sort((a, b) => natural(a.labels.class_name ?? "", b.labels.class_name ?? ""));
+  const raw = list.map((s) => s.values);
+  const n = state.data.buckets.length;
+  const stacked = [];
+  let below = new Array(n).fill(0);
+  for (const values of raw) {
+    const sum = values.map((v, i) => (v === null ? below[i] : below[i] + v));
+    stacked.push(sum);
+    below = sum;
+  }
+  const series = list.map((s, i) => ({
+    label: s.labels.class_name ?? `series ${i}`,
+    stroke: PALETTE[i % 10],
+    fill: i === 0 ? PALETTE[0] + "99" : undefined,
+    value: (u, v, si, idx) => (idx == null || raw[si - 1][idx] == null ? "–" : fmt(raw[si - 1][idx])),
+  }));
+  const bands = list.slice(1).map((_, i) => ({ series: [i + 2, i + 1], fill: PALETTE[(i + 1) % 10] + "99" }));
+  return {
+    title: share ? "Predicted class distribution (share of rows, stacked)" : "Predicted classes (rows, stacked)",
+    series, bands, data: stacked,
+    scales: share ? { y: { range: [0, 1] } } : undefined,
+  };
+}
+
+function quantileChart(title, list, color, scales) {
+  const stat = (name) => list.find((s) => s.labels.stat === name);
+  const mid = stat("mean") ?? stat("median") ?? stat("q50");
+  const lo = stat("q25");
+  const hi = stat("q75");
+  const series = [];
+  const data = [];
+  if (hi && lo) {
+    series.push({ label: "q75", stroke: color + "55", width: 1 });
+    data.push(hi.values);
+    series.push({ label: "q25", stroke: color + "55", width: 1 });
+    data.push(lo.values);
+  }
+  if (mid) {
+    series.push({ label: mid.labels.stat, stroke: color, width: 2 });
+    data.push(mid.values);
+  }
+  const bands = hi && lo ? [{ series: [1, 2], fill: color + "33" }] : [];
+  return { title, series, bands, data, scales };
+}
+
+function probaChart() {
+  // The line is the median: the mean of a top-1 probability hides a bimodal model.
+  const list = pick("max_prediction_proba").filter((s) => s.labels.stat !== "mean");
+  return quantileChart("Top-1 probability (median, q25–q75 band)", list, PALETTE[1], { y: { range: [0, 1] } });
+}
+
+function accuracyChart() {
+  const est = pick("estimated_accuracy");
+  const real = pick("accuracy", (l) => l.class_name === undefined);
+  const series = [];
+  const data = [];
+  est.forEach((s) => { series.push({ label: "estimated accuracy", stroke: PALETTE[6], width: 2, dash: [6, 4] }); data.push(s.values); });
+  real.forEach((s) => { series.push({ label: "accuracy (labels)", stroke: PALETTE[4], width: 2, points: { show: true, size: 4 } }); data.push(s.values); });
+  return { title: "Estimated and real accuracy", series, data, scales: { y: { range: [0, 1] } }, spanGaps: true };
+}
+
+function healthChart() {
+  const series = [];
+  const data = [];
+  [["capture_dropped", "capture drops", PALETTE[2]], ["decode_errors", "decode errors", PALETTE[1]],
+    ["label_late_count", "late labels", PALETTE[6]]].forEach(([what, label, color]) => {
+    const list = pick(what);
+    if (!list.length) return;
+    // Several series of one metric (by reason) are summed: the chart shows health.
+    const sum = state.data.buckets.map((_, i) => {
+      let t = null;
+      for (const s of list) if (s.values[i] !== null) t = (t ?? 0) + s.values[i];
+      return t;
+    });
+    series.push({ label, stroke: color, width: 2 });
+    data.push(sum);
+  });
+  return { title: "Capture health (per bucket)", series, data, empty: "no drops, decode errors or late labels recorded" };
+}
+
+function featureChart(name, color) {
+  return quantileChart(name, pick("feature_value", (l) => l.feat_name === name), color);
+}
+
+// ---------- rendering ----------
+
+function fmt(v) {
+  if (v == null) return "–";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 0.001 || a >= 1e6)) return v.toExponential(2);
+  return Number(v.toPrecision(4)).toString();
+}
+
+function makePlot(id, spec, container, width, height) {
+  const opts = {
+    width, height,
+    series: [{}, ...spec.series.map((s) => ({ spanGaps: spec.spanGaps ?? false, ...s }))],
+    bands: spec.bands ?? [],
+    scales: { x: { time: true }, ...(spec.scales ?? {}) },
+    axes: [{ stroke: "#555", grid: { stroke: "#eee" } }, { stroke: "#555", grid: { stroke: "#eee" }, size: 50, values: (u, vals) => vals.map(fmt) }],
+    legend: { show: true, live: true },
+    cursor: { drag: { x: false, y: false } },
+  };
+  const plot = new uPlot(opts, [state.data.buckets, ...spec.data], container);
+  state.charts.set(id, { plot, spec });
+  return plot;
+}
+
+function card(title, id, extraClass = "") {
+  const body = el("div", { class: "plot" });
+  const titleEl = el("h3", {}, title);
+  const c = el("section", { class: "card " + extraClass, "data-chart": id }, titleEl, body);
+  return { c, body, titleEl };
+}
+
+function latestValue(values) {
+  for (let i = values.length - 1; i >= 0; i--) if (values[i] !== null) return values[i];
+  return null;
+}
+
+function driftColor(v) {
+  if (v === null || v === undefined) return "#f3f3f3";
+  // PSI conventions: below 0.1 stable, 0.1-0.25 moderate, above 0.25 significant.
+  const t = Math.max(0, Math.min(1, v / 0.25));
+  const hue = 120 - 120 * t;
+  return `hsl(${hue}, 70%, ${88 - 40 * t}%)`;
+}
+
+function driftSeries() {
+  const all = pick("feature_drift");
+  const method = driftMethod(all);
+  const byFeature = new Map(all.filter((s) => s.labels.method === method).map((s) => [s.labels.feat_name, s]));
+  const pred = pick("prediction_drift", (l) => l.method === method)[0];
+  return { method, byFeature, pred };
+}
+
+function drawStrip(canvas, tooltip) {
+  const { method, byFeature, pred } = driftSeries();
+  const rows = [];
+  if (pred) rows.push(["(predictions)", pred.values]);
+  for (const name of [...byFeature.keys()].sort(natural)) rows.push([name, byFeature.get(name).values]);
+  const labelW = 130;
+  const rowH = rows.length > 40 ? 7 : 14;
+  const width = canvas.parentElement.clientWidth || 800;
+  const n = state.data.buckets.length;
+  const cellW = n ? (width - labelW) / n : 0;
+  const dpr = window.devicePixelRatio || 1;
+  canvas.width = width * dpr;
+  canvas.height = Math.max(rowH * rows.length, rowH) * dpr;
+  canvas.style.width = width + "px";
+  canvas.style.height = Math.max(rowH * rows.length, rowH) + "px";
+  const g = canvas.getContext("2d");
+  g.scale(dpr, dpr);
+  g.font = `${Math.min(rowH - 1, 11)}px system-ui, sans-serif`;
+  g.textBaseline = "middle";
+  rows.forEach(([name, values], r) => {
+    g.fillStyle = "#333";
+    if (rowH >= 7) g.fillText(name.length > 20 ? name.slice(0, 19) + "…" : name, 2, r * rowH + rowH / 2);
+    for (let i = 0; i < n; i++) {
+      g.fillStyle = driftColor(values[i]);
+      g.fillRect(labelW + i * cellW, r * rowH, Math.ceil(cellW), rowH - 1);
+    }
+  });
+  canvas.onmousemove = (e) => {
+    const r = Math.floor(e.offsetY / rowH);
+    const i = Math.floor((e.offsetX - labelW) / cellW);
+    if (!rows[r] || i < 0 || i >= n) { tooltip.textContent = ""; return; }
+    const t = new Date(state.data.buckets[i] * 1000).toLocaleString();
+    tooltip.textContent = `${rows[r][0]} · ${t} · ${method} ${fmt(rows[r][1][i])}`;
+  };
+  canvas.onclick = (e) => {
+    const r = Math.floor(e.offsetY / rowH);
+    const target = rows[r] && document.querySelector(`[data-chart="feature:${CSS.escape(rows[r][0])}"]`);
+    target?.scrollIntoView({ behavior: "smooth", block: "center" });
+  };
+  state.strip = { rows: rows.length, buckets: n, method };
+  return { rows: rows.length, method };
+}
+
+function shapeOf(data) {
+  return [...data.series.keys()].sort().join("\n");
+}
+
+function overviewSpecs() {
+  return [
+    ["traffic", trafficChart],
+    ["classes", classesChart],
+    ["proba", probaChart],
+    ["accuracy", accuracyChart],
+    ["health", healthChart],
+  ];
+}
+
+function featureNames() {
+  const names = new Set(pick("feature_value").map((s) => s.labels.feat_name));
+  return [...names].sort(natural);
+}
+
+function render() {
+  const t0 = performance.now();
+  const main = $("main");
+  for (const { plot } of state.charts.values()) plot.destroy();
+  state.charts.clear();
+  main.replaceChildren();
+  if (!state.data || state.data.buckets.length === 0) {
+    main.append(el("p", { class: "empty" }, "No buckets in this range yet."));
+    return;
+  }
+  const overview = el("div", { class: "grid overview" });
+  main.append(overview);
+  const wide = Math.max(320, Math.floor((main.clientWidth - 48) / 2));
+  for (const [id, build] of overviewSpecs()) {
+    const spec = build();
+    const { c, body } = card(spec.title, id);
+    overview.append(c);
+    if (spec.series.length === 0) {
+      body.append(el("p", { class: "empty" }, spec.empty ?? "no data yet"));
+      continue;
+    }
+    makePlot(id, spec, body, wide, 200);
+  }
+  const { c: stripCard, body: stripBody, titleEl } = card("Drift by feature and bucket", "drift", "wide");
+  const canvas = el("canvas");
+  const tooltip = el("div", { class: "tooltip" });
+  stripBody.append(canvas, tooltip);
+  main.append(stripCard);
+  const strip = drawStrip(canvas, tooltip);
+  titleEl.textContent = strip.method
+    ? `Drift by feature and bucket (${strip.method}; green stable, yellow 0.1, red ≥ 0.25)`
+    : "Drift by feature and bucket (no drift scores yet)";
+  const names = featureNames();
+  main.append(el("h2", {}, `Features (${names.length})`));
+  const grid = el("div", { class: "grid features" });
+  main.append(grid);
+  const { byFeature, method } = driftSeries();
+  const small = Math.max(260, Math.floor((main.clientWidth - 64) / 3));
+  names.forEach((name, i) => {
+    const id = "feature:" + name;
+    const spec = featureChart(name, PALETTE[i % 10]);
+    const { c, body, titleEl: h } = card(name, id);
+    const d = byFeature.get(name);
+    if (d) {
+      const v = latestValue(d.values);
+      h.append(el("span", { class: "badge", style: `background:${driftColor(v)}` }, `${method} ${fmt(v)}`));
+    }
+    grid.append(c);
+    makePlot(id, spec, body, small, 130);
+  });
+  state.shape = shapeOf(state.data);
+  if (state.firstRenderMs === null) state.firstRenderMs = performance.now();
+  state.lastRenderMs = performance.now() - t0;
+  document.body.dataset.rendered = "true";
+}
+
+// Updates charts in place when the set of series did not change; rebuilds otherwise.
+function refresh() {
+  if (!state.data || shapeOf(state.data) !== state.shape || state.charts.size === 0) {
+    render();
+    return;
+  }
+  for (const [id, { plot }] of state.charts) {
+    let spec;
+    if (id.startsWith("feature:")) spec = featureChart(id.slice(8), "#000000");
+    else spec = overviewSpecs().find(([k]) => k === id)[1]();
+    plot.setData([state.data.buckets, ...spec.data]);
+  }
+  const canvas = document.querySelector('[data-chart="drift"] canvas');
+  const tooltip = document.querySelector('[data-chart="drift"] .tooltip');
+  if (canvas) drawStrip(canvas, tooltip);
+  const { byFeature, method } = driftSeries();
+  for (const [name, s] of byFeature) {
+    const badge = document.querySelector(`[data-chart="feature:${CSS.escape(name)}"] .badge`);
+    if (badge) {
+      const v = latestValue(s.values);
+      badge.textContent = `${method} ${fmt(v)}`;
+      badge.style.background = driftColor(v);
+    }
+  }
+}
+
+function renderHeader() {
+  const nav = $("models");
+  nav.replaceChildren(...state.models.map((m) =>
+    el("button", { class: m.model === state.model ? "active" : "", onclick: () => selectModel(m.model) }, m.model)));
+  const current = state.models.find((m) => m.model === state.model);
+  const select = $("stream");
+  const streams = current?.streams ?? [];
+  select.hidden = streams.length < 2;
+  select.replaceChildren(...streams.map((s, i) =>
+    el("option", { value: String(i) }, [s.version && `version ${s.version}`, s.signature].filter(Boolean).join(" · ") || "default")));
+  const idx = streams.findIndex((s) => s.version === state.stream?.version && s.signature === state.stream?.signature);
+  select.value = String(Math.max(0, idx));
+  select.onchange = () => { state.stream = streams[Number(select.value)]; load(); };
+  $("ranges").replaceChildren(...RANGES.map(([label, seconds]) =>
+    el("button", { class: seconds === state.range ? "active" : "", onclick: () => { state.range = seconds; renderHeader(); load(); } }, label)));
+}
+
+function setStatus(text, ok) {
+  $("status-text").textContent = text;
+  $("status").className = ok ? "ok" : "down";
+}
+
+async function loadModels() {
+  const { models } = await getJson("/api/models");
+  state.models = models;
+  if (!state.model || !models.some((m) => m.model === state.model)) {
+    const wanted = new URLSearchParams(location.search).get("model");
+    state.model = models.find((m) => m.model === wanted)?.model ?? models[0]?.model ?? null;
+    state.stream = models.find((m) => m.model === state.model)?.streams.at(-1) ?? null;
+  }
+  renderHeader();
+}
+
+function selectModel(model) {
+  state.model = model;
+  state.stream = state.models.find((m) => m.model === model)?.streams.at(-1) ?? null;
+  renderHeader();
+  load();
+}
+
+// Serializes loads and live merges so that answers are applied in request order.
+function enqueue(task) {
+  state.pending = state.pending.then(task).catch((e) => setStatus(String(e.message ?? e), false));
+  return state.pending;
+}
+
+function load() {
+  return enqueue(async () => {
+    if (!state.model) return;
+    const answers = await fetchSeries(state.model);
+    state.data = merge(null, answers);
+    render();
+  });
+}
+
+function onBucket(update) {
+  state.lastEvent = update;
+  enqueue(async () => {
+    if (!state.models.some((m) => m.model === update.model)) await loadModels();
+    if (update.model !== state.model) return;
+    if (!state.data) {
+      state.data = merge(null, await fetchSeries(state.model));
+      render();
+    } else {
+      state.data = merge(state.data, await fetchSeries(state.model, update.buckets[0]));
+      refresh();
+    }
+    state.liveUpdates += 1;
+    document.body.dataset.liveUpdates = String(state.liveUpdates);
+    setStatus(`live · last bucket ${new Date(update.latest_bucket * 1000).toLocaleTimeString()}`, true);
+  });
+}
+
+function connect() {
+  const events = new EventSource("/api/events");
+  events.onopen = () => setStatus("live", true);
+  events.addEventListener("bucket", (e) => onBucket(JSON.parse(e.data)));
+  events.addEventListener("lagged", () => load());
+  // EventSource reconnects by itself; a reload of the data covers what was missed.
+  events.onerror = () => {
+    setStatus("reconnecting…", false);
+    events.addEventListener("open", () => load(), { once: true });
+  };
+}
+
+let resizeTimer;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(render, 200);
+});
+
+enqueue(loadModels).then(load);
+connect();
