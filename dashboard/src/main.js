@@ -236,14 +236,15 @@ function fmt(v) {
   return Number(v.toPrecision(4)).toString();
 }
 
-function makePlot(id, spec, container, width, height) {
+function makePlot(id, spec, container, width, height, legend) {
   const opts = {
     width, height,
     series: [{}, ...spec.series.map((s) => ({ spanGaps: spec.spanGaps ?? false, ...s }))],
     bands: spec.bands ?? [],
     scales: { x: { time: true }, ...(spec.scales ?? {}) },
     axes: [{ stroke: "#555", grid: { stroke: "#eee" } }, { stroke: "#555", grid: { stroke: "#eee" }, size: 50, values: (u, vals) => vals.map(fmt) }],
-    legend: { show: true, live: true },
+    // Small multiples drop the legend: the card title names the feature.
+    legend: { show: legend, live: true },
     cursor: { drag: { x: false, y: false } },
   };
   const plot = new uPlot(opts, [state.data.buckets, ...spec.data], container);
@@ -353,17 +354,17 @@ function render() {
   }
   const overview = el("div", { class: "grid overview" });
   main.append(overview);
-  const wide = Math.max(320, Math.floor((main.clientWidth - 48) / 2));
+  // Cards first, then one layout read: every plot of a grid gets its cell's width.
+  const overviewPlots = [];
   for (const [id, build] of overviewSpecs()) {
     const spec = build();
     const { c, body } = card(spec.title, id);
     overview.append(c);
-    if (spec.series.length === 0) {
-      body.append(el("p", { class: "empty" }, spec.empty ?? "no data yet"));
-      continue;
-    }
-    makePlot(id, spec, body, wide, 200);
+    if (spec.series.length === 0) body.append(el("p", { class: "empty" }, spec.empty ?? "no data yet"));
+    else overviewPlots.push([id, spec, body]);
   }
+  const wide = overviewPlots[0]?.[2].clientWidth || 320;
+  for (const [id, spec, body] of overviewPlots) makePlot(id, spec, body, wide, 200, true);
   const { c: stripCard, body: stripBody, titleEl } = card("Drift by feature and bucket", "drift", "wide");
   const canvas = el("canvas");
   const tooltip = el("div", { class: "tooltip" });
@@ -378,7 +379,7 @@ function render() {
   const grid = el("div", { class: "grid features" });
   main.append(grid);
   const { byFeature, method } = driftSeries();
-  const small = Math.max(260, Math.floor((main.clientWidth - 64) / 3));
+  const featurePlots = [];
   names.forEach((name, i) => {
     const id = "feature:" + name;
     const spec = featureChart(name, PALETTE[i % 10]);
@@ -389,8 +390,10 @@ function render() {
       h.append(el("span", { class: "badge", style: `background:${driftColor(v)}` }, `${method} ${fmt(v)}`));
     }
     grid.append(c);
-    makePlot(id, spec, body, small, 130);
+    featurePlots.push([id, spec, body]);
   });
+  const small = featurePlots[0]?.[2].clientWidth || 260;
+  for (const [id, spec, body] of featurePlots) makePlot(id, spec, body, small, 130, false);
   state.shape = shapeOf(state.data);
   if (state.firstRenderMs === null) state.firstRenderMs = performance.now();
   state.lastRenderMs = performance.now() - t0;

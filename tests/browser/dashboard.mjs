@@ -1,0 +1,217 @@
+// Drives headless Chromium (Debian's /usr/bin/chromium) through playwright-core
+// against a running mltap dashboard.
+//
+//   node dashboard.mjs --url http://127.0.0.1:PORT/ [--chromium PATH] [--screenshot FILE]
+//                      [--bench] [--range SECONDS] [--live-timeout-ms N]
+//
+// Test mode (default): opens the page, checks that the charts hold data points for
+// classes, features and accuracy, waits for a live update pushed by Server-Sent
+// Events, and saves a screenshot. Any request to a host other than the dashboard's
+// fails the run: the page must work with no network beyond mltap.
+// Bench mode: loads the page with the given range and prints load figures as JSON.
+// Exits non-zero with one clear message on any failure.
+import { chromium } from "playwright-core";
+import { existsSync, mkdtempSync, rmSync, mkdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+
+function parseArgs(argv) {
+  const args = { chromium: "/usr/bin/chromium", bench: false, range: null, liveTimeoutMs: 30000 };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const next = () => {
+      if (i + 1 >= argv.length) die(`${a} needs a value`);
+      return argv[++i];
+    };
+    if (a === "--url") args.url = next();
+    else if (a === "--chromium") args.chromium = next();
+    else if (a === "--screenshot") args.screenshot = next();
+    else if (a === "--bench") args.bench = true;
+    else if (a === "--range") args.range = Number(next());
+    else if (a === "--live-timeout-ms") args.liveTimeoutMs = Number(next());
+    else die(`unknown argument ${a}`);
+  }
+  if (!args.url) die("--url is required");
+  return args;
+}
+
+class Failure extends Error {}
+
+// Throws, so that the browser is closed and its profile removed before exiting.
+function fail(message) {
+  throw new Failure(message);
+}
+
+function die(message) {
+  console.error(`dashboard browser check failed: ${message}`);
+  process.exit(1);
+}
+
+const args = parseArgs(process.argv.slice(2));
+if (!existsSync(args.chromium)) {
+  die(`Chromium not found at ${args.chromium}; install it with \`apt-get install -y chromium\``);
+}
+
+const origin = new URL(args.url).origin;
+const userDataDir = mkdtempSync(join(tmpdir(), "mltap-chromium-"));
+let context;
+try {
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: args.chromium,
+    headless: true,
+    viewport: { width: 1440, height: 1000 },
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+  });
+} catch (e) {
+  rmSync(userDataDir, { recursive: true, force: true });
+  die(`could not start Chromium at ${args.chromium}: ${e.message.split("\n")[0]}`);
+}
+
+const problems = [];
+const external = [];
+let apiBytes = 0;
+let apiRequests = 0;
+try {
+  const page = context.pages()[0] ?? (await context.newPage());
+  await page.route("**/*", (route) => {
+    const url = route.request().url();
+    if (new URL(url).origin !== origin) {
+      external.push(url);
+      return route.abort();
+    }
+    return route.continue();
+  });
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => { if (m.type() === "error") problems.push(`console error: ${m.text()}`); });
+  page.on("response", async (r) => {
+    if (!r.url().includes("/api/models")) return;
+    try {
+      apiBytes += (await r.body()).length;
+      apiRequests += 1;
+    } catch {
+      // The body of a response the page abandoned cannot be read; it is not counted.
+    }
+  });
+
+  const target = new URL(args.url);
+  if (args.range) target.searchParams.set("range", String(args.range));
+  await page.goto(target.href, { waitUntil: "load" });
+  await page.waitForFunction(() => document.body.dataset.rendered === "true", null, { timeout: 120000 })
+    .catch(() => fail("the dashboard did not render its charts within 120 s"));
+
+  // What the charts hold, read from the uPlot instances themselves.
+  const summarize = () => page.evaluate(() => {
+    const d = window.mltapDashboard;
+    const charts = {};
+    for (const [id, { plot }] of d.charts) {
+      const xs = plot.data[0];
+      charts[id] = {
+        buckets: xs.length,
+        latest: xs[xs.length - 1],
+        series: plot.series.slice(1).map((s, i) => ({
+          label: s.label,
+          points: plot.data[i + 1].filter((v) => v !== null && v !== undefined).length,
+        })),
+      };
+    }
+    return {
+      charts,
+      strip: d.strip,
+      liveUpdates: d.liveUpdates,
+      firstRenderMs: d.firstRenderMs,
+      lastRenderMs: d.lastRenderMs,
+      domNodes: document.getElementsByTagName("*").length,
+      heapBytes: performance.memory ? performance.memory.usedJSHeapSize : null,
+    };
+  });
+
+  if (args.bench) {
+    const loaded = await summarize();
+    const buckets = Math.max(...Object.values(loaded.charts).map((c) => c.buckets));
+    // Responsiveness after load: how long the page takes to merge and redraw one
+    // live bucket, and to switch range.
+    const live0 = loaded.liveUpdates;
+    await page.waitForFunction((n) => window.mltapDashboard.liveUpdates > n, live0, { timeout: args.liveTimeoutMs })
+      .catch(() => fail("no live update arrived during the benchmark"));
+    const afterLive = await summarize();
+    const t = Date.now();
+    await page.evaluate(() => { document.body.dataset.rendered = "false"; });
+    await page.getByRole("button", { name: "15 min" }).click();
+    await page.waitForFunction(() => document.body.dataset.rendered === "true");
+    const switchMs = Date.now() - t;
+    console.log(JSON.stringify({
+      firstRenderMs: Math.round(loaded.firstRenderMs),
+      renderMs: Math.round(loaded.lastRenderMs),
+      charts: Object.keys(loaded.charts).length,
+      buckets,
+      stripRows: loaded.strip?.rows,
+      apiRequests,
+      apiBytes,
+      domNodes: loaded.domNodes,
+      heapBytes: loaded.heapBytes,
+      liveRedrawMs: Math.round(afterLive.lastRenderMs),
+      rangeSwitchTo15minMs: switchMs,
+      problems,
+      external,
+    }));
+  } else {
+    const before = await summarize();
+    const need = (ok, message) => { if (!ok) fail(`${message}\n${JSON.stringify(before, null, 1).slice(0, 3000)}`); };
+    const classes = before.charts.classes;
+    need(classes && classes.series.filter((s) => s.points > 0).length >= 2,
+      "the class distribution chart has no data points for at least two classes");
+    const accuracy = before.charts.accuracy;
+    need(accuracy && accuracy.series.some((s) => s.label.startsWith("estimated") && s.points > 0),
+      "the accuracy chart has no estimated accuracy points");
+    need(accuracy && accuracy.series.some((s) => s.label.startsWith("accuracy") && s.points > 0),
+      "the accuracy chart has no real (label) accuracy points");
+    const features = Object.entries(before.charts).filter(([id]) => id.startsWith("feature:"));
+    need(features.length > 0 && features.every(([, c]) => c.series.every((s) => s.points > 0)),
+      "feature charts are missing or hold no data points");
+    need(before.strip && before.strip.rows >= features.length, "the drift heat strip has no rows for the features");
+    for (const id of ["traffic", "proba", "health"]) need(before.charts[id], `the ${id} chart is missing`);
+    // The class chart's canvas must have been painted, not just fed.
+    const painted = await page.evaluate(() => {
+      const { plot } = window.mltapDashboard.charts.get("classes");
+      const c = plot.ctx.canvas;
+      const px = plot.ctx.getImageData(0, 0, c.width, c.height).data;
+      let n = 0;
+      for (let i = 3; i < px.length; i += 4) if (px[i] !== 0) n++;
+      return n;
+    });
+    need(painted > 1000, `the class chart canvas is blank (${painted} painted pixels)`);
+
+    const latestBefore = classes.latest;
+    await page.waitForFunction((n) => window.mltapDashboard.liveUpdates > n, before.liveUpdates, { timeout: args.liveTimeoutMs })
+      .catch(() => fail(`no live update arrived through Server-Sent Events within ${args.liveTimeoutMs} ms`));
+    const after = await summarize();
+    if (!(after.charts.classes.latest > latestBefore)) {
+      fail(`a live update arrived but the class chart did not move past bucket ${latestBefore}`);
+    }
+    if (args.screenshot) {
+      mkdirSync(dirname(args.screenshot), { recursive: true });
+      await page.evaluate(() => window.scrollTo(0, 0));
+      await page.screenshot({ path: args.screenshot, fullPage: false });
+    }
+    if (external.length) fail(`the page tried to reach other hosts: ${external.join(", ")}`);
+    if (problems.length) fail(problems.join("\n"));
+    console.log(JSON.stringify({
+      ok: true,
+      charts: Object.keys(after.charts).length,
+      features: features.length,
+      classes: classes.series.map((s) => s.label),
+      liveUpdates: after.liveUpdates,
+      latestBucketBefore: latestBefore,
+      latestBucketAfter: after.charts.classes.latest,
+    }));
+  }
+} catch (e) {
+  console.error(`dashboard browser check failed: ${e instanceof Failure ? e.message : e.stack}`);
+  process.exitCode = 1;
+} finally {
+  await context.close().catch(() => {});
+  rmSync(userDataDir, { recursive: true, force: true });
+}

@@ -1,0 +1,129 @@
+//! End-to-end: headless Chromium (Debian's package, driven by playwright-core from
+//! `tests/browser/`) opens the dashboard served over loopback from a history fed with
+//! realistic synthetic points, checks that the charts hold data points for classes,
+//! features and accuracy, waits for a bucket pushed live by Server-Sent Events, and
+//! saves a screenshot. It fails, never skips, when Chromium or Node is missing.
+
+#[path = "browser/synthetic.rs"]
+mod synthetic;
+
+use mltap::admin::dashboard::routes;
+use mltap::admin::history::History;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use synthetic::{serve, SyntheticModel};
+
+const BUCKET: i64 = 60;
+const PAST_BUCKETS: u64 = 90;
+/// Label metrics arrive this many buckets after their predictions.
+const LABEL_DELAY: u64 = 5;
+
+fn chromium() -> PathBuf {
+    std::env::var_os("MLTAP_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+}
+
+/// Installs playwright-core from the lockfile when it is not there yet.
+fn ensure_playwright(dir: &Path) {
+    if dir.join("node_modules").join("playwright-core").exists() {
+        return;
+    }
+    let status = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .unwrap_or_else(|e| panic!("the dashboard browser test needs npm to install playwright-core: {e}"));
+    assert!(status.success(), "`npm ci` in {} failed ({status}); the browser test cannot run", dir.display());
+}
+
+fn record_bucket(history: &History, models: &[SyntheticModel], start: i64, index: u64) {
+    for model in models {
+        history.record(&model.name, &model.bucket(start + BUCKET * index as i64, index));
+        if index >= LABEL_DELAY {
+            let labelled = index - LABEL_DELAY;
+            history.record(&model.name, &model.labels(start + BUCKET * labelled as i64, labelled));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_classes_features_and_accuracy_and_updates_live_in_chromium() {
+    let chromium = chromium();
+    assert!(
+        chromium.exists(),
+        "Chromium is required by the dashboard browser test and was not found at {}: install it with \
+         `apt-get install -y chromium` (or point MLTAP_CHROMIUM at it)",
+        chromium.display()
+    );
+    let node = std::process::Command::new("node").arg("--version").output();
+    assert!(
+        node.is_ok_and(|o| o.status.success()),
+        "Node.js is required by the dashboard browser test: install it with `apt-get install -y nodejs npm`"
+    );
+    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("browser");
+    let dir = browser_dir.clone();
+    tokio::task::spawn_blocking(move || ensure_playwright(&dir)).await.unwrap();
+
+    let models = vec![
+        SyntheticModel::new(
+            "iris",
+            &["sepal_length", "sepal_width", "petal_length", "petal_width"],
+            &["setosa", "versicolor", "virginica"],
+            PAST_BUCKETS / 2,
+        ),
+        SyntheticModel::wide("churn", 12, 2, PAST_BUCKETS / 2),
+    ];
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let start = now - now % BUCKET - BUCKET * PAST_BUCKETS as i64;
+    let history = Arc::new(History::default());
+    for index in 0..PAST_BUCKETS {
+        record_bucket(&history, &models, start, index);
+    }
+    let addr = serve(routes(history.clone())).await;
+
+    // Buckets keep closing while the browser watches, as the worker would do; bounded
+    // so that the task ends by itself.
+    let producer = {
+        let history = history.clone();
+        tokio::spawn(async move {
+            for index in PAST_BUCKETS..PAST_BUCKETS + 400 {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                record_bucket(&history, &models, start, index);
+            }
+        })
+    };
+
+    let screenshot = if std::env::var_os("MLTAP_UPDATE_SCREENSHOT").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join("screenshot-dashboard.png")
+    } else {
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshot-dashboard.png")
+    };
+    let run = tokio::process::Command::new("node")
+        .arg(browser_dir.join("dashboard.mjs"))
+        .args(["--url", &format!("http://{addr}/?model=iris")])
+        .arg("--chromium")
+        .arg(&chromium)
+        .arg("--screenshot")
+        .arg(&screenshot)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("the browser check did not finish within 240 s")
+        .expect("node could not be started");
+    producer.abort();
+    history.close();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "browser check failed ({}):\n{stderr}\n{stdout}", output.status);
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("the browser check prints a summary");
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert_eq!(summary["features"], 4, "{summary}");
+    assert_eq!(summary["classes"], serde_json::json!(["setosa", "versicolor", "virginica"]), "{summary}");
+    assert!(summary["liveUpdates"].as_u64().unwrap_or(0) >= 1, "{summary}");
+    assert!(screenshot.exists(), "no screenshot at {}", screenshot.display());
+}
