@@ -17,8 +17,11 @@ const PALETTE = [
 // Metrics of the overview charts, fetched in one request.
 const OVERVIEW_METRICS = [
   "buffer_count", "request_count", "prediction_freq", "prediction_count", "max_prediction_proba",
-  "estimated_accuracy", "accuracy", "capture_dropped", "decode_errors", "label_late_count", "prediction_drift",
+  "estimated_accuracy", "accuracy", "prediction_drift",
 ];
+// Capture health is counted before a payload is decoded, so its points may carry no
+// version: it is fetched for the whole model.
+const HEALTH_METRICS = ["capture_dropped", "decode_errors", "label_late_count"];
 // Drift methods in order of preference for the heat strip and feature titles.
 const DRIFT_METHODS = ["psi", "js", "linf"];
 
@@ -70,18 +73,18 @@ async function getJson(url) {
 async function fetchSeries(model, since) {
   const base = `/api/models/${encodeURIComponent(model)}/series?`;
   const range = since === undefined ? { last: String(state.range) } : { since: String(since) };
-  const q = (params) => {
-    const p = streamFilters();
+  const q = (params, whole = false) => {
+    const p = whole ? new URLSearchParams() : streamFilters();
     for (const [k, v] of Object.entries({ ...params, ...range })) p.set(k, v);
     return getJson(base + p.toString());
   };
-  const [overview, features, drift] = await Promise.all([
+  return Promise.all([
     q({ what: OVERVIEW_METRICS.join(",") }),
-    q({ what: "feature_value", stat: "mean,median,q25,q75" }),
+    q({ what: HEALTH_METRICS.join(",") }, true),
+    q({ what: "feature_value", stat: "mean,q25,q75" }),
     q({ what: "feature_drift", method: "psi" }).then((a) =>
       a.series.length ? a : q({ what: "feature_drift" })),
   ]);
-  return [overview, features, drift];
 }
 
 // Merges answers into `data` by bucket: answers win for the buckets they cover.
@@ -395,9 +398,17 @@ function render() {
   const small = featurePlots[0]?.[2].clientWidth || 260;
   for (const [id, spec, body] of featurePlots) makePlot(id, spec, body, small, 130, false);
   state.shape = shapeOf(state.data);
-  if (state.firstRenderMs === null) state.firstRenderMs = performance.now();
-  state.lastRenderMs = performance.now() - t0;
-  document.body.dataset.rendered = "true";
+  afterPaint(() => {
+    if (state.firstRenderMs === null) state.firstRenderMs = performance.now();
+    state.lastRenderMs = performance.now() - t0;
+    document.body.dataset.rendered = "true";
+  });
+}
+
+// uPlot draws in a microtask after it is fed; a timeout inside an animation frame
+// runs once that drawing has been painted, which is what "rendered" means here.
+function afterPaint(callback) {
+  requestAnimationFrame(() => setTimeout(callback, 0));
 }
 
 // Updates charts in place when the set of series did not change; rebuilds otherwise.
@@ -406,6 +417,7 @@ function refresh() {
     render();
     return;
   }
+  const t0 = performance.now();
   for (const [id, { plot }] of state.charts) {
     let spec;
     if (id.startsWith("feature:")) spec = featureChart(id.slice(8), "#000000");
@@ -424,6 +436,7 @@ function refresh() {
       badge.style.background = driftColor(v);
     }
   }
+  afterPaint(() => { state.lastRenderMs = performance.now() - t0; });
 }
 
 function renderHeader() {
@@ -493,8 +506,11 @@ function onBucket(update) {
       state.data = merge(state.data, await fetchSeries(state.model, update.buckets[0]));
       refresh();
     }
-    state.liveUpdates += 1;
-    document.body.dataset.liveUpdates = String(state.liveUpdates);
+    // Counted once painted, so that whoever watches the counter sees the new bucket.
+    afterPaint(() => {
+      state.liveUpdates += 1;
+      document.body.dataset.liveUpdates = String(state.liveUpdates);
+    });
     setStatus(`live · last bucket ${new Date(update.latest_bucket * 1000).toLocaleTimeString()}`, true);
   });
 }

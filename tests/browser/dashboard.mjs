@@ -172,7 +172,11 @@ try {
     need(features.length > 0 && features.every(([, c]) => c.series.every((s) => s.points > 0)),
       "feature charts are missing or hold no data points");
     need(before.strip && before.strip.rows >= features.length, "the drift heat strip has no rows for the features");
-    for (const id of ["traffic", "proba", "health"]) need(before.charts[id], `the ${id} chart is missing`);
+    for (const id of ["traffic", "proba", "health"]) {
+      need(before.charts[id]?.series.some((s) => s.points > 0), `the ${id} chart is missing or empty`);
+    }
+    need(before.charts.health.series.some((s) => s.label === "capture drops" && s.points > 0),
+      "the capture health chart has no capture drops series");
     // The class chart's canvas must have been painted, not just fed.
     const painted = await page.evaluate(() => {
       const { plot } = window.mltapDashboard.charts.get("classes");

@@ -162,7 +162,9 @@ impl SyntheticModel {
             out.push(self.point("prediction_drift", Gauge, t, 0.02 + 0.3 * drift, &[("method", method)]));
         }
         out.push(self.point("estimated_accuracy", Gauge, t, confidence, &[]));
-        out.push(self.point("capture_dropped", Counter, t, if index % 17 == 5 { 3.0 } else { 0.0 }, &[]));
+        // Drops happen before a payload is decoded: no version or signature is known.
+        let dropped = if index % 17 == 5 { 3.0 } else { 0.0 };
+        out.push(Point::builder("capture_dropped", Counter, t, dropped).with("model", &self.name).finish().unwrap());
         out.push(self.point("decode_errors", Counter, t, if index % 23 == 7 { 1.0 } else { 0.0 }, &[]));
         out
     }
