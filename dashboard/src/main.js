@@ -34,7 +34,9 @@ const state = {
   shape: "", // series keys the charts were built for; a change rebuilds them
   charts: new Map(), // id -> { plot, build }
   strip: null,
+  lazy: { observer: null, plots: new Map(), visible: new Set(), stale: new Set() },
   liveUpdates: 0,
+  timings: {}, // milliseconds of the last merge, chart build and strip paint
   lastEvent: null,
   firstRenderMs: null,
   pending: Promise.resolve(),
@@ -88,29 +90,41 @@ async function fetchSeries(model, since) {
 }
 
 // Merges answers into `data` by bucket: answers win for the buckets they cover.
+// Runs on every live update, so positions are mapped once per source, not per value.
 function merge(data, answers) {
+  const t0 = performance.now();
   const buckets = new Set(data ? data.buckets : []);
   for (const a of answers) for (const b of a.buckets) buckets.add(b);
   const sorted = [...buckets].sort((x, y) => x - y);
   const latest = sorted.length ? sorted[sorted.length - 1] : 0;
   const kept = sorted.filter((b) => b >= latest - state.range);
   const index = new Map(kept.map((b, i) => [b, i]));
+  const positions = (from) => Int32Array.from(from, (b) => index.get(b) ?? -1);
   const series = new Map();
-  const place = (s, fromBuckets) => {
+  const place = (s, at) => {
     const key = seriesKey(s);
     let target = series.get(key);
     if (!target) {
       target = { what: s.what, labels: s.labels, values: new Array(kept.length).fill(null) };
       series.set(key, target);
     }
-    fromBuckets.forEach((b, i) => {
-      const j = index.get(b);
-      if (j !== undefined && s.values[i] !== null) target.values[j] = s.values[i];
-    });
+    const values = s.values;
+    const out = target.values;
+    for (let i = 0; i < at.length; i++) {
+      const j = at[i];
+      if (j >= 0 && values[i] !== null) out[j] = values[i];
+    }
   };
-  if (data) for (const s of data.series.values()) place(s, data.buckets);
-  for (const a of answers) for (const s of a.series) place(s, a.buckets);
+  if (data) {
+    const at = positions(data.buckets);
+    for (const s of data.series.values()) place(s, at);
+  }
+  for (const a of answers) {
+    const at = positions(a.buckets);
+    for (const s of a.series) place(s, at);
+  }
   for (const [k, s] of series) if (s.values.every((v) => v === null)) series.delete(k);
+  state.timings.mergeMs = performance.now() - t0;
   return { buckets: kept, series };
 }
 
@@ -267,13 +281,28 @@ function latestValue(values) {
   return null;
 }
 
+// PSI conventions: below 0.1 stable, 0.1-0.25 moderate, above 0.25 significant;
+// green to red through yellow, lighter when stable.
+function driftHsl(t) {
+  return [120 - 120 * t, 0.7, 0.88 - 0.4 * t];
+}
+
 function driftColor(v) {
   if (v === null || v === undefined) return "#f3f3f3";
-  // PSI conventions: below 0.1 stable, 0.1-0.25 moderate, above 0.25 significant.
-  const t = Math.max(0, Math.min(1, v / 0.25));
-  const hue = 120 - 120 * t;
-  return `hsl(${hue}, 70%, ${88 - 40 * t}%)`;
+  const [h, s, l] = driftHsl(Math.max(0, Math.min(1, v / 0.25)));
+  return `hsl(${h}, ${s * 100}%, ${l * 100}%)`;
 }
+
+function hslToRgb([h, s, l]) {
+  const k = (n) => (n + h / 30) % 12;
+  const a = s * Math.min(l, 1 - l);
+  const f = (n) => l - a * Math.max(-1, Math.min(k(n) - 3, Math.min(9 - k(n), 1)));
+  return [Math.round(255 * f(0)), Math.round(255 * f(8)), Math.round(255 * f(4))];
+}
+
+// 256 steps of the drift scale, so that painting a cell is a table lookup.
+const DRIFT_RGB = Array.from({ length: 256 }, (_, i) => hslToRgb(driftHsl(i / 255)));
+const NO_DRIFT_RGB = [0xf3, 0xf3, 0xf3];
 
 function driftSeries() {
   const all = pick("feature_drift");
@@ -284,6 +313,7 @@ function driftSeries() {
 }
 
 function drawStrip(canvas, tooltip) {
+  const t0 = performance.now();
   const { method, byFeature, pred } = driftSeries();
   const rows = [];
   if (pred) rows.push(["(predictions)", pred.values]);
@@ -302,14 +332,32 @@ function drawStrip(canvas, tooltip) {
   g.scale(dpr, dpr);
   g.font = `${Math.min(rowH - 1, 11)}px system-ui, sans-serif`;
   g.textBaseline = "middle";
-  rows.forEach(([name, values], r) => {
-    g.fillStyle = "#333";
-    if (rowH >= 7) g.fillText(name.length > 20 ? name.slice(0, 19) + "…" : name, 2, r * rowH + rowH / 2);
-    for (let i = 0; i < n; i++) {
-      g.fillStyle = driftColor(values[i]);
-      g.fillRect(labelW + i * cellW, r * rowH, Math.ceil(cellW), rowH - 1);
-    }
+  g.fillStyle = "#333";
+  rows.forEach(([name], r) => {
+    g.fillText(name.length > 20 ? name.slice(0, 19) + "…" : name, 2, r * rowH + rowH / 2);
   });
+  // One pixel per cell, scaled up without smoothing: ~150k cells paint in a few ms.
+  if (n && rows.length) {
+    const cells = document.createElement("canvas");
+    cells.width = n;
+    cells.height = rows.length;
+    const cg = cells.getContext("2d");
+    const img = cg.createImageData(n, rows.length);
+    rows.forEach(([, values], r) => {
+      for (let i = 0; i < n; i++) {
+        const v = values[i];
+        const rgb = v === null || v === undefined ? NO_DRIFT_RGB : DRIFT_RGB[Math.round(255 * Math.max(0, Math.min(1, v / 0.25)))];
+        const o = 4 * (r * n + i);
+        img.data[o] = rgb[0];
+        img.data[o + 1] = rgb[1];
+        img.data[o + 2] = rgb[2];
+        img.data[o + 3] = 255;
+      }
+    });
+    cg.putImageData(img, 0, 0);
+    g.imageSmoothingEnabled = false;
+    g.drawImage(cells, 0, 0, n, rows.length, labelW, 0, width - labelW, rows.length * rowH);
+  }
   canvas.onmousemove = (e) => {
     const r = Math.floor(e.offsetY / rowH);
     const i = Math.floor((e.offsetX - labelW) / cellW);
@@ -323,6 +371,7 @@ function drawStrip(canvas, tooltip) {
     target?.scrollIntoView({ behavior: "smooth", block: "center" });
   };
   state.strip = { rows: rows.length, buckets: n, method };
+  state.timings.stripMs = performance.now() - t0;
   return { rows: rows.length, method };
 }
 
@@ -385,7 +434,6 @@ function render() {
   const featurePlots = [];
   names.forEach((name, i) => {
     const id = "feature:" + name;
-    const spec = featureChart(name, PALETTE[i % 10]);
     const { c, body, titleEl: h } = card(name, id);
     const d = byFeature.get(name);
     if (d) {
@@ -393,10 +441,44 @@ function render() {
       h.append(el("span", { class: "badge", style: `background:${driftColor(v)}` }, `${method} ${fmt(v)}`));
     }
     grid.append(c);
-    featurePlots.push([id, spec, body]);
+    featurePlots.push({ id, name, color: PALETTE[i % 10], card: c, body });
   });
-  const small = featurePlots[0]?.[2].clientWidth || 260;
-  for (const [id, spec, body] of featurePlots) makePlot(id, spec, body, small, 130, false);
+  const width = featurePlots[0]?.body.clientWidth || 260;
+  const t1 = performance.now();
+  // A hundred features do not fit on a screen: charts are drawn when they come near
+  // the viewport, and offscreen ones are only marked stale by live updates
+  // (`?eager=1` draws them all at once, e.g. to print the page).
+  state.lazy.observer?.disconnect();
+  state.lazy = { observer: null, plots: new Map(), visible: new Set(), stale: new Set() };
+  const drawFeature = (p) => makePlot(p.id, featureChart(p.name, p.color), p.body, width, 130, false);
+  if (new URLSearchParams(location.search).has("eager")) {
+    featurePlots.forEach(drawFeature);
+  } else {
+    const margin = 400;
+    const lazy = state.lazy;
+    lazy.observer = new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        const p = lazy.plots.get(e.target.dataset.chart);
+        if (!e.isIntersecting) {
+          lazy.visible.delete(p.id);
+          continue;
+        }
+        lazy.visible.add(p.id);
+        if (!state.charts.has(p.id)) drawFeature(p);
+        else if (lazy.stale.delete(p.id)) updateChart(p.id);
+      }
+    }, { rootMargin: `${margin}px 0px` });
+    for (const p of featurePlots) {
+      lazy.plots.set(p.id, p);
+      const r = p.card.getBoundingClientRect();
+      if (r.top < window.innerHeight + margin && r.bottom > -margin) {
+        lazy.visible.add(p.id);
+        drawFeature(p);
+      }
+      lazy.observer.observe(p.card);
+    }
+  }
+  state.timings.featurePlotsMs = performance.now() - t1;
   state.shape = shapeOf(state.data);
   afterPaint(() => {
     if (state.firstRenderMs === null) state.firstRenderMs = performance.now();
@@ -411,6 +493,12 @@ function afterPaint(callback) {
   requestAnimationFrame(() => setTimeout(callback, 0));
 }
 
+function updateChart(id) {
+  const { plot } = state.charts.get(id);
+  const spec = id.startsWith("feature:") ? featureChart(id.slice(8), "#000") : overviewSpecs().find(([k]) => k === id)[1]();
+  plot.setData([state.data.buckets, ...spec.data]);
+}
+
 // Updates charts in place when the set of series did not change; rebuilds otherwise.
 function refresh() {
   if (!state.data || shapeOf(state.data) !== state.shape || state.charts.size === 0) {
@@ -418,12 +506,11 @@ function refresh() {
     return;
   }
   const t0 = performance.now();
-  for (const [id, { plot }] of state.charts) {
-    let spec;
-    if (id.startsWith("feature:")) spec = featureChart(id.slice(8), "#000000");
-    else spec = overviewSpecs().find(([k]) => k === id)[1]();
-    plot.setData([state.data.buckets, ...spec.data]);
+  for (const id of state.charts.keys()) {
+    if (id.startsWith("feature:") && state.lazy.observer && !state.lazy.visible.has(id)) state.lazy.stale.add(id);
+    else updateChart(id);
   }
+  state.timings.setDataMs = performance.now() - t0;
   const canvas = document.querySelector('[data-chart="drift"] canvas');
   const tooltip = document.querySelector('[data-chart="drift"] .tooltip');
   if (canvas) drawStrip(canvas, tooltip);

@@ -2,13 +2,14 @@
 // against a running mltap dashboard.
 //
 //   node dashboard.mjs --url http://127.0.0.1:PORT/ [--chromium PATH] [--screenshot FILE]
-//                      [--bench] [--range SECONDS] [--live-timeout-ms N]
+//                      [--bench] [--eager] [--range SECONDS] [--live-timeout-ms N]
 //
 // Test mode (default): opens the page, checks that the charts hold data points for
 // classes, features and accuracy, waits for a live update pushed by Server-Sent
 // Events, and saves a screenshot. Any request to a host other than the dashboard's
 // fails the run: the page must work with no network beyond mltap.
-// Bench mode: loads the page with the given range and prints load figures as JSON.
+// Bench mode: loads the page with the given range (and every chart drawn at once
+// with --eager) and prints load figures as JSON.
 // Exits non-zero with one clear message on any failure.
 import { chromium } from "playwright-core";
 import { existsSync, mkdtempSync, rmSync, mkdirSync } from "node:fs";
@@ -27,6 +28,7 @@ function parseArgs(argv) {
     else if (a === "--chromium") args.chromium = next();
     else if (a === "--screenshot") args.screenshot = next();
     else if (a === "--bench") args.bench = true;
+    else if (a === "--eager") args.eager = true;
     else if (a === "--range") args.range = Number(next());
     else if (a === "--live-timeout-ms") args.liveTimeoutMs = Number(next());
     else die(`unknown argument ${a}`);
@@ -72,8 +74,6 @@ try {
 
 const problems = [];
 const external = [];
-let apiBytes = 0;
-let apiRequests = 0;
 try {
   const page = context.pages()[0] ?? (await context.newPage());
   await page.route("**/*", (route) => {
@@ -86,18 +86,10 @@ try {
   });
   page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
   page.on("console", (m) => { if (m.type() === "error") problems.push(`console error: ${m.text()}`); });
-  page.on("response", async (r) => {
-    if (!r.url().includes("/api/models")) return;
-    try {
-      apiBytes += (await r.body()).length;
-      apiRequests += 1;
-    } catch {
-      // The body of a response the page abandoned cannot be read; it is not counted.
-    }
-  });
 
   const target = new URL(args.url);
   if (args.range) target.searchParams.set("range", String(args.range));
+  if (args.eager) target.searchParams.set("eager", "1");
   await page.goto(target.href, { waitUntil: "load" });
   await page.waitForFunction(() => document.body.dataset.rendered === "true", null, { timeout: 120000 })
     .catch(() => fail("the dashboard did not render its charts within 120 s"));
@@ -125,6 +117,9 @@ try {
       lastRenderMs: d.lastRenderMs,
       domNodes: document.getElementsByTagName("*").length,
       heapBytes: performance.memory ? performance.memory.usedJSHeapSize : null,
+      timings: { ...d.timings },
+      apiBytes: performance.getEntriesByType("resource")
+        .filter((e) => e.name.includes("/api/models")).reduce((t, e) => t + e.encodedBodySize, 0),
     };
   });
 
@@ -137,6 +132,16 @@ try {
     await page.waitForFunction((n) => window.mltapDashboard.liveUpdates > n, live0, { timeout: args.liveTimeoutMs })
       .catch(() => fail("no live update arrived during the benchmark"));
     const afterLive = await summarize();
+    // Charts drawn on approach: the last feature's chart appears once scrolled to.
+    const scrolled = Date.now();
+    await page.evaluate(() => window.scrollTo(0, document.body.scrollHeight));
+    await page.waitForFunction(() => {
+      const cards = document.querySelectorAll('[data-chart^="feature:"]');
+      const last = cards[cards.length - 1]?.dataset.chart;
+      return last && window.mltapDashboard.charts.has(last);
+    }, null, { timeout: 30000 }).catch(() => fail("the last feature chart was not drawn after scrolling to it"));
+    const scrollToLastFeatureMs = Date.now() - scrolled;
+    await page.evaluate(() => window.scrollTo(0, 0));
     const t = Date.now();
     await page.evaluate(() => { document.body.dataset.rendered = "false"; });
     await page.getByRole("button", { name: "15 min" }).click();
@@ -148,12 +153,14 @@ try {
       charts: Object.keys(loaded.charts).length,
       buckets,
       stripRows: loaded.strip?.rows,
-      apiRequests,
-      apiBytes,
+      apiBytesAtLoad: loaded.apiBytes,
+      loadTimings: loaded.timings,
+      liveTimings: afterLive.timings,
       domNodes: loaded.domNodes,
       heapBytes: loaded.heapBytes,
       liveRedrawMs: Math.round(afterLive.lastRenderMs),
       rangeSwitchTo15minMs: switchMs,
+      scrollToLastFeatureMs,
       problems,
       external,
     }));
