@@ -244,3 +244,17 @@ fn the_point_budget_evicts_the_oldest_buckets_across_models() {
     assert_eq!((iris_summary.buckets, iris_summary.first_bucket), (2, T0 + 60));
     assert_eq!(models.iter().find(|m| m.model == "other").unwrap().buckets, 3);
 }
+
+#[tokio::test]
+async fn events_can_be_limited_to_one_model() {
+    let history = Arc::new(History::default());
+    let addr = server_with(history.clone()).await;
+    let mut response = reqwest::get(format!("http://{addr}/api/events?model=iris")).await.unwrap();
+    response.chunk().await.unwrap().unwrap();
+    let mut other = iris();
+    other.name = "other".into();
+    history.record("other", &other.bucket(T0, 0));
+    history.record("iris", &iris().bucket(T0 + 60, 1));
+    let events = read_events(&mut response, "bucket", 1).await;
+    assert_eq!(events[0]["model"], "iris");
+}

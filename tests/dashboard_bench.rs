@@ -47,6 +47,12 @@ async fn dashboard_load_with_3_models_100_features_1440_buckets() {
         }
     }
     let fill = fill.elapsed();
+    // Resident memory of the whole test process (history, runtime, allocator slack).
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .unwrap_or_default();
+    println!("process memory after fill: {rss}");
     println!(
         "history: {} models, {} points, filled in {:.1} s (generation included)",
         history.models().len(),
