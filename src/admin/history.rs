@@ -159,7 +159,8 @@ pub struct BucketUpdate {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelSummary {
     pub model: String,
-    /// Distinct (version, signature) pairs seen; either may be absent from points.
+    /// Distinct (version, signature) pairs seen; either may be absent from points
+    /// (one pair of nulls when no point names either).
     pub streams: Vec<StreamSummary>,
     /// Numeric and categorical feature names (`feat_name`), natural order.
     pub features: Vec<String>,
@@ -473,10 +474,15 @@ fn summarize(name: &str, h: &ModelHistory) -> ModelSummary {
     let mut classes = BTreeSet::new();
     let mut metrics = BTreeSet::new();
     for key in h.series.keys() {
-        streams.insert(StreamSummary {
+        let stream = StreamSummary {
             version: key.label("version").map(str::to_string),
             signature: key.label("signature").map(str::to_string),
-        });
+        };
+        // Points counted before decoding (capture drops) know no stream: they are not
+        // one of their own.
+        if stream.version.is_some() || stream.signature.is_some() {
+            streams.insert(stream);
+        }
         if let Some(f) = key.label("feat_name") {
             features.insert(NaturalOrder(f.to_string()));
         }
@@ -484,6 +490,9 @@ fn summarize(name: &str, h: &ModelHistory) -> ModelSummary {
             classes.insert(NaturalOrder(c.to_string()));
         }
         metrics.insert(key.what.clone());
+    }
+    if streams.is_empty() {
+        streams.insert(StreamSummary { version: None, signature: None });
     }
     let times: Vec<i64> = h.buckets.keys().copied().collect();
     let bucket_seconds = times.windows(2).map(|w| w[1] - w[0]).filter(|d| *d > 0).min();
