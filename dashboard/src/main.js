@@ -32,7 +32,7 @@ const state = {
   range: Number(new URLSearchParams(location.search).get("range")) || 3600,
   data: null, // { buckets: number[], series: Map<key, {what, labels, values}> }
   shape: "", // series keys the charts were built for; a change rebuilds them
-  charts: new Map(), // id -> { plot, build }
+  charts: new Map(), // id -> { plot, spec }: drawn charts only
   strip: null,
   lazy: { observer: null, plots: new Map(), visible: new Set(), stale: new Set() },
   liveUpdates: 0,
@@ -71,7 +71,7 @@ async function getJson(url) {
   return r.json();
 }
 
-// The three requests behind one view; `since` limits them to updated buckets.
+// The four requests behind one view; `since` limits them to updated buckets.
 async function fetchSeries(model, since) {
   const base = `/api/models/${encodeURIComponent(model)}/series?`;
   const range = since === undefined ? { last: String(state.range) } : { since: String(since) };

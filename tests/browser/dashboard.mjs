@@ -3,6 +3,7 @@
 //
 //   node dashboard.mjs --url http://127.0.0.1:PORT/ [--chromium PATH] [--screenshot FILE]
 //                      [--bench] [--eager] [--range SECONDS] [--live-timeout-ms N]
+//                      [--check-timeout-ms N] [--no-capture-health]
 //
 // Test mode (default): opens the page, checks that the charts hold data points for
 // classes, features and accuracy, waits for a live update pushed by Server-Sent
@@ -17,7 +18,10 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 
 function parseArgs(argv) {
-  const args = { chromium: "/usr/bin/chromium", bench: false, range: null, liveTimeoutMs: 30000 };
+  const args = {
+    chromium: "/usr/bin/chromium", bench: false, range: null, liveTimeoutMs: 30000, checkTimeoutMs: 10000,
+    expectCaptureHealth: true,
+  };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -31,6 +35,8 @@ function parseArgs(argv) {
     else if (a === "--eager") args.eager = true;
     else if (a === "--range") args.range = Number(next());
     else if (a === "--live-timeout-ms") args.liveTimeoutMs = Number(next());
+    else if (a === "--check-timeout-ms") args.checkTimeoutMs = Number(next());
+    else if (a === "--no-capture-health") args.expectCaptureHealth = false;
     else die(`unknown argument ${a}`);
   }
   if (!args.url) die("--url is required");
@@ -165,25 +171,44 @@ try {
       external,
     }));
   } else {
-    const before = await summarize();
-    const need = (ok, message) => { if (!ok) fail(`${message}\n${JSON.stringify(before, null, 1).slice(0, 3000)}`); };
-    const classes = before.charts.classes;
-    need(classes && classes.series.filter((s) => s.points > 0).length >= 2,
-      "the class distribution chart has no data points for at least two classes");
-    const accuracy = before.charts.accuracy;
-    need(accuracy && accuracy.series.some((s) => s.label.startsWith("estimated") && s.points > 0),
-      "the accuracy chart has no estimated accuracy points");
-    need(accuracy && accuracy.series.some((s) => s.label.startsWith("accuracy") && s.points > 0),
-      "the accuracy chart has no real (label) accuracy points");
-    const features = Object.entries(before.charts).filter(([id]) => id.startsWith("feature:"));
-    need(features.length > 0 && features.every(([, c]) => c.series.every((s) => s.points > 0)),
-      "feature charts are missing or hold no data points");
-    need(before.strip && before.strip.rows >= features.length, "the drift heat strip has no rows for the features");
-    for (const id of ["traffic", "proba", "health"]) {
-      need(before.charts[id]?.series.some((s) => s.points > 0), `the ${id} chart is missing or empty`);
+    // What the page must show; polled, since a fresh mltap fills its history live.
+    const unmet = (d) => {
+      const missing = [];
+      const need = (ok, message) => { if (!ok) missing.push(message); };
+      const classes = d.charts.classes;
+      need(classes && classes.series.filter((s) => s.points > 0).length >= 2,
+        "the class distribution chart has no data points for at least two classes");
+      const accuracy = d.charts.accuracy;
+      need(accuracy && accuracy.series.some((s) => s.label.startsWith("estimated") && s.points > 0),
+        "the accuracy chart has no estimated accuracy points");
+      need(accuracy && accuracy.series.some((s) => s.label.startsWith("accuracy") && s.points > 0),
+        "the accuracy chart has no real (label) accuracy points");
+      const features = Object.entries(d.charts).filter(([id]) => id.startsWith("feature:"));
+      need(features.length > 0 && features.every(([, c]) => c.series.every((s) => s.points > 0)),
+        "feature charts are missing or hold no data points");
+      need(d.strip && d.strip.rows >= features.length, "the drift heat strip has no rows for the features");
+      for (const id of ["traffic", "proba"]) {
+        need(d.charts[id]?.series.some((s) => s.points > 0), `the ${id} chart is missing or empty`);
+      }
+      if (args.expectCaptureHealth) {
+        need(d.charts.health?.series.some((s) => s.label === "capture drops" && s.points > 0),
+          "the capture health chart has no capture drops series");
+      }
+      return missing;
+    };
+    const deadline = Date.now() + args.checkTimeoutMs;
+    let before = await summarize();
+    while (unmet(before).length && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 500));
+      before = await summarize();
     }
-    need(before.charts.health.series.some((s) => s.label === "capture drops" && s.points > 0),
-      "the capture health chart has no capture drops series");
+    const missing = unmet(before);
+    if (missing.length) {
+      fail(`${missing.join("; ")} (after ${args.checkTimeoutMs} ms)\n${JSON.stringify(before, null, 1).slice(0, 3000)}`);
+    }
+    const classes = before.charts.classes;
+    const features = Object.entries(before.charts).filter(([id]) => id.startsWith("feature:"));
+    const need = (ok, message) => { if (!ok) fail(message); };
     // The class chart's canvas must have been painted, not just fed.
     const painted = await page.evaluate(() => {
       const { plot } = window.mltapDashboard.charts.get("classes");
