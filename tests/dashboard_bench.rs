@@ -14,7 +14,7 @@ use mltap::admin::history::History;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use synthetic::{serve, SyntheticModel};
+use synthetic::{global_bucket, serve, SyntheticModel, GLOBAL_MODEL};
 
 const MODELS: usize = 3;
 const FEATURES: usize = 100;
@@ -39,6 +39,7 @@ async fn dashboard_load_with_3_models_100_features_1440_buckets() {
     let history = Arc::new(History::default());
     let fill = Instant::now();
     for index in 0..BUCKETS {
+        history.record(GLOBAL_MODEL, &global_bucket(start + BUCKET * index as i64, index));
         for model in &models {
             history.record(&model.name, &model.bucket(start + BUCKET * index as i64, index));
             if index >= 5 {
@@ -83,6 +84,7 @@ async fn dashboard_load_with_3_models_100_features_1440_buckets() {
         tokio::spawn(async move {
             for index in BUCKETS..BUCKETS + 300 {
                 tokio::time::sleep(Duration::from_secs(2)).await;
+                history.record(GLOBAL_MODEL, &global_bucket(start + BUCKET * index as i64, index));
                 for model in &models {
                     history.record(&model.name, &model.bucket(start + BUCKET * index as i64, index));
                 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-use synthetic::{serve, SyntheticModel};
+use synthetic::{global_bucket, serve, SyntheticModel, GLOBAL_MODEL};
 
 const BUCKET: i64 = 60;
 const PAST_BUCKETS: u64 = 90;
@@ -38,6 +38,7 @@ fn ensure_playwright(dir: &Path) {
 }
 
 fn record_bucket(history: &History, models: &[SyntheticModel], start: i64, index: u64) {
+    history.record(GLOBAL_MODEL, &global_bucket(start + BUCKET * index as i64, index));
     for model in models {
         history.record(&model.name, &model.bucket(start + BUCKET * index as i64, index));
         if index >= LABEL_DELAY {

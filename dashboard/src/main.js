@@ -20,8 +20,10 @@ const OVERVIEW_METRICS = [
   "estimated_accuracy", "accuracy", "prediction_drift",
 ];
 // Capture health is counted before a payload is decoded, so its points may carry no
-// version: it is fetched for the whole model.
+// version: it is fetched for the whole model, and from the pseudo-model of facts
+// that belong to no model (capture drops, errors of unknown models).
 const HEALTH_METRICS = ["capture_dropped", "decode_errors", "label_late_count"];
+const GLOBAL_MODEL = "__mltap__";
 // Drift methods in order of preference for the heat strip and feature titles.
 const DRIFT_METHODS = ["psi", "js", "linf"];
 
@@ -80,7 +82,16 @@ async function fetchSeries(model, since) {
     for (const [k, v] of Object.entries({ ...params, ...range })) p.set(k, v);
     return getJson(base + p.toString());
   };
+  const global = state.models.some((m) => m.model === GLOBAL_MODEL) && model !== GLOBAL_MODEL;
+  const globalHealth = () => {
+    const p = new URLSearchParams({ what: HEALTH_METRICS.join(","), ...range });
+    return getJson(`/api/models/${GLOBAL_MODEL}/series?${p}`).then((a) => ({
+      ...a,
+      series: a.series.map((s) => ({ ...s, labels: { ...s.labels, scope: "global" } })),
+    }));
+  };
   return Promise.all([
+    global ? globalHealth() : { buckets: [], series: [] },
     q({ what: OVERVIEW_METRICS.join(",") }),
     q({ what: HEALTH_METRICS.join(",") }, true),
     q({ what: "feature_value", stat: "mean,q25,q75" }),
@@ -224,9 +235,11 @@ function accuracyChart() {
 function healthChart() {
   const series = [];
   const data = [];
-  [["capture_dropped", "capture drops", PALETTE[2]], ["decode_errors", "decode errors", PALETTE[1]],
-    ["label_late_count", "late labels", PALETTE[6]]].forEach(([what, label, color]) => {
-    const list = pick(what);
+  [["capture_dropped", "capture drops", PALETTE[2], false], ["decode_errors", "decode errors", PALETTE[1], false],
+    ["label_late_count", "late labels", PALETTE[6], false],
+    ["capture_dropped", "capture drops (all models)", PALETTE[3], true],
+    ["decode_errors", "decode errors (model unknown)", PALETTE[9], true]].forEach(([what, label, color, global]) => {
+    const list = pick(what, (l) => (l.scope === "global") === global);
     if (!list.length) return;
     // Several series of one metric (by reason) are summed: the chart shows health.
     const sum = state.data.buckets.map((_, i) => {
@@ -528,7 +541,7 @@ function refresh() {
 
 function renderHeader() {
   const nav = $("models");
-  nav.replaceChildren(...state.models.map((m) =>
+  nav.replaceChildren(...state.models.filter((m) => m.model !== GLOBAL_MODEL).map((m) =>
     el("button", { class: m.model === state.model ? "active" : "", onclick: () => selectModel(m.model) }, m.model)));
   const current = state.models.find((m) => m.model === state.model);
   const select = $("stream");
@@ -553,7 +566,8 @@ async function loadModels() {
   state.models = models;
   if (!state.model || !models.some((m) => m.model === state.model)) {
     const wanted = new URLSearchParams(location.search).get("model");
-    state.model = models.find((m) => m.model === wanted)?.model ?? models[0]?.model ?? null;
+    const real = models.filter((m) => m.model !== GLOBAL_MODEL);
+    state.model = models.find((m) => m.model === wanted)?.model ?? real[0]?.model ?? null;
     state.stream = models.find((m) => m.model === state.model)?.streams.at(-1) ?? null;
   }
   renderHeader();
@@ -585,7 +599,7 @@ function onBucket(update) {
   state.lastEvent = update;
   enqueue(async () => {
     if (!state.models.some((m) => m.model === update.model)) await loadModels();
-    if (update.model !== state.model) return;
+    if (!state.model || (update.model !== state.model && update.model !== GLOBAL_MODEL)) return;
     if (!state.data) {
       state.data = merge(null, await fetchSeries(state.model));
       render();

@@ -191,7 +191,7 @@ try {
         need(d.charts[id]?.series.some((s) => s.points > 0), `the ${id} chart is missing or empty`);
       }
       if (args.expectCaptureHealth) {
-        need(d.charts.health?.series.some((s) => s.label === "capture drops" && s.points > 0),
+        need(d.charts.health?.series.some((s) => s.label.startsWith("capture drops") && s.points > 0),
           "the capture health chart has no capture drops series");
       }
       return missing;

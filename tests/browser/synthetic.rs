@@ -162,9 +162,6 @@ impl SyntheticModel {
             out.push(self.point("prediction_drift", Gauge, t, 0.02 + 0.3 * drift, &[("method", method)]));
         }
         out.push(self.point("estimated_accuracy", Gauge, t, confidence, &[]));
-        // Drops happen before a payload is decoded: no version or signature is known.
-        let dropped = if index % 17 == 5 { 3.0 } else { 0.0 };
-        out.push(Point::builder("capture_dropped", Counter, t, dropped).with("model", &self.name).finish().unwrap());
         out.push(self.point("decode_errors", Counter, t, if index % 23 == 7 { 1.0 } else { 0.0 }, &[]));
         out
     }
@@ -185,6 +182,23 @@ impl SyntheticModel {
         }
         out
     }
+}
+
+/// The pseudo-model the engine files facts under that belong to no model.
+pub const GLOBAL_MODEL: &str = "__mltap__";
+
+/// Points of the pseudo-model for bucket number `index`: capture drops happen before
+/// a payload is decoded, so they belong to no model and carry no `model` property.
+pub fn global_bucket(t: i64, index: u64) -> Vec<Point> {
+    let dropped = if index % 17 == 5 { 3.0 } else { 0.0 };
+    let unknown = if index % 29 == 11 { 1.0 } else { 0.0 };
+    vec![
+        Point::builder("capture_dropped", TargetType::Counter, t, dropped).finish().expect("finite"),
+        Point::builder("decode_errors", TargetType::Counter, t, unknown)
+            .with("reason", "unknown_model")
+            .finish()
+            .expect("finite"),
+    ]
 }
 
 /// Serves `routes` on a fresh loopback port, as the admin server composes them.
