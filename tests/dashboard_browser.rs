@@ -48,8 +48,9 @@ fn record_bucket(history: &History, models: &[SyntheticModel], start: i64, index
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_shows_classes_features_and_accuracy_and_updates_live_in_chromium() {
+/// Chromium's path, after checking that Chromium, Node and playwright-core are there;
+/// a missing tool fails the test with how to install it.
+fn require_browser_tools() -> PathBuf {
     let chromium = chromium();
     assert!(
         chromium.exists(),
@@ -62,10 +63,47 @@ async fn dashboard_shows_classes_features_and_accuracy_and_updates_live_in_chrom
         node.is_ok_and(|o| o.status.success()),
         "Node.js is required by the dashboard browser test: install it with `apt-get install -y nodejs npm`"
     );
-    let browser_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("browser");
-    let dir = browser_dir.clone();
-    tokio::task::spawn_blocking(move || ensure_playwright(&dir)).await.unwrap();
+    ensure_playwright(&browser_dir());
+    chromium
+}
 
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("browser")
+}
+
+/// Where the screenshot goes: the README's copy when asked to refresh it, else the
+/// test's scratch directory (so that test runs leave the tree clean).
+fn screenshot_path(name: &str) -> PathBuf {
+    if std::env::var_os("MLTAP_UPDATE_SCREENSHOT").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join("screenshot-dashboard.png")
+    } else {
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
+    }
+}
+
+/// Runs the browser check against `url`, with a bound on its whole run.
+async fn run_browser_check(chromium: &Path, url: &str, screenshot: &Path, extra: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new("node")
+        .arg(browser_dir().join("dashboard.mjs"))
+        .args(["--url", url])
+        .arg("--chromium")
+        .arg(chromium)
+        .arg("--screenshot")
+        .arg(screenshot)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("the browser check did not finish within 240 s")
+        .expect("node could not be started")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_classes_features_and_accuracy_and_updates_live_in_chromium() {
+    let chromium = tokio::task::spawn_blocking(require_browser_tools).await.unwrap();
     let models = vec![
         SyntheticModel::new(
             "iris",
@@ -95,26 +133,8 @@ async fn dashboard_shows_classes_features_and_accuracy_and_updates_live_in_chrom
         })
     };
 
-    let screenshot = if std::env::var_os("MLTAP_UPDATE_SCREENSHOT").is_some() {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs").join("screenshot-dashboard.png")
-    } else {
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshot-dashboard.png")
-    };
-    let run = tokio::process::Command::new("node")
-        .arg(browser_dir.join("dashboard.mjs"))
-        .args(["--url", &format!("http://{addr}/?model=iris")])
-        .arg("--chromium")
-        .arg(&chromium)
-        .arg("--screenshot")
-        .arg(&screenshot)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(240), run)
-        .await
-        .expect("the browser check did not finish within 240 s")
-        .expect("node could not be started");
+    let screenshot = screenshot_path("screenshot-dashboard-synthetic.png");
+    let output = run_browser_check(&chromium, &format!("http://{addr}/?model=iris"), &screenshot, &[]).await;
     producer.abort();
     history.close();
     let stdout = String::from_utf8_lossy(&output.stdout);
