@@ -258,3 +258,36 @@ async fn events_can_be_limited_to_one_model() {
     let events = read_events(&mut response, "bucket", 1).await;
     assert_eq!(events[0]["model"], "iris");
 }
+
+#[tokio::test]
+async fn events_tell_a_subscriber_that_fell_behind_to_refetch() {
+    let history = Arc::new(History::default());
+    let addr = server_with(history.clone()).await;
+    let mut response = reqwest::get(format!("http://{addr}/api/events")).await.unwrap();
+    response.chunk().await.unwrap().unwrap();
+    let model = iris();
+    // More updates than the stream buffers, recorded before the client reads any.
+    for i in 0..300 {
+        history.record("iris", &model.labels(T0 + 60 * i, i as u64));
+    }
+    let lagged = read_events(&mut response, "lagged", 1).await;
+    assert!(lagged[0]["missed"].as_u64().unwrap() > 0, "{lagged:?}");
+}
+
+#[test]
+fn loading_reads_only_the_newest_files_the_history_can_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("anodot").join("iris");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let model = iris();
+    for i in 0..6i64 {
+        let name = format!("20251126T08{:02}00Z.json", i);
+        std::fs::write(model_dir.join(name), serde_json::to_vec(&model.bucket(T0 + 60 * i, i as u64)).unwrap())
+            .unwrap();
+    }
+    let history = History::new(HistoryConfig { max_buckets_per_model: 2, max_points: 1_000_000 });
+    let report = history.load_from_dir(dir.path());
+    assert_eq!(report.files, 2);
+    let m = &history.models()[0];
+    assert_eq!((m.first_bucket, m.latest_bucket), (T0 + 240, T0 + 300));
+}
