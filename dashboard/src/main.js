@@ -568,14 +568,21 @@ async function loadModels() {
     const wanted = new URLSearchParams(location.search).get("model");
     const real = models.filter((m) => m.model !== GLOBAL_MODEL);
     state.model = models.find((m) => m.model === wanted)?.model ?? real[0]?.model ?? null;
-    state.stream = models.find((m) => m.model === state.model)?.streams.at(-1) ?? null;
+    state.stream = newestStream(models.find((m) => m.model === state.model));
   }
   renderHeader();
 }
 
+// The highest version (numerically: 10 after 9) is what operators look at first.
+function newestStream(summary) {
+  const streams = [...(summary?.streams ?? [])];
+  streams.sort((a, b) => natural(a.version ?? "", b.version ?? "") || natural(a.signature ?? "", b.signature ?? ""));
+  return streams.at(-1) ?? null;
+}
+
 function selectModel(model) {
   state.model = model;
-  state.stream = state.models.find((m) => m.model === model)?.streams.at(-1) ?? null;
+  state.stream = newestStream(state.models.find((m) => m.model === model));
   renderHeader();
   load();
 }
