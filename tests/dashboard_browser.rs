@@ -24,8 +24,11 @@ fn chromium() -> PathBuf {
     std::env::var_os("MLTAP_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
 }
 
-/// Installs playwright-core from the lockfile when it is not there yet.
+/// Installs playwright-core from the lockfile when it is not there yet; once per
+/// process, since the tests of this file run in parallel and share the directory.
 fn ensure_playwright(dir: &Path) {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
     if dir.join("node_modules").join("playwright-core").exists() {
         return;
     }
