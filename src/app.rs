@@ -1,2 +1,134 @@
 //! `mltap serve`: composes listeners, proxy, capture queue, worker, admin server and
 //! graceful shutdown from one validated `Config`.
+//!
+//! Listeners are bound first, so a port in use stops start-up with a configuration
+//! error naming its key before anything else starts. On shutdown the listeners stop
+//! accepting, in-flight exchanges finish, the capture queue drains into the worker,
+//! all within `shutdown_grace`. This module owns composition only: no request
+//! handling, no payload knowledge.
+
+use crate::admin::capture_metrics::CaptureCollector;
+use crate::admin::{AdminRoute, AdminServer, ReadinessTarget};
+use crate::config::{Config, ConfigError};
+use crate::proxy::Proxy;
+use prometheus_client::registry::Registry;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Why `serve` stopped with a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A bad configuration: exit code 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Anything failing at run time: exit code 1.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The three bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub rest: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the three addresses; a failure names the configuration key.
+    pub async fn bind(config: &Config) -> Result<Listeners, ConfigError> {
+        Ok(Listeners {
+            grpc: bind("grpc_listen", config.grpc_listen).await?,
+            rest: bind("rest_listen", config.rest_listen).await?,
+            admin: bind("admin_listen", config.admin_listen).await?,
+        })
+    }
+}
+
+async fn bind(key: &str, address: SocketAddr) -> Result<TcpListener, ConfigError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|error| ConfigError::new(key, "", format!("cannot listen on {address}: {error}")))
+}
+
+/// Runs mltap until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let listeners = Listeners::bind(&config).await?;
+    let shutdown = termination_signal()?;
+    run(Arc::new(config), listeners, Vec::new(), shutdown).await
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn termination_signal() -> Result<impl Future<Output = ()>, ServeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signal_error = |e: std::io::Error| ServeError::Runtime(format!("cannot install signal handlers: {e}"));
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => info!(message = "SIGTERM received, shutting down."),
+            _ = interrupt.recv() => info!(message = "SIGINT received, shutting down."),
+        }
+    })
+}
+
+/// Runs the proxy, the worker and the admin server on bound listeners until
+/// `shutdown` resolves; `routes` are extra admin endpoints (labels, dashboard).
+pub async fn run(
+    config: Arc<Config>,
+    listeners: Listeners,
+    routes: Vec<Arc<dyn AdminRoute>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let mut registry = Registry::with_prefix("mltap");
+    let (sender, receiver) = crate::capture::queue(&config.capture);
+    registry.register_collector(Box::new(CaptureCollector { stats: sender.stats().clone() }));
+    let proxy = Proxy::new(&config, sender, &mut registry)?;
+    let worker = crate::worker::spawn(config.clone(), receiver, &mut registry);
+    let readiness =
+        proxy.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
+    let admin = Arc::new(AdminServer::new(registry, readiness, routes));
+
+    let (stop, stopped) = watch::channel(false);
+    let (grpc_addr, rest_addr, admin_addr) =
+        (listeners.grpc.local_addr().ok(), listeners.rest.local_addr().ok(), listeners.admin.local_addr().ok());
+    let grpc = tokio::spawn({
+        let (proxy, stopped) = (proxy.clone(), stopped.clone());
+        async move { proxy.serve_grpc(listeners.grpc, stopped).await }
+    });
+    let rest = tokio::spawn({
+        let (proxy, stopped) = (proxy.clone(), stopped.clone());
+        async move { proxy.serve_rest(listeners.rest, stopped).await }
+    });
+    // The proxy's state (and with it the capture queue's sender) now lives only in
+    // the listener tasks, so the queue closes when they end.
+    drop(proxy);
+    let admin_task = tokio::spawn(admin.serve(listeners.admin, stopped));
+    info!(
+        message = "mltap serving.",
+        grpc = ?grpc_addr, rest = ?rest_addr, admin = ?admin_addr,
+        grpc_upstream = %config.grpc_upstream, rest_upstream = %config.rest_upstream,
+    );
+
+    shutdown.await;
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        let _ = grpc.await;
+        let _ = rest.await;
+        worker.finish().await;
+    })
+    .await;
+    match drained {
+        Ok(()) => info!(message = "Shut down: in-flight exchanges finished, capture queue drained."),
+        Err(_) => warn!(
+            message = "Shutdown grace expired before every exchange finished and the capture queue drained.",
+            grace = ?config.shutdown_grace,
+        ),
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_task).await;
+    Ok(())
+}
