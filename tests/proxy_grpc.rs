@@ -59,8 +59,7 @@ async fn grpc_model_metadata_and_status_pass() {
     };
     let response = client.get_model_metadata(request).await.expect("metadata").into_inner();
     assert_eq!(response.model_spec.unwrap().name, "iris");
-    let mut models =
-        serving::model_service_client::ModelServiceClient::new(channel(mltap.grpc_url()).await);
+    let mut models = serving::model_service_client::ModelServiceClient::new(channel(mltap.grpc_url()).await);
     let status = models
         .get_model_status(serving::GetModelStatusRequest { model_spec: None })
         .await
@@ -203,7 +202,8 @@ async fn grpc_500_concurrent_streams_on_one_connection() {
         tokio::spawn(async move { call_raw(&proxied, &f.path, f.request.clone(), &[("x-fake-barrier", "1")]).await })
     });
     let all = futures_util::future::join_all(calls);
-    let results = tokio::time::timeout(std::time::Duration::from_secs(60), all).await.expect("500 streams concurrently");
+    let results =
+        tokio::time::timeout(std::time::Duration::from_secs(60), all).await.expect("500 streams concurrently");
     for result in results {
         assert_eq!(result.unwrap().expect("call").get_ref(), &f.response);
     }

@@ -142,8 +142,10 @@ async fn rest_content_length_is_kept_not_switched_to_chunked() {
 async fn rest_chunked_upstream_response_streams_through() {
     let (fake, mltap) = setup().await;
     let f = rest_fixtures().into_iter().find(|f| f.name == "row_single_input").unwrap();
-    let direct = client().post(format!("{}{}", fake.rest_url(), f.path)).header("x-fake-chunked", "1").body(f.request.clone());
-    let proxied = client().post(format!("{}{}", mltap.rest_url(), f.path)).header("x-fake-chunked", "1").body(f.request.clone());
+    let direct =
+        client().post(format!("{}{}", fake.rest_url(), f.path)).header("x-fake-chunked", "1").body(f.request.clone());
+    let proxied =
+        client().post(format!("{}{}", mltap.rest_url(), f.path)).header("x-fake-chunked", "1").body(f.request.clone());
     let (direct, proxied) = (direct.send().await.unwrap(), proxied.send().await.unwrap());
     assert!(proxied.headers().get("content-length").is_none());
     assert_eq!(proxied.bytes().await.unwrap(), direct.bytes().await.unwrap());
@@ -215,11 +217,7 @@ async fn rest_keep_alive_connection_serves_many_requests() {
     let f = rest_fixtures().into_iter().find(|f| f.name == "row_single_input").unwrap();
     let mut stream = tokio::net::TcpStream::connect(mltap.rest).await.unwrap();
     for _ in 0..3 {
-        let request = format!(
-            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            f.path,
-            f.request.len()
-        );
+        let request = format!("POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", f.path, f.request.len());
         stream.write_all(request.as_bytes()).await.unwrap();
         stream.write_all(&f.request).await.unwrap();
         // Read exactly one response: head, then Content-Length bytes.
@@ -240,7 +238,8 @@ async fn rest_dead_upstream_answers_502_naming_it() {
     let fake = FakeTfServing::start().await;
     let dead = dead_address().await;
     let mltap = Mltap::start(config(&fake.grpc_url(), &format!("http://{dead}"))).await;
-    let response = client().post(format!("{}/v1/models/iris:predict", mltap.rest_url())).body("{}").send().await.unwrap();
+    let response =
+        client().post(format!("{}/v1/models/iris:predict", mltap.rest_url())).body("{}").send().await.unwrap();
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers().get("content-type").unwrap(), "application/json");
     let body: serde_json::Value = response.json().await.unwrap();

@@ -371,7 +371,7 @@ mod tests {
         let (shared, mut rx) =
             shared(CaptureConfig { max_exchange_bytes: 8, queue_bytes: 8, ..CaptureConfig::default() });
         let record = ExchangeRecord::new(shared.clone(), start(true));
-        let chunks = vec![Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"12345"))); 3];
+        let chunks = (0..3).map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"12345"))));
         let body =
             TeeBody::new(StreamBody::new(futures_util::stream::iter(chunks)), Some(Tap::new(record, Side::Request)));
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 15);

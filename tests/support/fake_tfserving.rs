@@ -208,10 +208,8 @@ impl FakeTfServing {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let rest = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, rest_addr) = (grpc.local_addr().unwrap(), rest.local_addr().unwrap());
-        let tasks = vec![
-            tokio::spawn(serve(grpc, state.clone(), true)),
-            tokio::spawn(serve(rest, state.clone(), false)),
-        ];
+        let tasks =
+            vec![tokio::spawn(serve(grpc, state.clone(), true)), tokio::spawn(serve(rest, state.clone(), false))];
         FakeTfServing { grpc: grpc_addr, rest: rest_addr, state, tasks }
     }
 
@@ -298,8 +296,10 @@ async fn grpc(request: Request<Incoming>, state: Arc<FakeState>) -> Result<Respo
             return Err(Box::new(h2::Error::from(h2::Reason::ENHANCE_YOUR_CALM)));
         }
         Some(_) => {
-            let frames =
-                vec![Ok(Frame::data(grpc_frame(b"partial"))), Err(Box::new(h2::Error::from(h2::Reason::ENHANCE_YOUR_CALM)) as BoxError)];
+            let frames = vec![
+                Ok(Frame::data(grpc_frame(b"partial"))),
+                Err(Box::new(h2::Error::from(h2::Reason::ENHANCE_YOUR_CALM)) as BoxError),
+            ];
             return Ok(grpc_response(frames));
         }
         None => {}
@@ -319,9 +319,8 @@ async fn grpc(request: Request<Incoming>, state: Arc<FakeState>) -> Result<Respo
         tonic::Status::new(code, header(&headers, "x-fake-grpc-message").unwrap_or("fake failure").to_string())
     });
     let answer = Answer { state: state.clone(), path, error, echo: header(&headers, "x-fake-echo").is_some() };
-    let mut server = tonic::server::Grpc::new(RawCodec)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
+    let mut server =
+        tonic::server::Grpc::new(RawCodec).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
     let response = server.unary(answer, request).await;
     Ok(response.map(|body| body.map_err(|status| Box::new(status) as BoxError).boxed_unsync()))
 }
@@ -336,7 +335,8 @@ struct Answer {
 
 impl tonic::server::UnaryService<Bytes> for Answer {
     type Response = Bytes;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<tonic::Response<Bytes>, tonic::Status>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<tonic::Response<Bytes>, tonic::Status>> + Send>>;
 
     fn call(&mut self, call: tonic::Request<Bytes>) -> Self::Future {
         let (state, path, error, echo) = (self.state.clone(), self.path.clone(), self.error.clone(), self.echo);
