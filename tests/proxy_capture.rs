@@ -97,6 +97,20 @@ async fn capture_copies_inference_exchanges_byte_for_byte() {
 }
 
 #[tokio::test]
+async fn capture_records_the_status_of_a_trailers_only_error() {
+    let fake = FakeTfServing::start().await;
+    let mut t = tapped(&fake, |_| {}).await;
+    let f = grpc_fixtures().into_iter().find(|f| f.name == "batch64x16").unwrap();
+    let meta = [("x-fake-grpc-error", "5")];
+    let status = call_raw(&channel(t.grpc.clone()).await, &f.path, f.request.clone(), &meta).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let e = next(&mut t.receiver).await;
+    assert_eq!((e.grpc_status, e.complete), (Some(5), true));
+    assert!(e.response_body.is_empty());
+    assert_eq!(e.request_bytes(), framed(&f.request));
+}
+
+#[tokio::test]
 async fn capture_full_queue_drops_and_counts_while_every_response_stays_correct() {
     let fake = FakeTfServing::start().await;
     let mut t = tapped(&fake, |c| c.capture.queue_exchanges = 2).await;

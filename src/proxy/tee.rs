@@ -276,8 +276,15 @@ pin_project! {
     }
 }
 
-impl<B> TeeBody<B> {
-    pub fn new(inner: B, tap: Option<Tap>) -> Self {
+impl<B: Body> TeeBody<B> {
+    pub fn new(inner: B, mut tap: Option<Tap>) -> Self {
+        // An empty body (trailers-only gRPC answer, Content-Length: 0) is complete
+        // already; servers and clients never poll it, they only drop it.
+        if inner.is_end_stream() {
+            if let Some(tap) = tap.as_mut() {
+                tap.deposit(true);
+            }
+        }
         TeeBody { inner, tap }
     }
 }
@@ -377,6 +384,16 @@ mod tests {
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 15);
         assert!(rx.try_recv().is_none());
         assert_eq!(shared.capture.stats().skipped_oversize.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_complete_without_being_polled() {
+        let (shared, mut rx) = shared(CaptureConfig::default());
+        let record = ExchangeRecord::new(shared, start(true));
+        let request = TeeBody::new(Full::new(Bytes::new()), Some(Tap::new(record.clone(), Side::Request)));
+        let response = TeeBody::new(http_body_util::Empty::<Bytes>::new(), Some(Tap::new(record, Side::Response)));
+        drop((request, response));
+        assert!(rx.try_recv().expect("one exchange").complete);
     }
 
     #[tokio::test]
