@@ -10,14 +10,14 @@
 use crate::admin::capture_metrics::CaptureCollector;
 use crate::admin::{AdminRoute, AdminServer, ReadinessTarget};
 use crate::config::{Config, ConfigError};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxyMetrics};
 use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
 
 /// Why `serve` stopped with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,50 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     run(Arc::new(config), listeners, Vec::new(), shutdown).await
 }
 
+/// Threads serving the proxy's listeners: one per core, as nginx runs one worker
+/// process per core. Each has its own single-threaded runtime and upstream pools,
+/// so an exchange never hops between threads.
+fn serving_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Starts one serving thread on shared listener sockets; `done` fires when its
+/// connections have all closed (or it could not start).
+fn spawn_serving_thread(
+    index: usize,
+    proxy: Proxy,
+    (grpc, rest): (std::net::TcpListener, std::net::TcpListener),
+    stopped: watch::Receiver<bool>,
+    done: oneshot::Sender<()>,
+) -> Result<(), ServeError> {
+    std::thread::Builder::new()
+        .name(format!("mltap-proxy-{index}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    error!(message = "Cannot start a serving thread's runtime.", %error);
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match (TcpListener::from_std(grpc), TcpListener::from_std(rest)) {
+                    (Ok(grpc), Ok(rest)) => {
+                        tokio::join!(proxy.serve_grpc(grpc, stopped.clone()), proxy.serve_rest(rest, stopped));
+                    }
+                    (Err(error), _) | (_, Err(error)) => {
+                        error!(message = "Cannot register a listener on a serving thread.", %error);
+                    }
+                }
+            });
+            // Idle upstream connections end with the runtime, before `done` fires.
+            drop(runtime);
+            let _ = done.send(());
+        })
+        .map(|_| ())
+        .map_err(|e| ServeError::Runtime(format!("cannot start a serving thread: {e}")))
+}
+
 /// Resolves on the first SIGTERM or SIGINT.
 fn termination_signal() -> Result<impl Future<Output = ()>, ServeError> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -87,38 +131,50 @@ pub async fn run(
     let mut registry = Registry::with_prefix("mltap");
     let (sender, receiver) = crate::capture::queue(&config.capture);
     registry.register_collector(Box::new(CaptureCollector { stats: sender.stats().clone() }));
-    let proxy = Proxy::new(&config, sender, &mut registry)?;
-    let worker = crate::worker::spawn(config.clone(), receiver, &mut registry);
+    let metrics = ProxyMetrics::register(&mut registry);
+    // Built before any thread starts so that a bad upstream stops start-up cleanly.
+    let first = Proxy::new(&config, sender.clone(), metrics.clone())?;
     let readiness =
-        proxy.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
+        first.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
+    let worker = crate::worker::spawn(config.clone(), receiver, &mut registry);
     let admin = Arc::new(AdminServer::new(registry, readiness, routes));
 
     let (stop, stopped) = watch::channel(false);
     let (grpc_addr, rest_addr, admin_addr) =
         (listeners.grpc.local_addr().ok(), listeners.rest.local_addr().ok(), listeners.admin.local_addr().ok());
-    let grpc = tokio::spawn({
-        let (proxy, stopped) = (proxy.clone(), stopped.clone());
-        async move { proxy.serve_grpc(listeners.grpc, stopped).await }
-    });
-    let rest = tokio::spawn({
-        let (proxy, stopped) = (proxy.clone(), stopped.clone());
-        async move { proxy.serve_rest(listeners.rest, stopped).await }
-    });
-    // The proxy's state (and with it the capture queue's sender) now lives only in
-    // the listener tasks, so the queue closes when they end.
-    drop(proxy);
+    let runtime_error = |e: std::io::Error| ServeError::Runtime(format!("cannot share the listeners: {e}"));
+    let grpc = listeners.grpc.into_std().map_err(runtime_error)?;
+    let rest = listeners.rest.into_std().map_err(runtime_error)?;
+    let threads = serving_threads();
+    let mut proxy = Some(first);
+    let mut finished = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let proxy = match proxy.take() {
+            Some(first) => first,
+            None => Proxy::new(&config, sender.clone(), metrics.clone())?,
+        };
+        let listeners = (grpc.try_clone().map_err(runtime_error)?, rest.try_clone().map_err(runtime_error)?);
+        let (done, done_seen) = oneshot::channel::<()>();
+        finished.push(done_seen);
+        spawn_serving_thread(index, proxy, listeners, stopped.clone(), done)?;
+    }
+    // The serving threads hold the only listener handles and the only senders of the
+    // capture queue now: the ports close and the queue ends when the threads do.
+    drop((grpc, rest, sender));
     let admin_task = tokio::spawn(admin.serve(listeners.admin, stopped));
     info!(
         message = "mltap serving.",
         grpc = ?grpc_addr, rest = ?rest_addr, admin = ?admin_addr,
         grpc_upstream = %config.grpc_upstream, rest_upstream = %config.rest_upstream,
+        threads,
     );
 
     shutdown.await;
     let _ = stop.send(true);
     let drained = tokio::time::timeout(config.shutdown_grace, async {
-        let _ = grpc.await;
-        let _ = rest.await;
+        for done in finished {
+            let _ = done.await;
+        }
         worker.finish().await;
     })
     .await;

@@ -22,7 +22,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
-use prometheus_client::registry::Registry;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -224,9 +223,12 @@ impl ProxyShared {
     }
 
     #[cfg(test)]
-    pub(crate) fn for_tests(capture: CaptureSender, registry: &mut Registry) -> Arc<ProxyShared> {
+    pub(crate) fn for_tests(
+        capture: CaptureSender,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Arc<ProxyShared> {
         let config = Config::load(&crate::config::ServeArgs::default()).expect("default config");
-        Proxy::new(&config, capture, registry).expect("default proxy").shared
+        Proxy::new(&config, capture, ProxyMetrics::register(registry)).expect("default proxy").shared
     }
 }
 
@@ -244,9 +246,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the upstream clients and registers the proxy's metrics. Fails when an
-    /// upstream URL cannot be served (e.g. `https://`), naming its key.
-    pub fn new(config: &Config, capture: CaptureSender, registry: &mut Registry) -> Result<Proxy, ConfigError> {
+    /// Builds the upstream clients. Several proxies (one per serving thread) may share
+    /// one capture queue and one set of metrics. Fails when an upstream URL cannot be
+    /// served (e.g. `https://`), naming its key.
+    pub fn new(config: &Config, capture: CaptureSender, metrics: ProxyMetrics) -> Result<Proxy, ConfigError> {
         let rest_upstream = Upstream::new("rest_upstream", &config.rest_upstream)?;
         let grpc_upstream = Upstream::new("grpc_upstream", &config.grpc_upstream)?;
         let rest_client = Client::builder(TokioExecutor::new())
@@ -266,7 +269,7 @@ impl Proxy {
         Ok(Proxy {
             shared: Arc::new(ProxyShared {
                 capture,
-                metrics: ProxyMetrics::register(registry),
+                metrics,
                 request_ids: request_id::RequestIds::default(),
                 request_id_header: config.request_id_header.clone(),
                 return_request_id: config.capture.return_request_id,
