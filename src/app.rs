@@ -19,6 +19,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
+/// mimalloc instead of glibc malloc: the proxy allocates per exchange on several
+/// threads and the worker frees captured buffers on another, which made glibc's arena
+/// locks show up as futex calls in profiles of the proxy benchmark.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Why `serve` stopped with a failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

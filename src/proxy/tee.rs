@@ -223,7 +223,7 @@ impl Tap {
 
     fn data(&mut self, data: &Bytes) {
         if self.record.capture && !data.is_empty() && self.record.reserve(data.len()) {
-            self.chunks.push(data.clone());
+            self.chunks.push(keep(data));
         }
     }
 
@@ -256,6 +256,22 @@ impl Tap {
                 observed.upstream_latency = Some(elapsed);
             }
         }
+    }
+}
+
+/// Chunks up to this size are copied rather than shared.
+const COPY_BELOW: usize = 64 << 10;
+
+/// The copy of a chunk kept for the worker. A small chunk is a slice of hyper's
+/// connection read buffer: sharing it would pin that whole buffer until the worker
+/// is done, so hyper would allocate a fresh buffer for the next read on every request
+/// (and free the old one on the worker's thread). Copying a few kilobytes is cheaper
+/// than that churn; large chunks are shared as they are.
+fn keep(data: &Bytes) -> Bytes {
+    if data.len() < COPY_BELOW {
+        Bytes::copy_from_slice(data)
+    } else {
+        data.clone()
     }
 }
 
