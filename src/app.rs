@@ -4,8 +4,10 @@
 //! Listeners are bound first, so a port in use stops start-up with a configuration
 //! error naming its key before anything else starts. On shutdown the listeners stop
 //! accepting, in-flight exchanges finish, the capture queue drains into the worker,
-//! all within `shutdown_grace`. This module owns composition only: no request
-//! handling, no payload knowledge.
+//! all within `shutdown_grace`. The proxy listeners are served by one thread per core,
+//! each with its own single-threaded runtime and upstream pools; the worker and the
+//! admin server run on the caller's runtime. This module owns composition only: no
+//! request handling, no payload knowledge.
 
 use crate::admin::capture_metrics::CaptureCollector;
 use crate::admin::{AdminRoute, AdminServer, ReadinessTarget};
