@@ -142,8 +142,8 @@ fn every_grpc_fixture_decodes_to_what_tensorflow_finds() {
     assert!(names.len() >= 12, "fixtures missing: {names:?}");
     let decoder = Decoder::default();
     for name in names {
-        let expected: Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.expected.json"))).unwrap())
-            .unwrap();
+        let expected: Value =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.expected.json"))).unwrap()).unwrap();
         let request = std::fs::read(dir.join(format!("{name}.request.pb"))).unwrap();
         let response = std::fs::read(dir.join(format!("{name}.response.pb"))).unwrap();
         let method = match (expected.get("results"), expected.get("results").and_then(|r| r[0].as_array())) {
@@ -185,8 +185,8 @@ fn every_rest_fixture_decodes_to_what_tensorflow_finds() {
     assert!(names.len() >= 10, "fixtures missing: {names:?}");
     let decoder = Decoder::default();
     for name in names {
-        let expected: Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.expected.json"))).unwrap())
-            .unwrap();
+        let expected: Value =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.expected.json"))).unwrap()).unwrap();
         let request = Bytes::from(std::fs::read(dir.join(format!("{name}.request.json"))).unwrap());
         let response = Bytes::from(std::fs::read(dir.join(format!("{name}.response.json"))).unwrap());
         let status = expected["status"].as_u64().unwrap() as u16;

@@ -123,7 +123,7 @@ fn a_single_sigmoid_column_is_a_binary_distribution_with_the_configured_threshol
     let obs = only(&decoded);
     let p = obs.probabilities.as_ref().unwrap();
     assert_eq!((p.classes, p.rows(), p.threshold), (2, 5, Some(0.7)));
-    assert_eq!(p.row(1), &[1.0 - 0.8062153458595276f32 as f64, 0.8062153458595276f32 as f64]);
+    assert_eq!(p.row(1), &[1.0 - 0.8062153458595276, 0.8062153458595276]);
     assert_eq!(p.predicted_class(1), 1);
     assert_eq!(p.predicted_class(4), 0, "0.698 is below the configured 0.7");
     assert_eq!(p.class_name(1), "churns");
@@ -144,7 +144,7 @@ fn estimator_inputs_keep_their_names_dtypes_and_the_id_feature_gives_row_ids() {
     assert_eq!(obs.row_id(4), "7");
     let p = obs.probabilities.as_ref().unwrap();
     assert_eq!((p.classes, p.rows()), (2, 5));
-    assert_eq!(p.row(0)[0], 0.505591630935669f32 as f64, "the `probabilities` output, not `logits`");
+    assert_eq!(p.row(0)[0], 0.505591630935669, "the `probabilities` output, not `logits`");
 }
 
 #[test]

@@ -42,7 +42,10 @@ fn exchange(protocol: Protocol, path: &str, request: Vec<Bytes>, response: Vec<B
 const PREDICT: &str = "/tensorflow.serving.PredictionService/Predict";
 
 fn shape(dims: &[i64]) -> Option<TensorShapeProto> {
-    Some(TensorShapeProto { dim: dims.iter().map(|d| Dim { size: *d, name: String::new() }).collect(), unknown_rank: false })
+    Some(TensorShapeProto {
+        dim: dims.iter().map(|d| Dim { size: *d, name: String::new() }).collect(),
+        unknown_rank: false,
+    })
 }
 
 fn spec(name: &str, version: Option<i64>) -> Option<ModelSpec> {
@@ -135,10 +138,10 @@ fn a_compressed_grpc_message_past_the_cap_is_too_large() {
         ..TensorProto::default()
     };
     let (request, response) = predict_pair(vec![("x", big)]);
-    let mut ex =
-        exchange(Protocol::Grpc, PREDICT, vec![compressed_frame(&gzip(&request))], vec![frame(&response)]);
+    let mut ex = exchange(Protocol::Grpc, PREDICT, vec![compressed_frame(&gzip(&request))], vec![frame(&response)]);
     ex.request_encoding = Some("gzip".into());
-    let decoder = Decoder::default().with_limits(DecodeLimits { max_decompressed_bytes: 1 << 20, ..Default::default() });
+    let decoder =
+        Decoder::default().with_limits(DecodeLimits { max_decompressed_bytes: 1 << 20, ..Default::default() });
     assert_eq!(errors_of(&decoder, &ex), [reason::TOO_LARGE]);
     ex.request_encoding = Some("snappy".into());
     assert_eq!(errors_of(&decoder, &ex), [reason::UNSUPPORTED_ENCODING]);
@@ -162,7 +165,8 @@ fn gzip_rest_bodies_are_inflated_and_bombs_stop_at_the_cap() {
     let mut bomb = vec![b' '; 8 << 20];
     bomb[..request.len()].copy_from_slice(request);
     ex.request_body = vec![Bytes::from(gzip(&bomb))];
-    let decoder = Decoder::default().with_limits(DecodeLimits { max_decompressed_bytes: 1 << 20, ..Default::default() });
+    let decoder =
+        Decoder::default().with_limits(DecodeLimits { max_decompressed_bytes: 1 << 20, ..Default::default() });
     assert_eq!(errors_of(&decoder, &ex), [reason::TOO_LARGE]);
     assert_eq!(errors_of(&Decoder::default(), &ex), Vec::<&str>::new(), "the default cap is 100 MiB");
 }
@@ -194,9 +198,17 @@ fn unsigned_and_narrow_integer_dtypes_decode_in_both_encodings() {
             }),
             TensorValues::UInt(vec![u64::MAX, 3]),
         ),
-        ("u64_typed", typed(DataType::DtUint64, &|t| t.uint64_val = vec![u64::MAX]), TensorValues::UInt(vec![u64::MAX; 2])),
+        (
+            "u64_typed",
+            typed(DataType::DtUint64, &|t| t.uint64_val = vec![u64::MAX]),
+            TensorValues::UInt(vec![u64::MAX; 2]),
+        ),
         ("i8_typed", typed(DataType::DtInt8, &|t| t.int_val = vec![-128, 127]), TensorValues::Int(vec![-128, 127])),
-        ("i16_content", typed(DataType::DtInt16, &|t| t.tensor_content = Bytes::from_static(&[0xff, 0xff, 2, 0])), TensorValues::Int(vec![-1, 2])),
+        (
+            "i16_content",
+            typed(DataType::DtInt16, &|t| t.tensor_content = Bytes::from_static(&[0xff, 0xff, 2, 0])),
+            TensorValues::Int(vec![-1, 2]),
+        ),
     ];
     for (name, proto, want) in cases {
         let (request, response) = predict_pair(vec![(name, proto)]);
@@ -228,7 +240,9 @@ fn multi_inference_gives_one_observation_per_task_over_the_same_examples() {
             InferenceTask { model_spec: spec("census", None), method_name: "tensorflow/serving/classify".into() },
             InferenceTask { model_spec: spec("census", None), method_name: "tensorflow/serving/regress".into() },
         ],
-        input: Some(Input { kind: Some(mltap::tfserving::proto::serving::input::Kind::ExampleList(ExampleList { examples })) }),
+        input: Some(Input {
+            kind: Some(mltap::tfserving::proto::serving::input::Kind::ExampleList(ExampleList { examples })),
+        }),
     };
     let class = |label: &str, score: f32| Class { label: label.into(), score };
     let response = MultiInferenceResponse {
@@ -303,9 +317,7 @@ fn examples_with_lists_of_several_values_give_indexed_features_and_missing_value
     let obs = &decoded.observations[0];
     let names: Vec<&str> = obs.features.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["v_0", "v_1"]);
-    let mltap::tfserving::FeatureValues::Numeric { values, integer: true } = &obs.features[1].values else {
-        panic!()
-    };
+    let mltap::tfserving::FeatureValues::Numeric { values, integer: true } = &obs.features[1].values else { panic!() };
     assert_eq!(values[0], 2.0);
     assert!(values[1].is_nan(), "an example without the feature is a missing value");
     let p = obs.probabilities.as_ref().unwrap();
@@ -332,7 +344,8 @@ fn an_unsupported_dtype_is_skipped_and_counted_while_other_inputs_are_observed()
 fn hostile_grpc_payloads_fail_with_their_reason() {
     let (good_request, response) = predict_pair(vec![("x", float_input())]);
     let decoder = Decoder::default();
-    let run = |request: Vec<Bytes>| errors_of(&decoder, &exchange(Protocol::Grpc, PREDICT, request, vec![frame(&response)]));
+    let run =
+        |request: Vec<Bytes>| errors_of(&decoder, &exchange(Protocol::Grpc, PREDICT, request, vec![frame(&response)]));
 
     assert_eq!(run(vec![frame(b"\xff\xff\xff\xff garbage")]), [reason::BAD_PROTOBUF]);
     assert_eq!(run(vec![frame(&good_request).slice(..20)]), [reason::TRUNCATED_FRAME]);
@@ -366,7 +379,24 @@ fn hostile_grpc_payloads_fail_with_their_reason() {
     let (request, _) = predict_pair(vec![("x", huge_broadcast)]);
     assert_eq!(run(vec![frame(&request)]), [reason::TOO_LARGE], "a broadcast cannot allocate past max_elements");
 
-    let negative = TensorProto { dtype: DataType::DtFloat as i32, tensor_shape: shape(&[-1]), ..TensorProto::default() };
+    let empty_but_wide = TensorProto {
+        dtype: DataType::DtFloat as i32,
+        tensor_shape: shape(&[0, i64::MAX, i64::MAX]),
+        ..TensorProto::default()
+    };
+    let (request, _) = predict_pair(vec![("x", empty_but_wide)]);
+    let no_rows = PredictResponse {
+        model_spec: spec("m", Some(3)),
+        outputs: HashMap::from([(
+            "probabilities".to_string(),
+            TensorProto { dtype: DataType::DtFloat as i32, tensor_shape: shape(&[0, 2]), ..TensorProto::default() },
+        )]),
+    };
+    let ex = exchange(Protocol::Grpc, PREDICT, vec![frame(&request)], vec![frame(&no_rows.encode_to_vec())]);
+    assert_eq!(errors_of(&decoder, &ex), [reason::TOO_LARGE], "zero rows of absurd width");
+
+    let negative =
+        TensorProto { dtype: DataType::DtFloat as i32, tensor_shape: shape(&[-1]), ..TensorProto::default() };
     let (request, _) = predict_pair(vec![("x", negative)]);
     assert_eq!(run(vec![frame(&request)]), [reason::BAD_SHAPE]);
 

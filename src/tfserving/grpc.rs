@@ -226,14 +226,11 @@ pub fn decode_input(
         Some(input::Kind::ExampleList(list)) => (list.examples, None),
         Some(input::Kind::ExampleListWithContext(list)) => (list.examples, list.context),
     };
-    let context_features = context
-        .and_then(|c| c.features)
-        .map(|f| example_features(f.feature, budget, errors))
-        .unwrap_or_default();
+    let context_features =
+        context.and_then(|c| c.features).map(|f| example_features(f.feature, budget, errors)).unwrap_or_default();
     let mut out = Vec::with_capacity(examples.len());
     for example in examples {
-        let mut features =
-            example.features.map(|f| example_features(f.feature, budget, errors)).unwrap_or_default();
+        let mut features = example.features.map(|f| example_features(f.feature, budget, errors)).unwrap_or_default();
         for (name, values) in &context_features {
             if features.binary_search_by(|(n, _)| n.cmp(name)).is_err() {
                 if budget.take(values.len()).is_err() {
@@ -289,17 +286,18 @@ pub fn decode_exchange(
 ) -> CallDecoded {
     let mut out = CallDecoded { method: method_of_path(&exchange.path), ..CallDecoded::default() };
     let Some(method) = out.method else {
-        out.errors.push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
+        out.errors
+            .push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
         return out;
     };
-    let request = match unary_message(&exchange.request_body, exchange.request_encoding.as_deref(), limits, &mut out.errors)
-    {
-        Ok(m) => m,
-        Err(e) => {
-            out.errors.push(e);
-            return out;
-        }
-    };
+    let request =
+        match unary_message(&exchange.request_body, exchange.request_encoding.as_deref(), limits, &mut out.errors) {
+            Ok(m) => m,
+            Err(e) => {
+                out.errors.push(e);
+                return out;
+            }
+        };
     let mut call = match decode_request(method, request, budget, &mut out.errors) {
         Ok(call) => call,
         Err(e) => {

@@ -451,9 +451,8 @@ impl<'a> Json<'a> {
         let save = self.i;
         self.begin_object()?;
         let mut first = true;
-        let is_b64 = matches!(self.next_key(&mut first), Ok(Some(ref k)) if k == "b64")
-            && self.peek() == Some(b'"')
-            && {
+        let is_b64 =
+            matches!(self.next_key(&mut first), Ok(Some(ref k)) if k == "b64") && self.peek() == Some(b'"') && {
                 let at = self.i;
                 let ok = self.string().is_ok() && self.peek() == Some(b'}');
                 self.i = at;
@@ -688,8 +687,8 @@ impl TensorBuilder {
             Acc::Bool(v) => (DType::Bool, TensorValues::Bool(v)),
             Acc::Bytes(v) => (DType::String, TensorValues::Bytes(v)),
         };
-        let expected: usize = shape.iter().product();
-        if expected != values.len() {
+        let expected = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d));
+        if expected != Some(values.len()) {
             return Err(DecodeError::new(
                 reason::RAGGED,
                 format!("{} values do not fill the inferred shape {shape:?}", values.len()),
@@ -739,7 +738,8 @@ mod tests {
 
     #[test]
     fn floats_round_like_the_standard_library() {
-        for text in ["0.2489241510629654", "0.10302313848680769", "1e-300", "123456789012345678901234", "-0.0", "5e22"] {
+        for text in ["0.2489241510629654", "0.10302313848680769", "1e-300", "123456789012345678901234", "-0.0", "5e22"]
+        {
             let t = parse(text).unwrap();
             assert_eq!(t.values.number(0).to_bits(), text.parse::<f64>().unwrap().to_bits(), "{text}");
         }

@@ -154,12 +154,7 @@ pub fn probability_candidate<'t>(outputs: &'t [NamedTensor], config: &ModelConfi
 /// Rows in the batch: the leading dimension of the probabilities, else of the
 /// first output, else of the first input of rank ≥ 1; 1 when all are scalars.
 fn batch_rows(candidate: Option<&NamedTensor>, outputs: &[NamedTensor], inputs: &[NamedTensor]) -> usize {
-    candidate
-        .into_iter()
-        .chain(outputs)
-        .chain(inputs)
-        .find_map(|t| t.tensor.shape.first().copied())
-        .unwrap_or(1)
+    candidate.into_iter().chain(outputs).chain(inputs).find_map(|t| t.tensor.shape.first().copied()).unwrap_or(1)
 }
 
 fn check_row(row: &[f64]) -> bool {
@@ -340,9 +335,7 @@ fn column(
         TensorValues::Bytes(v) => {
             FeatureValues::Categorical(indices.map(|i| v.get(i).map(|b| bytes_text(b))).collect())
         }
-        TensorValues::Bool(v) => {
-            FeatureValues::Categorical(indices.map(|i| v.get(i).map(|b| b.to_string())).collect())
-        }
+        TensorValues::Bool(v) => FeatureValues::Categorical(indices.map(|i| v.get(i).map(|b| b.to_string())).collect()),
         TensorValues::Int(v) if categorical => {
             FeatureValues::Categorical(indices.map(|i| v.get(i).map(|x| x.to_string())).collect())
         }
@@ -352,10 +345,7 @@ fn column(
         values if categorical => {
             FeatureValues::Categorical(indices.map(|i| number_text(values.number(i), false)).collect())
         }
-        values => FeatureValues::Numeric {
-            values: indices.map(|i| values.number(i)).collect(),
-            integer,
-        },
+        values => FeatureValues::Numeric { values: indices.map(|i| values.number(i)).collect(), integer },
     };
     FeatureColumn { name, values }
 }
@@ -396,7 +386,16 @@ fn tensor_features(
         };
         let (width, broadcast) = match t.shape.first() {
             None => (1, true),
-            Some(&n) if n == rows => (t.shape[1..].iter().product::<usize>(), false),
+            Some(&n) if n == rows => {
+                // A zero-row tensor may declare absurd inner dimensions.
+                match t.shape[1..].iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)) {
+                    Some(width) => (width, false),
+                    None => {
+                        errors.push(DecodeError::new(reason::TOO_LARGE, format!("input `{name}` is too wide")));
+                        continue;
+                    }
+                }
+            }
             Some(&n) => {
                 errors.push(DecodeError::new(
                     reason::BATCH_MISMATCH,

@@ -143,7 +143,8 @@ pub fn decode_request(
     json.end()?;
     let inputs = match method {
         InferenceMethod::Predict => Inputs::Tensors(
-            tensors.ok_or_else(|| DecodeError::new(reason::BAD_JSON, "request has neither `instances` nor `inputs`"))?,
+            tensors
+                .ok_or_else(|| DecodeError::new(reason::BAD_JSON, "request has neither `instances` nor `inputs`"))?,
         ),
         _ => {
             let mut examples = examples
@@ -335,7 +336,9 @@ mod tests {
         let p = parse_path("/v1/models/iris/labels/stable:classify?x=1").unwrap();
         assert_eq!((p.label.as_deref(), p.method), (Some("stable"), InferenceMethod::Classify));
         assert_eq!(parse_path("/v1/models/price:regress").unwrap().method, InferenceMethod::Regress);
-        for bad in ["/v1/models/iris", "/v1/models/iris/metadata", "/v1/models/:predict", "/v1/models/m/versions/x:predict"] {
+        for bad in
+            ["/v1/models/iris", "/v1/models/iris/metadata", "/v1/models/:predict", "/v1/models/m/versions/x:predict"]
+        {
             assert_eq!(parse_path(bad), None, "{bad}");
         }
     }

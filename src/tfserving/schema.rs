@@ -9,8 +9,8 @@
 //! key is sent at most once per attempt, and the number of keys is capped.
 
 use super::proto::serving::{
-    model_spec::VersionChoice, prediction_service_client::PredictionServiceClient, GetModelMetadataRequest,
-    ModelSpec, SignatureDefMap,
+    model_spec::VersionChoice, prediction_service_client::PredictionServiceClient, GetModelMetadataRequest, ModelSpec,
+    SignatureDefMap,
 };
 use super::tensor::DType;
 use prost::Message;
@@ -65,7 +65,8 @@ impl ModelSchema {
 
     /// From the body of REST `GET /v1/models/M/metadata`.
     pub fn from_rest_metadata(body: &[u8]) -> Result<Self, String> {
-        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("metadata is not JSON: {e}"))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("metadata is not JSON: {e}"))?;
         let defs = value
             .pointer("/metadata/signature_def/signature_def")
             .and_then(|v| v.as_object())
@@ -88,7 +89,10 @@ impl ModelSchema {
         let signatures = defs
             .iter()
             .map(|(name, def)| {
-                (name.clone(), SignatureSchema { inputs: tensors(def.get("inputs")), outputs: tensors(def.get("outputs")) })
+                (
+                    name.clone(),
+                    SignatureSchema { inputs: tensors(def.get("inputs")), outputs: tensors(def.get("outputs")) },
+                )
             })
             .collect();
         Ok(ModelSchema { signatures })
@@ -131,7 +135,13 @@ pub struct SchemaSource {
 
 impl SchemaSource {
     pub fn new(grpc_upstream: Option<http::Uri>, rest_upstream: Option<http::Uri>, timeout: Duration) -> Self {
-        SchemaSource { grpc_upstream, rest_upstream, timeout, retry_after: Duration::from_secs(60), max_entries: 10_000 }
+        SchemaSource {
+            grpc_upstream,
+            rest_upstream,
+            timeout,
+            retry_after: Duration::from_secs(60),
+            max_entries: 10_000,
+        }
     }
 }
 

@@ -327,7 +327,10 @@ fn from_content(dtype: DType, content: &[u8], count: usize) -> Result<TensorValu
         DType::UInt64 => TensorValues::UInt(chunks::<8>(content).map(u64::from_le_bytes).collect()),
         DType::Bool => TensorValues::Bool(content.iter().map(|b| *b != 0).collect()),
         DType::String => {
-            return Err(DecodeError::new(reason::BAD_TENSOR_CONTENT, "DT_STRING tensors in tensor_content are not decoded"))
+            return Err(DecodeError::new(
+                reason::BAD_TENSOR_CONTENT,
+                "DT_STRING tensors in tensor_content are not decoded",
+            ))
         }
     })
 }
