@@ -233,7 +233,7 @@ pub fn decode_input(
         let mut features = example.features.map(|f| example_features(f.feature, budget, errors)).unwrap_or_default();
         for (name, values) in &context_features {
             if features.binary_search_by(|(n, _)| n.cmp(name)).is_err() {
-                if budget.take(values.len()).is_err() {
+                if budget.take_copy(values).is_err() {
                     errors.push(DecodeError::new(reason::TOO_LARGE, "context features exceed the element budget"));
                     return out;
                 }

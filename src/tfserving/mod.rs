@@ -12,12 +12,10 @@
 //! Wiring in the worker:
 //!
 //! ```ignore
-//! let schemas = SchemaCache::spawn(SchemaSource::new(
-//!     Some(config.grpc_upstream.clone()),
-//!     Some(config.rest_upstream.clone()),
-//!     Duration::from_secs(5),
-//! )); // inside the tokio runtime
-//! let decoder = Decoder::new(config.models.clone()).with_limits(DecodeLimits::default()).with_schemas(schemas);
+//! // inside the tokio runtime (the signature fetcher is a task on it):
+//! let decoder = Decoder::new(config.models.clone())
+//!     .with_limits(DecodeLimits::default())
+//!     .with_schema_fetcher(Some(config.grpc_upstream.clone()), Some(config.rest_upstream.clone()), Duration::from_secs(5));
 //! // per exchange, on a worker thread (synchronous, never waits on the network):
 //! let decoded = decoder.decode(&exchange);
 //! for e in &decoded.errors { /* decode_errors{reason = e.reason} += 1 */ }
@@ -377,6 +375,19 @@ impl Decoder {
     pub fn with_schemas(mut self, schemas: SchemaCache) -> Self {
         self.schemas = Some(schemas);
         self
+    }
+
+    /// Names unnamed REST tensors from signatures fetched from TF Serving (gRPC
+    /// `GetModelMetadata` on `grpc_upstream`, else REST metadata on `rest_upstream`),
+    /// each attempt bounded by `timeout`. Spawns the fetcher: call it inside the
+    /// tokio runtime.
+    pub fn with_schema_fetcher(
+        self,
+        grpc_upstream: Option<http::Uri>,
+        rest_upstream: Option<http::Uri>,
+        timeout: Duration,
+    ) -> Self {
+        self.with_schemas(SchemaCache::spawn(SchemaSource::new(grpc_upstream, rest_upstream, timeout)))
     }
 
     /// The allocation bounds in use.

@@ -24,6 +24,9 @@ pub const PROBABILITY_NAMES: [&str; 5] = ["probabilities", "probs", "scores", "p
 const BOUND_TOLERANCE: f64 = 1e-6;
 const SUM_TOLERANCE: f64 = 0.01;
 
+/// MultiInference tasks observed per exchange (TF Serving users send one to three).
+pub const MAX_TASKS: usize = 16;
+
 /// What `observe` needs besides the call.
 pub struct Context<'a> {
     pub exchange: &'a Exchange,
@@ -109,8 +112,16 @@ pub fn observations(call: &Call, ctx: &Context<'_>, errors: &mut Vec<DecodeError
         }
         (Inputs::Examples(examples), Outputs::Tasks(tasks)) => {
             let (features, ids) = example_features(examples, config, ctx.limits, errors);
+            if tasks.len() > MAX_TASKS {
+                // Each task's observation copies the features.
+                errors.push(DecodeError::new(
+                    reason::TOO_LARGE,
+                    format!("{} MultiInference tasks; the first {MAX_TASKS} are observed", tasks.len()),
+                ));
+            }
             tasks
                 .iter()
+                .take(MAX_TASKS)
                 .map(|task| {
                     let config = config_of(&task.model);
                     let mut obs = base(stream(&task.model, task.version, &task.signature), task.method, examples.len());

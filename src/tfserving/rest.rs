@@ -153,7 +153,7 @@ pub fn decode_request(
                 for example in &mut examples {
                     for (name, values) in &context {
                         if example.binary_search_by(|(n, _)| n.cmp(name)).is_err() {
-                            budget.take(values.len())?;
+                            budget.take_copy(values)?;
                             example.push((name.clone(), values.clone()));
                         }
                     }

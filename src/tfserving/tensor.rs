@@ -204,6 +204,17 @@ impl Budget {
         }
     }
 
+    /// Reserves a copy of `values`: its elements, plus one element per 8 bytes of
+    /// its strings, so that repeating strings (broadcast, context features) is bounded
+    /// in bytes too.
+    pub fn take_copy(&mut self, values: &TensorValues) -> Result<(), DecodeError> {
+        let bytes = match values {
+            TensorValues::Bytes(v) => v.iter().map(|b| b.len().div_ceil(8)).fold(0usize, usize::saturating_add),
+            _ => 0,
+        };
+        self.take(values.len().saturating_add(bytes))
+    }
+
     /// Elements left.
     pub fn remaining(&self) -> usize {
         self.remaining
@@ -286,7 +297,7 @@ pub fn tensor_from_proto(proto: &TensorProto, budget: &mut Budget) -> Result<Ten
     let values = if !proto.tensor_content.is_empty() {
         from_content(dtype, &proto.tensor_content, count)?
     } else {
-        from_typed_fields(dtype, proto, count)?
+        from_typed_fields(dtype, proto, count, budget)?
     };
     Ok(Tensor { dtype, shape, values })
 }
@@ -353,7 +364,12 @@ where
     Ok(out)
 }
 
-fn from_typed_fields(dtype: DType, p: &TensorProto, count: usize) -> Result<TensorValues, DecodeError> {
+fn from_typed_fields(
+    dtype: DType,
+    p: &TensorProto,
+    count: usize,
+    budget: &mut Budget,
+) -> Result<TensorValues, DecodeError> {
     Ok(match dtype {
         DType::Float => TensorValues::Float(broadcast(&p.float_val, count, 0.0, |v| f64::from(*v))?),
         DType::Double => TensorValues::Float(broadcast(&p.double_val, count, 0.0, |v| *v)?),
@@ -371,7 +387,14 @@ fn from_typed_fields(dtype: DType, p: &TensorProto, count: usize) -> Result<Tens
         DType::UInt32 => TensorValues::UInt(broadcast(&p.uint32_val, count, 0, |v| u64::from(*v))?),
         DType::UInt64 => TensorValues::UInt(broadcast(&p.uint64_val, count, 0, |v| *v)?),
         DType::Bool => TensorValues::Bool(broadcast(&p.bool_val, count, false, |v| *v)?),
-        DType::String => TensorValues::Bytes(broadcast(&p.string_val, count, Vec::new(), |v| v.clone())?),
+        DType::String => {
+            // Repeated strings cost their bytes, not just one element each.
+            if let Some(last) = p.string_val.last() {
+                let copies = count.saturating_sub(p.string_val.len());
+                budget.take(copies.saturating_mul(last.len().div_ceil(8)))?;
+            }
+            TensorValues::Bytes(broadcast(&p.string_val, count, Vec::new(), |v| v.clone())?)
+        }
     })
 }
 
