@@ -10,7 +10,8 @@ use prost::Message;
 fuzz_target!(|data: &[u8]| {
     if let Ok(proto) = TensorProto::decode(data) {
         if let Ok(tensor) = tensor_from_proto(&proto, &mut Budget::new(1 << 16)) {
-            assert_eq!(tensor.len(), tensor.shape.iter().product::<usize>());
+            let elements = tensor.shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
+            assert_eq!(Some(tensor.len()), elements, "a decoded tensor has exactly its shape's elements");
         }
     }
 });

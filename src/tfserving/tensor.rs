@@ -245,17 +245,18 @@ pub fn bfloat16_to_f32(bits: u16) -> f32 {
 }
 
 /// Checks a shape and returns its element count, bounded by `max_elements`.
+///
+/// The product of the non-zero dimensions must stay within the bound too, so that a
+/// zero-element shape such as `[2^62, 2^62, 0]` is refused instead of overflowing
+/// whoever multiplies its dimensions later.
 pub fn element_count(shape: &[usize], max_elements: usize) -> Result<usize, DecodeError> {
-    if shape.contains(&0) {
-        return Ok(0);
-    }
-    let mut count: usize = 1;
-    for &d in shape {
-        count = count.checked_mul(d).filter(|c| *c <= max_elements).ok_or_else(|| {
+    let mut product: usize = 1;
+    for &d in shape.iter().filter(|d| **d != 0) {
+        product = product.checked_mul(d).filter(|c| *c <= max_elements).ok_or_else(|| {
             DecodeError::new(reason::TOO_LARGE, format!("shape {shape:?} exceeds the configured maximum element count"))
         })?;
     }
-    Ok(count)
+    Ok(if shape.contains(&0) { 0 } else { product })
 }
 
 fn proto_shape(proto: &TensorProto) -> Result<Vec<usize>, DecodeError> {
@@ -440,7 +441,9 @@ mod tests {
     fn an_overflowing_shape_is_too_large_not_a_panic() {
         let e = element_count(&[usize::MAX, 3], usize::MAX).unwrap_err();
         assert_eq!(e.reason, reason::TOO_LARGE);
-        assert_eq!(element_count(&[usize::MAX, 0], 10).unwrap(), 0);
+        assert_eq!(element_count(&[3, 0], 10).unwrap(), 0);
+        let e = element_count(&[usize::MAX, usize::MAX, 0], usize::MAX).unwrap_err();
+        assert_eq!(e.reason, reason::TOO_LARGE, "a zero dimension does not excuse the others");
         assert_eq!(element_count(&[], 10).unwrap(), 1);
     }
 }
