@@ -3,6 +3,24 @@
 //! probability rules of DESIGN.md with the per-model overrides, classify scores per
 //! label, regression values and per-row ids. It never fails a whole observation for
 //! one bad tensor: what cannot be used is reported and left out.
+//!
+//! Where DESIGN.md is silent, these rules hold:
+//! - Rows are the leading dimension of the probabilities output, else of the first
+//!   output, else of the first input of rank ≥ 1. A rank-0 input applies to every
+//!   row; an input with another leading dimension is skipped (`batch_mismatch`).
+//! - An unnamed REST output is named after the signature's only output, else `output`.
+//! - A single column (`[n]`/`[n,1]`) outside [0, 1] is a regression output
+//!   (`Observation::regression`), not an error, unless the config names it as the
+//!   probabilities output. A `[n,k]` output chosen by the rules that is not a
+//!   distribution is `not_probabilities`; any bad row (NaN included) voids the batch.
+//! - Classify scores: class names are the config's, else the labels of the first
+//!   result; other results are reordered to those labels. A single score per example
+//!   is the positive class of a binary model.
+//! - The id feature gives `row_ids` and is not monitored as a feature.
+//! - Strings that are not UTF-8 become `b64:<base64>` categories.
+//! - MultiInference gives one observation per task (at most `MAX_TASKS`), each with
+//!   the task's method (Classify or Regress) and model spec; `Decoded::method` says
+//!   MultiInference.
 
 use super::call::{Call, ExampleFeatures, Inputs, Outputs};
 use super::schema::SignatureSchema;
