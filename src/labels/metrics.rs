@@ -1,0 +1,175 @@
+//! Label metrics of one bucket, from its aggregate to Anodot points: overall and
+//! one-vs-rest accuracy, precision, recall and F1 (MLWatcher's names and dimensions),
+//! macro and weighted F1, log loss, Brier score, ROC AUC (binary), confusion and label
+//! counts, labeled fraction, late and unmatched label counts.
+//!
+//! A value that is undefined (no labels, no positives, a single class for AUC) is
+//! omitted, never written as 0. This module does no I/O.
+
+use super::aggregate::Aggregate;
+use super::record::StreamMeta;
+use crate::sinks::{Point, TargetType};
+
+/// Builds the points of one bucket. `arrival_mode` buckets hold labels by arrival, so
+/// their labeled fraction (labels over predictions of the same bucket) means nothing
+/// and is omitted.
+pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mode: bool) -> Vec<Point> {
+    let mut out = Vec::new();
+    let point = |what: &str, target: TargetType, value: f64, dims: &[(&str, &str)]| {
+        let mut b = Point::builder(what, target, bucket_start, value)
+            .with("model", &meta.model)
+            .with_opt("version", meta.version.map(|v| v.to_string()));
+        if !meta.signature.is_empty() {
+            b = b.with("signature", &meta.signature);
+        }
+        for (k, v) in dims {
+            b = b.with(k, v);
+        }
+        b.finish()
+    };
+    let classes = meta.class_names.len().max(agg.confusion.keys().map(|(a, p)| a.max(p) + 1).max().unwrap_or(0));
+    let name = |i: usize| meta.class_names.get(i).cloned().unwrap_or_else(|| format!("class_{i}"));
+
+    if agg.labeled > 0 {
+        let n = agg.labeled as f64;
+        let cell = |a: usize, p: usize| agg.confusion.get(&(a, p)).copied().unwrap_or(0);
+        let correct: u64 = (0..classes).map(|i| cell(i, i)).sum();
+        out.extend(point("accuracy", TargetType::Gauge, correct as f64 / n, &[]));
+
+        let mut f1s = Vec::new();
+        let mut weighted = 0.0;
+        for i in 0..classes {
+            let class = name(i);
+            let tp = cell(i, i);
+            let support: u64 = (0..classes).map(|p| cell(i, p)).sum();
+            let predicted: u64 = (0..classes).map(|a| cell(a, i)).sum();
+            let (fp, fn_) = (predicted - tp, support - tp);
+            let tn = agg.labeled - tp - fp - fn_;
+            let dims = [("class_name", class.as_str())];
+            out.extend(point("accuracy", TargetType::Gauge, (tp + tn) as f64 / n, &dims));
+            if predicted > 0 {
+                out.extend(point("precision", TargetType::Gauge, tp as f64 / predicted as f64, &dims));
+            }
+            if support > 0 {
+                out.extend(point("recall", TargetType::Gauge, tp as f64 / support as f64, &dims));
+            }
+            let f1_denominator = 2 * tp + fp + fn_;
+            if f1_denominator > 0 {
+                let f1 = 2.0 * tp as f64 / f1_denominator as f64;
+                out.extend(point("f1", TargetType::Gauge, f1, &dims));
+                f1s.push(f1);
+                weighted += f1 * support as f64;
+            }
+        }
+        if !f1s.is_empty() {
+            out.extend(point("macro_f1", TargetType::Gauge, f1s.iter().sum::<f64>() / f1s.len() as f64, &[]));
+            out.extend(point("weighted_f1", TargetType::Gauge, weighted / n, &[]));
+        }
+        out.extend(point("log_loss", TargetType::Gauge, agg.log_loss_sum / n, &[]));
+        out.extend(point("brier_score", TargetType::Gauge, agg.brier_sum / n, &[]));
+        if classes == 2 {
+            if let Some(auc) = roc_auc(agg) {
+                out.extend(point("roc_auc", TargetType::Gauge, auc, &[]));
+            }
+        }
+        for ((a, p), count) in &agg.confusion {
+            if *count > 0 {
+                let (actual, predicted) = (name(*a), name(*p));
+                let dims = [("actual_class", actual.as_str()), ("class_name", predicted.as_str())];
+                out.extend(point("confusion_count", TargetType::Counter, *count as f64, &dims));
+            }
+        }
+        for i in 0..classes {
+            let count: u64 = (0..classes).map(|p| cell(i, p)).sum();
+            let class = name(i);
+            out.extend(point("label_count", TargetType::Counter, count as f64, &[("class_name", class.as_str())]));
+        }
+    }
+    if !arrival_mode && agg.predicted_rows > 0 {
+        let fraction = agg.labeled as f64 / agg.predicted_rows as f64;
+        out.extend(point("labeled_fraction", TargetType::Gauge, fraction, &[]));
+    }
+    if agg.late > 0 {
+        out.extend(point("label_late_count", TargetType::Counter, agg.late as f64, &[]));
+    }
+    if agg.unmatched > 0 {
+        out.extend(point("label_unmatched_count", TargetType::Counter, agg.unmatched as f64, &[]));
+    }
+    out
+}
+
+/// ROC AUC of a binary bucket: exact (Mann-Whitney, ties counted half) when every
+/// labeled row's score was kept, else from the score histograms, where pairs in the
+/// same bin count half (error at most half the share of such pairs). None without
+/// both positive and negative labels.
+pub fn roc_auc(agg: &Aggregate) -> Option<f64> {
+    if agg.auc_rows.len() as u64 == agg.labeled {
+        let mut rows = agg.auc_rows.clone();
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let positives = rows.iter().filter(|(_, y)| *y).count() as f64;
+        let negatives = rows.len() as f64 - positives;
+        if positives == 0.0 || negatives == 0.0 {
+            return None;
+        }
+        let mut rank_sum = 0.0;
+        let mut i = 0;
+        while i < rows.len() {
+            let mut j = i;
+            while j + 1 < rows.len() && rows[j + 1].0 == rows[i].0 {
+                j += 1;
+            }
+            // Ranks are 1-based; tied scores share the mean of their ranks.
+            let mean_rank = (i + j) as f64 / 2.0 + 1.0;
+            rank_sum += mean_rank * rows[i..=j].iter().filter(|(_, y)| *y).count() as f64;
+            i = j + 1;
+        }
+        return Some((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives));
+    }
+    let positives: u64 = agg.hist_pos.values().sum();
+    let negatives: u64 = agg.hist_neg.values().sum();
+    if positives == 0 || negatives == 0 {
+        return None;
+    }
+    let mut below = 0.0;
+    let mut pairs = 0.0;
+    for bin in 0..super::aggregate::AUC_BINS {
+        let pos = agg.hist_pos.get(&bin).copied().unwrap_or(0) as f64;
+        let neg = agg.hist_neg.get(&bin).copied().unwrap_or(0) as f64;
+        pairs += pos * (below + neg / 2.0);
+        below += neg;
+    }
+    Some(pairs / (positives as f64 * negatives as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_auc_counts_ties_half() {
+        // Positives 0.8, 0.4; negatives 0.4, 0.2: pairs (0.8>0.4)=1, (0.8>0.2)=1,
+        // (0.4=0.4)=0.5, (0.4>0.2)=1 -> 3.5 / 4.
+        let agg = Aggregate {
+            labeled: 4,
+            auc_rows: vec![(0.8, true), (0.4, true), (0.4, false), (0.2, false)],
+            ..Aggregate::default()
+        };
+        assert_eq!(roc_auc(&agg), Some(0.875));
+    }
+
+    #[test]
+    fn histogram_auc_is_used_when_the_exact_list_is_incomplete() {
+        let mut agg = Aggregate { labeled: 3, auc_rows: vec![(0.9, true)], ..Aggregate::default() };
+        agg.hist_pos.insert(900, 1);
+        agg.hist_neg.insert(100, 1);
+        agg.hist_neg.insert(900, 1);
+        // One negative below (1) and one in the same bin (0.5) -> 1.5 / 2.
+        assert_eq!(roc_auc(&agg), Some(0.75));
+    }
+
+    #[test]
+    fn auc_is_undefined_with_one_class() {
+        let agg = Aggregate { labeled: 1, auc_rows: vec![(0.9, true)], ..Aggregate::default() };
+        assert_eq!(roc_auc(&agg), None);
+    }
+}

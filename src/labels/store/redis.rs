@@ -1,0 +1,359 @@
+//! The Redis join store, for several replicas behind one load balancer: a label
+//! posted to any replica joins a prediction recorded by any other. One Redis
+//! (`redis://host:port/db`) or a Redis Cluster (several node addresses).
+//!
+//! Layout, under a configurable prefix `P`:
+//! - `P:lp:<id>`: a pending row (binary `PendingRow`), expiring at its `expires_ms`;
+//!   taken with `GETDEL`, so of concurrent replicas exactly one joins a label.
+//! - `P:ls:<stream hex>`: a stream's metadata (JSON).
+//! - `P:lb:{<stream hex>:<start>}` (hash) and `P:la:{...}` (list): a bucket's
+//!   aggregate fields and exact AUC entries. The braces are a Redis Cluster hash tag,
+//!   so both keys share a slot and one Lua script updates (or claims) them atomically.
+//! - `P:lidx`: the due index, a sorted set of bucket keys scored by due time.
+//!
+//! A bucket is claimed by the script that sets its `claimed` field with `HSETNX` and
+//! returns its fields in the same step; updates check that field in their own script,
+//! so every label is either in the emitted aggregate or counted late, never both.
+//! Writes are batched: one pipeline per call on a single Redis, concurrent commands
+//! (pipelined per node by the client) on a cluster, where a pipeline must stay in
+//! one slot. This store never scans keys.
+
+use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats};
+use crate::labels::aggregate::{F_CLAIMED, F_PREDICTED};
+use crate::labels::record::{BucketId, StreamMeta};
+use futures_util::future::try_join_all;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script};
+use std::collections::BTreeMap;
+
+/// Adds a delta to a bucket unless it is claimed or due. KEYS: hash, AUC list.
+/// ARGV: now, due, retain_until, refuse (0/1), auc_cap, n_ints, (field, incr)...,
+/// n_floats, (field, incr)..., AUC entries... Floats are added in double precision
+/// and kept as `%.17g`, which reads back as the same double.
+const APPLY_LUA: &str = r#"
+local h = KEYS[1]
+if ARGV[4] == '1' and (redis.call('HEXISTS', h, 'claimed') == 1 or tonumber(ARGV[1]) >= tonumber(ARGV[2])) then
+  return 0
+end
+local i = 7
+local n = tonumber(ARGV[6])
+for _ = 1, n do
+  redis.call('HINCRBY', h, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+n = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, n do
+  local current = tonumber(redis.call('HGET', h, ARGV[i]) or '0')
+  redis.call('HSET', h, ARGV[i], string.format('%.17g', current + tonumber(ARGV[i + 1])))
+  i = i + 2
+end
+local room = tonumber(ARGV[5]) - redis.call('LLEN', KEYS[2])
+local last = math.min(#ARGV, i + room - 1)
+while i <= last do
+  local stop = math.min(last, i + 999)
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, stop))
+  i = stop + 1
+end
+redis.call('PEXPIREAT', h, ARGV[3])
+redis.call('PEXPIREAT', KEYS[2], ARGV[3])
+return 1
+"#;
+
+/// Claims a bucket: the one caller whose `HSETNX` wins gets its fields and AUC
+/// entries; everyone else gets nil. KEYS: hash, AUC list.
+const CLAIM_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 0 then return false end
+local fields = redis.call('HGETALL', KEYS[1])
+local auc = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+return {fields, auc}
+"#;
+
+/// Buckets claimed per `claim_due` call at most; the rest wait for the next tick.
+const CLAIM_BATCH: isize = 1000;
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// The Redis-backed store.
+pub struct RedisStore {
+    connection: Connection,
+    /// Key prefix, so deployments can share a Redis.
+    prefix: String,
+    /// Entries per bucket in the exact AUC list.
+    auc_cap: usize,
+    apply_script: Script,
+    claim_script: Script,
+}
+
+fn redis_error(e: RedisError) -> StoreError {
+    StoreError::Redis(e.to_string())
+}
+
+impl RedisStore {
+    /// Connects to one Redis (one URL) or a cluster (several node URLs).
+    pub async fn connect(nodes: &[String], prefix: &str, auc_cap: usize) -> Result<RedisStore, StoreError> {
+        let connection = match nodes {
+            [] => return Err(StoreError::Redis("no Redis address given".into())),
+            [url] => {
+                let client = redis::Client::open(url.as_str()).map_err(redis_error)?;
+                Connection::Single(ConnectionManager::new(client).await.map_err(redis_error)?)
+            }
+            many => {
+                let client = redis::cluster::ClusterClient::new(many.to_vec()).map_err(redis_error)?;
+                Connection::Cluster(client.get_async_connection().await.map_err(redis_error)?)
+            }
+        };
+        Ok(RedisStore {
+            connection,
+            prefix: prefix.to_string(),
+            auc_cap,
+            apply_script: Script::new(APPLY_LUA),
+            claim_script: Script::new(CLAIM_LUA),
+        })
+    }
+
+    fn row_key(&self, id: &str) -> String {
+        format!("{}:lp:{id}", self.prefix)
+    }
+
+    fn stream_key(&self, id: u64) -> String {
+        format!("{}:ls:{id:016x}", self.prefix)
+    }
+
+    fn bucket_keys(&self, bucket: &BucketId) -> (String, String) {
+        let tag = bucket.key();
+        (format!("{}:lb:{{{tag}}}", self.prefix), format!("{}:la:{{{tag}}}", self.prefix))
+    }
+
+    fn index_key(&self) -> String {
+        format!("{}:lidx", self.prefix)
+    }
+
+    async fn query_raw<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, RedisError> {
+        match self.connection.clone() {
+            Connection::Single(mut c) => cmd.query_async(&mut c).await,
+            Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
+        self.query_raw(cmd).await.map_err(redis_error)
+    }
+
+    /// Runs independent commands in one round trip where Redis allows it.
+    async fn query_all<T: FromRedisValue>(&self, cmds: Vec<Cmd>) -> Result<Vec<T>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.connection.clone() {
+            Connection::Single(mut c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(&mut c).await.map_err(redis_error)
+            }
+            Connection::Cluster(c) => try_join_all(cmds.into_iter().map(|cmd| {
+                let mut c = c.clone();
+                async move { cmd.query_async::<T>(&mut c).await }
+            }))
+            .await
+            .map_err(redis_error),
+        }
+    }
+
+    /// `EVALSHA`, falling back to `EVAL` (which also caches the script on that node)
+    /// when the node does not know it: on a cluster, `SCRIPT LOAD` would reach a
+    /// random node rather than the key's.
+    async fn eval<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        source: &str,
+        keys: &[&str],
+        args: &[Vec<u8>],
+    ) -> Result<T, StoreError> {
+        let build = |verb: &str, body: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(body).arg(keys.len()).arg(keys);
+            for a in args {
+                cmd.arg(a.as_slice());
+            }
+            cmd
+        };
+        match self.query_raw::<T>(build("EVALSHA", script.get_hash())).await {
+            Err(e) if e.kind() == ErrorKind::NoScriptError => self.query(build("EVAL", source)).await,
+            other => other.map_err(redis_error),
+        }
+    }
+}
+
+fn arg(value: impl ToString) -> Vec<u8> {
+    value.to_string().into_bytes()
+}
+
+impl LabelStore for RedisStore {
+    fn put_stream(&self, meta: StreamMeta) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let json = serde_json::to_string(&meta).map_err(|e| StoreError::Redis(e.to_string()))?;
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(self.stream_key(meta.id())).arg(json);
+            self.query::<()>(cmd).await
+        })
+    }
+
+    fn stream(&self, id: u64) -> StoreFuture<'_, Option<StreamMeta>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(self.stream_key(id));
+            let json: Option<String> = self.query(cmd).await?;
+            Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+        })
+    }
+
+    fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let (hash, _) = self.bucket_keys(&batch.bucket);
+            let mut cmds = Vec::with_capacity(batch.rows.len() + 3);
+            for (id, bytes, expires_ms) in &batch.rows {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(self.row_key(id)).arg(bytes.as_slice()).arg("PXAT").arg(*expires_ms);
+                cmds.push(cmd);
+            }
+            let mut count = redis::cmd("HINCRBY");
+            count.arg(&hash).arg(F_PREDICTED).arg(batch.rows.len());
+            let mut keep = redis::cmd("PEXPIREAT");
+            keep.arg(&hash).arg(batch.retain_until_ms);
+            let mut index = redis::cmd("ZADD");
+            index.arg(self.index_key()).arg("NX").arg(batch.due_ms).arg(batch.bucket.key());
+            cmds.extend([count, keep, index]);
+            self.query_all::<redis::Value>(cmds).await.map(drop)
+        })
+    }
+
+    fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>> {
+        Box::pin(async move {
+            let cmds = ids
+                .iter()
+                .map(|id| {
+                    let mut cmd = redis::cmd("GETDEL");
+                    cmd.arg(self.row_key(id));
+                    cmd
+                })
+                .collect();
+            let rows: Vec<Option<Vec<u8>>> = self.query_all(cmds).await?;
+            // Redis expires lazily to the millisecond; a row read just past its expiry
+            // is treated as expired, as the embedded store does.
+            Ok(rows
+                .into_iter()
+                .map(|row| {
+                    row.filter(|bytes| {
+                        crate::labels::record::PendingRow::decode(bytes).is_some_and(|r| r.expires_ms > now_ms)
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn restore(&self, rows: Vec<(String, Vec<u8>, i64)>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let cmds = rows
+                .iter()
+                .map(|(id, bytes, expires_ms)| {
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(self.row_key(id)).arg(bytes.as_slice()).arg("NX").arg("PXAT").arg(*expires_ms);
+                    cmd
+                })
+                .collect();
+            self.query_all::<redis::Value>(cmds).await.map(drop)
+        })
+    }
+
+    fn apply(&self, updates: Vec<BucketUpdate>, now_ms: i64) -> StoreFuture<'_, Vec<bool>> {
+        Box::pin(async move {
+            let scripts = updates.iter().map(|update| {
+                let (hash, list) = self.bucket_keys(&update.bucket);
+                let d = &update.delta;
+                let mut args = vec![
+                    arg(now_ms),
+                    arg(update.due_ms),
+                    arg(update.retain_until_ms),
+                    arg(u8::from(update.refuse_when_due)),
+                    arg(self.auc_cap),
+                    arg(d.ints.len()),
+                ];
+                for (field, n) in &d.ints {
+                    args.push(arg(field));
+                    args.push(arg(n));
+                }
+                args.push(arg(d.floats.len()));
+                for (field, x) in &d.floats {
+                    args.push(arg(field));
+                    args.push(arg(crate::labels::aggregate::format_float(*x)));
+                }
+                args.extend(d.auc.iter().map(|e| e.as_bytes().to_vec()));
+                async move {
+                    let applied: i64 = self.eval(&self.apply_script, APPLY_LUA, &[&hash, &list], &args).await?;
+                    Ok::<bool, StoreError>(applied == 1)
+                }
+            });
+            let applied = try_join_all(scripts).await?;
+            let index: Vec<Cmd> = updates
+                .iter()
+                .zip(&applied)
+                .filter(|(_, applied)| **applied)
+                .map(|(u, _)| {
+                    let mut cmd = redis::cmd("ZADD");
+                    cmd.arg(self.index_key()).arg("NX").arg(u.due_ms).arg(u.bucket.key());
+                    cmd
+                })
+                .collect();
+            self.query_all::<redis::Value>(index).await?;
+            Ok(applied)
+        })
+    }
+
+    fn claim_due(&self, now_ms: i64) -> StoreFuture<'_, Vec<ClaimedBucket>> {
+        Box::pin(async move {
+            let mut range = redis::cmd("ZRANGE");
+            range.arg(self.index_key()).arg("-inf").arg(now_ms).arg("BYSCORE").arg("LIMIT").arg(0).arg(CLAIM_BATCH);
+            let members: Vec<String> = self.query(range).await?;
+            let claims = members.iter().map(|member| async move {
+                let Some(bucket) = BucketId::parse(member) else { return Ok(None) };
+                let (hash, list) = self.bucket_keys(&bucket);
+                let claimed: Option<(Vec<String>, Vec<String>)> =
+                    self.eval(&self.claim_script, CLAIM_LUA, &[&hash, &list], &[]).await?;
+                Ok::<_, StoreError>(claimed.map(|(flat, auc)| {
+                    let mut fields = BTreeMap::new();
+                    for pair in flat.chunks_exact(2) {
+                        fields.insert(pair[0].clone(), pair[1].clone());
+                    }
+                    debug_assert!(fields.contains_key(F_CLAIMED));
+                    ClaimedBucket { bucket, fields, auc }
+                }))
+            });
+            let claimed: Vec<ClaimedBucket> = try_join_all(claims).await?.into_iter().flatten().collect();
+            if !members.is_empty() {
+                let mut remove = redis::cmd("ZREM");
+                remove.arg(self.index_key()).arg(&members);
+                self.query::<()>(remove).await?;
+            }
+            Ok(claimed)
+        })
+    }
+
+    fn maintain(&self, _now_ms: i64) -> StoreFuture<'_, ()> {
+        // Rows and aggregates carry absolute expiries; Redis drops them itself.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+}
