@@ -338,7 +338,7 @@ pub fn assert_fraud_metrics(points: &[Point]) {
     assert_eq!(value(points, "label_count", &[("class_name", "fraud")]), Some(3.0));
     assert_close(value(points, "labeled_fraction", &[]), 7.0 / 8.0, "labeled_fraction");
     for p in points {
-        assert_eq!(p.property("model").is_some(), true);
+        assert!(p.property("model").is_some());
         assert_eq!(p.property("version"), Some("3"));
         assert_eq!(p.property("signature"), Some("serving_default"));
     }
