@@ -74,7 +74,7 @@ async fn bodies_over_the_limit_get_413() {
     let mut settings = settings(&path, LabelsStoreConfig::Embedded);
     settings.labels.max_body_bytes = 64;
     let (addr, _service) = route_over(settings).await;
-    let body = format!("[{}]", vec![r#"{"id": "a", "label": 1}"#; 10].join(","));
+    let body = format!("[{}]", [r#"{"id": "a", "label": 1}"#; 10].join(","));
     let (status, answer) = post_labels(addr, &body, None).await;
     assert_eq!(status, 413);
     assert!(answer["error"].as_str().unwrap().contains("max_body_bytes"));
