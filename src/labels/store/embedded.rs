@@ -3,17 +3,19 @@
 //! it), drops rows once they expire, and holds at most `max_pending_rows` rows,
 //! evicting those closest to expiry first and counting them.
 //!
-//! redb is synchronous, so every operation runs on the blocking pool; writes commit
-//! with eventual durability and `maintain` (called with every `due` tick) commits
-//! durably, so a crash loses at most the last tick's writes, never the file.
+//! redb is synchronous, so every operation runs on the blocking pool. Writes commit
+//! without fsync (`Durability::None`: an fsync per observation would cap recording
+//! at a few hundred per second); `maintain`, called with every `due` tick, and
+//! closing the store commit durably. A crash loses at most the writes since the last
+//! tick, never the file.
 
 use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats};
-use crate::labels::aggregate::{apply_delta, F_AUC_LEN, F_CLAIMED};
+use crate::labels::aggregate::{apply_delta, BucketDelta, F_AUC_LEN, F_CLAIMED, F_PREDICTED};
 use crate::labels::record::{BucketId, PendingRow, StreamMeta};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Pending rows: id -> encoded `PendingRow`.
@@ -30,6 +32,8 @@ const DUE: TableDefinition<(i64, &str), ()> = TableDefinition::new("bucket_due")
 const AUC: TableDefinition<(&str, u64), &str> = TableDefinition::new("bucket_auc");
 /// Counters that must survive restarts: name -> value.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Buffered rows that trigger a write of the buffer.
+const FLUSH_ROWS: usize = 4096;
 /// Field of a bucket holding how long it is kept, epoch ms.
 const F_RETAIN: &str = "rt";
 
@@ -50,6 +54,12 @@ struct Inner {
     pending: AtomicU64,
     /// Evictions since the file was created.
     evictions: AtomicU64,
+    /// Recorded rows not yet written: one transaction per observation would cost
+    /// more than the observation's whole processing, so rows are written in batches,
+    /// at the latest by the next write of any kind (a label, a tick).
+    buffer: std::sync::Mutex<Vec<RecordBatch>>,
+    /// Rows in `buffer`.
+    buffered_rows: AtomicUsize,
 }
 
 impl EmbeddedStore {
@@ -67,6 +77,8 @@ impl EmbeddedStore {
             auc_cap,
             pending: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            buffer: std::sync::Mutex::new(Vec::new()),
+            buffered_rows: AtomicUsize::new(0),
         };
         // Create the tables up front so readers never meet a missing table.
         inner.write(Durability::Immediate, |txn| {
@@ -135,6 +147,15 @@ fn keep_until(fields: &mut BTreeMap<String, String>, until_ms: i64) {
     fields.insert(F_RETAIN.to_string(), current.max(until_ms).to_string());
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Makes the non-durable commits since the last tick durable on a clean stop.
+        if let Err(e) = self.write(Durability::Immediate, |_| Ok(())) {
+            tracing::warn!(message = "Label store not flushed on close.", error = %e);
+        }
+    }
+}
+
 impl Inner {
     fn write<T>(
         &self,
@@ -144,15 +165,29 @@ impl Inner {
         let fail = |DbError(detail)| StoreError::Embedded { path: self.path.display().to_string(), detail };
         let mut txn = self.db.begin_write().map_err(|e| fail(e.into()))?;
         txn.set_durability(durability);
+        self.write_records(&txn, self.drain()).map_err(fail)?;
         let out = op(&txn).map_err(fail)?;
         txn.commit().map_err(|e| fail(e.into()))?;
         Ok(out)
     }
 
-    fn record(&self, batch: RecordBatch) -> Result<(), StoreError> {
-        self.write(Durability::Eventual, |txn| {
-            let mut rows = txn.open_table(ROWS)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
+    /// Takes the buffered record batches, in arrival order.
+    fn drain(&self) -> Vec<RecordBatch> {
+        let mut buffer = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        self.buffered_rows.store(0, Ordering::Relaxed);
+        std::mem::take(&mut *buffer)
+    }
+
+    /// Writes buffered rows inside a transaction: every write transaction starts with
+    /// it, so a label always sees the predictions recorded before it was posted.
+    fn write_records(&self, txn: &WriteTransaction, batches: Vec<RecordBatch>) -> Result<(), DbError> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let mut rows = txn.open_table(ROWS)?;
+        let mut expiry = txn.open_table(EXPIRY)?;
+        let mut per_bucket: BTreeMap<BucketId, (i64, i64, i64)> = BTreeMap::new();
+        for batch in &batches {
             for (id, bytes, expires_ms) in &batch.rows {
                 let replaced =
                     rows.insert(id.as_str(), bytes.as_slice())?.and_then(|old| PendingRow::decode(old.value()));
@@ -161,36 +196,41 @@ impl Inner {
                 }
                 expiry.insert((*expires_ms, id.as_str()), ())?;
             }
-            let mut evicted = 0;
-            while rows.len()? > self.max_rows {
-                let Some((key, _)) = expiry.pop_first()? else { break };
-                let (_, id) = key.value();
-                rows.remove(id)?;
-                evicted += 1;
-            }
-            self.pending.store(rows.len()?, Ordering::Relaxed);
-            if evicted > 0 {
-                let mut meta = txn.open_table(META)?;
-                let total = self.evictions.fetch_add(evicted, Ordering::Relaxed) + evicted;
-                meta.insert("evictions", total)?;
-            }
-            let key = batch.bucket.key();
-            let mut buckets = txn.open_table(BUCKETS)?;
+            let slot = per_bucket.entry(batch.bucket).or_insert((0, batch.due_ms, batch.retain_until_ms));
+            slot.0 += batch.rows.len() as i64;
+        }
+        let mut evicted = 0;
+        while rows.len()? > self.max_rows {
+            let Some((key, _)) = expiry.pop_first()? else { break };
+            let (_, id) = key.value();
+            rows.remove(id)?;
+            evicted += 1;
+        }
+        self.pending.store(rows.len()?, Ordering::Relaxed);
+        if evicted > 0 {
+            let mut meta = txn.open_table(META)?;
+            let total = self.evictions.fetch_add(evicted, Ordering::Relaxed) + evicted;
+            meta.insert("evictions", total)?;
+        }
+        let mut buckets = txn.open_table(BUCKETS)?;
+        let mut due = txn.open_table(DUE)?;
+        for (bucket, (count, due_ms, retain_until_ms)) in per_bucket {
+            let key = bucket.key();
             let mut fields = load_fields(&buckets, &key)?;
-            let mut delta = crate::labels::aggregate::BucketDelta::default();
-            delta.add_int(crate::labels::aggregate::F_PREDICTED, batch.rows.len() as i64);
+            let mut delta = BucketDelta::default();
+            delta.add_int(F_PREDICTED, count);
             apply_delta(&mut fields, &delta, 0);
-            keep_until(&mut fields, batch.retain_until_ms);
+            keep_until(&mut fields, retain_until_ms);
             if !fields.contains_key(F_CLAIMED) {
-                txn.open_table(DUE)?.insert((batch.due_ms, key.as_str()), ())?;
+                due.insert((due_ms, key.as_str()), ())?;
             }
             save_fields(&mut buckets, &key, &fields)?;
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     fn take(&self, ids: Vec<String>, now_ms: i64) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        self.write(Durability::Eventual, |txn| {
+        self.write(Durability::None, |txn| {
             let mut rows = txn.open_table(ROWS)?;
             let mut expiry = txn.open_table(EXPIRY)?;
             let mut out = Vec::with_capacity(ids.len());
@@ -211,7 +251,7 @@ impl Inner {
     }
 
     fn restore(&self, restored: Vec<(String, Vec<u8>, i64)>) -> Result<(), StoreError> {
-        self.write(Durability::Eventual, |txn| {
+        self.write(Durability::None, |txn| {
             let mut rows = txn.open_table(ROWS)?;
             let mut expiry = txn.open_table(EXPIRY)?;
             for (id, bytes, expires_ms) in &restored {
@@ -226,7 +266,7 @@ impl Inner {
     }
 
     fn apply(&self, updates: Vec<BucketUpdate>, now_ms: i64) -> Result<Vec<bool>, StoreError> {
-        self.write(Durability::Eventual, |txn| {
+        self.write(Durability::None, |txn| {
             let mut buckets = txn.open_table(BUCKETS)?;
             let mut due = txn.open_table(DUE)?;
             let mut auc = txn.open_table(AUC)?;
@@ -332,7 +372,7 @@ impl Inner {
 impl LabelStore for EmbeddedStore {
     fn put_stream(&self, meta: StreamMeta) -> StoreFuture<'_, ()> {
         self.run(move |inner| {
-            inner.write(Durability::Eventual, |txn| {
+            inner.write(Durability::None, |txn| {
                 let json = serde_json::to_string(&meta)?;
                 txn.open_table(STREAMS)?.insert(meta.id(), json.as_str())?;
                 Ok(())
@@ -351,7 +391,12 @@ impl LabelStore for EmbeddedStore {
     }
 
     fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()> {
-        self.run(move |inner| inner.record(batch))
+        let rows = batch.rows.len();
+        self.inner.buffer.lock().unwrap_or_else(|e| e.into_inner()).push(batch);
+        if self.inner.buffered_rows.fetch_add(rows, Ordering::Relaxed) + rows < FLUSH_ROWS {
+            return Box::pin(async { Ok(()) });
+        }
+        self.run(|inner| inner.write(Durability::None, |_| Ok(())))
     }
 
     fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>> {
