@@ -43,8 +43,9 @@ pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mod
             let tp = cell(i, i);
             let support: u64 = (0..classes).map(|p| cell(i, p)).sum();
             let predicted: u64 = (0..classes).map(|a| cell(a, i)).sum();
-            let (fp, fn_) = (predicted - tp, support - tp);
-            let tn = agg.labeled - tp - fp - fn_;
+            // Saturating: a store edited by hand must not make emission panic.
+            let (fp, fn_) = (predicted.saturating_sub(tp), support.saturating_sub(tp));
+            let tn = agg.labeled.saturating_sub(tp + fp + fn_);
             let dims = [("class_name", class.as_str())];
             out.extend(point("accuracy", TargetType::Gauge, (tp + tn) as f64 / n, &dims));
             if predicted > 0 {

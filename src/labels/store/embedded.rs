@@ -30,6 +30,8 @@ const BUCKETS: TableDefinition<&str, &[u8]> = TableDefinition::new("buckets");
 const DUE: TableDefinition<(i64, &str), ()> = TableDefinition::new("bucket_due");
 /// Exact AUC entries: (bucket key, sequence) -> `score,label`.
 const AUC: TableDefinition<(&str, u64), &str> = TableDefinition::new("bucket_auc");
+/// Retention index of the buckets: (retain_until_ms, bucket key).
+const RETAIN: TableDefinition<(i64, &str), ()> = TableDefinition::new("bucket_retain");
 /// Counters that must survive restarts: name -> value.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Buffered rows that trigger a write of the buffer.
@@ -88,6 +90,7 @@ impl EmbeddedStore {
             txn.open_table(BUCKETS)?;
             txn.open_table(DUE)?;
             txn.open_table(AUC)?;
+            txn.open_table(RETAIN)?;
             let meta = txn.open_table(META)?;
             let evictions = meta.get("evictions")?.map(|v| v.value()).unwrap_or(0);
             inner.evictions.store(evictions, Ordering::Relaxed);
@@ -142,9 +145,23 @@ fn save_fields(
     Ok(())
 }
 
-fn keep_until(fields: &mut BTreeMap<String, String>, until_ms: i64) {
-    let current = fields.get(F_RETAIN).and_then(|v| v.parse::<i64>().ok()).unwrap_or(i64::MIN);
-    fields.insert(F_RETAIN.to_string(), current.max(until_ms).to_string());
+/// Keeps a bucket until `until_ms` at least, in its fields and the retention index.
+fn keep_until(
+    txn: &WriteTransaction,
+    key: &str,
+    fields: &mut BTreeMap<String, String>,
+    until_ms: i64,
+) -> Result<(), DbError> {
+    let current = fields.get(F_RETAIN).and_then(|v| v.parse::<i64>().ok());
+    if current.is_some_and(|c| c >= until_ms) {
+        return Ok(());
+    }
+    if let Some(current) = current {
+        txn.open_table(RETAIN)?.remove((current, key))?;
+    }
+    fields.insert(F_RETAIN.to_string(), until_ms.to_string());
+    txn.open_table(RETAIN)?.insert((until_ms, key), ())?;
+    Ok(())
 }
 
 impl Drop for Inner {
@@ -220,7 +237,7 @@ impl Inner {
             let mut delta = BucketDelta::default();
             delta.add_int(F_PREDICTED, count);
             apply_delta(&mut fields, &delta, 0);
-            keep_until(&mut fields, retain_until_ms);
+            keep_until(txn, &key, &mut fields, retain_until_ms)?;
             if !fields.contains_key(F_CLAIMED) {
                 due.insert((due_ms, key.as_str()), ())?;
             }
@@ -284,7 +301,7 @@ impl Inner {
                 for (i, entry) in update.delta.auc.iter().take(room).enumerate() {
                     auc.insert((key.as_str(), kept + i as u64), entry.as_str())?;
                 }
-                keep_until(&mut fields, update.retain_until_ms);
+                keep_until(txn, &key, &mut fields, update.retain_until_ms)?;
                 if !claimed {
                     due.insert((update.due_ms, key.as_str()), ())?;
                 }
@@ -349,18 +366,20 @@ impl Inner {
                 rows.remove(id.as_str())?;
             }
             self.pending.store(rows.len()?, Ordering::Relaxed);
-            let mut buckets = txn.open_table(BUCKETS)?;
+            let mut retain = txn.open_table(RETAIN)?;
             let mut stale = Vec::new();
-            for entry in buckets.iter()? {
-                let (key, value) = entry?;
-                let fields: BTreeMap<String, String> = serde_json::from_slice(value.value()).unwrap_or_default();
-                let retain = fields.get(F_RETAIN).and_then(|v| v.parse::<i64>().ok()).unwrap_or(i64::MIN);
-                if retain < now_ms {
-                    stale.push(key.value().to_string());
+            for entry in retain.iter()? {
+                let (key, _) = entry?;
+                let (until_ms, bucket) = key.value();
+                if until_ms >= now_ms {
+                    break;
                 }
+                stale.push((until_ms, bucket.to_string()));
             }
+            let mut buckets = txn.open_table(BUCKETS)?;
             let mut auc = txn.open_table(AUC)?;
-            for key in &stale {
+            for (until_ms, key) in &stale {
+                retain.remove((*until_ms, key.as_str()))?;
                 buckets.remove(key.as_str())?;
                 auc.retain_in((key.as_str(), 0u64)..=(key.as_str(), u64::MAX), |_, _| false)?;
             }
