@@ -173,4 +173,89 @@ mod tests {
         let agg = Aggregate { labeled: 1, auc_rows: vec![(0.9, true)], ..Aggregate::default() };
         assert_eq!(roc_auc(&agg), None);
     }
+
+    fn aggregate_of(rows: &[(f32, usize)], auc_cap: usize) -> Aggregate {
+        use super::super::aggregate::{apply_delta, BucketDelta};
+        use super::super::record::PendingRow;
+        let mut delta = BucketDelta::default();
+        for (score, actual) in rows {
+            let row = PendingRow {
+                stream: 1,
+                bucket_start: 0,
+                expires_ms: 0,
+                predicted: u16::from(*score > 0.5),
+                probabilities: vec![1.0 - score, *score],
+            };
+            delta.add_label(&row, *actual);
+        }
+        let mut fields = std::collections::BTreeMap::new();
+        let kept = apply_delta(&mut fields, &delta, auc_cap);
+        Aggregate::parse(
+            fields.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            delta.auc[..kept].iter().map(|s| s.as_str()),
+        )
+    }
+
+    fn brute_force_auc(rows: &[(f32, usize)]) -> Option<(f64, f64)> {
+        let (mut wins, mut pairs, mut same_bin) = (0.0, 0.0, 0.0);
+        for (p, _) in rows.iter().filter(|(_, y)| *y == 1) {
+            for (n, _) in rows.iter().filter(|(_, y)| *y == 0) {
+                pairs += 1.0;
+                wins += if p > n {
+                    1.0
+                } else if p == n {
+                    0.5
+                } else {
+                    0.0
+                };
+                let bin = |s: f32| super::super::aggregate::auc_bin(f64::from(s));
+                if bin(*p) == bin(*n) {
+                    same_bin += 1.0;
+                }
+            }
+        }
+        (pairs > 0.0).then(|| (wins / pairs, same_bin / pairs))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn auc_matches_the_pairwise_definition(
+            rows in proptest::collection::vec((0u16..=64, 0usize..2), 1..60)
+        ) {
+            let rows: Vec<(f32, usize)> = rows.into_iter().map(|(s, y)| (f32::from(s) / 64.0, y)).collect();
+            let exact = roc_auc(&aggregate_of(&rows, usize::MAX));
+            let binned = roc_auc(&aggregate_of(&rows, 0));
+            match brute_force_auc(&rows) {
+                None => proptest::prop_assert!(exact.is_none() && binned.is_none()),
+                Some((auc, same_bin_share)) => {
+                    proptest::prop_assert!((exact.unwrap() - auc).abs() < 1e-12);
+                    proptest::prop_assert!((binned.unwrap() - auc).abs() <= same_bin_share / 2.0 + 1e-12);
+                }
+            }
+        }
+
+        #[test]
+        fn accuracy_and_f1_match_their_definitions(
+            rows in proptest::collection::vec((0u16..=64, 0usize..2), 1..60)
+        ) {
+            let rows: Vec<(f32, usize)> = rows.into_iter().map(|(s, y)| (f32::from(s) / 64.0, y)).collect();
+            let meta = StreamMeta { model: "m".into(), version: None, signature: "s".into(), class_names: vec![] };
+            let points = points(&meta, 0, &aggregate_of(&rows, 0), false);
+            let get = |what: &str, class: Option<&str>| points.iter().find(|p| {
+                p.what() == what && p.property("class_name") == class
+            }).map(|p| p.value);
+            let predicted = |s: f32| usize::from(s > 0.5);
+            let correct = rows.iter().filter(|(s, y)| predicted(*s) == *y).count() as f64;
+            proptest::prop_assert!((get("accuracy", None).unwrap() - correct / rows.len() as f64).abs() < 1e-12);
+            let tp = rows.iter().filter(|(s, y)| predicted(*s) == 1 && *y == 1).count() as f64;
+            let fp = rows.iter().filter(|(s, y)| predicted(*s) == 1 && *y == 0).count() as f64;
+            let fn_ = rows.iter().filter(|(s, y)| predicted(*s) == 0 && *y == 1).count() as f64;
+            match get("f1", Some("class_1")) {
+                Some(f1) => proptest::prop_assert!((f1 - 2.0 * tp / (2.0 * tp + fp + fn_)).abs() < 1e-12),
+                None => proptest::prop_assert!(tp + fp + fn_ == 0.0),
+            }
+            proptest::prop_assert_eq!(get("precision", Some("class_1")).is_some(), tp + fp > 0.0);
+            proptest::prop_assert_eq!(get("recall", Some("class_1")).is_some(), tp + fn_ > 0.0);
+        }
+    }
 }
