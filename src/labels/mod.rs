@@ -21,7 +21,7 @@ pub mod store;
 use serde::Deserialize;
 
 pub use endpoint::LabelsRoute;
-pub use service::{DueBucket, IngestOutcome, LabelError, LabelService, LabelSettings, Rejected};
+pub use service::{DueBucket, IngestOutcome, LabelError, LabelService, LabelSettings, PreparedRecord, Rejected};
 pub use store::StoreError;
 
 /// Settings of label ingestion (`[labels]`); the store and horizon are flat keys.

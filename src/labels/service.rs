@@ -106,6 +106,13 @@ pub struct IngestOutcome {
     pub rejected: Vec<Rejected>,
 }
 
+/// The rows of one observation as the store keeps them (see `LabelService::prepare`).
+#[derive(Debug, Clone)]
+pub struct PreparedRecord {
+    meta: StreamMeta,
+    batch: RecordBatch,
+}
+
 /// The label points of one model and bucket, ready to append to that bucket's file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DueBucket {
@@ -256,14 +263,24 @@ impl LabelService {
     /// starting at `bucket_start` (epoch s). Observations without class probabilities
     /// (regression) and rows without a usable id are skipped.
     pub async fn record(&self, observation: &Observation, bucket_start: i64) -> Result<(), StoreError> {
-        let Some(probabilities) = &observation.probabilities else { return Ok(()) };
+        match self.prepare(observation, bucket_start) {
+            Some(prepared) => self.record_prepared(prepared).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The synchronous half of `record`: what the store will keep of an observation,
+    /// a few dozen bytes per row. A worker that must not wait for the store can
+    /// prepare on its loop and spawn `record_prepared` without cloning the observation.
+    pub fn prepare(&self, observation: &Observation, bucket_start: i64) -> Option<PreparedRecord> {
+        let probabilities = observation.probabilities.as_ref()?;
         let classes = probabilities.classes;
         if !(2..=MAX_CLASSES).contains(&classes) {
-            return Ok(());
+            return None;
         }
         let expires_ms = self.row_expiry_ms(bucket_start);
         if expires_ms <= epoch_ms(SystemTime::now()) {
-            return Ok(());
+            return None;
         }
         let configured = self.settings.models.get(&observation.stream.model).and_then(|m| m.class_names.as_ref());
         let names = (0..classes)
@@ -272,7 +289,7 @@ impl LabelService {
                 _ => probabilities.class_name(i),
             })
             .collect();
-        let meta = self.ensure_stream(StreamMeta::of(&observation.stream, names)).await?;
+        let meta = StreamMeta::of(&observation.stream, names);
         let stream = meta.id();
         let mut rows = Vec::with_capacity(observation.rows);
         for row in 0..observation.rows.min(probabilities.rows()) {
@@ -290,19 +307,24 @@ impl LabelService {
             rows.push((id, pending.encode(), expires_ms));
         }
         if rows.is_empty() {
-            return Ok(());
+            return None;
         }
-        let n = rows.len() as u64;
-        let bucket = BucketId { stream, start: bucket_start };
-        self.store
-            .record(RecordBatch {
-                bucket,
-                due_ms: self.due_ms(bucket_start),
-                retain_until_ms: self.retain_ms(bucket_start),
-                rows,
-            })
-            .await?;
-        self.known_models.lock().unwrap_or_else(|e| e.into_inner()).insert(observation.stream.model.clone());
+        let batch = RecordBatch {
+            bucket: BucketId { stream, start: bucket_start },
+            due_ms: self.due_ms(bucket_start),
+            retain_until_ms: self.retain_ms(bucket_start),
+            rows,
+        };
+        Some(PreparedRecord { meta, batch })
+    }
+
+    /// The asynchronous half of `record`: writes prepared rows to the store.
+    pub async fn record_prepared(&self, prepared: PreparedRecord) -> Result<(), StoreError> {
+        let model = prepared.meta.model.clone();
+        self.ensure_stream(prepared.meta).await?;
+        let n = prepared.batch.rows.len() as u64;
+        self.store.record(prepared.batch).await?;
+        self.known_models.lock().unwrap_or_else(|e| e.into_inner()).insert(model);
         self.counters.recorded.inc_by(n);
         Ok(())
     }
