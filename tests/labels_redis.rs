@@ -29,7 +29,7 @@ async fn both_due(a: &LabelService, b: &LabelService, now: SystemTime) -> Vec<Du
     all
 }
 
-async fn two_replicas_emit_each_bucket_once(store: LabelsStoreConfig) {
+async fn two_replicas_emit_each_bucket_once(store: LabelsStoreConfig, after_record: impl Fn()) {
     let start = current_bucket();
     let expected = single_instance(start).await;
     let (_dir_a, path_a) = temp_dir();
@@ -39,6 +39,7 @@ async fn two_replicas_emit_each_bucket_once(store: LabelsStoreConfig) {
     let b_labels = serve_route(Arc::new(LabelsRoute::new(b.clone()).unwrap())).await;
 
     a.record(&fraud_observation("fraud"), start).await.unwrap();
+    after_record();
     let (status, answer) = post_labels(b_labels, FRAUD_LABELS, None).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!((answer["accepted"].as_u64(), answer["unmatched"].as_u64()), (Some(7), Some(0)), "{answer}");
@@ -64,13 +65,18 @@ async fn two_replicas_emit_each_bucket_once(store: LabelsStoreConfig) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_over_one_redis_emit_the_single_instance_values_once() {
     let redis = RedisServer::start(false);
-    two_replicas_emit_each_bucket_once(LabelsStoreConfig::Redis(redis.url())).await;
+    two_replicas_emit_each_bucket_once(LabelsStoreConfig::Redis(redis.url()), || {}).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_over_a_redis_cluster_emit_the_single_instance_values_once() {
     let cluster = RedisCluster::start();
-    two_replicas_emit_each_bucket_once(LabelsStoreConfig::RedisCluster(cluster.urls())).await;
+    // The rows must really be spread over the nodes, or this would test one Redis.
+    let spread = || {
+        let used = cluster.nodes.iter().filter(|n| n.dbsize() > 0).count();
+        assert!(used >= 2, "keys on {used} of 3 nodes");
+    };
+    two_replicas_emit_each_bucket_once(LabelsStoreConfig::RedisCluster(cluster.urls()), spread).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

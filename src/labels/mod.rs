@@ -93,3 +93,32 @@ impl LabelsConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_labels_section_names_its_key() {
+        let bad = LabelsConfig { max_body_bytes: 0, ..LabelsConfig::default() };
+        assert_eq!(bad.validate().unwrap_err().0, "max_body_bytes");
+        let bad = LabelsConfig { redis_key_prefix: "a{b}".into(), ..LabelsConfig::default() };
+        assert_eq!(bad.validate().unwrap_err().0, "redis_key_prefix");
+        let bad = LabelsConfig { token_env: Some(" ".into()), ..LabelsConfig::default() };
+        assert_eq!(bad.validate().unwrap_err().0, "token_env");
+        assert!(LabelsConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn the_labels_section_is_read_from_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mltap.toml");
+        std::fs::write(&path, "[labels]\nmax_body_bytes = 0\n").unwrap();
+        let args = crate::config::ServeArgs { config: Some(path.clone()), ..Default::default() };
+        assert_eq!(crate::config::Config::load(&args).unwrap_err().key, "labels.max_body_bytes");
+        std::fs::write(&path, "[labels]\ntoken_env = \"LABELS_TOKEN\"\nattribute_to_arrival = true\n").unwrap();
+        let config = crate::config::Config::load(&args).unwrap();
+        assert!(config.labels.attribute_to_arrival);
+        assert_eq!(config.labels.max_body_bytes, 10 << 20);
+    }
+}

@@ -219,6 +219,11 @@ impl RedisServer {
         panic!("redis-server on port {} did not {what} within 5 s", self.port);
     }
 
+    /// Keys held by this server.
+    pub fn dbsize(&self) -> u64 {
+        cli(self.port, &["DBSIZE"]).and_then(|out| out.trim().parse().ok()).unwrap_or(0)
+    }
+
     /// Bytes Redis uses for data (`used_memory`).
     pub fn used_memory(&self) -> u64 {
         let info = cli(self.port, &["INFO", "memory"]).unwrap_or_default();
