@@ -142,3 +142,35 @@ async fn labels_can_be_attributed_to_the_bucket_of_their_arrival() {
     assert_close(value(&due[0].points, "accuracy", &[]), 5.0 / 7.0, "accuracy");
     assert_eq!(value(&due[0].points, "labeled_fraction", &[]), None, "meaningless by arrival");
 }
+
+#[tokio::test]
+async fn labels_join_by_the_id_feature_and_configured_class_names() {
+    let (_dir, path) = temp_dir();
+    let mut settings = settings(&path, LabelsStoreConfig::Embedded);
+    let model =
+        mltap::config::ModelConfig { class_names: Some(vec!["stay".into(), "churn".into()]), ..Default::default() };
+    settings.models.insert("churn".into(), model);
+    let service = service(settings).await;
+    let start = current_bucket();
+    let mut o = observation("churn", "req-9", &[vec![0.75, 0.25], vec![0.25, 0.75]], None);
+    o.row_ids = Some(vec!["customer-17".into(), "customer-42".into()]);
+    service.record(&o, start).await.unwrap();
+    let outcome = ingest(
+        &service,
+        r#"{"id": "customer-17", "label": "stay"}
+           {"id": "customer-42", "label": "stay"}
+           {"id": "req-9:0", "label": "stay", "model": "churn"}"#,
+        SystemTime::now(),
+    )
+    .await;
+    assert_eq!((outcome.accepted, outcome.unmatched), (2, 1), "ids come from the id feature, not the request");
+    let due = service.due(after_horizon(start)).await.unwrap();
+    let churn = due.iter().find(|d| d.model == "churn").unwrap();
+    assert_close(value(&churn.points, "accuracy", &[]), 0.5, "accuracy");
+    assert_eq!(
+        value(&churn.points, "confusion_count", &[("actual_class", "stay"), ("class_name", "churn")]),
+        Some(1.0)
+    );
+    // The unmatched label named a configured model, so it is counted under it.
+    assert_eq!(value(&churn.points, "label_unmatched_count", &[]), Some(1.0));
+}

@@ -103,3 +103,15 @@ async fn a_label_posted_to_two_replicas_at_once_joins_once() {
     assert_eq!(value(&emitted[1].points, "label_count", &[("class_name", "fraud")]), Some(3.0));
     assert_close(value(&emitted[1].points, "accuracy", &[]), 5.0 / 7.0, "accuracy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_get_503_when_redis_is_gone() {
+    let redis = RedisServer::start(false);
+    let (_dir, path) = temp_dir();
+    let replica = service(settings(&path, LabelsStoreConfig::Redis(redis.url()))).await;
+    let addr = serve_route(Arc::new(LabelsRoute::new(replica).unwrap())).await;
+    drop(redis);
+    let (status, answer) = post_labels(addr, r#"[{"id": "a", "label": 1}]"#, None).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer["error"].as_str().unwrap().starts_with("label store unavailable: redis label store"), "{answer}");
+}
