@@ -120,18 +120,24 @@ pub fn format_float(x: f64) -> String {
 /// A bucket's aggregate, parsed from its fields when it is emitted.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Aggregate {
+    /// Prediction rows recorded in the bucket (denominator of `labeled_fraction`).
     pub predicted_rows: u64,
+    /// Labels joined to the bucket (denominator of every label metric).
     pub labeled: u64,
     /// `(actual, predicted) -> count`.
     pub confusion: BTreeMap<(usize, usize), u64>,
+    /// Sum of the labeled rows' log loss (mean = sum / labeled).
     pub log_loss_sum: f64,
+    /// Sum of the labeled rows' Brier score.
     pub brier_sum: f64,
     /// Positive-class score histograms of positive and negative labels (binary).
     pub hist_pos: BTreeMap<usize, u64>,
     pub hist_neg: BTreeMap<usize, u64>,
     /// The exact `(score, positive)` list, complete only when its length is `labeled`.
     pub auc_rows: Vec<(f64, bool)>,
+    /// Late labels that arrived in this bucket.
     pub late: u64,
+    /// Unmatched labels that arrived in this bucket.
     pub unmatched: u64,
 }
 

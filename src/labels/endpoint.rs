@@ -119,9 +119,11 @@ fn entry(index: usize, value: Value) -> Result<LabelEntry, String> {
 
 /// The `/v1/labels` route, registered with the admin server.
 pub struct LabelsRoute {
+    /// Joins the labels.
     service: Arc<LabelService>,
     /// The expected `Authorization` header value (`Bearer <token>`), if any.
     expected_authorization: Option<Vec<u8>>,
+    /// `labels.max_body_bytes`.
     max_body_bytes: usize,
 }
 

@@ -47,7 +47,9 @@ pub struct LabelSettings {
     pub horizon: Duration,
     /// Where the embedded store's file lives.
     pub output_dir: PathBuf,
+    /// Which store joins labels (`--labels-store`).
     pub store: LabelsStoreConfig,
+    /// The `[labels]` section.
     pub labels: LabelsConfig,
     /// Configured models: their class names resolve labels given by name, and their
     /// names are accepted to attribute unmatched labels.
@@ -72,7 +74,9 @@ impl LabelSettings {
 pub struct LabelEntry {
     /// Position in the posted body, for the answer.
     pub index: usize,
+    /// The prediction row's id (see `Observation::row_id`).
     pub id: String,
+    /// The actual class, as posted.
     pub label: RawLabel,
     /// The model the poster says the id belongs to; only used to attribute the label
     /// when it matches nothing.
@@ -90,7 +94,9 @@ pub enum RawLabel {
 /// An entry that was not accepted, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rejected {
+    /// Position of the entry in the posted body.
     pub index: usize,
+    /// Why it was not accepted, for the poster to fix it.
     pub error: String,
 }
 
@@ -103,22 +109,27 @@ pub struct IngestOutcome {
     pub unmatched: u64,
     /// Accepted labels whose prediction bucket was already emitted or due.
     pub late: u64,
+    /// Entries not accepted, by index.
     pub rejected: Vec<Rejected>,
 }
 
 /// The rows of one observation as the store keeps them (see `LabelService::prepare`).
 #[derive(Debug, Clone)]
 pub struct PreparedRecord {
+    /// The stream's metadata, written once per process.
     meta: StreamMeta,
+    /// The rows and their bucket.
     batch: RecordBatch,
 }
 
 /// The label points of one model and bucket, ready to append to that bucket's file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DueBucket {
+    /// The model: the folder of the Anodot file the points go to.
     pub model: String,
     /// Start of the bucket the points belong to (their timestamp), epoch seconds.
     pub bucket_start: i64,
+    /// The bucket's label points, timestamped `bucket_start`.
     pub points: Vec<Point>,
 }
 
@@ -134,24 +145,34 @@ pub enum LabelError {
 /// Counters for `/metrics`, process-local.
 #[derive(Debug, Clone, Default)]
 struct Counters {
+    /// Prediction rows written to the store.
     recorded: Counter,
+    /// Labels joined (late ones included).
     accepted: Counter,
+    /// Labels matching no pending row.
     unmatched: Counter,
+    /// Labels joined after their bucket was due.
     late: Counter,
+    /// Entries rejected, by shape or by class.
     rejected: Counter,
+    /// Store evictions (embedded store).
     evictions: Counter,
+    /// Pending rows at the last tick (embedded store).
     pending: Gauge,
 }
 
 /// Joins labels to predictions and emits label metrics; share it behind an `Arc`.
 pub struct LabelService {
+    /// Where rows, aggregates and claims live.
     store: Box<dyn LabelStore>,
+    /// Widths, horizon and options, fixed at start.
     settings: LabelSettings,
     /// Stream metadata already written to the store by this process (or read from
     /// it): avoids a store write per observation and a read per label.
     streams: Mutex<HashMap<u64, Arc<StreamMeta>>>,
     /// Models whose name may attribute an unmatched label: configured or recorded.
     known_models: Mutex<HashSet<String>>,
+    /// Process-local counters for `/metrics`.
     counters: Counters,
     /// Evictions already added to the counter, to add only the difference.
     evictions_seen: Mutex<u64>,

@@ -41,10 +41,12 @@ const F_RETAIN: &str = "rt";
 
 /// The redb-backed store.
 pub struct EmbeddedStore {
+    /// Shared with the blocking tasks that run the transactions.
     inner: Arc<Inner>,
 }
 
 struct Inner {
+    /// The redb file.
     db: Database,
     /// The file, for error messages.
     path: PathBuf,

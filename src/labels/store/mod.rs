@@ -45,6 +45,7 @@ pub struct RecordBatch {
 /// What one batch of labels adds to one bucket.
 #[derive(Debug, Clone)]
 pub struct BucketUpdate {
+    /// The bucket the delta belongs to.
     pub bucket: BucketId,
     /// When the bucket is due, epoch ms: it is indexed for emission by that time.
     pub due_ms: i64,
@@ -53,12 +54,14 @@ pub struct BucketUpdate {
     /// Refuse the update when the bucket was claimed or is due by `now_ms` (labels for
     /// it are then late). Counters of arrival buckets are not checked.
     pub refuse_when_due: bool,
+    /// What the batch adds.
     pub delta: BucketDelta,
 }
 
 /// A bucket whose emission this replica won, with everything needed to emit it.
 #[derive(Debug, Clone)]
 pub struct ClaimedBucket {
+    /// The bucket won (its stream and start name the points).
     pub bucket: BucketId,
     /// The aggregate's fields (see `aggregate`).
     pub fields: BTreeMap<String, String>,

@@ -77,18 +77,23 @@ const CLAIM_BATCH: isize = 1000;
 
 #[derive(Clone)]
 enum Connection {
+    /// One Redis: reconnects by itself, pipelines concurrent requests.
     Single(ConnectionManager),
+    /// A cluster: routes each command to its slot's node.
     Cluster(ClusterConnection),
 }
 
 /// The Redis-backed store.
 pub struct RedisStore {
+    /// Shared by every call; cloning it is cheap.
     connection: Connection,
     /// Key prefix, so deployments can share a Redis.
     prefix: String,
     /// Entries per bucket in the exact AUC list.
     auc_cap: usize,
+    /// `APPLY_LUA`, for its SHA.
     apply_script: Script,
+    /// `CLAIM_LUA`, for its SHA.
     claim_script: Script,
 }
 
