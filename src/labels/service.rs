@@ -157,6 +157,8 @@ struct Counters {
     rejected: Counter,
     /// Store evictions (embedded store).
     evictions: Counter,
+    /// Recorded rows the store failed to write.
+    failed: Counter,
     /// Pending rows at the last tick (embedded store).
     pending: Gauge,
 }
@@ -174,8 +176,9 @@ pub struct LabelService {
     known_models: Mutex<HashSet<String>>,
     /// Process-local counters for `/metrics`.
     counters: Counters,
-    /// Evictions already added to the counter, to add only the difference.
-    evictions_seen: Mutex<u64>,
+    /// Store evictions and failed rows already added to the counters, to add only
+    /// the difference.
+    store_counts_seen: Mutex<(u64, u64)>,
 }
 
 fn epoch_ms(t: SystemTime) -> i64 {
@@ -203,14 +206,14 @@ impl LabelService {
             }
         };
         let known_models = settings.models.keys().cloned().collect();
-        let evictions = store.stats().evictions;
+        let stats = store.stats();
         Ok(Arc::new(LabelService {
             store,
             settings,
             streams: Mutex::new(HashMap::new()),
             known_models: Mutex::new(known_models),
             counters: Counters::default(),
-            evictions_seen: Mutex::new(evictions),
+            store_counts_seen: Mutex::new((stats.evictions, stats.failed_rows)),
         }))
     }
 
@@ -350,8 +353,16 @@ impl LabelService {
         Ok(())
     }
 
+    /// Returns once every row recorded before the call is in the store, visible to
+    /// other replicas (recording writes behind the caller's back).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+
     /// Joins labels (already checked for shape) to their predictions at time `now`.
     pub async fn ingest(&self, entries: Vec<LabelEntry>, now: SystemTime) -> Result<IngestOutcome, StoreError> {
+        // A label must see every prediction this replica recorded before it.
+        self.store.flush().await?;
         let now_ms = epoch_ms(now);
         let arrival = self.bucket_of(now_ms);
         let ids = entries.iter().map(|e| e.id.clone()).collect();
@@ -454,6 +465,7 @@ impl LabelService {
     /// drops expired rows and makes the embedded store's writes durable.
     pub async fn due(&self, now: SystemTime) -> Result<Vec<DueBucket>, StoreError> {
         let now_ms = epoch_ms(now);
+        self.store.flush().await?;
         self.store.maintain(now_ms).await?;
         let claimed = self.store.claim_due(now_ms).await?;
         let mut out: BTreeMap<(i64, String), Vec<Point>> = BTreeMap::new();
@@ -482,9 +494,10 @@ impl LabelService {
             self.counters.pending.set(pending as i64);
         }
         {
-            let mut seen = self.evictions_seen.lock().unwrap_or_else(|e| e.into_inner());
-            self.counters.evictions.inc_by(stats.evictions.saturating_sub(*seen));
-            *seen = stats.evictions.max(*seen);
+            let mut seen = self.store_counts_seen.lock().unwrap_or_else(|e| e.into_inner());
+            self.counters.evictions.inc_by(stats.evictions.saturating_sub(seen.0));
+            self.counters.failed.inc_by(stats.failed_rows.saturating_sub(seen.1));
+            *seen = (stats.evictions.max(seen.0), stats.failed_rows.max(seen.1));
         }
         Ok(out.into_iter().map(|((bucket_start, model), points)| DueBucket { model, bucket_start, points }).collect())
     }
@@ -501,6 +514,11 @@ impl LabelService {
             "mltap_label_store_evictions",
             "Pending rows evicted because the label store was full",
             c.evictions.clone(),
+        );
+        registry.register(
+            "mltap_label_rows_failed",
+            "Prediction rows the label store failed to write",
+            c.failed.clone(),
         );
         registry.register(
             "mltap_label_store_pending_rows",

@@ -420,6 +420,13 @@ impl LabelStore for EmbeddedStore {
         self.run(|inner| inner.write(Durability::None, |_| Ok(())))
     }
 
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        if self.inner.buffered_rows.load(Ordering::Relaxed) == 0 {
+            return Box::pin(async { Ok(()) });
+        }
+        self.run(|inner| inner.write(Durability::None, |_| Ok(())))
+    }
+
     fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>> {
         self.run(move |inner| inner.take(ids, now_ms))
     }
@@ -444,6 +451,7 @@ impl LabelStore for EmbeddedStore {
         StoreStats {
             pending_rows: Some(self.inner.pending.load(Ordering::Relaxed)),
             evictions: self.inner.evictions.load(Ordering::Relaxed),
+            failed_rows: 0,
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct StoreStats {
     pub pending_rows: Option<u64>,
     /// Rows evicted because the store was full, since start.
     pub evictions: u64,
+    /// Rows that could not be written (store errors), since start.
+    pub failed_rows: u64,
 }
 
 /// The join store. Every method is safe to call from several tasks (and, for Redis,
@@ -85,8 +87,11 @@ pub trait LabelStore: Send + Sync + 'static {
     fn put_stream(&self, meta: StreamMeta) -> StoreFuture<'_, ()>;
     /// A stream's metadata, if known.
     fn stream(&self, id: u64) -> StoreFuture<'_, Option<StreamMeta>>;
-    /// Stores pending rows, counts them in their bucket and indexes the bucket.
+    /// Stores pending rows, counts them in their bucket and indexes the bucket. The
+    /// write may happen after the call returns (see `flush`).
     fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()>;
+    /// Returns once every row recorded before the call is written.
+    fn flush(&self) -> StoreFuture<'_, ()>;
     /// Removes and returns the rows of these ids, atomically per id: of concurrent
     /// takers, exactly one gets a row. Expired rows come back as None.
     fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>>;

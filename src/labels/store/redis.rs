@@ -14,7 +14,10 @@
 //! A bucket is claimed by the script that sets its `claimed` field with `HSETNX` and
 //! returns its fields in the same step; updates check that field in their own script,
 //! so every label is either in the emitted aggregate or counted late, never both.
-//! Writes are batched: one pipeline per call on a single Redis, concurrent commands
+//! Recorded rows are written behind the worker's back by one task, which batches
+//! whatever queued up meanwhile; `flush` waits for them (every label batch and tick
+//! flushes first, so a replica always sees its own predictions; another replica sees
+//! them one round trip later). Writes are batched: one pipeline per call on a single Redis, concurrent commands
 //! (pipelined per node by the client) on a cluster, where a pipeline must stay in
 //! one slot. This store never scans keys.
 
@@ -26,6 +29,9 @@ use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, Notify};
 
 /// Adds a delta to a bucket unless it is claimed or due. KEYS: hash, AUC list.
 /// ARGV: now, due, retain_until, refuse (0/1), auc_cap, n_ints, (field, incr)...,
@@ -72,6 +78,10 @@ redis.call('DEL', KEYS[2])
 return {fields, auc}
 "#;
 
+/// Record batches waiting for the writer task before `record` waits for room.
+const WRITER_QUEUE: usize = 4096;
+/// Rows the writer task puts in one round trip at most.
+const WRITER_CHUNK_ROWS: usize = 4096;
 /// Buckets claimed per `claim_due` call at most; the rest wait for the next tick.
 const CLAIM_BATCH: isize = 1000;
 
@@ -83,8 +93,18 @@ enum Connection {
     Cluster(ClusterConnection),
 }
 
-/// The Redis-backed store.
+/// The Redis-backed store: a handle over the shared connection and the task that
+/// writes recorded rows behind the worker's back.
 pub struct RedisStore {
+    /// Connection, keys and scripts, shared with the writer task.
+    shared: Arc<Shared>,
+    /// Recorded rows on their way to the writer task; bounded, so a Redis that cannot
+    /// keep up slows `record` down rather than growing memory.
+    writer: mpsc::Sender<RecordBatch>,
+}
+
+/// What the store's calls and its writer task share.
+struct Shared {
     /// Shared by every call; cloning it is cheap.
     connection: Connection,
     /// Key prefix, so deployments can share a Redis.
@@ -95,6 +115,14 @@ pub struct RedisStore {
     apply_script: Script,
     /// `CLAIM_LUA`, for its SHA.
     claim_script: Script,
+    /// Record batches handed to the writer (counted before they are sent).
+    queued: AtomicU64,
+    /// Record batches the writer has finished with (written or failed).
+    written: AtomicU64,
+    /// Wakes `flush` callers when `written` moves.
+    progress: Notify,
+    /// Rows the writer could not write (Redis errors), since start.
+    failed_rows: AtomicU64,
 }
 
 fn redis_error(e: RedisError) -> StoreError {
@@ -115,15 +143,50 @@ impl RedisStore {
                 Connection::Cluster(client.get_async_connection().await.map_err(redis_error)?)
             }
         };
-        Ok(RedisStore {
+        let shared = Arc::new(Shared {
             connection,
             prefix: prefix.to_string(),
             auc_cap,
             apply_script: Script::new(APPLY_LUA),
             claim_script: Script::new(CLAIM_LUA),
-        })
+            queued: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            progress: Notify::new(),
+            failed_rows: AtomicU64::new(0),
+        });
+        let (writer, batches) = mpsc::channel(WRITER_QUEUE);
+        tokio::spawn(write_behind(shared.clone(), batches));
+        Ok(RedisStore { shared, writer })
     }
+}
 
+/// Writes recorded rows as they come, taking whatever has queued up meanwhile into
+/// the same round trip, so a busy worker gets large pipelines and an idle one gets
+/// its rows written at once. Ends when the store is dropped.
+async fn write_behind(shared: Arc<Shared>, mut batches: mpsc::Receiver<RecordBatch>) {
+    while let Some(first) = batches.recv().await {
+        let mut rows = first.rows.len();
+        let mut chunk = vec![first];
+        while rows < WRITER_CHUNK_ROWS {
+            match batches.try_recv() {
+                Ok(batch) => {
+                    rows += batch.rows.len();
+                    chunk.push(batch);
+                }
+                Err(_) => break,
+            }
+        }
+        let count = chunk.len() as u64;
+        if let Err(error) = shared.write_records(chunk).await {
+            shared.failed_rows.fetch_add(rows as u64, Ordering::Relaxed);
+            tracing::warn!(message = "Prediction rows not written to the label store.", rows, %error);
+        }
+        shared.written.fetch_add(count, Ordering::Release);
+        shared.progress.notify_waiters();
+    }
+}
+
+impl Shared {
     fn row_key(&self, id: &str) -> String {
         format!("{}:lp:{id}", self.prefix)
     }
@@ -197,35 +260,12 @@ impl RedisStore {
             other => other.map_err(redis_error),
         }
     }
-}
 
-fn arg(value: impl ToString) -> Vec<u8> {
-    value.to_string().into_bytes()
-}
-
-impl LabelStore for RedisStore {
-    fn put_stream(&self, meta: StreamMeta) -> StoreFuture<'_, ()> {
-        Box::pin(async move {
-            let json = serde_json::to_string(&meta).map_err(|e| StoreError::Redis(e.to_string()))?;
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(self.stream_key(meta.id())).arg(json);
-            self.query::<()>(cmd).await
-        })
-    }
-
-    fn stream(&self, id: u64) -> StoreFuture<'_, Option<StreamMeta>> {
-        Box::pin(async move {
-            let mut cmd = redis::cmd("GET");
-            cmd.arg(self.stream_key(id));
-            let json: Option<String> = self.query(cmd).await?;
-            Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
-        })
-    }
-
-    fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()> {
-        Box::pin(async move {
+    /// Writes record batches: rows, their buckets' counts and the due index.
+    async fn write_records(&self, batches: Vec<RecordBatch>) -> Result<(), StoreError> {
+        let mut cmds = Vec::new();
+        for batch in &batches {
             let (hash, _) = self.bucket_keys(&batch.bucket);
-            let mut cmds = Vec::with_capacity(batch.rows.len() + 3);
             for (id, bytes, expires_ms) in &batch.rows {
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(self.row_key(id)).arg(bytes.as_slice()).arg("PXAT").arg(*expires_ms);
@@ -238,21 +278,75 @@ impl LabelStore for RedisStore {
             let mut index = redis::cmd("ZADD");
             index.arg(self.index_key()).arg("NX").arg(batch.due_ms).arg(batch.bucket.key());
             cmds.extend([count, keep, index]);
-            self.query_all::<redis::Value>(cmds).await.map(drop)
+        }
+        self.query_all::<redis::Value>(cmds).await.map(drop)
+    }
+}
+
+fn arg(value: impl ToString) -> Vec<u8> {
+    value.to_string().into_bytes()
+}
+
+impl LabelStore for RedisStore {
+    fn put_stream(&self, meta: StreamMeta) -> StoreFuture<'_, ()> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            let json = serde_json::to_string(&meta).map_err(|e| StoreError::Redis(e.to_string()))?;
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(s.stream_key(meta.id())).arg(json);
+            s.query::<()>(cmd).await
+        })
+    }
+
+    fn stream(&self, id: u64) -> StoreFuture<'_, Option<StreamMeta>> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(s.stream_key(id));
+            let json: Option<String> = s.query(cmd).await?;
+            Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+        })
+    }
+
+    fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // Counted before it is sent, so `flush` never returns while it is in flight.
+            self.shared.queued.fetch_add(1, Ordering::AcqRel);
+            if self.writer.send(batch).await.is_err() {
+                self.shared.written.fetch_add(1, Ordering::Release);
+                return Err(StoreError::Redis("the label store's writer has stopped".into()));
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let target = self.shared.queued.load(Ordering::Acquire);
+            loop {
+                let progressed = self.shared.progress.notified();
+                tokio::pin!(progressed);
+                progressed.as_mut().enable();
+                if self.shared.written.load(Ordering::Acquire) >= target {
+                    return Ok(());
+                }
+                progressed.await;
+            }
         })
     }
 
     fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>> {
+        let s = &*self.shared;
         Box::pin(async move {
             let cmds = ids
                 .iter()
                 .map(|id| {
                     let mut cmd = redis::cmd("GETDEL");
-                    cmd.arg(self.row_key(id));
+                    cmd.arg(s.row_key(id));
                     cmd
                 })
                 .collect();
-            let rows: Vec<Option<Vec<u8>>> = self.query_all(cmds).await?;
+            let rows: Vec<Option<Vec<u8>>> = s.query_all(cmds).await?;
             // Redis expires lazily to the millisecond; a row read just past its expiry
             // is treated as expired, as the embedded store does.
             Ok(rows
@@ -267,30 +361,32 @@ impl LabelStore for RedisStore {
     }
 
     fn restore(&self, rows: Vec<(String, Vec<u8>, i64)>) -> StoreFuture<'_, ()> {
+        let s = &*self.shared;
         Box::pin(async move {
             let cmds = rows
                 .iter()
                 .map(|(id, bytes, expires_ms)| {
                     let mut cmd = redis::cmd("SET");
-                    cmd.arg(self.row_key(id)).arg(bytes.as_slice()).arg("NX").arg("PXAT").arg(*expires_ms);
+                    cmd.arg(s.row_key(id)).arg(bytes.as_slice()).arg("NX").arg("PXAT").arg(*expires_ms);
                     cmd
                 })
                 .collect();
-            self.query_all::<redis::Value>(cmds).await.map(drop)
+            s.query_all::<redis::Value>(cmds).await.map(drop)
         })
     }
 
     fn apply(&self, updates: Vec<BucketUpdate>, now_ms: i64) -> StoreFuture<'_, Vec<bool>> {
+        let s = &*self.shared;
         Box::pin(async move {
             let scripts = updates.iter().map(|update| {
-                let (hash, list) = self.bucket_keys(&update.bucket);
+                let (hash, list) = s.bucket_keys(&update.bucket);
                 let d = &update.delta;
                 let mut args = vec![
                     arg(now_ms),
                     arg(update.due_ms),
                     arg(update.retain_until_ms),
                     arg(u8::from(update.refuse_when_due)),
-                    arg(self.auc_cap),
+                    arg(s.auc_cap),
                     arg(d.ints.len()),
                 ];
                 for (field, n) in &d.ints {
@@ -304,7 +400,7 @@ impl LabelStore for RedisStore {
                 }
                 args.extend(d.auc.iter().map(|e| e.as_bytes().to_vec()));
                 async move {
-                    let applied: i64 = self.eval(&self.apply_script, APPLY_LUA, &[&hash, &list], &args).await?;
+                    let applied: i64 = s.eval(&s.apply_script, APPLY_LUA, &[&hash, &list], &args).await?;
                     Ok::<bool, StoreError>(applied == 1)
                 }
             });
@@ -315,25 +411,26 @@ impl LabelStore for RedisStore {
                 .filter(|(_, applied)| **applied)
                 .map(|(u, _)| {
                     let mut cmd = redis::cmd("ZADD");
-                    cmd.arg(self.index_key()).arg("NX").arg(u.due_ms).arg(u.bucket.key());
+                    cmd.arg(s.index_key()).arg("NX").arg(u.due_ms).arg(u.bucket.key());
                     cmd
                 })
                 .collect();
-            self.query_all::<redis::Value>(index).await?;
+            s.query_all::<redis::Value>(index).await?;
             Ok(applied)
         })
     }
 
     fn claim_due(&self, now_ms: i64) -> StoreFuture<'_, Vec<ClaimedBucket>> {
+        let s = &*self.shared;
         Box::pin(async move {
             let mut range = redis::cmd("ZRANGE");
-            range.arg(self.index_key()).arg("-inf").arg(now_ms).arg("BYSCORE").arg("LIMIT").arg(0).arg(CLAIM_BATCH);
-            let members: Vec<String> = self.query(range).await?;
+            range.arg(s.index_key()).arg("-inf").arg(now_ms).arg("BYSCORE").arg("LIMIT").arg(0).arg(CLAIM_BATCH);
+            let members: Vec<String> = s.query(range).await?;
             let claims = members.iter().map(|member| async move {
                 let Some(bucket) = BucketId::parse(member) else { return Ok(None) };
-                let (hash, list) = self.bucket_keys(&bucket);
+                let (hash, list) = s.bucket_keys(&bucket);
                 let claimed: Option<(Vec<String>, Vec<String>)> =
-                    self.eval(&self.claim_script, CLAIM_LUA, &[&hash, &list], &[]).await?;
+                    s.eval(&s.claim_script, CLAIM_LUA, &[&hash, &list], &[]).await?;
                 Ok::<_, StoreError>(claimed.map(|(flat, auc)| {
                     let mut fields = BTreeMap::new();
                     for pair in flat.chunks_exact(2) {
@@ -346,8 +443,8 @@ impl LabelStore for RedisStore {
             let claimed: Vec<ClaimedBucket> = try_join_all(claims).await?.into_iter().flatten().collect();
             if !members.is_empty() {
                 let mut remove = redis::cmd("ZREM");
-                remove.arg(self.index_key()).arg(&members);
-                self.query::<()>(remove).await?;
+                remove.arg(s.index_key()).arg(&members);
+                s.query::<()>(remove).await?;
             }
             Ok(claimed)
         })
@@ -359,6 +456,6 @@ impl LabelStore for RedisStore {
     }
 
     fn stats(&self) -> StoreStats {
-        StoreStats::default()
+        StoreStats { failed_rows: self.shared.failed_rows.load(Ordering::Relaxed), ..StoreStats::default() }
     }
 }
