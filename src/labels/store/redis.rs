@@ -78,6 +78,9 @@ redis.call('DEL', KEYS[2])
 return {fields, auc}
 "#;
 
+/// How long a connection attempt or a reply may take: a Redis that hangs must turn
+/// label posts into 503s, not into requests that never end.
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Record batches waiting for the writer task before `record` waits for room.
 const WRITER_QUEUE: usize = 4096;
 /// Rows the writer task puts in one round trip at most.
@@ -136,10 +139,17 @@ impl RedisStore {
             [] => return Err(StoreError::Redis("no Redis address given".into())),
             [url] => {
                 let client = redis::Client::open(url.as_str()).map_err(redis_error)?;
-                Connection::Single(ConnectionManager::new(client).await.map_err(redis_error)?)
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(REDIS_TIMEOUT)
+                    .set_response_timeout(REDIS_TIMEOUT);
+                Connection::Single(ConnectionManager::new_with_config(client, config).await.map_err(redis_error)?)
             }
             many => {
-                let client = redis::cluster::ClusterClient::new(many.to_vec()).map_err(redis_error)?;
+                let client = redis::cluster::ClusterClient::builder(many.to_vec())
+                    .connection_timeout(REDIS_TIMEOUT)
+                    .response_timeout(REDIS_TIMEOUT)
+                    .build()
+                    .map_err(redis_error)?;
                 Connection::Cluster(client.get_async_connection().await.map_err(redis_error)?)
             }
         };
