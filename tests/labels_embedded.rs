@@ -160,7 +160,7 @@ async fn labels_join_by_the_id_feature_and_configured_class_names() {
         r#"{"id": "customer-17", "label": "stay"}
            {"id": "customer-42", "label": "stay"}
            {"id": "req-9:0", "label": "stay", "model": "churn"}"#,
-        SystemTime::now(),
+        at(start, 1),
     )
     .await;
     assert_eq!((outcome.accepted, outcome.unmatched), (2, 1), "ids come from the id feature, not the request");

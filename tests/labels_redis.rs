@@ -93,7 +93,9 @@ async fn a_label_posted_to_two_replicas_at_once_joins_once() {
     a.flush().await.unwrap();
     let (to_a, _) = parse_body(FRAUD_LABELS.as_bytes()).unwrap();
     let (to_b, _) = parse_body(FRAUD_LABELS.as_bytes()).unwrap();
-    let (from_a, from_b) = tokio::join!(a.ingest(to_a, SystemTime::now()), b.ingest(to_b, SystemTime::now()));
+    // Posted within the prediction's bucket, so the unmatched count lands in it too.
+    let now = at(start, 1);
+    let (from_a, from_b) = tokio::join!(a.ingest(to_a, now), b.ingest(to_b, now));
     let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
     assert_eq!(from_a.accepted + from_b.accepted, 7);
     assert_eq!(from_a.unmatched + from_b.unmatched, 7);
