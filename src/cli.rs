@@ -21,7 +21,8 @@ pub fn run(cli: Cli) -> ExitCode {
             eprintln!("mltap serve: not wired yet ({config:?})");
             ExitCode::from(1)
         }
-        Command::Demo(_) | Command::Send(_) => {
+        Command::Send(args) => crate::send::run(&args),
+        Command::Demo(_) => {
             eprintln!("mltap: not wired yet");
             ExitCode::from(1)
         }
