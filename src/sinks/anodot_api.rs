@@ -129,6 +129,14 @@ pub fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) 
         return PostOutcome::Halt { reason: format!("Anodot token is not active: {}", described(&errors)) };
     }
     if status.is_success() {
+        // Anodot answers JSON (or nothing). Anything else means the URL reaches some
+        // other server, and counting the points as delivered would lose them.
+        let blank = body.iter().all(u8::is_ascii_whitespace);
+        if !blank && serde_json::from_slice::<Value>(body).is_err() {
+            return PostOutcome::Halt {
+                reason: format!("HTTP {status} with an answer that is not Anodot's (not JSON); check the URL"),
+            };
+        }
         return PostOutcome::Answered { rejected: errors };
     }
     let excerpt = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
@@ -494,6 +502,8 @@ mod tests {
             PostOutcome::Halt { .. }
         ));
         assert_eq!(classify(ok, br#"{"errors":[]}"#, None), PostOutcome::Answered { rejected: vec![] });
+        assert_eq!(classify(ok, b"", None), PostOutcome::Answered { rejected: vec![] });
+        assert!(matches!(classify(ok, b"<html>welcome</html>", None), PostOutcome::Halt { .. }));
         assert!(matches!(
             classify(StatusCode::BAD_REQUEST, b"nope", None),
             PostOutcome::Refused { whole_request: true, .. }

@@ -574,6 +574,13 @@ impl Engine {
             }
         }
         let wait = backoff(failures, self.settings.anodot.max_backoff, retry_after);
+        if wait >= Duration::from_secs(5) {
+            // A long outage: files keep arriving, so the backlog is measured again
+            // rather than left at its value from the start of the pass.
+            if let Ok(backlog) = self.backlog() {
+                self.update_gauges(backlog);
+            }
+        }
         warn!(message = "Anodot request failed; retrying.", reason = %reason, attempt = failures,
               wait_ms = wait.as_millis() as u64, points);
         self.totals.retries += 1;
