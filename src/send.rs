@@ -188,6 +188,7 @@ fn infer_bucket(files: &[anodot_spool::SpoolFile]) -> Duration {
 
 /// Progress on stderr: a bar redrawn in place on a terminal, a line per tenth otherwise.
 struct ProgressBar {
+    /// Redraw in place (a terminal) or print lines (a log).
     terminal: bool,
     /// Last tenth printed (not a terminal).
     last_tenth: u64,

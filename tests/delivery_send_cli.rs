@@ -102,3 +102,23 @@ fn send_without_a_token_or_a_spool_explains_itself() {
     assert!(text(&output).1.contains("no Anodot files"), "{:?}", text(&output));
     assert!(server.metric_posts().is_empty());
 }
+
+#[test]
+fn connection_failures_are_reported_without_the_token() {
+    let out = tempfile::tempdir().unwrap();
+    write_spool(out.path(), "iris", T0, &points("iris", T0, 0, 3));
+    // A port nobody listens on: every request fails to connect.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mltap"));
+    cmd.arg("send")
+        .arg(out.path())
+        .args(["--anodot-url", &format!("http://127.0.0.1:{port}"), "--give-up-after", "1s"])
+        .env("ANODOT_TOKEN", "tok-never-shown")
+        .env("MLTAP_LOG", "debug");
+    let output = cmd.output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.contains("connection failed") && stderr.contains("gave up"), "{stderr}");
+    assert!(stdout.contains("3 points not sent"), "{stdout}");
+    assert!(!stderr.contains("tok-never-shown") && !stdout.contains("tok-never-shown"), "{stderr}");
+}

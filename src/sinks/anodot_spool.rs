@@ -145,15 +145,19 @@ impl FileCursor {
 /// One journal line.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct JournalLine {
+    /// New states of files, absolute (replaying a line twice changes nothing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     set: Vec<(String, FileCursor)>,
+    /// Files deleted by retention or gone from the spool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     forget: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Snapshot {
+    /// Format version, for a later change of the layout.
     version: u32,
+    /// State per spool file key.
     files: BTreeMap<String, FileCursor>,
 }
 

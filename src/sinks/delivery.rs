@@ -267,44 +267,58 @@ fn now_epoch() -> i64 {
 /// One slice of a file in a request.
 #[derive(Debug, Clone)]
 struct Segment {
+    /// The file's cursor key.
     key: String,
-    /// Points of the file in this request: `from..to`.
+    /// Cursor position once this request is answered for (the slice ends here).
     to: usize,
-    /// Points the file held when read, and its size then.
+    /// Points the file held when read, recorded so a settled file is not read again.
     total: usize,
+    /// The file's size when listed, recorded for the same reason.
     size: u64,
-    /// Range of this segment in `Batch::points`.
+    /// Where this slice sits in `Batch::points`, to attribute refused points to files.
     range: std::ops::Range<usize>,
 }
 
 /// The points of one request and where they came from.
 #[derive(Debug, Default)]
 struct Batch {
+    /// The file slices, in spool order.
     segments: Vec<Segment>,
+    /// The points with their model (3.0 picks the schema by model).
     points: Vec<(String, Point)>,
 }
 
 /// The delivery engine over one spool and its cursor.
 pub struct Engine {
+    /// Where, how and with which secrets.
     settings: DeliverySettings,
+    /// The HTTP side.
     client: AnodotClient,
     /// The `anodot/` folder.
     root: PathBuf,
+    /// What Anodot has answered for, durably.
     cursor: Cursor,
+    /// Holds the configured points per second.
     limiter: RateLimiter,
+    /// Self-metrics, shared with the registry.
     metrics: DeliveryMetrics,
+    /// Retry forever (`serve`) or give up (`send`).
     persistence: Persistence,
     /// Stream-schema ids by (model, stream), 3.0 only.
     schemas: HashMap<(String, Stream), String>,
-    /// Files that failed to read, with the size they had: retried once they change.
+    /// Files that failed to read, with the size they had: retried once they change,
+    /// and logged once rather than at every pass.
     unreadable: HashMap<String, u64>,
-    /// Models whose points mention measures a reused 3.0 schema may lack, warned once.
+    /// Counts since the engine opened, for `send`'s summary.
     totals: Totals,
-    /// Oldest buckets with points waiting: (key, bucket start, points waiting).
+    /// Oldest buckets with points waiting: (key, bucket start, points waiting), for
+    /// the lag gauge.
     waiting: VecDeque<(String, i64, usize)>,
+    /// `send`'s progress bar.
     progress: Option<Box<dyn FnMut(Progress) + Send>>,
-    /// Points answered for in the current pass, and waiting at its start.
+    /// Points answered for in the current pass.
     pass_done: u64,
+    /// Points waiting at the start of the current pass.
     pass_pending: u64,
 }
 
@@ -902,6 +916,7 @@ async fn run(mut engine: Engine, stop: CancellationToken) {
 pub struct DeliveryHandle {
     /// Asks the task to finish: one last pass without retry waits.
     stop: CancellationToken,
+    /// The delivery task, awaited (or aborted) by `finish`.
     task: JoinHandle<()>,
 }
 
