@@ -51,6 +51,12 @@ fn open(out: &Path, s: DeliverySettings) -> Engine {
     .unwrap()
 }
 
+/// An engine as `serve` runs it: it never gives up.
+fn open_serve(out: &Path, s: DeliverySettings) -> Engine {
+    Engine::open(s, &out.join("anodot"), &out.join("delivery"), DeliveryMetrics::default(), Persistence::Forever)
+        .unwrap()
+}
+
 /// One `send`-style pass over the spool.
 fn deliver(out: &Path, s: DeliverySettings) -> (Result<PassReport, DeliveryError>, Totals) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -142,7 +148,7 @@ fn killed_mid_delivery_and_restarted_delivers_the_rest_without_duplicates() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let handle = {
         let _guard = rt.enter();
-        Delivery::spawn_engine(open(out.path(), settings(&server, fast())))
+        Delivery::spawn_engine(open_serve(out.path(), settings(&server, fast())))
     };
     assert!(wait_until(Duration::from_secs(20), || server.metric_posts().len() >= 3));
     drop(handle);
@@ -153,7 +159,7 @@ fn killed_mid_delivery_and_restarted_delivers_the_rest_without_duplicates() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let handle = {
         let _guard = rt.enter();
-        Delivery::spawn_engine(open(out.path(), settings(&server, fast())))
+        Delivery::spawn_engine(open_serve(out.path(), settings(&server, fast())))
     };
     assert!(wait_until(Duration::from_secs(20), || server.accepted_points().len() >= 5000));
     rt.block_on(handle.finish(Duration::from_secs(5)));
@@ -406,4 +412,41 @@ fn the_bearer_token_is_refreshed_before_it_expires() {
         assert_ne!(next, short, "an expiring token is replaced");
     });
     assert_eq!(server.tokens_issued(), 3);
+}
+
+#[test]
+fn finishing_delivers_the_files_written_at_shutdown() {
+    let server = FakeAnodot::start();
+    let out = tempfile::tempdir().unwrap();
+    let anodot = AnodotConfig { scan_interval: Duration::from_secs(3600), ..fast() };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let handle = {
+        let _guard = rt.enter();
+        Delivery::spawn_engine(open_serve(out.path(), settings(&server, anodot)))
+    };
+    // The first scan found an empty spool; the next is an hour away.
+    std::thread::sleep(Duration::from_millis(200));
+    write_spool(out.path(), "iris", T0, &points("iris", T0, 0, 25));
+    rt.block_on(handle.finish(Duration::from_secs(10)));
+    assert_exactly_once(&server, 25);
+}
+
+#[test]
+fn serve_keeps_the_spool_through_a_refused_token_and_delivers_once_accepted() {
+    let server = FakeAnodot::start();
+    let out = tempfile::tempdir().unwrap();
+    write_spool(out.path(), "iris", T0, &points("iris", T0, 0, 7));
+    server.script([
+        Reply::Status(401),
+        Reply::Json(200, json!({"errors": [{"error": 2001, "description": "Token is not active"}]})),
+    ]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let handle = {
+        let _guard = rt.enter();
+        Delivery::spawn_engine(open_serve(out.path(), settings(&server, fast())))
+    };
+    assert!(wait_until(Duration::from_secs(20), || server.accepted_points().len() >= 7));
+    rt.block_on(handle.finish(Duration::from_secs(5)));
+    assert_eq!(server.metric_posts().len(), 3);
+    assert_exactly_once(&server, 7);
 }
