@@ -122,3 +122,24 @@ fn connection_failures_are_reported_without_the_token() {
     assert!(stdout.contains("3 points not sent"), "{stdout}");
     assert!(!stderr.contains("tok-never-shown") && !stdout.contains("tok-never-shown"), "{stderr}");
 }
+
+#[test]
+fn send_refuses_a_spool_another_live_process_is_delivering() {
+    let server = FakeAnodot::start();
+    let out = tempfile::tempdir().unwrap();
+    write_spool(out.path(), "iris", T0, &points("iris", T0, 0, 3));
+    // A live process (this test) holds the cursor lock, as a running `serve` would.
+    std::fs::create_dir_all(out.path().join("delivery")).unwrap();
+    std::fs::write(out.path().join("delivery/lock"), std::process::id().to_string()).unwrap();
+    let output = send(out.path(), &server.url(), Some("tok"));
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.contains(&format!("another mltap process (pid {})", std::process::id())), "{stderr}");
+    assert!(server.metric_posts().is_empty());
+
+    // A lock left by a process that is gone is taken over.
+    std::fs::write(out.path().join("delivery/lock"), "4000000000").unwrap();
+    let output = send(out.path(), &server.url(), Some("tok"));
+    assert!(output.status.success(), "{:?}", text(&output));
+    assert!(!out.path().join("delivery/lock").exists(), "the lock goes with the process");
+}

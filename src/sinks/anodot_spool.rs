@@ -172,6 +172,8 @@ pub struct Cursor {
     journal: File,
     /// Lines in the journal, to know when to compact.
     journal_lines: usize,
+    /// Keeps a second process (or a second engine) off this cursor while it is open.
+    _lock: CursorLock,
 }
 
 impl Cursor {
@@ -179,6 +181,7 @@ impl Cursor {
     /// (crash while appending) is ignored.
     pub fn open(dir: &Path) -> io::Result<Cursor> {
         fs::create_dir_all(dir)?;
+        let lock = CursorLock::acquire(dir)?;
         let snapshot_path = dir.join("cursor.json");
         let mut files = match fs::read(&snapshot_path) {
             Ok(bytes) => {
@@ -200,7 +203,7 @@ impl Cursor {
             }
         }
         let journal = OpenOptions::new().create(true).append(true).open(&journal_path)?;
-        let mut cursor = Cursor { dir: dir.to_path_buf(), files, journal, journal_lines: 0 };
+        let mut cursor = Cursor { dir: dir.to_path_buf(), files, journal, journal_lines: 0, _lock: lock };
         cursor.compact()?;
         Ok(cursor)
     }
@@ -254,6 +257,62 @@ impl Cursor {
         self.journal = OpenOptions::new().append(true).open(&journal_path)?;
         self.journal_lines = 0;
         Ok(())
+    }
+}
+
+/// Cursor directories held by this process.
+static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// `DIR/lock`, holding the pid of the process delivering from the cursor. Two writers
+/// would interleave journal lines, so a second one is refused with a clear error. A
+/// lock left by a process that is gone (a crash) is taken over; so is one with this
+/// process's own pid, as after a container restart where mltap is pid 1 again.
+#[derive(Debug)]
+struct CursorLock {
+    /// The lock file.
+    path: PathBuf,
+    /// The cursor directory, as recorded in `HELD`.
+    dir: PathBuf,
+}
+
+impl CursorLock {
+    fn acquire(dir: &Path) -> io::Result<CursorLock> {
+        let dir = fs::canonicalize(dir)?;
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        if held.contains(&dir) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("the delivery cursor in {} is already open in this process", dir.display()),
+            ));
+        }
+        let path = dir.join("lock");
+        let ours = std::process::id();
+        if let Ok(text) = fs::read_to_string(&path) {
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                if pid != ours && Path::new(&format!("/proc/{pid}")).exists() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        format!(
+                            "another mltap process (pid {pid}) is delivering with the cursor in {}; \
+                             stop it first (or remove {} if that pid is not mltap)",
+                            dir.display(),
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        write_atomically(&path, ours.to_string().as_bytes())?;
+        held.push(dir.clone());
+        Ok(CursorLock { path, dir })
+    }
+}
+
+impl Drop for CursorLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|d| *d != self.dir);
     }
 }
 
@@ -312,16 +371,26 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_is_open_once_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Cursor::open(dir.path()).unwrap();
+        let e = Cursor::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("already open"), "{e}");
+        drop(first);
+        Cursor::open(dir.path()).unwrap();
+    }
+
+    #[test]
     fn compaction_keeps_every_state() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cursor::open(dir.path()).unwrap();
-        for i in 0..(COMPACT_AFTER_LINES * 2 + 3) {
+        for i in 0..(COMPACT_AFTER_LINES + 3) {
             c.commit(&[(format!("m/{i}"), FileCursor { acked: i, ..Default::default() })]).unwrap();
         }
         c.forget(&["m/0".to_string()]).unwrap();
         drop(c);
         let c = Cursor::open(dir.path()).unwrap();
-        assert_eq!(c.files().len(), COMPACT_AFTER_LINES * 2 + 2);
+        assert_eq!(c.files().len(), COMPACT_AFTER_LINES + 2);
         assert_eq!(c.get("m/7").acked, 7);
     }
 }
