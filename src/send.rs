@@ -6,8 +6,7 @@
 //! `serve` keeps in `DIR/delivery/`), or an `anodot/` folder itself (cursor in
 //! `../delivery/`), or any folder of `MODEL/YYYYMMDDTHHMMSSZ.json` files (cursor in
 //! `DIR/.mltap-send/`). A second run sends only what the first did not get answered.
-//! It must not run on a folder that a running `serve` delivers from: both would
-//! append to the same cursor.
+//! A folder that a running `serve` delivers from is refused (the cursor's lock).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
