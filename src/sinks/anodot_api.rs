@@ -325,7 +325,7 @@ impl AnodotClient {
         let status = response.status();
         let retry_after = retry_after(response.headers());
         match response.bytes().await {
-            Ok(body) => classify(status, &body, retry_after),
+            Ok(body) => classify(status, &scrub(&body, self.token.expose()), retry_after),
             Err(e) => PostOutcome::Retry { reason: transport_error(e), retry_after },
         }
     }
@@ -468,6 +468,27 @@ fn transport_error(error: reqwest::Error) -> String {
     message
 }
 
+/// An answer with every occurrence of the token replaced: parts of answers end up in
+/// logs, and a server (or a proxy's error page) may echo the request URL.
+fn scrub(body: &[u8], token: &str) -> Vec<u8> {
+    let needle = token.as_bytes();
+    if needle.is_empty() || body.len() < needle.len() {
+        return body.to_vec();
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        if body[i..].starts_with(needle) {
+            out.extend_from_slice(b"<redacted>");
+            i += needle.len();
+        } else {
+            out.push(body[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
@@ -532,6 +553,15 @@ mod tests {
         .unwrap();
         let shown = format!("{client:?}");
         assert!(!shown.contains("tok-123") && !shown.contains("key-456"), "{shown}");
+    }
+
+    #[test]
+    fn answers_echoing_the_token_are_scrubbed_before_anything_logs_them() {
+        let body = br#"Bad request: /api/v1/metrics?token=tok-9&protocol=anodot20"#;
+        let outcome = classify(StatusCode::BAD_REQUEST, &scrub(body, "tok-9"), None);
+        let PostOutcome::Refused { rejected, .. } = outcome else { panic!("{outcome:?}") };
+        assert!(rejected[0].description.contains("token=<redacted>&"), "{}", rejected[0].description);
+        assert!(!rejected[0].description.contains("tok-9"));
     }
 
     #[test]
