@@ -40,7 +40,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Demo(_) | Command::Send(_) => {
+        Command::Send(args) => crate::send::run(&args),
+        Command::Demo(_) => {
             eprintln!("mltap: not wired yet");
             ExitCode::from(EXIT_RUNTIME)
         }
