@@ -27,5 +27,9 @@ pub trait AdminRoute: Send + Sync + 'static {
     fn call(&self, request: AdminRequest) -> AdminFuture;
 }
 
+pub mod capture_metrics;
 pub mod dashboard;
 pub mod history;
+pub mod server;
+
+pub use server::{AdminServer, ReadinessTarget};
