@@ -11,7 +11,9 @@ fn demo(args: &[&str]) -> std::process::Output {
 
 fn json_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect())
+        .map(|entries| {
+            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect()
+        })
         .unwrap_or_default();
     files.sort();
     files
@@ -33,7 +35,7 @@ fn demo_for_ten_seconds_sends_traffic_through_mltap_prints_where_things_are_and_
     assert!(stdout.contains("Summary:"), "{stdout}");
 
     // The last progress line counts requests through mltap, over both protocols, none failed.
-    let last = stdout.lines().filter(|l| l.contains("requests ") && l.contains("gRPC")).last().unwrap();
+    let last = stdout.lines().rfind(|l| l.contains("requests ") && l.contains("gRPC")).unwrap();
     let number_after = |key: &str| -> u64 {
         let rest = &last[last.find(key).unwrap_or_else(|| panic!("{key} in {last}")) + key.len()..];
         rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()

@@ -106,7 +106,8 @@ pub async fn run(
     let mut sequence = 0u64;
     let mut open = true;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut warned_missing = false;
+    // Each kind of delivery problem is logged once; the counters carry the rest.
+    let mut warned = Warned::default();
     loop {
         tokio::select! {
             _ = abort.cancelled() => break,
@@ -140,7 +141,7 @@ pub async fn run(
                     }
                 }
                 if !due.is_empty() {
-                    post(&client, &url, due, &stats, &mut warned_missing).await;
+                    post(&client, &url, due, &stats, &mut warned).await;
                 }
                 if !open && held.is_empty() {
                     break;
@@ -150,22 +151,31 @@ pub async fn run(
     }
 }
 
-async fn post(client: &reqwest::Client, url: &str, labels: Vec<Value>, stats: &LabelStats, warned_missing: &mut bool) {
+/// Which delivery problems have been logged already.
+#[derive(Debug, Default)]
+struct Warned {
+    missing: bool,
+    unreachable: bool,
+    refused: bool,
+}
+
+async fn post(client: &reqwest::Client, url: &str, labels: Vec<Value>, stats: &LabelStats, warned: &mut Warned) {
     let count = labels.len() as u64;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let response = match client.post(url).json(&Value::Array(labels)).send().await {
         Ok(response) => response,
         Err(error) => {
             stats.failed.fetch_add(count, Ordering::Relaxed);
-            tracing::warn!(message = "Demo labels: POST failed.", %error, url);
+            if !std::mem::replace(&mut warned.unreachable, true) {
+                tracing::warn!(message = "Demo labels: POST failed; labels are dropped.", %error, url);
+            }
             return;
         }
     };
     let status = response.status();
     if status == reqwest::StatusCode::NOT_FOUND {
         stats.endpoint_missing.fetch_add(count, Ordering::Relaxed);
-        if !*warned_missing {
-            *warned_missing = true;
+        if !std::mem::replace(&mut warned.missing, true) {
             tracing::info!(
                 message = "Demo labels: the label endpoint is not available (404); labels are dropped.",
                 url
@@ -176,7 +186,9 @@ async fn post(client: &reqwest::Client, url: &str, labels: Vec<Value>, stats: &L
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
         stats.failed.fetch_add(count, Ordering::Relaxed);
-        tracing::warn!(message = "Demo labels: the label endpoint refused a batch.", %status, %body);
+        if !std::mem::replace(&mut warned.refused, true) {
+            tracing::warn!(message = "Demo labels: the label endpoint refused a batch.", %status, %body);
+        }
         return;
     }
     stats.posted.fetch_add(count, Ordering::Relaxed);

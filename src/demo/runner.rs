@@ -124,22 +124,20 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     let (label_sender, label_receiver) = mpsc::unbounded_channel();
     let traffic_stop = CancellationToken::new();
     let labels_abort = CancellationToken::new();
-    let targets = Targets {
-        grpc: format!("http://{}", mltap.addresses.grpc),
-        rest: format!("http://{}", mltap.addresses.rest),
-    };
+    let targets =
+        Targets { grpc: format!("http://{}", mltap.addresses.grpc), rest: format!("http://{}", mltap.addresses.rest) };
     let plan = TrafficPlan { requests_per_second: DEMO_REQUESTS_PER_SECOND, drift_at, seed: seed() };
-    let traffic_task = tokio::spawn(traffic::run(
-        targets,
-        plan,
-        traffic_stats.clone(),
-        Some(label_sender),
-        traffic_stop.clone(),
-    ));
+    let traffic_task =
+        tokio::spawn(traffic::run(targets, plan, traffic_stats.clone(), Some(label_sender), traffic_stop.clone()));
     let policy = LabelPolicy::default();
     let labels_url = format!("http://{}/v1/labels", mltap.addresses.admin);
-    let labels_task =
-        tokio::spawn(labels::run(labels_url, policy.clone(), label_receiver, label_stats.clone(), labels_abort.clone()));
+    let labels_task = tokio::spawn(labels::run(
+        labels_url,
+        policy.clone(),
+        label_receiver,
+        label_stats.clone(),
+        labels_abort.clone(),
+    ));
 
     // Until --for has passed or Ctrl-C, with a progress line every few seconds.
     let deadline = run_for.map(|d| tokio::time::Instant::now() + d);
@@ -215,7 +213,9 @@ fn print_banner(
 ) {
     let files = config.output_dir.join("anodot");
     println!();
-    println!("mltap demo: a TF-Serving-compatible model server, mltap in front of it, drifting traffic and delayed labels");
+    println!(
+        "mltap demo: a TF-Serving-compatible model server, mltap in front of it, drifting traffic and delayed labels"
+    );
     println!();
     println!("  dashboard       http://{}/", addresses.admin);
     println!("  metrics         http://{}/metrics", addresses.admin);
@@ -259,6 +259,10 @@ fn progress_line(started: SystemTime, traffic: &TrafficStats, labels: &LabelStat
     let missing = load(&labels.endpoint_missing);
     if missing > 0 {
         line.push_str(&format!(", {missing} dropped: no label endpoint"));
+    }
+    let failed = load(&labels.failed);
+    if failed > 0 {
+        line.push_str(&format!(", {failed} not delivered"));
     }
     line.push_str(&format!("  |  files {}", files_since(output_dir, started).len()));
     line
@@ -343,7 +347,8 @@ fn print_summary(started: SystemTime, traffic: &TrafficStats, labels: &LabelStat
     println!("Files written: {} in {}", files.len(), anodot_dir.display());
     let mut per_model: BTreeMap<String, Vec<&PathBuf>> = BTreeMap::new();
     for file in &files {
-        let model = file.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let model =
+            file.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         per_model.entry(model).or_default().push(file);
     }
     for (model, files) in &per_model {
@@ -360,7 +365,8 @@ fn print_summary(started: SystemTime, traffic: &TrafficStats, labels: &LabelStat
         println!("  {model}: bucket (UTC)      rows  estimated_accuracy  accuracy (labels)  largest input drift (PSI)");
         let show = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".to_string());
         for (timestamp, bucket) in buckets.iter().rev().take(12).rev() {
-            let time = humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(*timestamp as u64));
+            let time =
+                humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(*timestamp as u64));
             let drift = bucket.worst_psi.as_ref().map(|(v, f)| format!("{v:.2} {f}")).unwrap_or_else(|| "-".into());
             println!(
                 "         {}  {:>5}  {:>18}  {:>17}  {}",
@@ -424,6 +430,8 @@ mod tests {
             upstream_bind("grpc_upstream", Some("http://localhost:9500")).unwrap(),
             "127.0.0.1:9500".parse().unwrap()
         );
-        assert!(upstream_bind("rest_upstream", Some("http://tfserving.internal:8501")).unwrap_err().contains("rest_upstream"));
+        assert!(upstream_bind("rest_upstream", Some("http://tfserving.internal:8501"))
+            .unwrap_err()
+            .contains("rest_upstream"));
     }
 }
