@@ -117,6 +117,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     };
     let started = SystemTime::now();
     let output_dir = config.output_dir.clone();
+    let bucket = config.bucket;
     print_banner(&mltap.addresses, &model_server, &config, run_for, drift_at);
 
     let traffic_stats = Arc::new(TrafficStats::default());
@@ -188,7 +189,8 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     let mltap_result = mltap.stop().await;
     model_server.shutdown().await;
 
-    print_summary(started, &traffic_stats, &label_stats, &output_dir);
+    let drift_epoch = started + drift_at;
+    print_summary(started, drift_epoch, bucket, &traffic_stats, &label_stats, &output_dir);
     if let Err(error) = mltap_result {
         eprintln!("mltap demo: mltap failed: {error}");
         return ExitCode::from(1);
@@ -331,7 +333,17 @@ fn summarize(files: &[PathBuf]) -> BTreeMap<String, BTreeMap<i64, BucketSummary>
     models
 }
 
-fn print_summary(started: SystemTime, traffic: &TrafficStats, labels: &LabelStats, output_dir: &Path) {
+fn print_summary(
+    started: SystemTime,
+    drift_epoch: SystemTime,
+    bucket: Duration,
+    traffic: &TrafficStats,
+    labels: &LabelStats,
+    output_dir: &Path,
+) {
+    let bucket_secs = bucket.as_secs().max(1) as i64;
+    let drift_epoch =
+        drift_epoch.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(i64::MAX);
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let files = files_since(output_dir, started);
     let anodot_dir = output_dir.join("anodot");
@@ -362,14 +374,18 @@ fn print_summary(started: SystemTime, traffic: &TrafficStats, labels: &LabelStat
             continue;
         }
         println!();
-        println!("  {model}: bucket (UTC)      rows  estimated_accuracy  accuracy (labels)  largest input drift (PSI)");
+        println!(
+            "  {model}: bucket (UTC)        rows  estimated_accuracy  accuracy (labels)  largest input drift (PSI)"
+        );
         let show = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".to_string());
         for (timestamp, bucket) in buckets.iter().rev().take(12).rev() {
             let time =
                 humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(*timestamp as u64));
             let drift = bucket.worst_psi.as_ref().map(|(v, f)| format!("{v:.2} {f}")).unwrap_or_else(|| "-".into());
+            // Buckets that end after the drift point hold drifted traffic.
+            let marker = if *timestamp + bucket_secs > drift_epoch { "*" } else { " " };
             println!(
-                "         {}  {:>5}  {:>18}  {:>17}  {}",
+                "         {} {marker}  {:>5}  {:>18}  {:>17}  {}",
                 &time.to_string()[11..19],
                 bucket.rows.map(|r| format!("{r:.0}")).unwrap_or_else(|| "-".into()),
                 show(bucket.estimated_accuracy),
@@ -377,6 +393,7 @@ fn print_summary(started: SystemTime, traffic: &TrafficStats, labels: &LabelStat
                 drift
             );
         }
+        println!("         (* holds traffic after the drift)");
         let latest = |pick: fn(&BucketSummary) -> Option<f64>| buckets.values().rev().find_map(pick);
         println!(
             "  latest {model}: estimated_accuracy {}, accuracy {}",
