@@ -118,20 +118,25 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     let started = SystemTime::now();
     let output_dir = config.output_dir.clone();
     let bucket = config.bucket;
-    print_banner(&mltap.addresses, &model_server, &config, run_for, drift_at);
+    // Listening on 0.0.0.0 (a serve flag) is reached, and shown, as loopback.
+    let addresses = super::mltap::Addresses {
+        grpc: reachable(mltap.addresses.grpc),
+        rest: reachable(mltap.addresses.rest),
+        admin: reachable(mltap.addresses.admin),
+    };
+    print_banner(&addresses, &model_server, &config, run_for, drift_at);
 
     let traffic_stats = Arc::new(TrafficStats::default());
     let label_stats = Arc::new(LabelStats::default());
     let (label_sender, label_receiver) = mpsc::unbounded_channel();
     let traffic_stop = CancellationToken::new();
     let labels_abort = CancellationToken::new();
-    let targets =
-        Targets { grpc: format!("http://{}", mltap.addresses.grpc), rest: format!("http://{}", mltap.addresses.rest) };
+    let targets = Targets { grpc: format!("http://{}", addresses.grpc), rest: format!("http://{}", addresses.rest) };
     let plan = TrafficPlan { requests_per_second: DEMO_REQUESTS_PER_SECOND, drift_at, seed: seed() };
     let traffic_task =
         tokio::spawn(traffic::run(targets, plan, traffic_stats.clone(), Some(label_sender), traffic_stop.clone()));
     let policy = LabelPolicy::default();
-    let labels_url = format!("http://{}/v1/labels", mltap.addresses.admin);
+    let labels_url = format!("http://{}/v1/labels", addresses.admin);
     let labels_task = tokio::spawn(labels::run(
         labels_url,
         policy.clone(),
@@ -200,6 +205,17 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// The address a local client uses to reach a listener: loopback for a wildcard one.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
 }
 
 fn seed() -> u64 {
@@ -438,6 +454,13 @@ mod tests {
         assert_eq!(bucket.accuracy, Some(0.7), "the per-class accuracy is not the overall one");
         assert_eq!(bucket.worst_psi, Some((0.9, "support_calls".to_string())));
         assert_eq!(bucket.rows, Some(120.0));
+    }
+
+    #[test]
+    fn wildcard_listeners_are_reached_and_shown_as_loopback() {
+        assert_eq!(reachable("0.0.0.0:9090".parse().unwrap()), "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(reachable("[::]:9090".parse().unwrap()), "[::1]:9090".parse().unwrap());
+        assert_eq!(reachable("10.1.2.3:9090".parse().unwrap()), "10.1.2.3:9090".parse().unwrap());
     }
 
     #[test]
