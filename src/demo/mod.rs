@@ -13,7 +13,6 @@ pub mod grpc;
 pub mod labels;
 pub mod model;
 pub mod rest;
-
 pub mod server;
 pub mod serving;
 pub mod tensor;
