@@ -43,7 +43,8 @@ pub async fn start(config: Config) -> Result<RunningMltap, ExitCode> {
             return Err(ExitCode::from(crate::cli::EXIT_CONFIG));
         }
     };
-    let address = |listener: &tokio::net::TcpListener| listener.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let address =
+        |listener: &tokio::net::TcpListener| listener.local_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     let addresses =
         Addresses { grpc: address(&listeners.grpc), rest: address(&listeners.rest), admin: address(&listeners.admin) };
     let stop = CancellationToken::new();

@@ -11,9 +11,13 @@
 
 pub mod grpc;
 pub mod labels;
+pub mod mltap;
 pub mod model;
 pub mod rest;
+pub mod runner;
 pub mod server;
 pub mod serving;
 pub mod tensor;
 pub mod traffic;
+
+pub use runner::{run, run_blocking};
