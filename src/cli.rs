@@ -41,10 +41,7 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Send(args) => crate::send::run(&args),
-        Command::Demo(_) => {
-            eprintln!("mltap: not wired yet");
-            ExitCode::from(EXIT_RUNTIME)
-        }
+        Command::Demo(args) => crate::demo::run_blocking(args),
     }
 }
 
