@@ -4,6 +4,8 @@
 //! Sinks never decide what a metric means; they receive finished points.
 
 pub mod anodot;
+pub mod files;
+pub mod prometheus;
 
 use serde::Deserialize;
 
