@@ -1,2 +1,370 @@
 //! The worker: takes exchanges off the capture queue, decodes them into
-//! observations, and feeds the monitor, the label store and the sinks.
+//! observations, feeds the monitoring engine, and hands each closed bucket to the
+//! Anodot files, the Prometheus model gauges and any attached listeners.
+//!
+//! It runs on its own threads, never on the proxy's runtime: one thread moves
+//! exchanges from the capture queue to a pool of decode threads (decoding is the
+//! CPU-heavy part), and one monitor thread owns the engine, ticks every 250 ms (or a
+//! quarter of the bucket width if shorter), closes due buckets and writes their files.
+//! When the decoders fall behind, the pool's bounded hand-off fills and the capture
+//! queue drops the newest exchanges, counted in `capture_dropped`: the worker never
+//! slows the proxy down. On `finish`, it drains the queue, flushes the open buckets,
+//! writes their files and returns.
+//!
+//! Other components attach through two hooks, called on the monitor thread (so they
+//! must be quick and hand heavy work to their own threads): `BucketListener` sees
+//! every closed bucket after its file is written, `ObservationListener` sees every
+//! decoded observation with the start of its bucket.
+
+use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
+use crate::config::Config;
+use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, ReferenceSet};
+use crate::sinks::files::FileSink;
+use crate::sinks::prometheus::ModelGauges;
+use crate::tfserving::{Decoder, Observation};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Exchanges waiting between the capture thread and the decode threads; small, since
+/// the capture queue in front of it is the buffer that counts drops.
+const DECODE_HANDOFF: usize = 256;
+/// Decoded exchanges waiting for the monitor thread.
+const MONITOR_HANDOFF: usize = 1024;
+/// Longest pause between two ticks of the monitor thread.
+const MAX_TICK: Duration = Duration::from_millis(250);
+
+/// Sees every closed bucket (after its Anodot file is written), on the monitor thread.
+pub trait BucketListener: Send + Sync + 'static {
+    fn on_closed(&self, bucket: &ClosedBucket);
+}
+
+/// Sees every decoded observation with the start of its bucket (event time), on the
+/// monitor thread, including observations the engine counted as late: the prediction
+/// still happened and its labels still belong to that bucket.
+pub trait ObservationListener: Send + Sync + 'static {
+    fn on_observation(&self, observation: &Observation, bucket_start: i64);
+}
+
+/// The listeners of a worker; cheap to clone, listeners can be added at any time.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    buckets: Arc<RwLock<Vec<Arc<dyn BucketListener>>>>,
+    observations: Arc<RwLock<Vec<Arc<dyn ObservationListener>>>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks").finish_non_exhaustive()
+    }
+}
+
+impl Hooks {
+    pub fn add_bucket_listener(&self, listener: Arc<dyn BucketListener>) {
+        self.buckets.write().unwrap_or_else(|p| p.into_inner()).push(listener);
+    }
+
+    pub fn add_observation_listener(&self, listener: Arc<dyn ObservationListener>) {
+        self.observations.write().unwrap_or_else(|p| p.into_inner()).push(listener);
+    }
+
+    fn closed(&self, bucket: &ClosedBucket) {
+        for listener in self.buckets.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_closed(bucket))).is_err() {
+                tracing::error!(message = "A bucket listener panicked; monitoring goes on.", model = %bucket.model);
+            }
+        }
+    }
+
+    fn observed(&self, observation: &Observation, bucket_start: i64) {
+        let listeners = self.observations.read().unwrap_or_else(|p| p.into_inner());
+        for listener in listeners.iter() {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_observation(observation, bucket_start))).is_err()
+            {
+                tracing::error!(message = "An observation listener panicked; monitoring goes on.");
+            }
+        }
+    }
+}
+
+/// Counters of the worker itself, on `/metrics`.
+#[derive(Debug, Default, Clone)]
+struct WorkerMetrics {
+    exchanges: Counter,
+    observations: Counter,
+    files_written: Counter,
+    file_errors: Counter,
+}
+
+impl WorkerMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("mltap_worker_exchanges", "Exchanges decoded by the worker", self.exchanges.clone());
+        registry.register("mltap_worker_observations", "Observations aggregated", self.observations.clone());
+        registry.register("mltap_worker_files_written", "Anodot files written or merged", self.files_written.clone());
+        registry.register("mltap_worker_file_errors", "Anodot files that could not be written", self.file_errors.clone());
+    }
+}
+
+/// What a decode thread hands to the monitor thread.
+struct Decoded {
+    facts: ExchangeFacts,
+    observations: Vec<Observation>,
+}
+
+/// The running worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    /// Listeners, shared with the monitor thread.
+    hooks: Hooks,
+    /// The Prometheus view of the last closed buckets.
+    gauges: ModelGauges,
+    /// Tells the capture thread to drain the queue and stop.
+    stop: Arc<tokio::sync::Notify>,
+    /// Capture, decode and monitor threads, joined by `finish`.
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Starts the worker on its own threads; registers its gauges and counters.
+pub fn spawn(config: Arc<Config>, receiver: CaptureReceiver, registry: &mut Registry) -> WorkerHandle {
+    spawn_with(config, receiver, registry, Hooks::default())
+}
+
+/// `spawn` with listeners attached from the first exchange on.
+pub fn spawn_with(config: Arc<Config>, receiver: CaptureReceiver, registry: &mut Registry, hooks: Hooks) -> WorkerHandle {
+    let gauges = ModelGauges::new();
+    gauges.register(registry);
+    let metrics = WorkerMetrics::default();
+    metrics.register(registry);
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let capture_stats = receiver.stats().clone();
+
+    let (exchange_tx, exchange_rx) = mpsc::sync_channel::<Exchange>(DECODE_HANDOFF);
+    let exchange_rx = Arc::new(Mutex::new(exchange_rx));
+    let (decoded_tx, decoded_rx) = mpsc::sync_channel::<Decoded>(MONITOR_HANDOFF);
+    let mut threads = Vec::new();
+
+    let stop_capture = stop.clone();
+    threads.extend(spawn_thread("mltap-capture", move || capture_loop(receiver, exchange_tx, stop_capture)));
+
+    let decoders = match config.monitor.decode_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4),
+        n => n,
+    };
+    let decoder = Arc::new(Decoder::new(config.models.clone()));
+    for i in 0..decoders {
+        let (rx, tx, decoder) = (exchange_rx.clone(), decoded_tx.clone(), decoder.clone());
+        threads.extend(spawn_thread(&format!("mltap-decode-{i}"), move || decode_loop(&decoder, &rx, &tx)));
+    }
+    drop(decoded_tx);
+
+    let options = EngineOptions::from_config(&config);
+    let references = match &options.monitor.reference_file {
+        Some(path) => ReferenceSet::load(path).unwrap_or_else(|error| {
+            tracing::error!(message = "Cannot read the drift reference file; learning references instead.", %error);
+            ReferenceSet::default()
+        }),
+        None => ReferenceSet::default(),
+    };
+    let engine = Engine::with_references(options, references);
+    let monitor = MonitorThread {
+        engine,
+        files: FileSink::new(&config.output_dir),
+        gauges: gauges.clone(),
+        hooks: hooks.clone(),
+        metrics,
+        capture_stats,
+        capture_dropped_seen: 0,
+        tick: (config.bucket / 4).clamp(Duration::from_millis(50), MAX_TICK),
+    };
+    threads.extend(spawn_thread("mltap-monitor", move || monitor.run(decoded_rx)));
+    WorkerHandle { hooks, gauges, stop, threads }
+}
+
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
+    match std::thread::Builder::new().name(name.to_string()).spawn(f) {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            // The process is out of threads; monitoring degrades, the proxy goes on.
+            tracing::error!(message = "Cannot start a worker thread.", %error, thread = name);
+            None
+        }
+    }
+}
+
+impl WorkerHandle {
+    /// The listeners; add to them at any time.
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
+    }
+
+    /// Attaches a listener of closed buckets.
+    pub fn add_bucket_listener(&self, listener: Arc<dyn BucketListener>) {
+        self.hooks.add_bucket_listener(listener);
+    }
+
+    /// Attaches a listener of observations.
+    pub fn add_observation_listener(&self, listener: Arc<dyn ObservationListener>) {
+        self.hooks.add_observation_listener(listener);
+    }
+
+    /// The Prometheus view of the last closed buckets.
+    pub fn model_gauges(&self) -> &ModelGauges {
+        &self.gauges
+    }
+
+    /// Drains the capture queue, flushes the open buckets, writes their files and
+    /// returns once every worker thread has ended. Call it after the proxy stopped
+    /// accepting exchanges.
+    pub async fn finish(self) {
+        let _ = tokio::task::spawn_blocking(move || self.finish_blocking()).await;
+    }
+
+    /// `finish` for callers outside an async context.
+    pub fn finish_blocking(self) {
+        self.stop.notify_one();
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!(message = "A worker thread panicked before shutdown.");
+            }
+        }
+    }
+}
+
+/// Moves exchanges from the capture queue to the decode threads until stopped (then
+/// drains what is queued) or until every sender is gone.
+fn capture_loop(mut receiver: CaptureReceiver, to_decoders: mpsc::SyncSender<Exchange>, stop: Arc<tokio::sync::Notify>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => {
+            tracing::error!(message = "Cannot start the capture thread's runtime.", %error);
+            return;
+        }
+    };
+    runtime.block_on(async {
+        loop {
+            tokio::select! {
+                exchange = receiver.recv() => match exchange {
+                    Some(exchange) => {
+                        if to_decoders.send(exchange).is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                _ = stop.notified() => {
+                    while let Some(exchange) = receiver.try_recv() {
+                        if to_decoders.send(exchange).is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Decodes exchanges until the capture thread is gone.
+fn decode_loop(decoder: &Decoder, from_capture: &Mutex<mpsc::Receiver<Exchange>>, to_monitor: &mpsc::SyncSender<Decoded>) {
+    loop {
+        let exchange = {
+            let rx = from_capture.lock().unwrap_or_else(|p| p.into_inner());
+            match rx.recv() {
+                Ok(exchange) => exchange,
+                Err(_) => return,
+            }
+        };
+        let decoded = match std::panic::catch_unwind(AssertUnwindSafe(|| decoder.decode(&exchange))) {
+            Ok(decoded) => decoded,
+            Err(_) => {
+                tracing::error!(message = "The decoder panicked on an exchange; it is counted as a decode error.",
+                    path = %exchange.path);
+                crate::tfserving::Decoded {
+                    errors: vec![crate::tfserving::DecodeError { reason: "decoder_panic", detail: String::new() }],
+                    ..Default::default()
+                }
+            }
+        };
+        let facts = ExchangeFacts::new(&exchange, &decoded);
+        drop(exchange);
+        if to_monitor.send(Decoded { facts, observations: decoded.observations }).is_err() {
+            return;
+        }
+    }
+}
+
+/// The monitor thread's state.
+struct MonitorThread {
+    engine: Engine,
+    files: FileSink,
+    gauges: ModelGauges,
+    hooks: Hooks,
+    metrics: WorkerMetrics,
+    /// The capture queue's counters, for `capture_dropped`.
+    capture_stats: Arc<CaptureStats>,
+    /// `capture_stats.dropped` already counted.
+    capture_dropped_seen: u64,
+    tick: Duration,
+}
+
+impl MonitorThread {
+    fn run(mut self, from_decoders: mpsc::Receiver<Decoded>) {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match from_decoders.recv_timeout(wait) {
+                Ok(decoded) => self.feed(decoded),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.count_capture_drops();
+                let closed = self.engine.close_due(SystemTime::now());
+                self.emit(closed);
+                next_tick = Instant::now() + self.tick;
+            }
+        }
+        self.count_capture_drops();
+        let closed = self.engine.flush_all();
+        self.emit(closed);
+    }
+
+    fn feed(&mut self, decoded: Decoded) {
+        self.metrics.exchanges.inc();
+        self.engine.record_exchange(&decoded.facts);
+        for observation in &decoded.observations {
+            let observed = self.engine.observe(observation);
+            self.metrics.observations.inc();
+            self.hooks.observed(observation, observed.bucket_start);
+        }
+    }
+
+    fn count_capture_drops(&mut self) {
+        let dropped = self.capture_stats.dropped.load(Ordering::Relaxed);
+        let delta = dropped.saturating_sub(self.capture_dropped_seen);
+        self.capture_dropped_seen = dropped;
+        self.engine.record_capture_dropped(SystemTime::now(), delta);
+    }
+
+    fn emit(&self, closed: Vec<ClosedBucket>) {
+        for bucket in closed {
+            match self.files.write(&bucket.model, bucket.start, &bucket.points) {
+                Ok(_) => {
+                    self.metrics.files_written.inc();
+                }
+                Err(error) => {
+                    self.metrics.file_errors.inc();
+                    tracing::warn!(message = "Could not write an Anodot file.", %error, model = %bucket.model,
+                        start = bucket.start);
+                }
+            };
+            self.gauges.update(&bucket);
+            self.hooks.closed(&bucket);
+        }
+    }
+}

@@ -201,7 +201,12 @@ impl Engine {
             Some(path) => ReferenceSet::load(path)?,
             None => ReferenceSet::default(),
         };
-        Ok(Engine {
+        Ok(Engine::with_references(options, reference_set))
+    }
+
+    /// A new engine with already loaded references (`monitor.reference_file` unread).
+    pub fn with_references(options: EngineOptions, reference_set: ReferenceSet) -> Engine {
+        Engine {
             width: options.bucket.as_secs().max(1) as i64,
             grace: options.monitor.grace_seconds as i64,
             config: options.monitor,
@@ -213,7 +218,7 @@ impl Engine {
             models: BTreeMap::new(),
             sequence: 0,
             no_features: BTreeSet::new(),
-        })
+        }
     }
 
     /// Bucket width in seconds.

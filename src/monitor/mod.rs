@@ -54,6 +54,9 @@ pub struct MonitorConfig {
     pub max_streams: usize,
     /// Relative accuracy of the quantile sketches (DDSketch's alpha).
     pub quantile_relative_accuracy: f64,
+    /// Threads decoding exchanges (decoding is the worker's CPU-heavy part); 0 picks
+    /// the number of cores, at most 4.
+    pub decode_threads: usize,
 }
 
 impl Default for MonitorConfig {
@@ -69,6 +72,7 @@ impl Default for MonitorConfig {
             integer_categorical_max_distinct: 20,
             max_streams: 100,
             quantile_relative_accuracy: 0.01,
+            decode_threads: 0,
         }
     }
 }
@@ -89,6 +93,9 @@ impl MonitorConfig {
         positive("max_features", self.max_features)?;
         positive("max_categories", self.max_categories)?;
         positive("max_streams", self.max_streams)?;
+        if self.decode_threads > 64 {
+            return Err(("decode_threads".into(), format!("{} is above 64", self.decode_threads)));
+        }
         if self.reference_sample_size > 1_000_000 {
             return Err(("reference_sample_size".into(), "must be at most 1000000".into()));
         }
