@@ -84,7 +84,8 @@ impl Hooks {
     fn observed(&self, observation: &Observation, bucket_start: i64) {
         let listeners = self.observations.read().unwrap_or_else(|p| p.into_inner());
         for listener in listeners.iter() {
-            if std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_observation(observation, bucket_start))).is_err()
+            if std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_observation(observation, bucket_start)))
+                .is_err()
             {
                 tracing::error!(message = "An observation listener panicked; monitoring goes on.");
             }
@@ -106,7 +107,11 @@ impl WorkerMetrics {
         registry.register("mltap_worker_exchanges", "Exchanges decoded by the worker", self.exchanges.clone());
         registry.register("mltap_worker_observations", "Observations aggregated", self.observations.clone());
         registry.register("mltap_worker_files_written", "Anodot files written or merged", self.files_written.clone());
-        registry.register("mltap_worker_file_errors", "Anodot files that could not be written", self.file_errors.clone());
+        registry.register(
+            "mltap_worker_file_errors",
+            "Anodot files that could not be written",
+            self.file_errors.clone(),
+        );
     }
 }
 
@@ -135,7 +140,12 @@ pub fn spawn(config: Arc<Config>, receiver: CaptureReceiver, registry: &mut Regi
 }
 
 /// `spawn` with listeners attached from the first exchange on.
-pub fn spawn_with(config: Arc<Config>, receiver: CaptureReceiver, registry: &mut Registry, hooks: Hooks) -> WorkerHandle {
+pub fn spawn_with(
+    config: Arc<Config>,
+    receiver: CaptureReceiver,
+    registry: &mut Registry,
+    hooks: Hooks,
+) -> WorkerHandle {
     let gauges = ModelGauges::new();
     gauges.register(registry);
     let metrics = WorkerMetrics::default();
@@ -237,7 +247,11 @@ impl WorkerHandle {
 
 /// Moves exchanges from the capture queue to the decode threads until stopped (then
 /// drains what is queued) or until every sender is gone.
-fn capture_loop(mut receiver: CaptureReceiver, to_decoders: mpsc::SyncSender<Exchange>, stop: Arc<tokio::sync::Notify>) {
+fn capture_loop(
+    mut receiver: CaptureReceiver,
+    to_decoders: mpsc::SyncSender<Exchange>,
+    stop: Arc<tokio::sync::Notify>,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
@@ -270,7 +284,11 @@ fn capture_loop(mut receiver: CaptureReceiver, to_decoders: mpsc::SyncSender<Exc
 }
 
 /// Decodes exchanges until the capture thread is gone.
-fn decode_loop(decoder: &Decoder, from_capture: &Mutex<mpsc::Receiver<Exchange>>, to_monitor: &mpsc::SyncSender<Decoded>) {
+fn decode_loop(
+    decoder: &Decoder,
+    from_capture: &Mutex<mpsc::Receiver<Exchange>>,
+    to_monitor: &mpsc::SyncSender<Decoded>,
+) {
     loop {
         let exchange = {
             let rx = from_capture.lock().unwrap_or_else(|p| p.into_inner());

@@ -333,7 +333,17 @@ impl Engine {
 
     /// Closes every open bucket (shutdown).
     pub fn flush_all(&mut self) -> Vec<ClosedBucket> {
-        let last_stream = self.streams.values().filter_map(|s| s.open.keys().next_back()).max().copied();
+        let width = self.width;
+        // A stream whose late rows have no later bucket to be reported in gets one.
+        let last_stream = self
+            .streams
+            .values()
+            .filter_map(|s| match (s.open.keys().next_back(), s.closed_through) {
+                (Some(open), _) => Some(*open),
+                (None, Some(closed)) if s.late_rows > 0 => Some(closed + width),
+                _ => None,
+            })
+            .max();
         let last_model = self.models.values().filter_map(|m| m.open.keys().next_back()).max().copied();
         match last_stream.max(last_model) {
             Some(limit) => self.close_through(limit),
@@ -381,8 +391,9 @@ impl Engine {
             }
             for start in starts {
                 let mut bucket = stream.open.remove(&start).unwrap_or_else(|| StreamBucket::new(start));
+                // Buckets of the window a reference was learned from are not compared to it.
                 let reference = match &stream.reference {
-                    ReferenceState::Frozen(r) => Some(&**r),
+                    ReferenceState::Frozen(r) if !r.learned_from(start) => Some(&**r),
                     _ => None,
                 };
                 let points = bucket.points(

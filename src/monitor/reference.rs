@@ -98,6 +98,12 @@ impl Reference {
             && (self.version.is_none() || self.version == key.version)
     }
 
+    /// Whether a bucket start lies in the window this reference was learned from.
+    pub fn learned_from(&self, bucket_start: i64) -> bool {
+        let width = self.bucket_seconds as i64;
+        bucket_start >= self.first_bucket && bucket_start < self.first_bucket + width * self.buckets as i64
+    }
+
     /// Reads one persisted reference.
     pub fn load(path: &Path) -> Result<Reference, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;

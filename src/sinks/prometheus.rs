@@ -128,7 +128,8 @@ impl Collector for ModelGauges {
         for (what, values) in by_name {
             let name = format!("mltap_model_{what}");
             let help = format!("{what} of the last closed bucket (see docs/metrics.md)");
-            let mut metric = encoder.encode_descriptor(&name, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            let mut metric =
+                encoder.encode_descriptor(&name, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
             for (labels, value) in values {
                 let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
