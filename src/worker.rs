@@ -16,13 +16,15 @@
 //! every closed bucket after its file is written, `ObservationListener` sees every
 //! decoded observation with the start of its bucket.
 
-use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
+use crate::capture::{CaptureReceiver, CaptureStats, Exchange, Protocol};
 use crate::config::Config;
 use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, ReferenceSet};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
 use crate::tfserving::{Decoder, Observation};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -96,6 +98,7 @@ impl Hooks {
 /// Counters of the worker itself, on `/metrics`.
 #[derive(Debug, Default, Clone)]
 struct WorkerMetrics {
+    received: Family<ProtocolLabels, Counter>,
     exchanges: Counter,
     observations: Counter,
     files_written: Counter,
@@ -104,15 +107,17 @@ struct WorkerMetrics {
 
 impl WorkerMetrics {
     fn register(&self, registry: &mut Registry) {
-        registry.register("mltap_worker_exchanges", "Exchanges decoded by the worker", self.exchanges.clone());
-        registry.register("mltap_worker_observations", "Observations aggregated", self.observations.clone());
-        registry.register("mltap_worker_files_written", "Anodot files written or merged", self.files_written.clone());
-        registry.register(
-            "mltap_worker_file_errors",
-            "Anodot files that could not be written",
-            self.file_errors.clone(),
-        );
+        registry.register("worker_exchanges_received", "Exchanges taken off the capture queue", self.received.clone());
+        registry.register("worker_exchanges_decoded", "Exchanges decoded and aggregated", self.exchanges.clone());
+        registry.register("worker_observations", "Observations aggregated", self.observations.clone());
+        registry.register("worker_files_written", "Anodot files written or merged", self.files_written.clone());
+        registry.register("worker_file_errors", "Anodot files that could not be written", self.file_errors.clone());
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: &'static str,
 }
 
 /// What a decode thread hands to the monitor thread.
@@ -159,7 +164,8 @@ pub fn spawn_with(
     let mut threads = Vec::new();
 
     let stop_capture = stop.clone();
-    threads.extend(spawn_thread("mltap-capture", move || capture_loop(receiver, exchange_tx, stop_capture)));
+    let received = metrics.received.clone();
+    threads.extend(spawn_thread("mltap-capture", move || capture_loop(receiver, exchange_tx, stop_capture, received)));
 
     let decoders = match config.monitor.decode_threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4),
@@ -251,7 +257,15 @@ fn capture_loop(
     mut receiver: CaptureReceiver,
     to_decoders: mpsc::SyncSender<Exchange>,
     stop: Arc<tokio::sync::Notify>,
+    received: Family<ProtocolLabels, Counter>,
 ) {
+    let count = |exchange: &Exchange| {
+        let protocol = match exchange.protocol {
+            Protocol::Grpc => "grpc",
+            Protocol::Rest => "rest",
+        };
+        received.get_or_create(&ProtocolLabels { protocol }).inc();
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
@@ -264,6 +278,7 @@ fn capture_loop(
             tokio::select! {
                 exchange = receiver.recv() => match exchange {
                     Some(exchange) => {
+                        count(&exchange);
                         if to_decoders.send(exchange).is_err() {
                             return;
                         }
@@ -272,6 +287,7 @@ fn capture_loop(
                 },
                 _ = stop.notified() => {
                     while let Some(exchange) = receiver.try_recv() {
+                        count(&exchange);
                         if to_decoders.send(exchange).is_err() {
                             return;
                         }

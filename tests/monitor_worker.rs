@@ -67,7 +67,7 @@ async fn finish_drains_the_queue_and_every_exchange_is_counted_in_the_files() {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config(dir.path()));
     let (sender, receiver) = capture::queue(&config.capture);
-    let mut registry = prometheus_client::registry::Registry::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
     let handle = worker::spawn(config, receiver, &mut registry);
     let recorder = Arc::new(Recorder::default());
     handle.add_bucket_listener(recorder.clone());
@@ -86,7 +86,8 @@ async fn finish_drains_the_queue_and_every_exchange_is_counted_in_the_files() {
     assert_eq!(listened, points.len());
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    assert!(text.contains("mltap_worker_exchanges_total 50"), "{text}");
+    assert!(text.contains("mltap_worker_exchanges_decoded_total 50"), "{text}");
+    assert!(text.contains(r#"mltap_worker_exchanges_received_total{protocol=\"rest\"} 50"#), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +100,7 @@ async fn exchanges_dropped_by_a_full_queue_are_reported_as_capture_dropped() {
     for _ in 0..5 {
         sender.offer(exchange());
     }
-    let mut registry = prometheus_client::registry::Registry::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
     let handle = worker::spawn(config, receiver, &mut registry);
     drop(sender);
     handle.finish().await;

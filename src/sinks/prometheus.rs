@@ -1,6 +1,6 @@
 //! Prometheus view of the model metrics: the points of the last closed bucket of each
-//! model, exposed as gauges `mltap_model_<what>` on `/metrics` by a prometheus-client
-//! `Collector`.
+//! model, exposed as gauges `model_<what>` (`mltap_model_<what>` in the app's
+//! registry, whose prefix is `mltap`) on `/metrics` by a prometheus-client `Collector`.
 //!
 //! Label cardinality is bounded: only the labels `model`, `version`, `signature`,
 //! `class`, `feature`, `stat`, `method` and `reason` are kept (they map Anodot's
@@ -126,7 +126,7 @@ impl Collector for ModelGauges {
             }
         }
         for (what, values) in by_name {
-            let name = format!("mltap_model_{what}");
+            let name = format!("model_{what}");
             let help = format!("{what} of the last closed bucket (see docs/metrics.md)");
             let mut metric =
                 encoder.encode_descriptor(&name, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
@@ -138,7 +138,7 @@ impl Collector for ModelGauges {
         let starts: Vec<(&String, i64)> = state.models.iter().map(|(m, s)| (m, s.start)).collect();
         if !starts.is_empty() {
             let mut metric = encoder.encode_descriptor(
-                "mltap_model_bucket_start_seconds",
+                "model_bucket_start_seconds",
                 "Start of the last closed bucket shown, epoch seconds",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
@@ -148,7 +148,7 @@ impl Collector for ModelGauges {
             }
         }
         let metric = encoder.encode_descriptor(
-            "mltap_model_series_dropped",
+            "model_series_dropped",
             "Model metric points not exposed because of the series cap",
             None,
             prometheus_client::metrics::MetricType::Gauge,
@@ -184,7 +184,7 @@ mod tests {
     }
 
     fn scrape(gauges: &ModelGauges) -> String {
-        let mut registry = Registry::default();
+        let mut registry = Registry::with_prefix("mltap");
         gauges.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
