@@ -87,7 +87,7 @@ async fn finish_drains_the_queue_and_every_exchange_is_counted_in_the_files() {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     assert!(text.contains("mltap_worker_exchanges_decoded_total 50"), "{text}");
-    assert!(text.contains(r#"mltap_worker_exchanges_received_total{protocol=\"rest\"} 50"#), "{text}");
+    assert!(text.contains(r#"mltap_worker_exchanges_received_total{protocol="rest"} 50"#), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
