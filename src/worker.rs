@@ -48,9 +48,10 @@ pub trait BucketListener: Send + Sync + 'static {
 
 /// Sees every decoded observation with the start of its bucket (event time), on the
 /// monitor thread, including observations the engine counted as late: the prediction
-/// still happened and its labels still belong to that bucket.
+/// still happened and its labels still belong to that bucket. The observation is
+/// shared (`Arc`) so that a listener can keep it or send it on without copying it.
 pub trait ObservationListener: Send + Sync + 'static {
-    fn on_observation(&self, observation: &Observation, bucket_start: i64);
+    fn on_observation(&self, observation: &Arc<Observation>, bucket_start: i64);
 }
 
 /// The listeners of a worker; cheap to clone, listeners can be added at any time.
@@ -83,7 +84,7 @@ impl Hooks {
         }
     }
 
-    fn observed(&self, observation: &Observation, bucket_start: i64) {
+    fn observed(&self, observation: &Arc<Observation>, bucket_start: i64) {
         let listeners = self.observations.read().unwrap_or_else(|p| p.into_inner());
         for listener in listeners.iter() {
             if std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_observation(observation, bucket_start)))
@@ -123,7 +124,7 @@ struct ProtocolLabels {
 /// What a decode thread hands to the monitor thread.
 struct Decoded {
     facts: ExchangeFacts,
-    observations: Vec<Observation>,
+    observations: Vec<Arc<Observation>>,
 }
 
 /// The running worker.
@@ -326,7 +327,8 @@ fn decode_loop(
         };
         let facts = ExchangeFacts::new(&exchange, &decoded);
         drop(exchange);
-        if to_monitor.send(Decoded { facts, observations: decoded.observations }).is_err() {
+        let observations = decoded.observations.into_iter().map(Arc::new).collect();
+        if to_monitor.send(Decoded { facts, observations }).is_err() {
             return;
         }
     }

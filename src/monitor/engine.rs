@@ -247,7 +247,7 @@ impl Engine {
         let complete = self.is_complete(start);
         let (width, buckets, sample, max_categories) =
             (self.width, self.config.reference_buckets, self.config.reference_sample_size, self.config.max_categories);
-        let output_dir = self.output_dir.clone();
+        let output_dir = self.output_dir.as_deref();
         let Some(stream) = self.streams.get_mut(&obs.stream) else {
             return Observed { bucket_start: start, accepted: false };
         };
@@ -268,7 +268,7 @@ impl Engine {
             // Traffic after the window freezes the reference at once, so that the
             // first bucket after it already has drift.
             ReferenceState::Learning(b) if start > b.last_bucket() => {
-                freeze(stream, &obs.stream, output_dir.as_deref());
+                freeze(stream, &obs.stream, output_dir);
             }
             _ => {}
         }
@@ -383,7 +383,7 @@ impl Engine {
                 state.closed_through = Some(state.closed_through.map_or(start, |c| c.max(start)));
             }
         }
-        let output_dir = self.output_dir.clone();
+        let output_dir = self.output_dir.as_deref();
         for (key, stream) in &mut self.streams {
             let mut starts: BTreeSet<i64> = stream.open.range(..=limit).map(|(s, _)| *s).collect();
             if let Some(closed) = stream.closed_through {
@@ -409,7 +409,7 @@ impl Engine {
                 out.entry((start, key.model.clone())).or_default().extend(points);
                 stream.closed_through = Some(start);
                 if matches!(&stream.reference, ReferenceState::Learning(b) if start >= b.last_bucket()) {
-                    freeze(stream, key, output_dir.as_deref());
+                    freeze(stream, key, output_dir);
                 }
             }
         }
