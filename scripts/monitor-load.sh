@@ -7,7 +7,8 @@
 #
 # Usage: scripts/monitor-load.sh            (DURATION=60 MODELS=3 FEATURES=100 by default)
 # Env:   DURATION (s), MODELS, FEATURES, H2_CONNECTIONS (per model), H2_STREAMS,
-#        RSS_EVERY (s), BUCKET (default: mltap's default), MLTAP_SHARED (shared dir).
+#        RSS_EVERY (s), BUCKET (default: mltap's default), CONFIG (a mltap.toml, default
+#        none: every setting at its default), MLTAP_SHARED (shared dir).
 # Needs: cargo, h2load (nghttp2-client), python3, curl.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,6 +54,7 @@ B_GRPC=$(free_port); B_REST=$(free_port); M_GRPC=$(free_port); M_REST=$(free_por
 PIDS="$PIDS $!"
 BUCKET_FLAG=()
 [ -n "${BUCKET:-}" ] && BUCKET_FLAG=(--bucket "$BUCKET")
+[ -n "${CONFIG:-}" ] && BUCKET_FLAG+=(--config "$CONFIG")
 "$ROOT/target/release/mltap" serve --grpc-listen "127.0.0.1:$M_GRPC" --rest-listen "127.0.0.1:$M_REST" \
   --admin-listen "127.0.0.1:$M_ADMIN" --grpc-upstream "http://127.0.0.1:$B_GRPC" \
   --rest-upstream "http://127.0.0.1:$B_REST" --output-dir "$W/out" --log warn "${BUCKET_FLAG[@]}" 2> "$W/mltap.log" &

@@ -35,9 +35,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Exchanges waiting between the capture thread and the decode threads; small, since
 /// the capture queue in front of it is the buffer that counts drops.
-const DECODE_HANDOFF: usize = 256;
-/// Decoded exchanges waiting for the monitor thread.
-const MONITOR_HANDOFF: usize = 1024;
+const DECODE_HANDOFF: usize = 128;
+/// Decoded exchanges waiting for the monitor thread; each holds its decoded columns
+/// (a 64 × 100 float batch is 50 KiB), so this stays small.
+const MONITOR_HANDOFF: usize = 128;
 /// Longest pause between two ticks of the monitor thread.
 const MAX_TICK: Duration = Duration::from_millis(250);
 
