@@ -3,18 +3,19 @@
 //! Anodot files, the Prometheus model gauges and any attached listeners.
 //!
 //! It runs on its own threads, never on the proxy's runtime: one thread moves
-//! exchanges from the capture queue to a pool of decode threads (decoding is the
-//! CPU-heavy part), and one monitor thread owns the engine, ticks every 250 ms (or a
-//! quarter of the bucket width if shorter), closes due buckets and writes their files.
-//! When the decoders fall behind, the pool's bounded hand-off fills and the capture
-//! queue drops the newest exchanges, counted in `capture_dropped`: the worker never
-//! slows the proxy down. On `finish`, it drains the queue, flushes the open buckets,
-//! writes their files and returns.
+//! exchanges from the capture queue to a pool of decode threads, which hand each
+//! decoded exchange to the aggregation (monitor) thread of its model. Each monitor
+//! thread owns an engine for its share of the models (so a model's streams and files
+//! stay on one thread), ticks every 250 ms (or a quarter of the bucket width if
+//! shorter), closes due buckets and writes their files. When the worker falls behind,
+//! the bounded hand-offs fill and the capture queue drops the newest exchanges,
+//! counted in `capture_dropped`: the worker never slows the proxy down. On `finish`,
+//! it drains the queue, flushes the open buckets, writes their files and returns.
 //!
-//! Other components attach through two hooks, called on the monitor thread (so they
-//! must be quick and hand heavy work to their own threads): `BucketListener` sees
-//! every closed bucket after its file is written, `ObservationListener` sees every
-//! decoded observation with the start of its bucket.
+//! Other components attach through two hooks, called on the monitor threads (so
+//! they must be quick, thread-safe, and hand heavy work to their own threads):
+//! `BucketListener` sees every closed bucket after its file is written,
+//! `ObservationListener` sees every decoded observation with the start of its bucket.
 
 use crate::capture::{CaptureReceiver, CaptureStats, Exchange, Protocol};
 use crate::config::Config;
@@ -162,25 +163,32 @@ pub fn spawn_with(
 
     let (exchange_tx, exchange_rx) = mpsc::sync_channel::<Exchange>(DECODE_HANDOFF);
     let exchange_rx = Arc::new(Mutex::new(exchange_rx));
-    let (decoded_tx, decoded_rx) = mpsc::sync_channel::<Decoded>(MONITOR_HANDOFF);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
+    let pick = |configured: usize| if configured == 0 { cores } else { configured };
+    let (decoders, shards) = (pick(config.monitor.decode_threads), pick(config.monitor.aggregation_threads));
+    let mut to_shards = Vec::with_capacity(shards);
+    let mut shard_inputs = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let (tx, rx) = mpsc::sync_channel::<Decoded>(MONITOR_HANDOFF);
+        to_shards.push(tx);
+        shard_inputs.push(rx);
+    }
+    let to_shards = Arc::new(to_shards);
     let mut threads = Vec::new();
 
     let stop_capture = stop.clone();
     let received = metrics.received.clone();
     threads.extend(spawn_thread("mltap-capture", move || capture_loop(receiver, exchange_tx, stop_capture, received)));
 
-    let decoders = match config.monitor.decode_threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4),
-        n => n,
-    };
     let decoder = Arc::new(Decoder::new(config.models.clone()));
     for i in 0..decoders {
-        let (rx, tx, decoder) = (exchange_rx.clone(), decoded_tx.clone(), decoder.clone());
+        let (rx, tx, decoder) = (exchange_rx.clone(), to_shards.clone(), decoder.clone());
         threads.extend(spawn_thread(&format!("mltap-decode-{i}"), move || decode_loop(&decoder, &rx, &tx)));
     }
-    drop(decoded_tx);
+    drop(to_shards);
 
-    let options = EngineOptions::from_config(&config);
+    let mut options = EngineOptions::from_config(&config);
+    options.monitor.max_streams = options.monitor.max_streams.div_ceil(shards);
     let references = match &options.monitor.reference_file {
         Some(path) => ReferenceSet::load(path).unwrap_or_else(|error| {
             tracing::error!(message = "Cannot read the drift reference file; learning references instead.", %error);
@@ -188,18 +196,20 @@ pub fn spawn_with(
         }),
         None => ReferenceSet::default(),
     };
-    let engine = Engine::with_references(options, references);
-    let monitor = MonitorThread {
-        engine,
-        files: FileSink::new(&config.output_dir),
-        gauges: gauges.clone(),
-        hooks: hooks.clone(),
-        metrics,
-        capture_stats,
-        capture_dropped_seen: 0,
-        tick: (config.bucket / 4).clamp(Duration::from_millis(50), MAX_TICK),
-    };
-    threads.extend(spawn_thread("mltap-monitor", move || monitor.run(decoded_rx)));
+    for (i, input) in shard_inputs.into_iter().enumerate() {
+        let monitor = MonitorThread {
+            engine: Engine::with_references(options.clone(), references.clone()),
+            files: FileSink::new(&config.output_dir),
+            gauges: gauges.clone(),
+            hooks: hooks.clone(),
+            metrics: metrics.clone(),
+            // One thread reports the capture queue's drops.
+            capture_stats: (i == 0).then(|| capture_stats.clone()),
+            capture_dropped_seen: 0,
+            tick: (config.bucket / 4).clamp(Duration::from_millis(50), MAX_TICK),
+        };
+        threads.extend(spawn_thread(&format!("mltap-monitor-{i}"), move || monitor.run(input)));
+    }
     WorkerHandle { hooks, gauges, stop, threads }
 }
 
@@ -305,7 +315,7 @@ fn capture_loop(
 fn decode_loop(
     decoder: &Decoder,
     from_capture: &Mutex<mpsc::Receiver<Exchange>>,
-    to_monitor: &mpsc::SyncSender<Decoded>,
+    to_shards: &[mpsc::SyncSender<Decoded>],
 ) {
     loop {
         let exchange = {
@@ -329,21 +339,31 @@ fn decode_loop(
         let facts = ExchangeFacts::new(&exchange, &decoded);
         drop(exchange);
         let observations = decoded.observations.into_iter().map(Arc::new).collect();
-        if to_monitor.send(Decoded { facts, observations }).is_err() {
+        let shard = &to_shards[shard_of(facts.model.as_deref(), to_shards.len())];
+        if shard.send(Decoded { facts, observations }).is_err() {
             return;
         }
     }
 }
 
-/// The monitor thread's state.
+/// The aggregation thread of a model: all its streams (and its Anodot files) stay
+/// on one thread; facts without a model go to the first, which also reports drops.
+fn shard_of(model: Option<&str>, shards: usize) -> usize {
+    let Some(model) = model else { return 0 };
+    // FNV-1a: stable across runs and platforms, unlike std's randomized hasher.
+    let hash = model.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (hash % shards.max(1) as u64) as usize
+}
+
+/// The state of one aggregation (monitor) thread.
 struct MonitorThread {
     engine: Engine,
     files: FileSink,
     gauges: ModelGauges,
     hooks: Hooks,
     metrics: WorkerMetrics,
-    /// The capture queue's counters, for `capture_dropped`.
-    capture_stats: Arc<CaptureStats>,
+    /// The capture queue's counters, for `capture_dropped` (first thread only).
+    capture_stats: Option<Arc<CaptureStats>>,
     /// `capture_stats.dropped` already counted.
     capture_dropped_seen: u64,
     tick: Duration,
@@ -382,7 +402,8 @@ impl MonitorThread {
     }
 
     fn count_capture_drops(&mut self) {
-        let dropped = self.capture_stats.dropped.load(Ordering::Relaxed);
+        let Some(stats) = &self.capture_stats else { return };
+        let dropped = stats.dropped.load(Ordering::Relaxed);
         let delta = dropped.saturating_sub(self.capture_dropped_seen);
         self.capture_dropped_seen = dropped;
         self.engine.record_capture_dropped(SystemTime::now(), delta);

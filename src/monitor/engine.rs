@@ -160,8 +160,9 @@ struct ModelBucket {
     decode_errors: BTreeMap<String, u64>,
     /// Rows of observations of streams beyond `max_streams`.
     stream_limit_dropped: u64,
-    /// Exchanges the capture queue dropped (global pseudo-model only).
-    capture_dropped: u64,
+    /// Exchanges the capture queue dropped (global pseudo-model of the engine that
+    /// reports them only).
+    capture_dropped: Option<u64>,
 }
 
 /// Open exchange-level buckets of one model.
@@ -192,6 +193,9 @@ pub struct Engine {
     sequence: u64,
     /// Stands in for a model without declared categorical features.
     no_features: BTreeSet<String>,
+    /// Whether this engine reports `capture_dropped` (then its global pseudo-model
+    /// has a heartbeat).
+    reports_capture: bool,
 }
 
 impl Engine {
@@ -218,6 +222,7 @@ impl Engine {
             models: BTreeMap::new(),
             sequence: 0,
             no_features: BTreeSet::new(),
+            reports_capture: false,
         }
     }
 
@@ -321,7 +326,8 @@ impl Engine {
     /// Counts exchanges the capture queue dropped, in the bucket of `now`.
     pub fn record_capture_dropped(&mut self, now: SystemTime, dropped: u64) {
         let start = self.bucket_of(now);
-        self.model_bucket(GLOBAL_MODEL, start).capture_dropped += dropped;
+        self.reports_capture = true;
+        *self.model_bucket(GLOBAL_MODEL, start).capture_dropped.get_or_insert(0) += dropped;
     }
 
     /// Closes every bucket whose end plus grace is at or before `now`, filling gaps of
@@ -369,16 +375,21 @@ impl Engine {
 
     fn close_through(&mut self, limit: i64) -> Vec<ClosedBucket> {
         let width = self.width;
+        let reports_capture = self.reports_capture;
         let mut out: BTreeMap<(i64, String), Vec<Point>> = BTreeMap::new();
         for (model, state) in &mut self.models {
             let mut starts: BTreeSet<i64> = state.open.range(..=limit).map(|(s, _)| *s).collect();
-            if model == GLOBAL_MODEL {
+            let heartbeat = model == GLOBAL_MODEL && reports_capture;
+            if heartbeat {
                 if let Some(closed) = state.closed_through {
                     starts.extend(gap_starts(closed, limit, width));
                 }
             }
             for start in starts {
-                let bucket = state.open.remove(&start).unwrap_or_else(ModelBucket::new);
+                let mut bucket = state.open.remove(&start).unwrap_or_else(ModelBucket::new);
+                if heartbeat {
+                    bucket.capture_dropped.get_or_insert(0);
+                }
                 out.entry((start, model.clone())).or_default().extend(bucket.points(model, start));
                 state.closed_through = Some(state.closed_through.map_or(start, |c| c.max(start)));
             }
@@ -503,7 +514,7 @@ impl ModelBucket {
             latency: Summary::new(0.01),
             decode_errors: BTreeMap::new(),
             stream_limit_dropped: 0,
-            capture_dropped: 0,
+            capture_dropped: None,
         }
     }
 
@@ -523,8 +534,8 @@ impl ModelBucket {
                 out.push(p);
             }
         };
-        if global {
-            push(base("capture_dropped", TargetType::Counter, self.capture_dropped as f64));
+        if let Some(dropped) = self.capture_dropped {
+            push(base("capture_dropped", TargetType::Counter, dropped as f64));
         }
         for ((method, status), count) in &self.requests {
             push(

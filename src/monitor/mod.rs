@@ -54,9 +54,12 @@ pub struct MonitorConfig {
     pub max_streams: usize,
     /// Relative accuracy of the quantile sketches (DDSketch's alpha).
     pub quantile_relative_accuracy: f64,
-    /// Threads decoding exchanges (decoding is the worker's CPU-heavy part); 0 picks
-    /// the number of cores, at most 4.
+    /// Threads decoding exchanges; 0 picks the number of cores, at most 4.
     pub decode_threads: usize,
+    /// Threads aggregating observations, each owning the streams of a share of the
+    /// models (a model's streams always go to the same thread); 0 picks the number of
+    /// cores, at most 4. `max_streams` is divided among them.
+    pub aggregation_threads: usize,
 }
 
 impl Default for MonitorConfig {
@@ -73,6 +76,7 @@ impl Default for MonitorConfig {
             max_streams: 100,
             quantile_relative_accuracy: 0.01,
             decode_threads: 0,
+            aggregation_threads: 0,
         }
     }
 }
@@ -95,6 +99,9 @@ impl MonitorConfig {
         positive("max_streams", self.max_streams)?;
         if self.decode_threads > 64 {
             return Err(("decode_threads".into(), format!("{} is above 64", self.decode_threads)));
+        }
+        if self.aggregation_threads > 64 {
+            return Err(("aggregation_threads".into(), format!("{} is above 64", self.aggregation_threads)));
         }
         if self.reference_sample_size > 1_000_000 {
             return Err(("reference_sample_size".into(), "must be at most 1000000".into()));
