@@ -426,3 +426,21 @@ impl MonitorThread {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_always_goes_to_the_same_aggregation_thread() {
+        for shards in 1..5 {
+            let first = shard_of(Some("iris"), shards);
+            assert!(first < shards);
+            assert_eq!(shard_of(Some("iris"), shards), first);
+            assert_eq!(shard_of(None, shards), 0);
+        }
+        let spread: std::collections::BTreeSet<usize> =
+            ["iris", "credit", "churn", "bench", "census", "price"].iter().map(|m| shard_of(Some(m), 3)).collect();
+        assert!(spread.len() > 1, "models should spread over the threads");
+    }
+}
