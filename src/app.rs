@@ -1,2 +1,198 @@
 //! `mltap serve`: composes listeners, proxy, capture queue, worker, admin server and
 //! graceful shutdown from one validated `Config`.
+//!
+//! Listeners are bound first, so a port in use stops start-up with a configuration
+//! error naming its key before anything else starts. On shutdown the listeners stop
+//! accepting, in-flight exchanges finish, the capture queue drains into the worker,
+//! all within `shutdown_grace`. The proxy listeners are served by one thread per core,
+//! each with its own single-threaded runtime and upstream pools; the worker and the
+//! admin server run on the caller's runtime. This module owns composition only: no
+//! request handling, no payload knowledge.
+
+use crate::admin::capture_metrics::CaptureCollector;
+use crate::admin::{AdminRoute, AdminServer, ReadinessTarget};
+use crate::config::{Config, ConfigError};
+use crate::proxy::{Proxy, ProxyMetrics};
+use prometheus_client::registry::Registry;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+/// mimalloc instead of glibc malloc: the proxy allocates per exchange on several
+/// threads and the worker frees captured buffers on another, which made glibc's arena
+/// locks show up as futex calls in profiles of the proxy benchmark.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Why `serve` stopped with a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A bad configuration: exit code 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Anything failing at run time: exit code 1.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The three bound listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub rest: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the three addresses; a failure names the configuration key.
+    pub async fn bind(config: &Config) -> Result<Listeners, ConfigError> {
+        Ok(Listeners {
+            grpc: bind("grpc_listen", config.grpc_listen).await?,
+            rest: bind("rest_listen", config.rest_listen).await?,
+            admin: bind("admin_listen", config.admin_listen).await?,
+        })
+    }
+}
+
+async fn bind(key: &str, address: SocketAddr) -> Result<TcpListener, ConfigError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|error| ConfigError::new(key, "", format!("cannot listen on {address}: {error}")))
+}
+
+/// Runs mltap until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let listeners = Listeners::bind(&config).await?;
+    let shutdown = termination_signal()?;
+    run(Arc::new(config), listeners, Vec::new(), shutdown).await
+}
+
+/// Threads serving the proxy's listeners: one per core, as nginx runs one worker
+/// process per core. Each has its own single-threaded runtime and upstream pools,
+/// so an exchange never hops between threads.
+fn serving_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Starts one serving thread on shared listener sockets; `done` fires when its
+/// connections have all closed (or it could not start).
+fn spawn_serving_thread(
+    index: usize,
+    proxy: Proxy,
+    (grpc, rest): (std::net::TcpListener, std::net::TcpListener),
+    stopped: watch::Receiver<bool>,
+    done: oneshot::Sender<()>,
+) -> Result<(), ServeError> {
+    std::thread::Builder::new()
+        .name(format!("mltap-proxy-{index}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    error!(message = "Cannot start a serving thread's runtime.", %error);
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match (TcpListener::from_std(grpc), TcpListener::from_std(rest)) {
+                    (Ok(grpc), Ok(rest)) => {
+                        tokio::join!(proxy.serve_grpc(grpc, stopped.clone()), proxy.serve_rest(rest, stopped));
+                    }
+                    (Err(error), _) | (_, Err(error)) => {
+                        error!(message = "Cannot register a listener on a serving thread.", %error);
+                    }
+                }
+            });
+            // Idle upstream connections end with the runtime, before `done` fires.
+            drop(runtime);
+            let _ = done.send(());
+        })
+        .map(|_| ())
+        .map_err(|e| ServeError::Runtime(format!("cannot start a serving thread: {e}")))
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn termination_signal() -> Result<impl Future<Output = ()>, ServeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signal_error = |e: std::io::Error| ServeError::Runtime(format!("cannot install signal handlers: {e}"));
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => info!(message = "SIGTERM received, shutting down."),
+            _ = interrupt.recv() => info!(message = "SIGINT received, shutting down."),
+        }
+    })
+}
+
+/// Runs the proxy, the worker and the admin server on bound listeners until
+/// `shutdown` resolves; `routes` are extra admin endpoints (labels, dashboard).
+pub async fn run(
+    config: Arc<Config>,
+    listeners: Listeners,
+    routes: Vec<Arc<dyn AdminRoute>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let mut registry = Registry::with_prefix("mltap");
+    let (sender, receiver) = crate::capture::queue(&config.capture);
+    registry.register_collector(Box::new(CaptureCollector { stats: sender.stats().clone() }));
+    let metrics = ProxyMetrics::register(&mut registry);
+    // Built before any thread starts so that a bad upstream stops start-up cleanly.
+    let first = Proxy::new(&config, sender.clone(), metrics.clone())?;
+    let readiness =
+        first.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
+    let worker = crate::worker::spawn(config.clone(), receiver, &mut registry);
+    let admin = Arc::new(AdminServer::new(registry, readiness, routes));
+
+    let (stop, stopped) = watch::channel(false);
+    let (grpc_addr, rest_addr, admin_addr) =
+        (listeners.grpc.local_addr().ok(), listeners.rest.local_addr().ok(), listeners.admin.local_addr().ok());
+    let runtime_error = |e: std::io::Error| ServeError::Runtime(format!("cannot share the listeners: {e}"));
+    let grpc = listeners.grpc.into_std().map_err(runtime_error)?;
+    let rest = listeners.rest.into_std().map_err(runtime_error)?;
+    let threads = serving_threads();
+    let mut proxy = Some(first);
+    let mut finished = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let proxy = match proxy.take() {
+            Some(first) => first,
+            None => Proxy::new(&config, sender.clone(), metrics.clone())?,
+        };
+        let listeners = (grpc.try_clone().map_err(runtime_error)?, rest.try_clone().map_err(runtime_error)?);
+        let (done, done_seen) = oneshot::channel::<()>();
+        finished.push(done_seen);
+        spawn_serving_thread(index, proxy, listeners, stopped.clone(), done)?;
+    }
+    // The serving threads hold the only listener handles and the only senders of the
+    // capture queue now: the ports close and the queue ends when the threads do.
+    drop((grpc, rest, sender));
+    let admin_task = tokio::spawn(admin.serve(listeners.admin, stopped));
+    info!(
+        message = "mltap serving.",
+        grpc = ?grpc_addr, rest = ?rest_addr, admin = ?admin_addr,
+        grpc_upstream = %config.grpc_upstream, rest_upstream = %config.rest_upstream,
+        threads,
+    );
+
+    shutdown.await;
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        for done in finished {
+            let _ = done.await;
+        }
+        worker.finish().await;
+    })
+    .await;
+    match drained {
+        Ok(()) => info!(message = "Shut down: in-flight exchanges finished, capture queue drained."),
+        Err(_) => warn!(
+            message = "Shutdown grace expired before every exchange finished and the capture queue drained.",
+            grace = ?config.shutdown_grace,
+        ),
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_task).await;
+    Ok(())
+}

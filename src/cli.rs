@@ -1,11 +1,14 @@
 //! Runs a parsed command line: sets up logging, loads the configuration and maps
 //! failures to exit codes (2 for a bad configuration, 1 for a runtime failure).
 
+use crate::app::ServeError;
 use crate::config::{Cli, Command, Config};
 use std::process::ExitCode;
 
 /// Exit code of a configuration error (unknown key, bad value, port in use).
 pub const EXIT_CONFIG: u8 = 2;
+/// Exit code of a failure at run time.
+pub const EXIT_RUNTIME: u8 = 1;
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
@@ -18,12 +21,29 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             };
             init_logging(&config.log);
-            eprintln!("mltap serve: not wired yet ({config:?})");
-            ExitCode::from(1)
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("mltap: cannot start the async runtime: {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            };
+            match runtime.block_on(crate::app::serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(ServeError::Config(e)) => {
+                    eprintln!("mltap: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("mltap: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
         }
-        Command::Demo(_) | Command::Send(_) => {
+        Command::Send(args) => crate::send::run(&args),
+        Command::Demo(_) => {
             eprintln!("mltap: not wired yet");
-            ExitCode::from(1)
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }

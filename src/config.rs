@@ -96,6 +96,15 @@ pub struct SendArgs {
     /// Anodot metrics endpoint.
     #[arg(long, env = "MLTAP_ANODOT_URL", value_name = "URL")]
     pub anodot_url: String,
+    /// Metric protocol: 2.0, or 3.0 (stream schemas and watermarks; access key from ANODOT_ACCESS_KEY).
+    #[arg(long, value_name = "VERSION", default_value = "2.0")]
+    pub protocol: String,
+    /// Points per second sent at most.
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    pub points_per_second: u32,
+    /// Stop when Anodot keeps failing this long; a later run resumes where this one stopped.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub give_up_after: String,
 }
 
 /// A configuration problem, reported as one line naming the key; exit code 2.

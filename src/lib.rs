@@ -18,6 +18,7 @@ pub mod demo;
 pub mod labels;
 pub mod monitor;
 pub mod proxy;
+pub mod send;
 pub mod sinks;
 pub mod tfserving;
 pub mod worker;

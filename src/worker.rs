@@ -3,7 +3,8 @@
 //! Anodot files, the Prometheus model gauges and any attached listeners.
 //!
 //! It runs on its own threads, never on the proxy's runtime: one thread moves
-//! exchanges from the capture queue to a pool of decode threads, which hand each
+//! exchanges from the capture queue (in batches every 20 ms, so that the hot path
+//! never has to wake it) to a pool of decode threads, which hand each
 //! decoded exchange to the aggregation (monitor) thread of its model. Each monitor
 //! thread owns an engine for its share of the models (so a model's streams and files
 //! stay on one thread), ticks every 250 ms (or a quarter of the bucket width if
@@ -22,7 +23,7 @@ use crate::config::Config;
 use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, ReferenceSet};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
-use crate::tfserving::{Decoder, Observation};
+use crate::tfserving::{DecodeLimits, Decoder, Observation, SchemaCache, SchemaSource};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,12 +35,20 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+/// How often the capture thread takes what has queued up. It does not wait in `recv`:
+/// a parked receiver makes every `offer` on the proxy's hot path wake this thread
+/// (a futex write per exchange), which costs proxy throughput.
+const CAPTURE_TICK: Duration = Duration::from_millis(20);
+/// At shutdown, how long the queue may stay empty before the worker stops taking.
+const FINISH_IDLE: Duration = Duration::from_millis(200);
 /// Exchanges waiting between the capture thread and the decode threads; small, since
 /// the capture queue in front of it is the buffer that counts drops.
 const DECODE_HANDOFF: usize = 128;
 /// Decoded exchanges waiting for the monitor thread; each holds its decoded columns
 /// (a 64 × 100 float batch is 50 KiB), so this stays small.
 const MONITOR_HANDOFF: usize = 128;
+/// How long one signature fetch from TF Serving may take.
+const SCHEMA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause between two ticks of the monitor thread.
 const MAX_TICK: Duration = Duration::from_millis(250);
 
@@ -180,7 +189,17 @@ pub fn spawn_with(
     let received = metrics.received.clone();
     threads.extend(spawn_thread("mltap-capture", move || capture_loop(receiver, exchange_tx, stop_capture, received)));
 
-    let decoder = Arc::new(Decoder::new(config.models.clone()));
+    let mut decoder = Decoder::new(config.models.clone()).with_limits(DecodeLimits::default());
+    // The signature fetcher (names of unnamed REST inputs) is a task on the caller's
+    // runtime; without one, unnamed inputs keep the name `input`.
+    if tokio::runtime::Handle::try_current().is_ok() {
+        decoder = decoder.with_schemas(SchemaCache::spawn(SchemaSource::new(
+            Some(config.grpc_upstream.clone()),
+            Some(config.rest_upstream.clone()),
+            SCHEMA_TIMEOUT,
+        )));
+    }
+    let decoder = Arc::new(decoder);
     for i in 0..decoders {
         let (rx, tx, decoder) = (exchange_rx.clone(), to_shards.clone(), decoder.clone());
         threads.extend(spawn_thread(&format!("mltap-decode-{i}"), move || decode_loop(&decoder, &rx, &tx)));
@@ -263,8 +282,8 @@ impl WorkerHandle {
     }
 }
 
-/// Moves exchanges from the capture queue to the decode threads until stopped (then
-/// drains what is queued) or until every sender is gone.
+/// Moves exchanges from the capture queue to the decode threads, in batches on a
+/// short tick, until stopped; then drains the queue.
 fn capture_loop(
     mut receiver: CaptureReceiver,
     to_decoders: mpsc::SyncSender<Exchange>,
@@ -286,26 +305,27 @@ fn capture_loop(
         }
     };
     runtime.block_on(async {
+        let mut tick = tokio::time::interval(CAPTURE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                exchange = receiver.recv() => match exchange {
-                    Some(exchange) => {
-                        count(&exchange);
-                        if to_decoders.send(exchange).is_err() {
-                            return;
-                        }
-                    }
-                    None => return,
-                },
-                _ = stop.notified() => {
+                _ = tick.tick() => {
                     while let Some(exchange) = receiver.try_recv() {
                         count(&exchange);
                         if to_decoders.send(exchange).is_err() {
                             return;
                         }
                     }
-                    return;
                 }
+                _ = stop.notified() => break,
+            }
+        }
+        // Shutdown: what is queued, and what exchanges still in flight add, until every
+        // sender is gone or the queue stays idle for a moment.
+        while let Ok(Some(exchange)) = tokio::time::timeout(FINISH_IDLE, receiver.recv()).await {
+            count(&exchange);
+            if to_decoders.send(exchange).is_err() {
+                return;
             }
         }
     });

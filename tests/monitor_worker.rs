@@ -7,7 +7,8 @@ use bytes::Bytes;
 use mltap::capture::{self, Exchange, Protocol};
 use mltap::config::{CaptureConfig, Config, ServeArgs};
 use mltap::monitor::ClosedBucket;
-use mltap::worker::{self, BucketListener};
+use mltap::tfserving::Observation;
+use mltap::worker::{self, BucketListener, ObservationListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -109,4 +110,101 @@ async fn exchanges_dropped_by_a_full_queue_are_reported_as_capture_dropped() {
     assert_eq!(total(&points, "request_count"), 2.0);
     let global = points.iter().find(|p| p["properties"]["what"] == "capture_dropped").unwrap();
     assert!(global["properties"].get("model").is_none());
+}
+
+#[derive(Default)]
+struct Observations(Mutex<Vec<(String, usize, i64)>>);
+
+impl ObservationListener for Observations {
+    fn on_observation(&self, observation: &Arc<Observation>, bucket_start: i64) {
+        self.0.lock().unwrap().push((observation.stream.model.clone(), observation.rows, bucket_start));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observation_listeners_get_each_decoded_observation_with_its_bucket_start() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tfserving/rest");
+    let fixtures = if fixtures.is_dir() {
+        fixtures
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tfserving/rest")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(config(dir.path()));
+    let (sender, receiver) = capture::queue(&config.capture);
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
+    let listener = Arc::new(Observations::default());
+    let hooks = worker::Hooks::default();
+    hooks.add_observation_listener(listener.clone());
+    let handle = worker::spawn_with(config, receiver, &mut registry, hooks);
+    let started_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_123);
+    let mut e = exchange();
+    e.started_at = started_at;
+    e.request_body = vec![std::fs::read(fixtures.join("row_single_input.request.json")).unwrap().into()];
+    e.response_body = vec![std::fs::read(fixtures.join("row_single_input.response.json")).unwrap().into()];
+    assert!(sender.offer(e));
+    drop(sender);
+    handle.finish().await;
+
+    assert_eq!(*listener.0.lock().unwrap(), vec![("iris".to_string(), 3, 1_700_000_123)]);
+    let points = all_points(dir.path());
+    assert_eq!(total(&points, "buffer_count"), 3.0);
+    assert_eq!(total(&points, "prediction_count"), 3.0);
+    // The last closed bucket is also on /metrics.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(text.contains(r#"mltap_model_buffer_count{model="iris",signature="serving_default"} 3"#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_model_is_aggregated_whatever_the_number_of_aggregation_threads() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tfserving/rest");
+    let fixtures = if fixtures.is_dir() {
+        fixtures
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tfserving/rest")
+    };
+    for threads in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        config.monitor.aggregation_threads = threads;
+        config.monitor.decode_threads = 2;
+        let config = Arc::new(config);
+        let (sender, receiver) = capture::queue(&config.capture);
+        let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
+        let handle = worker::spawn(config, receiver, &mut registry);
+        let case = |name: &str, path: &str| {
+            let mut e = exchange();
+            e.path = path.to_string();
+            e.request_body = vec![std::fs::read(fixtures.join(format!("{name}.request.json"))).unwrap().into()];
+            e.response_body = vec![std::fs::read(fixtures.join(format!("{name}.response.json"))).unwrap().into()];
+            e
+        };
+        for _ in 0..4 {
+            assert!(sender.offer(case("row_single_input", "/v1/models/iris:predict")));
+            assert!(sender.offer(case("columnar_named", "/v1/models/credit:predict")));
+        }
+        drop(sender);
+        handle.finish().await;
+        let points = all_points(dir.path());
+        let rows = |model: &str| -> f64 {
+            points
+                .iter()
+                .filter(|p| p["properties"]["what"] == "buffer_count" && p["properties"]["model"] == model)
+                .map(|p| p["value"].as_f64().unwrap())
+                .sum()
+        };
+        assert_eq!(rows("iris"), 12.0, "{threads} threads");
+        assert_eq!(rows("credit"), 8.0, "{threads} threads");
+        assert_eq!(total(&points, "request_count"), 8.0);
+        // Only one thread reports capture drops: one point per bucket.
+        let stamps: Vec<i64> = points
+            .iter()
+            .filter(|p| p["properties"]["what"] == "capture_dropped")
+            .map(|p| p["timestamp"].as_i64().unwrap())
+            .collect();
+        let distinct: std::collections::BTreeSet<i64> = stamps.iter().copied().collect();
+        assert!(!stamps.is_empty());
+        assert_eq!(distinct.len(), stamps.len(), "{threads} threads");
+    }
 }

@@ -26,3 +26,8 @@ pub trait AdminRoute: Send + Sync + 'static {
     /// Answers the request.
     fn call(&self, request: AdminRequest) -> AdminFuture;
 }
+
+pub mod capture_metrics;
+pub mod server;
+
+pub use server::{AdminServer, ReadinessTarget};

@@ -1,4 +1,468 @@
 //! Listeners, upstream clients, the body tee and hop-by-hop header rules.
 //!
-//! The proxy never parses a payload and never waits on the worker: it forwards bytes
-//! as they stream and hands cheap copies to the capture queue.
+//! The REST listener (HTTP/1.1) and the gRPC listener (HTTP/2 cleartext) forward
+//! every request to TF Serving over pooled connections and stream both bodies as they
+//! come. Inference calls get a tee that hands cheap copies to the capture queue.
+//! The proxy never parses a payload, never holds a lock across an await and never
+//! waits on the worker: a monitoring fault cannot change what a client receives.
+
+mod grpc;
+pub mod headers;
+pub mod metrics;
+pub mod request_id;
+mod rest;
+pub mod tee;
+
+use crate::capture::CaptureSender;
+use crate::config::{Config, ConfigError};
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tee::TeeBody;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+pub use metrics::ProxyMetrics;
+
+/// HTTP/2 flow-control windows and frame size, on both sides of the gRPC path: large
+/// enough that a 64×16 float batch or a multi-megabyte tensor does not stall on
+/// WINDOW_UPDATE round trips.
+const H2_STREAM_WINDOW: u32 = 4 << 20;
+const H2_CONNECTION_WINDOW: u32 = 16 << 20;
+const H2_MAX_FRAME: u32 = 1 << 20;
+const H2_MAX_SEND_BUF: usize = 1 << 20;
+/// Streams one client connection may open at once. TF Serving sets no limit; this
+/// bound keeps a single connection's memory finite.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
+/// Idle pooled upstream connections are closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+/// The client that carries requests to TF Serving, with the tee in the request body.
+type UpstreamClient = Client<HttpConnector, TeeBody<Incoming>>;
+
+/// What kind of call a request is: metric label and capture decision in one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    GrpcPredict,
+    GrpcClassify,
+    GrpcRegress,
+    GrpcMultiInference,
+    GrpcGetModelMetadata,
+    GrpcGetModelStatus,
+    GrpcReloadConfig,
+    GrpcOther,
+    RestPredict,
+    RestClassify,
+    RestRegress,
+    RestMetadata,
+    RestStatus,
+    RestOther,
+}
+
+impl RouteKind {
+    /// Classifies a gRPC path; only TF Serving's own methods get their own label.
+    pub fn grpc(path: &str) -> RouteKind {
+        match path {
+            "/tensorflow.serving.PredictionService/Predict" => RouteKind::GrpcPredict,
+            "/tensorflow.serving.PredictionService/Classify" => RouteKind::GrpcClassify,
+            "/tensorflow.serving.PredictionService/Regress" => RouteKind::GrpcRegress,
+            "/tensorflow.serving.PredictionService/MultiInference" => RouteKind::GrpcMultiInference,
+            "/tensorflow.serving.PredictionService/GetModelMetadata" => RouteKind::GrpcGetModelMetadata,
+            "/tensorflow.serving.ModelService/GetModelStatus" => RouteKind::GrpcGetModelStatus,
+            "/tensorflow.serving.ModelService/HandleReloadConfigRequest" => RouteKind::GrpcReloadConfig,
+            _ => RouteKind::GrpcOther,
+        }
+    }
+
+    /// Classifies a REST call by method and path (`/v1/models/M[/versions/V]:verb`).
+    pub fn rest(method: &http::Method, path: &str) -> RouteKind {
+        if method == http::Method::POST {
+            if path.ends_with(":predict") {
+                return RouteKind::RestPredict;
+            }
+            if path.ends_with(":classify") {
+                return RouteKind::RestClassify;
+            }
+            if path.ends_with(":regress") {
+                return RouteKind::RestRegress;
+            }
+        }
+        if method == http::Method::GET && path.starts_with("/v1/models/") {
+            return if path.ends_with("/metadata") { RouteKind::RestMetadata } else { RouteKind::RestStatus };
+        }
+        RouteKind::RestOther
+    }
+
+    /// Whether the exchange is copied to the worker.
+    pub fn captured(self) -> bool {
+        matches!(
+            self,
+            RouteKind::GrpcPredict
+                | RouteKind::GrpcClassify
+                | RouteKind::GrpcRegress
+                | RouteKind::GrpcMultiInference
+                | RouteKind::RestPredict
+                | RouteKind::RestClassify
+                | RouteKind::RestRegress
+        )
+    }
+
+    /// The `method` label of the request metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            RouteKind::GrpcPredict => "Predict",
+            RouteKind::GrpcClassify => "Classify",
+            RouteKind::GrpcRegress => "Regress",
+            RouteKind::GrpcMultiInference => "MultiInference",
+            RouteKind::GrpcGetModelMetadata => "GetModelMetadata",
+            RouteKind::GrpcGetModelStatus => "GetModelStatus",
+            RouteKind::GrpcReloadConfig => "HandleReloadConfigRequest",
+            RouteKind::RestPredict => "predict",
+            RouteKind::RestClassify => "classify",
+            RouteKind::RestRegress => "regress",
+            RouteKind::RestMetadata => "metadata",
+            RouteKind::RestStatus => "status",
+            RouteKind::GrpcOther | RouteKind::RestOther => "other",
+        }
+    }
+}
+
+/// The grpc-status in a header or trailer map.
+pub(crate) fn grpc_status_of(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Where one listener forwards to.
+#[derive(Debug, Clone)]
+struct Upstream {
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// The URL as configured, for error messages that name the upstream.
+    shown: String,
+}
+
+impl Upstream {
+    fn new(key: &str, uri: &http::Uri) -> Result<Upstream, ConfigError> {
+        if uri.scheme_str() != Some("http") {
+            return Err(ConfigError::new(
+                key,
+                "",
+                format!("`{uri}`: only http:// upstreams are supported (TF Serving speaks cleartext)"),
+            ));
+        }
+        let authority =
+            uri.authority().cloned().ok_or_else(|| ConfigError::new(key, "", format!("`{uri}` has no host")))?;
+        let shown = format!("http://{authority}");
+        Ok(Upstream { scheme: http::uri::Scheme::HTTP, authority, shown })
+    }
+
+    /// The request's path and query on this upstream.
+    fn uri_for(&self, uri: &http::Uri) -> http::Uri {
+        let path = uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path);
+        // Scheme, authority and an origin path always make a valid URI.
+        http::Uri::from_parts(parts).unwrap_or_default()
+    }
+}
+
+/// State shared by every connection of both listeners.
+#[derive(Debug)]
+pub struct ProxyShared {
+    /// Where copies of inference exchanges go; `offer` never waits.
+    pub(crate) capture: CaptureSender,
+    pub(crate) metrics: ProxyMetrics,
+    /// Generates ids for requests that carry none.
+    request_ids: request_id::RequestIds,
+    /// Header (gRPC metadata key) carrying the request id.
+    request_id_header: http::HeaderName,
+    /// Return a generated request id to the client.
+    return_request_id: bool,
+    /// Deadline for the upstream's response head when the client sets none.
+    upstream_timeout: Duration,
+    rest_upstream: Upstream,
+    grpc_upstream: Upstream,
+    /// Pooled HTTP/1.1 connections to TF Serving's REST port.
+    rest_client: UpstreamClient,
+    /// Pooled HTTP/2 (prior knowledge) connections to TF Serving's gRPC port.
+    grpc_client: UpstreamClient,
+}
+
+impl ProxyShared {
+    /// The client's request id, or a generated one when the exchange needs an id
+    /// (captured, or ids are returned). Returns the id and whether it was generated.
+    fn request_id(&self, headers: &http::HeaderMap, needed: bool) -> (String, bool) {
+        if let Some(id) = headers.get(&self.request_id_header).and_then(|v| v.to_str().ok()) {
+            return (id.to_string(), false);
+        }
+        if needed || self.return_request_id {
+            (self.request_ids.generate(), true)
+        } else {
+            (String::new(), false)
+        }
+    }
+
+    /// Adds a generated request id to a response when the configuration asks for it.
+    fn return_generated_id(&self, headers: &mut http::HeaderMap, id: &str, generated: bool) {
+        if generated && self.return_request_id {
+            if let Ok(value) = http::HeaderValue::from_str(id) {
+                headers.insert(self.request_id_header.clone(), value);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        capture: CaptureSender,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Arc<ProxyShared> {
+        let config = Config::load(&crate::config::ServeArgs::default()).expect("default config");
+        Proxy::new(&config, capture, ProxyMetrics::register(registry)).expect("default proxy").shared
+    }
+}
+
+fn connector(config: &Config) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
+    connector
+}
+
+/// The proxy: both listeners' handlers and their upstream clients.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    shared: Arc<ProxyShared>,
+}
+
+impl Proxy {
+    /// Builds the upstream clients. Several proxies (one per serving thread) may share
+    /// one capture queue and one set of metrics. Fails when an upstream URL cannot be
+    /// served (e.g. `https://`), naming its key.
+    pub fn new(config: &Config, capture: CaptureSender, metrics: ProxyMetrics) -> Result<Proxy, ConfigError> {
+        let rest_upstream = Upstream::new("rest_upstream", &config.rest_upstream)?;
+        let grpc_upstream = Upstream::new("grpc_upstream", &config.grpc_upstream)?;
+        let rest_client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector(config));
+        let grpc_client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .http2_only(true)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .http2_max_frame_size(H2_MAX_FRAME)
+            .http2_max_send_buf_size(H2_MAX_SEND_BUF)
+            .timer(TokioTimer::new())
+            .build(connector(config));
+        Ok(Proxy {
+            shared: Arc::new(ProxyShared {
+                capture,
+                metrics,
+                request_ids: request_id::RequestIds::default(),
+                request_id_header: config.request_id_header.clone(),
+                return_request_id: config.capture.return_request_id,
+                upstream_timeout: config.upstream_timeout,
+                rest_upstream,
+                grpc_upstream,
+                rest_client,
+                grpc_client,
+            }),
+        })
+    }
+
+    /// Serves the REST listener until `stop` turns true, then stops accepting, lets
+    /// in-flight exchanges finish and returns when every connection is closed.
+    pub async fn serve_rest(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.keep_alive(true).auto_date_header(false).timer(TokioTimer::new());
+        let shared = self.shared.clone();
+        accept_loop(listener, stop, move |io, stop| {
+            let shared = shared.clone();
+            let builder = builder.clone();
+            async move {
+                let service = hyper::service::service_fn(move |request| rest::handle(shared.clone(), request));
+                let connection = builder.serve_connection(io, service);
+                run_connection(connection, stop, |c| c.graceful_shutdown()).await;
+            }
+        })
+        .await;
+    }
+
+    /// Serves the gRPC listener (HTTP/2 prior knowledge) like `serve_rest`.
+    pub async fn serve_grpc(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .auto_date_header(false)
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_frame_size(H2_MAX_FRAME)
+            .max_send_buf_size(H2_MAX_SEND_BUF)
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+        let shared = self.shared.clone();
+        accept_loop(listener, stop, move |io, stop| {
+            let shared = shared.clone();
+            let builder = builder.clone();
+            async move {
+                let service = hyper::service::service_fn(move |request| grpc::handle(shared.clone(), request));
+                let connection = builder.serve_connection(io, service);
+                run_connection(connection, stop, |c| c.graceful_shutdown()).await;
+            }
+        })
+        .await;
+    }
+
+    /// Upstream addresses (`host:port`) for readiness checks: gRPC, then REST.
+    pub fn upstream_addresses(&self) -> Vec<(String, String)> {
+        [&self.shared.grpc_upstream, &self.shared.rest_upstream]
+            .into_iter()
+            .map(|u| (u.shown.clone(), format!("{}:{}", u.authority.host(), u.authority.port_u16().unwrap_or(80))))
+            .collect()
+    }
+}
+
+/// Accepts connections until `stop`, serving each on its own task; returns once all
+/// of them have ended. Each task holds a clone of `open`; the channel closes when the
+/// last one ends.
+async fn accept_loop<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, serve: F)
+where
+    F: Fn(TokioIo<tokio::net::TcpStream>, watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
+    let connection_stop = stop.clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                debug!(message = "Accepted connection.", %peer);
+                let open = open.clone();
+                let task = serve(TokioIo::new(stream), connection_stop.clone());
+                tokio::spawn(async move {
+                    task.await;
+                    drop(open);
+                });
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(message = "Accept failed.", %error);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    drop(open);
+    let _ = all_closed.recv().await;
+}
+
+/// Drives one connection; on `stop` asks it to finish its in-flight exchanges and close.
+async fn run_connection<C, E>(connection: C, mut stop: watch::Receiver<bool>, graceful: fn(Pin<&mut C>))
+where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                debug!(message = "Client connection ended with an error.", %error);
+            }
+            return;
+        }
+        _ = stop.wait_for(|stopped| *stopped) => graceful(connection.as_mut()),
+    }
+    if let Err(error) = connection.await {
+        debug!(message = "Client connection ended with an error.", %error);
+    }
+}
+
+pin_project! {
+    /// What a listener answers: the upstream's body through the tee, or a body mltap
+    /// wrote itself (errors for a dead or slow upstream).
+    #[project = ResponseBodyProj]
+    #[derive(Debug)]
+    pub enum ResponseBody {
+        Upstream { #[pin] body: TeeBody<Incoming> },
+        Local { data: Option<Bytes> },
+    }
+}
+
+impl ResponseBody {
+    fn local(data: Bytes) -> ResponseBody {
+        ResponseBody::Local { data: (!data.is_empty()).then_some(data) }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ResponseBodyProj::Upstream { body } => body.poll_frame(cx),
+            ResponseBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream { body } => body.is_end_stream(),
+            ResponseBody::Local { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream { body } => body.size_hint(),
+            ResponseBody::Local { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+/// An error with its causes, `outer: inner: root`, for messages naming what failed.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_inference_calls_are_captured() {
+        assert!(RouteKind::grpc("/tensorflow.serving.PredictionService/Predict").captured());
+        assert!(RouteKind::grpc("/tensorflow.serving.PredictionService/MultiInference").captured());
+        assert!(!RouteKind::grpc("/tensorflow.serving.PredictionService/GetModelMetadata").captured());
+        assert!(!RouteKind::grpc("/other.Service/Predict").captured());
+        assert!(RouteKind::rest(&http::Method::POST, "/v1/models/m/versions/2:predict").captured());
+        assert!(RouteKind::rest(&http::Method::POST, "/v1/models/m:regress").captured());
+        assert!(!RouteKind::rest(&http::Method::GET, "/v1/models/m:predict").captured());
+        assert_eq!(RouteKind::rest(&http::Method::GET, "/v1/models/m/metadata"), RouteKind::RestMetadata);
+    }
+}

@@ -2,10 +2,40 @@
 //! gRPC framing and compression. Turns a captured `Exchange` into an `Observation`.
 //!
 //! Everything here runs in the worker, off the hot path, on untrusted bytes: it never
-//! panics on input and never allocates past a configured bound.
+//! panics on input and never allocates past a configured bound (`DecodeLimits`).
+//!
+//! Layers: `tensor` (TensorProto, tf.Example lists → `Tensor`), `json` (TF Serving's
+//! JSON, scanned without recursion), `grpc` and `rest` (protocol → `Call`), `observe`
+//! (naming and probability rules → `Observation`), `schema` (model signatures fetched
+//! once per model version, off the decode path).
+//!
+//! Wiring in the worker:
+//!
+//! ```ignore
+//! // inside the tokio runtime (the signature fetcher is a task on it):
+//! let decoder = Decoder::new(config.models.clone())
+//!     .with_limits(DecodeLimits::default())
+//!     .with_schema_fetcher(Some(config.grpc_upstream.clone()), Some(config.rest_upstream.clone()), Duration::from_secs(5));
+//! // per exchange, on a worker thread (synchronous, never waits on the network):
+//! let decoded = decoder.decode(&exchange);
+//! for e in &decoded.errors { /* decode_errors{reason = e.reason} += 1 */ }
+//! ```
 
+pub mod call;
+pub mod grpc;
+pub mod json;
+pub mod observe;
 pub mod proto;
+pub mod rest;
+pub mod schema;
+pub mod tensor;
 
+pub use call::{Call, CallDecoded, Inputs, Outputs, TaskResult};
+pub use schema::{ModelSchema, SchemaCache, SchemaKey, SchemaSource, SignatureSchema};
+pub use tensor::{DType, NamedTensor, Tensor, TensorValues};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// Which inference API produced an observation.
@@ -169,6 +199,139 @@ pub struct DecodeError {
     pub detail: String,
 }
 
+impl DecodeError {
+    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+        DecodeError { reason, detail: detail.into() }
+    }
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// The fixed `reason` labels of `DecodeError`.
+pub mod reason {
+    /// A gRPC frame header or message cut short (or an invalid compressed flag).
+    pub const TRUNCATED_FRAME: &str = "truncated_frame";
+    /// A gRPC body with no message at all.
+    pub const MISSING_MESSAGE: &str = "missing_message";
+    /// More than one message in a unary gRPC body (the first is used).
+    pub const EXTRA_FRAMES: &str = "extra_frames";
+    /// Bytes that are not the expected protobuf message.
+    pub const BAD_PROTOBUF: &str = "bad_protobuf";
+    /// A body that is not TF Serving's JSON, or lacks its required keys.
+    pub const BAD_JSON: &str = "bad_json";
+    /// JSON nested deeper than `max_json_depth`.
+    pub const TOO_DEEP: &str = "too_deep";
+    /// A `{"b64": ...}` value that is not base64.
+    pub const BAD_BASE64: &str = "bad_base64";
+    /// Nested lists of different lengths in one tensor, or a named input missing from some rows.
+    pub const RAGGED: &str = "ragged";
+    /// Numbers, strings and bools mixed in one tensor.
+    pub const MIXED_TYPES: &str = "mixed_types";
+    /// A compressed body that does not inflate.
+    pub const BAD_COMPRESSION: &str = "bad_compression";
+    /// A compression other than gzip/deflate/identity.
+    pub const UNSUPPORTED_ENCODING: &str = "unsupported_encoding";
+    /// Past `max_elements` or `max_decompressed_bytes`.
+    pub const TOO_LARGE: &str = "too_large";
+    /// A negative dimension or an unknown rank.
+    pub const BAD_SHAPE: &str = "bad_shape";
+    /// More typed values than the shape holds.
+    pub const BAD_TENSOR: &str = "bad_tensor";
+    /// `tensor_content` whose length is not elements × width.
+    pub const BAD_TENSOR_CONTENT: &str = "bad_tensor_content";
+    /// A dtype mltap does not decode (complex, quantized, ...); the tensor is skipped.
+    pub const UNSUPPORTED_DTYPE: &str = "unsupported_dtype";
+    /// Not a PredictionService method or a REST inference URL.
+    pub const UNKNOWN_PATH: &str = "unknown_path";
+    /// A tensor (or results) whose rows differ from the batch.
+    pub const BATCH_MISMATCH: &str = "batch_mismatch";
+    /// An input that would pass `max_features` feature columns; it is skipped.
+    pub const TOO_MANY_FEATURES: &str = "too_many_features";
+    /// The probabilities output holds rows that are not distributions.
+    pub const NOT_PROBABILITIES: &str = "not_probabilities";
+    /// Classify results whose labels differ between examples.
+    pub const INCONSISTENT_CLASSES: &str = "inconsistent_classes";
+
+    /// Every reason, to pre-register metric labels.
+    pub const ALL: [&str; 21] = [
+        TRUNCATED_FRAME,
+        MISSING_MESSAGE,
+        EXTRA_FRAMES,
+        BAD_PROTOBUF,
+        BAD_JSON,
+        TOO_DEEP,
+        BAD_BASE64,
+        RAGGED,
+        MIXED_TYPES,
+        BAD_COMPRESSION,
+        UNSUPPORTED_ENCODING,
+        TOO_LARGE,
+        BAD_SHAPE,
+        BAD_TENSOR,
+        BAD_TENSOR_CONTENT,
+        UNSUPPORTED_DTYPE,
+        UNKNOWN_PATH,
+        BATCH_MISMATCH,
+        TOO_MANY_FEATURES,
+        NOT_PROBABILITIES,
+        INCONSISTENT_CLASSES,
+    ];
+}
+
+/// Bounds on what decoding one exchange may allocate (a `[decode]` config section
+/// can carry them).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeLimits {
+    /// Tensor elements (values, strings, example features) decoded per exchange.
+    pub max_elements: usize,
+    /// Bytes an inflated body or gRPC message may reach (gzip bombs stop here).
+    pub max_decompressed_bytes: usize,
+    /// JSON nesting accepted (tensors are rarely deeper than 5).
+    pub max_json_depth: usize,
+    /// Feature columns per observation; wider inputs (images) are skipped.
+    pub max_features: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_elements: 1 << 23,
+            max_decompressed_bytes: 100 << 20,
+            max_json_depth: 64,
+            max_features: 1024,
+        }
+    }
+}
+
+/// Lets a few debug lines through per second, so that a flood of bad payloads
+/// cannot flood the log.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    /// The second (since the epoch) the count belongs to.
+    second: AtomicU64,
+    /// Lines logged in that second.
+    count: AtomicU64,
+}
+
+impl LogLimiter {
+    const PER_SECOND: u64 = 10;
+
+    fn allow(&self) -> bool {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed) < Self::PER_SECOND
+    }
+}
+
 /// What the worker learns from one exchange, whatever its outcome.
 #[derive(Debug, Clone, Default)]
 pub struct Decoded {
@@ -186,21 +349,106 @@ pub struct Decoded {
 /// Turns exchanges into observations, with the per-model overrides of the config.
 #[derive(Debug, Clone, Default)]
 pub struct Decoder {
+    /// Per-model overrides: probabilities output, class names, threshold, categorical
+    /// features, id feature.
     models: std::collections::BTreeMap<String, crate::config::ModelConfig>,
+    /// Allocation bounds per exchange.
+    limits: DecodeLimits,
+    /// Model signatures, to name unnamed REST tensors; None names them `input`.
+    schemas: Option<SchemaCache>,
+    /// Shared by clones, so that all worker threads share one log budget.
+    log: Arc<LogLimiter>,
 }
 
 impl Decoder {
     pub fn new(models: std::collections::BTreeMap<String, crate::config::ModelConfig>) -> Self {
-        Decoder { models }
+        Decoder { models, ..Decoder::default() }
     }
 
-    /// Decodes one exchange. (Placeholder until the decoders land: reports the
-    /// exchange as undecoded.)
-    pub fn decode(&self, _exchange: &crate::capture::Exchange) -> Decoded {
-        let _ = &self.models;
-        Decoded {
-            errors: vec![DecodeError { reason: "not_implemented", detail: "decoders pending".into() }],
-            ..Decoded::default()
+    /// Replaces the default allocation bounds.
+    pub fn with_limits(mut self, limits: DecodeLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Names unnamed REST tensors from model signatures (see `SchemaCache::spawn`).
+    pub fn with_schemas(mut self, schemas: SchemaCache) -> Self {
+        self.schemas = Some(schemas);
+        self
+    }
+
+    /// Names unnamed REST tensors from signatures fetched from TF Serving (gRPC
+    /// `GetModelMetadata` on `grpc_upstream`, else REST metadata on `rest_upstream`),
+    /// each attempt bounded by `timeout`. Spawns the fetcher: call it inside the
+    /// tokio runtime.
+    pub fn with_schema_fetcher(
+        self,
+        grpc_upstream: Option<http::Uri>,
+        rest_upstream: Option<http::Uri>,
+        timeout: Duration,
+    ) -> Self {
+        self.with_schemas(SchemaCache::spawn(SchemaSource::new(grpc_upstream, rest_upstream, timeout)))
+    }
+
+    /// The allocation bounds in use.
+    pub fn limits(&self) -> &DecodeLimits {
+        &self.limits
+    }
+
+    /// Decodes the bodies of one exchange into a protocol-neutral `Call`, without
+    /// naming or probability rules. The bodies of a failed or incomplete exchange are
+    /// not read, except a gRPC request's, for the model name.
+    pub fn decode_call(&self, exchange: &crate::capture::Exchange) -> CallDecoded {
+        let succeeded = exchange.complete && exchange.status == 200 && exchange.grpc_status.unwrap_or(0) == 0;
+        let mut budget = tensor::Budget::new(self.limits.max_elements);
+        let mut out = match exchange.protocol {
+            crate::capture::Protocol::Grpc => grpc::decode_exchange(exchange, &self.limits, &mut budget, succeeded),
+            crate::capture::Protocol::Rest => rest::decode_exchange(exchange, &self.limits, &mut budget, succeeded),
+        };
+        out.succeeded = succeeded;
+        if !succeeded {
+            // The upstream or the client failed the call; its payload problems are theirs.
+            out.errors.clear();
+            out.call = None;
         }
+        out
+    }
+
+    /// Decodes one exchange.
+    pub fn decode(&self, exchange: &crate::capture::Exchange) -> Decoded {
+        let CallDecoded { model, method, call, errors, .. } = self.decode_call(exchange);
+        let mut decoded = Decoded { model, method, observations: Vec::new(), errors };
+        if let Some(call) = call {
+            let schema = self.schema_for(exchange, &call);
+            let context = observe::Context {
+                exchange,
+                models: &self.models,
+                limits: &self.limits,
+                signature: schema.as_deref().and_then(|s| s.signature(&call.signature)),
+            };
+            decoded.observations = observe::observations(&call, &context, &mut decoded.errors);
+        }
+        for error in &decoded.errors {
+            if self.log.allow() {
+                tracing::debug!(
+                    message = "Payload not fully decoded.",
+                    reason = error.reason,
+                    detail = %error.detail,
+                    path = %exchange.path,
+                    request_id = %exchange.request_id,
+                );
+            }
+        }
+        decoded
+    }
+
+    /// The signature of a REST call's model version, when the cache has it (a miss
+    /// asks the fetcher and returns None at once).
+    fn schema_for(&self, exchange: &crate::capture::Exchange, call: &Call) -> Option<Arc<ModelSchema>> {
+        if exchange.protocol != crate::capture::Protocol::Rest {
+            return None;
+        }
+        let key = SchemaKey { model: call.model.clone(), version: call.version, label: call.version_label.clone() };
+        self.schemas.as_ref()?.get(&key)
     }
 }

@@ -1,0 +1,165 @@
+//! Label ingestion rate (labels/s) and bytes per pending prediction row, for the
+//! embedded store, one Redis and a 3-node Redis Cluster (started on loopback).
+//!
+//! Run: `cargo bench --bench labels` (prints a table; `LABELS_BENCH_ROWS` sets the
+//! number of pending rows, 200000 by default; `LABELS_BENCH_EMBEDDED_ONLY=1` skips
+//! Redis).
+
+#[path = "../tests/labels_support/mod.rs"]
+mod labels_support;
+
+use labels_support::*;
+use mltap::config::LabelsStoreConfig;
+use mltap::labels::endpoint::parse_body;
+use mltap::labels::LabelService;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+const BATCH: usize = 1000;
+
+struct Figures {
+    store: &'static str,
+    record_single_row_per_s: f64,
+    record_batched_rows_per_s: f64,
+    bytes_per_row: f64,
+    ingest_sequential_per_s: f64,
+    ingest_concurrent_per_s: f64,
+}
+
+fn rows_of(n: usize, prefix: &str) -> Vec<mltap::tfserving::Observation> {
+    (0..n / BATCH)
+        .map(|b| {
+            let rows: Vec<Vec<f64>> = (0..BATCH)
+                .map(|i| {
+                    let p = ((b * BATCH + i) % 97) as f64 / 97.0;
+                    vec![1.0 - p, p]
+                })
+                .collect();
+            let mut o = observation("bench", &format!("{prefix}{b}"), &rows, Some(&["legit", "fraud"]));
+            o.row_ids = Some((0..BATCH).map(|i| format!("{prefix}{}", b * BATCH + i)).collect());
+            o
+        })
+        .collect()
+}
+
+fn bodies(n: usize, prefix: &str) -> Vec<String> {
+    (0..n / BATCH)
+        .map(|b| {
+            let entries: Vec<String> = (0..BATCH)
+                .map(|i| format!("{{\"id\":\"{prefix}{}\",\"label\":{}}}", b * BATCH + i, (b + i) % 2))
+                .collect();
+            format!("[{}]", entries.join(","))
+        })
+        .collect()
+}
+
+async fn ingest_all(service: &LabelService, bodies: &[String]) -> u64 {
+    let mut accepted = 0;
+    for body in bodies {
+        let (entries, _) = parse_body(body.as_bytes()).unwrap();
+        accepted += service.ingest(entries, SystemTime::now()).await.unwrap().accepted;
+    }
+    accepted
+}
+
+async fn run(store: &'static str, config: LabelsStoreConfig, rows: usize, measure_bytes: impl Fn() -> u64) -> Figures {
+    let (_dir, path) = temp_dir();
+    let mut s = settings(&path, config);
+    s.labels.max_pending_rows = 10_000_000;
+    let service = LabelService::open(s).await.unwrap();
+    let start = current_bucket();
+    let file = path.join(mltap::labels::service::EMBEDDED_FILE);
+    let file_len = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let bytes_before = measure_bytes() + file_len();
+
+    // What the worker does per observation: one single-row request at a time.
+    let singles = 5_000;
+    let t = Instant::now();
+    for i in 0..singles {
+        let o = observation("bench", &format!("single-{i}"), &[vec![0.25, 0.75]], Some(&["legit", "fraud"]));
+        service.record(&o, start).await.unwrap();
+    }
+    // Recording writes behind the caller; the figure counts until the rows are stored.
+    service.flush().await.unwrap();
+    let record_single_row_per_s = singles as f64 / t.elapsed().as_secs_f64();
+
+    let batches = rows_of(rows, "row-");
+    let t = Instant::now();
+    for o in &batches {
+        service.record(o, start).await.unwrap();
+    }
+    service.flush().await.unwrap();
+    let record_batched_rows_per_s = rows as f64 / t.elapsed().as_secs_f64();
+    service.due(SystemTime::now()).await.unwrap();
+    let bytes_after = measure_bytes() + file_len();
+    let bytes_per_row = bytes_after.saturating_sub(bytes_before) as f64 / (rows + singles) as f64;
+
+    let half = rows / 2;
+    let all = bodies(rows, "row-");
+    let (sequential, concurrent) = all.split_at(half / BATCH);
+    let t = Instant::now();
+    let accepted = ingest_all(&service, sequential).await;
+    let ingest_sequential_per_s = accepted as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(accepted as usize, half, "every label must join");
+
+    // Four clients posting at once, as the admin server would serve them.
+    let service = Arc::new(service);
+    let t = Instant::now();
+    let chunks: Vec<Vec<String>> = concurrent.chunks(concurrent.len().div_ceil(4)).map(|c| c.to_vec()).collect();
+    let tasks: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let service = service.clone();
+            tokio::spawn(async move { ingest_all(&service, &chunk).await })
+        })
+        .collect();
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await.unwrap();
+    }
+    let ingest_concurrent_per_s = accepted as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(accepted as usize, rows - half, "every label must join");
+
+    Figures {
+        store,
+        record_single_row_per_s,
+        record_batched_rows_per_s,
+        bytes_per_row,
+        ingest_sequential_per_s,
+        ingest_concurrent_per_s,
+    }
+}
+
+fn main() {
+    let rows: usize = std::env::var("LABELS_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let figures = runtime.block_on(async {
+        let mut figures = vec![run("embedded (redb)", LabelsStoreConfig::Embedded, rows, || 0).await];
+        if std::env::var("LABELS_BENCH_EMBEDDED_ONLY").is_ok() {
+            return figures;
+        }
+        let redis = RedisServer::start(false);
+        figures.push(run("redis", LabelsStoreConfig::Redis(redis.url()), rows, || redis.used_memory()).await);
+        drop(redis);
+        let cluster = RedisCluster::start();
+        let used = || cluster.nodes.iter().map(|n| n.used_memory()).sum();
+        figures.push(run("redis cluster (3 nodes)", LabelsStoreConfig::RedisCluster(cluster.urls()), rows, used).await);
+        figures
+    });
+    println!("pending rows: {rows} (+5000 single-row), labels per request: {BATCH}, binary model");
+    println!(
+        "| store | record, 1-row observations/s | record, rows/s (1000-row observations) | bytes per pending row | labels/s, 1 client | labels/s, 4 clients |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for f in figures {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            f.store,
+            f.record_single_row_per_s,
+            f.record_batched_rows_per_s,
+            f.bytes_per_row,
+            f.ingest_sequential_per_s,
+            f.ingest_concurrent_per_s
+        );
+    }
+}

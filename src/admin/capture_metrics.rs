@@ -1,0 +1,53 @@
+//! Exposes the capture queue's atomics (`capture::CaptureStats`) on `/metrics`, read
+//! at scrape time so the hot path only ever touches its atomics.
+
+use crate::capture::CaptureStats;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Scrape-time view of the capture queue.
+#[derive(Debug)]
+pub struct CaptureCollector {
+    /// Shared with the queue's sender and receiver.
+    pub stats: Arc<CaptureStats>,
+}
+
+impl Collector for CaptureCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.stats;
+        let counters = [
+            ("capture_enqueued", "Exchanges put on the capture queue", s.enqueued.load(Ordering::Relaxed)),
+            (
+                "capture_dropped",
+                "Exchanges dropped because the capture queue was full (intentional, reason: queue_full)",
+                s.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "capture_skipped_oversize",
+                "Exchanges not captured because their bodies exceeded capture.max_exchange_bytes",
+                s.skipped_oversize.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        let gauges = [
+            ("capture_queue_depth", "Exchanges waiting in the capture queue", s.depth.load(Ordering::Relaxed) as i64),
+            (
+                "capture_queue_bytes",
+                "Body bytes waiting in the capture queue",
+                s.depth_bytes.load(Ordering::Relaxed) as i64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,574 @@
+//! `LabelService`: the one handle the worker, the admin server and tests use.
+//! `record` remembers prediction rows, `ingest` joins labels to them, `due` claims the
+//! buckets whose label horizon has passed and returns their points.
+//!
+//! Attribution: a label belongs to its prediction's bucket (or, with
+//! `attribute_to_arrival`, to the bucket of its arrival). A label whose prediction
+//! bucket is already due is counted in `label_late_count` of the arrival bucket; a
+//! label matching no pending row is counted in `label_unmatched_count` of the arrival
+//! bucket, under the model the entry names (when that model is known) or `_unknown`.
+//! The service holds no lock across an await and never logs labels or tokens.
+
+use super::aggregate::{Aggregate, BucketDelta, F_LATE, F_UNMATCHED};
+use super::metrics;
+use super::record::{BucketId, PendingRow, StreamMeta, MAX_CLASSES};
+use super::store::embedded::EmbeddedStore;
+use super::store::redis::RedisStore;
+use super::store::{BucketUpdate, LabelStore, RecordBatch, StoreError};
+use super::LabelsConfig;
+use crate::config::{Config, LabelsStoreConfig, ModelConfig};
+use crate::sinks::Point;
+use crate::tfserving::Observation;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest id accepted, in bytes (ids are request ids or feature values).
+pub const MAX_ID_BYTES: usize = 1024;
+/// Model under which unmatched labels that name no known model are counted.
+pub const UNKNOWN_MODEL: &str = "_unknown";
+/// How long a bucket's aggregate outlives its last pending row, so a claim is still
+/// visible to a label racing the expiry of its row.
+const RETAIN_MARGIN_MS: i64 = 60_000;
+/// Name of the embedded store's file under the output dir.
+pub const EMBEDDED_FILE: &str = "labels.redb";
+
+/// What the service needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct LabelSettings {
+    /// Bucket width (aligned bucket starts come from the worker).
+    pub bucket: Duration,
+    /// How long a bucket waits for labels before its label metrics are emitted.
+    pub horizon: Duration,
+    /// Where the embedded store's file lives.
+    pub output_dir: PathBuf,
+    /// Which store joins labels (`--labels-store`).
+    pub store: LabelsStoreConfig,
+    /// The `[labels]` section.
+    pub labels: LabelsConfig,
+    /// Configured models: their class names resolve labels given by name, and their
+    /// names are accepted to attribute unmatched labels.
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+impl LabelSettings {
+    pub fn from_config(config: &Config) -> Self {
+        LabelSettings {
+            bucket: config.bucket,
+            horizon: config.label_horizon,
+            output_dir: config.output_dir.clone(),
+            store: config.labels_store.clone(),
+            labels: config.labels.clone(),
+            models: config.models.clone(),
+        }
+    }
+}
+
+/// A label as posted, checked for shape but not yet joined.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelEntry {
+    /// Position in the posted body, for the answer.
+    pub index: usize,
+    /// The prediction row's id (see `Observation::row_id`).
+    pub id: String,
+    /// The actual class, as posted.
+    pub label: RawLabel,
+    /// The model the poster says the id belongs to; only used to attribute the label
+    /// when it matches nothing.
+    pub model: Option<String>,
+}
+
+/// A label value before it is resolved against the prediction's classes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawLabel {
+    Index(u64),
+    Name(String),
+    Bool(bool),
+}
+
+/// An entry that was not accepted, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    /// Position of the entry in the posted body.
+    pub index: usize,
+    /// Why it was not accepted, for the poster to fix it.
+    pub error: String,
+}
+
+/// The answer to a batch of labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IngestOutcome {
+    /// Labels joined to a prediction (late ones included).
+    pub accepted: u64,
+    /// Labels for which no prediction is known (never seen, expired, or labeled before).
+    pub unmatched: u64,
+    /// Accepted labels whose prediction bucket was already emitted or due.
+    pub late: u64,
+    /// Entries not accepted, by index.
+    pub rejected: Vec<Rejected>,
+}
+
+/// The rows of one observation as the store keeps them (see `LabelService::prepare`).
+#[derive(Debug, Clone)]
+pub struct PreparedRecord {
+    /// The stream's metadata, written once per process.
+    meta: StreamMeta,
+    /// The rows and their bucket.
+    batch: RecordBatch,
+}
+
+/// The label points of one model and bucket, ready to append to that bucket's file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueBucket {
+    /// The model: the folder of the Anodot file the points go to.
+    pub model: String,
+    /// Start of the bucket the points belong to (their timestamp), epoch seconds.
+    pub bucket_start: i64,
+    /// The bucket's label points, timestamped `bucket_start`.
+    pub points: Vec<Point>,
+}
+
+/// Why the service could not start or do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("labels.token_env names `{0}`, which is not set or empty")]
+    MissingToken(String),
+}
+
+/// Counters for `/metrics`, process-local.
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    /// Prediction rows written to the store.
+    recorded: Counter,
+    /// Labels joined (late ones included).
+    accepted: Counter,
+    /// Labels matching no pending row.
+    unmatched: Counter,
+    /// Labels joined after their bucket was due.
+    late: Counter,
+    /// Entries rejected, by shape or by class.
+    rejected: Counter,
+    /// Store evictions (embedded store).
+    evictions: Counter,
+    /// Recorded rows the store failed to write.
+    failed: Counter,
+    /// Pending rows at the last tick (embedded store).
+    pending: Gauge,
+}
+
+/// Joins labels to predictions and emits label metrics; share it behind an `Arc`.
+pub struct LabelService {
+    /// Where rows, aggregates and claims live.
+    store: Box<dyn LabelStore>,
+    /// Widths, horizon and options, fixed at start.
+    settings: LabelSettings,
+    /// Stream metadata already written to the store by this process (or read from
+    /// it): avoids a store write per observation and a read per label.
+    streams: Mutex<HashMap<u64, Arc<StreamMeta>>>,
+    /// Models whose name may attribute an unmatched label: configured or recorded.
+    known_models: Mutex<HashSet<String>>,
+    /// Process-local counters for `/metrics`.
+    counters: Counters,
+    /// Store evictions and failed rows already added to the counters, to add only
+    /// the difference.
+    store_counts_seen: Mutex<(u64, u64)>,
+}
+
+fn epoch_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+impl LabelService {
+    /// Opens the configured store (creating the embedded file, or connecting to Redis).
+    pub async fn open(settings: LabelSettings) -> Result<Arc<LabelService>, LabelError> {
+        let labels = &settings.labels;
+        let store: Box<dyn LabelStore> = match &settings.store {
+            LabelsStoreConfig::Embedded => Box::new(EmbeddedStore::open(
+                &settings.output_dir.join(EMBEDDED_FILE),
+                labels.max_pending_rows,
+                labels.auc_exact_rows,
+            )?),
+            LabelsStoreConfig::Redis(url) => Box::new(
+                RedisStore::connect(std::slice::from_ref(url), &labels.redis_key_prefix, labels.auc_exact_rows).await?,
+            ),
+            LabelsStoreConfig::RedisCluster(nodes) => {
+                Box::new(RedisStore::connect(nodes, &labels.redis_key_prefix, labels.auc_exact_rows).await?)
+            }
+        };
+        let known_models = settings.models.keys().cloned().collect();
+        let stats = store.stats();
+        Ok(Arc::new(LabelService {
+            store,
+            settings,
+            streams: Mutex::new(HashMap::new()),
+            known_models: Mutex::new(known_models),
+            counters: Counters::default(),
+            store_counts_seen: Mutex::new((stats.evictions, stats.failed_rows)),
+        }))
+    }
+
+    /// The settings the service runs with.
+    pub fn settings(&self) -> &LabelSettings {
+        &self.settings
+    }
+
+    fn width_ms(&self) -> i64 {
+        (self.settings.bucket.as_millis() as i64).max(1000)
+    }
+
+    fn arrival_mode(&self) -> bool {
+        self.settings.labels.attribute_to_arrival
+    }
+
+    /// When a bucket's label metrics are due, epoch ms.
+    fn due_ms(&self, start: i64) -> i64 {
+        let end = start * 1000 + self.width_ms();
+        if self.arrival_mode() {
+            end + self.settings.labels.arrival_grace_seconds as i64 * 1000
+        } else {
+            end + self.settings.horizon.as_millis() as i64
+        }
+    }
+
+    /// Until when a prediction row of a bucket is kept: past the horizon by the late
+    /// window (the horizon also bounds how long arrival-mode rows wait for a label).
+    fn row_expiry_ms(&self, start: i64) -> i64 {
+        start * 1000
+            + self.width_ms()
+            + self.settings.horizon.as_millis() as i64
+            + self.settings.labels.late_window_seconds as i64 * 1000
+    }
+
+    fn retain_ms(&self, start: i64) -> i64 {
+        self.row_expiry_ms(start).max(self.due_ms(start)) + RETAIN_MARGIN_MS
+    }
+
+    fn bucket_of(&self, now_ms: i64) -> i64 {
+        let width_s = self.width_ms() / 1000;
+        now_ms.div_euclid(1000).div_euclid(width_s) * width_s
+    }
+
+    /// Writes a stream's metadata to the store unless this process already did.
+    async fn ensure_stream(&self, meta: StreamMeta) -> Result<Arc<StreamMeta>, StoreError> {
+        let id = meta.id();
+        if let Some(known) = self.streams.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            if known.class_names == meta.class_names {
+                return Ok(known.clone());
+            }
+        }
+        self.store.put_stream(meta.clone()).await?;
+        let meta = Arc::new(meta);
+        self.streams.lock().unwrap_or_else(|e| e.into_inner()).insert(id, meta.clone());
+        Ok(meta)
+    }
+
+    /// A stream's metadata, from this process or the store (another replica's).
+    async fn stream(&self, id: u64) -> Result<Option<Arc<StreamMeta>>, StoreError> {
+        if let Some(known) = self.streams.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return Ok(Some(known.clone()));
+        }
+        let Some(meta) = self.store.stream(id).await? else { return Ok(None) };
+        let meta = Arc::new(meta);
+        self.streams.lock().unwrap_or_else(|e| e.into_inner()).insert(id, meta.clone());
+        Ok(Some(meta))
+    }
+
+    /// Remembers the prediction rows of one observation, which belongs to the bucket
+    /// starting at `bucket_start` (epoch s). Observations without class probabilities
+    /// (regression) and rows without a usable id are skipped.
+    pub async fn record(&self, observation: &Observation, bucket_start: i64) -> Result<(), StoreError> {
+        match self.prepare(observation, bucket_start) {
+            Some(prepared) => self.record_prepared(prepared).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The synchronous half of `record`: what the store will keep of an observation,
+    /// a few dozen bytes per row. A worker that must not wait for the store can
+    /// prepare on its loop and spawn `record_prepared` without cloning the observation.
+    pub fn prepare(&self, observation: &Observation, bucket_start: i64) -> Option<PreparedRecord> {
+        let probabilities = observation.probabilities.as_ref()?;
+        let classes = probabilities.classes;
+        if !(2..=MAX_CLASSES).contains(&classes) {
+            return None;
+        }
+        let expires_ms = self.row_expiry_ms(bucket_start);
+        if expires_ms <= epoch_ms(SystemTime::now()) {
+            return None;
+        }
+        let configured = self.settings.models.get(&observation.stream.model).and_then(|m| m.class_names.as_ref());
+        let names = (0..classes)
+            .map(|i| match (&probabilities.class_names, configured.and_then(|c| c.get(i))) {
+                (None, Some(name)) => name.clone(),
+                _ => probabilities.class_name(i),
+            })
+            .collect();
+        let meta = StreamMeta::of(&observation.stream, names);
+        let stream = meta.id();
+        let mut rows = Vec::with_capacity(observation.rows);
+        for row in 0..observation.rows.min(probabilities.rows()) {
+            let id = observation.row_id(row);
+            if id.is_empty() || id.len() > MAX_ID_BYTES {
+                continue;
+            }
+            let pending = PendingRow {
+                stream,
+                bucket_start,
+                expires_ms,
+                predicted: probabilities.predicted_class(row) as u16,
+                probabilities: probabilities.row(row).iter().map(|p| *p as f32).collect(),
+            };
+            rows.push((id, pending.encode(), expires_ms));
+        }
+        if rows.is_empty() {
+            return None;
+        }
+        let batch = RecordBatch {
+            bucket: BucketId { stream, start: bucket_start },
+            due_ms: self.due_ms(bucket_start),
+            retain_until_ms: self.retain_ms(bucket_start),
+            rows,
+        };
+        Some(PreparedRecord { meta, batch })
+    }
+
+    /// The asynchronous half of `record`: writes prepared rows to the store.
+    pub async fn record_prepared(&self, prepared: PreparedRecord) -> Result<(), StoreError> {
+        let model = prepared.meta.model.clone();
+        self.ensure_stream(prepared.meta).await?;
+        let n = prepared.batch.rows.len() as u64;
+        self.store.record(prepared.batch).await?;
+        self.known_models.lock().unwrap_or_else(|e| e.into_inner()).insert(model);
+        self.counters.recorded.inc_by(n);
+        Ok(())
+    }
+
+    /// Returns once every row recorded before the call is in the store, visible to
+    /// other replicas (recording writes behind the caller's back).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+
+    /// Joins labels (already checked for shape) to their predictions at time `now`.
+    pub async fn ingest(&self, entries: Vec<LabelEntry>, now: SystemTime) -> Result<IngestOutcome, StoreError> {
+        // A label must see every prediction this replica recorded before it.
+        self.store.flush().await?;
+        let now_ms = epoch_ms(now);
+        let arrival = self.bucket_of(now_ms);
+        let ids = entries.iter().map(|e| e.id.clone()).collect();
+        let taken = self.store.take(ids, now_ms).await?;
+
+        let mut outcome = IngestOutcome::default();
+        let mut deltas: BTreeMap<BucketId, (u64, BucketDelta)> = BTreeMap::new();
+        let mut restore = Vec::new();
+        let mut unmatched_by_model: BTreeMap<String, i64> = BTreeMap::new();
+        for (entry, bytes) in entries.into_iter().zip(taken) {
+            let Some(row) = bytes.as_deref().and_then(PendingRow::decode) else {
+                let model = match &entry.model {
+                    Some(m) if self.known_models.lock().unwrap_or_else(|e| e.into_inner()).contains(m) => m.clone(),
+                    _ => UNKNOWN_MODEL.to_string(),
+                };
+                *unmatched_by_model.entry(model).or_insert(0) += 1;
+                outcome.unmatched += 1;
+                continue;
+            };
+            let meta = self.stream(row.stream).await?;
+            let names = meta.as_ref().map(|m| m.class_names.as_slice()).unwrap_or_default();
+            match resolve(&entry.label, row.probabilities.len(), names) {
+                Ok(actual) => {
+                    let start = if self.arrival_mode() { arrival } else { row.bucket_start };
+                    let slot = deltas.entry(BucketId { stream: row.stream, start }).or_default();
+                    slot.0 += 1;
+                    slot.1.add_label(&row, actual);
+                    outcome.accepted += 1;
+                }
+                Err(error) => {
+                    restore.push((entry.id, bytes.unwrap_or_default(), row.expires_ms));
+                    outcome.rejected.push(Rejected { index: entry.index, error });
+                }
+            }
+        }
+        if !restore.is_empty() {
+            self.store.restore(restore).await?;
+        }
+
+        let (counts, updates): (Vec<u64>, Vec<BucketUpdate>) = deltas
+            .into_iter()
+            .map(|(bucket, (count, delta))| {
+                let update = BucketUpdate {
+                    bucket,
+                    due_ms: self.due_ms(bucket.start),
+                    retain_until_ms: self.retain_ms(bucket.start),
+                    refuse_when_due: !self.arrival_mode(),
+                    delta,
+                };
+                (count, update)
+            })
+            .unzip();
+        let streams: Vec<u64> = updates.iter().map(|u| u.bucket.stream).collect();
+        let applied = self.store.apply(updates, now_ms).await?;
+
+        let mut late: BTreeMap<u64, i64> = BTreeMap::new();
+        for ((stream, count), applied) in streams.into_iter().zip(counts).zip(applied) {
+            if !applied {
+                *late.entry(stream).or_insert(0) += count as i64;
+                outcome.late += count;
+            }
+        }
+        let mut counters = Vec::new();
+        for (stream, n) in late {
+            counters.push(self.counter_update(stream, arrival, F_LATE, n));
+        }
+        for (model, n) in unmatched_by_model {
+            let meta = self.ensure_stream(StreamMeta::unmatched(&model)).await?;
+            counters.push(self.counter_update(meta.id(), arrival, F_UNMATCHED, n));
+        }
+        if !counters.is_empty() {
+            self.store.apply(counters, now_ms).await?;
+        }
+        self.counters.accepted.inc_by(outcome.accepted);
+        self.counters.unmatched.inc_by(outcome.unmatched);
+        self.counters.late.inc_by(outcome.late);
+        self.counters.rejected.inc_by(outcome.rejected.len() as u64);
+        Ok(outcome)
+    }
+
+    fn counter_update(&self, stream: u64, start: i64, field: &str, n: i64) -> BucketUpdate {
+        let mut delta = BucketDelta::default();
+        delta.add_int(field, n);
+        BucketUpdate {
+            bucket: BucketId { stream, start },
+            due_ms: self.due_ms(start),
+            retain_until_ms: self.retain_ms(start),
+            refuse_when_due: false,
+            delta,
+        }
+    }
+
+    /// Counts entries rejected before they reached `ingest` (bad shape).
+    pub fn count_rejected(&self, n: u64) {
+        self.counters.rejected.inc_by(n);
+    }
+
+    /// Claims every bucket whose labels are due at `now` and returns its points, one
+    /// entry per model and bucket; call it periodically (each second is plenty). Also
+    /// drops expired rows and makes the embedded store's writes durable.
+    pub async fn due(&self, now: SystemTime) -> Result<Vec<DueBucket>, StoreError> {
+        let now_ms = epoch_ms(now);
+        self.store.flush().await?;
+        self.store.maintain(now_ms).await?;
+        let claimed = self.store.claim_due(now_ms).await?;
+        let mut out: BTreeMap<(i64, String), Vec<Point>> = BTreeMap::new();
+        for bucket in claimed {
+            let meta = match self.stream(bucket.bucket.stream).await? {
+                Some(meta) => meta,
+                None => {
+                    tracing::warn!(
+                        message = "Label bucket of an unknown stream; emitted under the unknown model.",
+                        bucket = %bucket.bucket.key()
+                    );
+                    Arc::new(StreamMeta::unmatched(UNKNOWN_MODEL))
+                }
+            };
+            let aggregate = Aggregate::parse(
+                bucket.fields.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                bucket.auc.iter().map(|s| s.as_str()),
+            );
+            let points = metrics::points(&meta, bucket.bucket.start, &aggregate, self.arrival_mode());
+            if !points.is_empty() {
+                out.entry((bucket.bucket.start, meta.model.clone())).or_default().extend(points);
+            }
+        }
+        let stats = self.store.stats();
+        if let Some(pending) = stats.pending_rows {
+            self.counters.pending.set(pending as i64);
+        }
+        {
+            let mut seen = self.store_counts_seen.lock().unwrap_or_else(|e| e.into_inner());
+            self.counters.evictions.inc_by(stats.evictions.saturating_sub(seen.0));
+            self.counters.failed.inc_by(stats.failed_rows.saturating_sub(seen.1));
+            *seen = (stats.evictions.max(seen.0), stats.failed_rows.max(seen.1));
+        }
+        Ok(out.into_iter().map(|((bucket_start, model), points)| DueBucket { model, bucket_start, points }).collect())
+    }
+
+    /// Registers the service's counters with the admin server's registry.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let c = &self.counters;
+        registry.register("mltap_label_rows_recorded", "Prediction rows recorded for label joins", c.recorded.clone());
+        registry.register("mltap_labels_accepted", "Labels joined to a prediction", c.accepted.clone());
+        registry.register("mltap_labels_unmatched", "Labels matching no known prediction", c.unmatched.clone());
+        registry.register("mltap_labels_late", "Labels joined after their bucket was due", c.late.clone());
+        registry.register("mltap_labels_rejected", "Label entries rejected as invalid", c.rejected.clone());
+        registry.register(
+            "mltap_label_store_evictions",
+            "Pending rows evicted because the label store was full",
+            c.evictions.clone(),
+        );
+        registry.register(
+            "mltap_label_rows_failed",
+            "Prediction rows the label store failed to write",
+            c.failed.clone(),
+        );
+        registry.register(
+            "mltap_label_store_pending_rows",
+            "Prediction rows waiting for a label (embedded store)",
+            c.pending.clone(),
+        );
+    }
+}
+
+/// Resolves a posted label to a class index of a prediction with `classes` classes.
+pub fn resolve(label: &RawLabel, classes: usize, names: &[String]) -> Result<usize, String> {
+    match label {
+        RawLabel::Index(i) => usize::try_from(*i)
+            .ok()
+            .filter(|i| *i < classes)
+            .ok_or_else(|| format!("class index {i} is out of range: the model has {classes} classes")),
+        RawLabel::Bool(b) if classes == 2 => Ok(usize::from(*b)),
+        RawLabel::Bool(_) => Err(format!("a boolean label needs a binary model; this one has {classes} classes")),
+        RawLabel::Name(name) => {
+            if let Some(i) = names.iter().position(|n| n == name) {
+                return Ok(i);
+            }
+            if let Some(i) = name.strip_prefix("class_").and_then(|s| s.parse::<usize>().ok()) {
+                if i < classes && names.get(i).is_none_or(|n| n == name) {
+                    return Ok(i);
+                }
+            }
+            let mut known: Vec<&str> = names.iter().take(10).map(|s| s.as_str()).collect();
+            if names.len() > 10 {
+                known.push("...");
+            }
+            let shown: String = name.chars().take(64).collect();
+            Err(format!("unknown class name `{shown}` (classes: {})", known.join(", ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_resolve_by_index_name_and_boolean() {
+        let names = vec!["legit".to_string(), "fraud".to_string()];
+        assert_eq!(resolve(&RawLabel::Index(1), 2, &names), Ok(1));
+        assert_eq!(resolve(&RawLabel::Name("fraud".into()), 2, &names), Ok(1));
+        assert_eq!(resolve(&RawLabel::Bool(false), 2, &names), Ok(0));
+        assert!(resolve(&RawLabel::Index(2), 2, &names).unwrap_err().contains("out of range"));
+        assert!(resolve(&RawLabel::Name("spam".into()), 2, &names).unwrap_err().contains("legit, fraud"));
+        assert!(resolve(&RawLabel::Bool(true), 3, &[]).unwrap_err().contains("binary"));
+        assert_eq!(resolve(&RawLabel::Name("class_2".into()), 3, &[]), Ok(2));
+    }
+}

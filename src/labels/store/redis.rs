@@ -1,0 +1,471 @@
+//! The Redis join store, for several replicas behind one load balancer: a label
+//! posted to any replica joins a prediction recorded by any other. One Redis
+//! (`redis://host:port/db`) or a Redis Cluster (several node addresses).
+//!
+//! Layout, under a configurable prefix `P`:
+//! - `P:lp:<id>`: a pending row (binary `PendingRow`), expiring at its `expires_ms`;
+//!   taken with `GETDEL`, so of concurrent replicas exactly one joins a label.
+//! - `P:ls:<stream hex>`: a stream's metadata (JSON).
+//! - `P:lb:{<stream hex>:<start>}` (hash) and `P:la:{...}` (list): a bucket's
+//!   aggregate fields and exact AUC entries. The braces are a Redis Cluster hash tag,
+//!   so both keys share a slot and one Lua script updates (or claims) them atomically.
+//! - `P:lidx`: the due index, a sorted set of bucket keys scored by due time.
+//!
+//! A bucket is claimed by the script that sets its `claimed` field with `HSETNX` and
+//! returns its fields in the same step; updates check that field in their own script,
+//! so every label is either in the emitted aggregate or counted late, never both.
+//! Recorded rows are written behind the worker's back by one task, which batches
+//! whatever queued up meanwhile; `flush` waits for them (every label batch and tick
+//! flushes first, so a replica always sees its own predictions; another replica sees
+//! them one round trip later). Writes are batched: one pipeline per call on a single Redis, concurrent commands
+//! (pipelined per node by the client) on a cluster, where a pipeline must stay in
+//! one slot. This store never scans keys.
+
+use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats};
+use crate::labels::aggregate::{F_CLAIMED, F_PREDICTED};
+use crate::labels::record::{BucketId, StreamMeta};
+use futures_util::future::try_join_all;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, Notify};
+
+/// Adds a delta to a bucket unless it is claimed or due. KEYS: hash, AUC list.
+/// ARGV: now, due, retain_until, refuse (0/1), auc_cap, n_ints, (field, incr)...,
+/// n_floats, (field, incr)..., AUC entries... Floats are added in double precision
+/// and kept as `%.17g`, which reads back as the same double.
+const APPLY_LUA: &str = r#"
+local h = KEYS[1]
+if ARGV[4] == '1' and (redis.call('HEXISTS', h, 'claimed') == 1 or tonumber(ARGV[1]) >= tonumber(ARGV[2])) then
+  return 0
+end
+local i = 7
+local n = tonumber(ARGV[6])
+for _ = 1, n do
+  redis.call('HINCRBY', h, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+n = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, n do
+  local current = tonumber(redis.call('HGET', h, ARGV[i]) or '0')
+  redis.call('HSET', h, ARGV[i], string.format('%.17g', current + tonumber(ARGV[i + 1])))
+  i = i + 2
+end
+local room = tonumber(ARGV[5]) - redis.call('LLEN', KEYS[2])
+local last = math.min(#ARGV, i + room - 1)
+while i <= last do
+  local stop = math.min(last, i + 999)
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, stop))
+  i = stop + 1
+end
+redis.call('PEXPIREAT', h, ARGV[3])
+redis.call('PEXPIREAT', KEYS[2], ARGV[3])
+return 1
+"#;
+
+/// Claims a bucket: the one caller whose `HSETNX` wins gets its fields and AUC
+/// entries; everyone else gets nil. KEYS: hash, AUC list.
+const CLAIM_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 0 then return false end
+local fields = redis.call('HGETALL', KEYS[1])
+local auc = redis.call('LRANGE', KEYS[2], 0, -1)
+redis.call('DEL', KEYS[2])
+return {fields, auc}
+"#;
+
+/// How long a connection attempt or a reply may take: a Redis that hangs must turn
+/// label posts into 503s, not into requests that never end.
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Record batches waiting for the writer task before `record` waits for room.
+const WRITER_QUEUE: usize = 4096;
+/// Rows the writer task puts in one round trip at most.
+const WRITER_CHUNK_ROWS: usize = 4096;
+/// Buckets claimed per `claim_due` call at most; the rest wait for the next tick.
+const CLAIM_BATCH: isize = 1000;
+
+#[derive(Clone)]
+enum Connection {
+    /// One Redis: reconnects by itself, pipelines concurrent requests.
+    Single(ConnectionManager),
+    /// A cluster: routes each command to its slot's node.
+    Cluster(ClusterConnection),
+}
+
+/// The Redis-backed store: a handle over the shared connection and the task that
+/// writes recorded rows behind the worker's back.
+pub struct RedisStore {
+    /// Connection, keys and scripts, shared with the writer task.
+    shared: Arc<Shared>,
+    /// Recorded rows on their way to the writer task; bounded, so a Redis that cannot
+    /// keep up slows `record` down rather than growing memory.
+    writer: mpsc::Sender<RecordBatch>,
+}
+
+/// What the store's calls and its writer task share.
+struct Shared {
+    /// Shared by every call; cloning it is cheap.
+    connection: Connection,
+    /// Key prefix, so deployments can share a Redis.
+    prefix: String,
+    /// Entries per bucket in the exact AUC list.
+    auc_cap: usize,
+    /// `APPLY_LUA`, for its SHA.
+    apply_script: Script,
+    /// `CLAIM_LUA`, for its SHA.
+    claim_script: Script,
+    /// Record batches handed to the writer (counted before they are sent).
+    queued: AtomicU64,
+    /// Record batches the writer has finished with (written or failed).
+    written: AtomicU64,
+    /// Wakes `flush` callers when `written` moves.
+    progress: Notify,
+    /// Rows the writer could not write (Redis errors), since start.
+    failed_rows: AtomicU64,
+}
+
+fn redis_error(e: RedisError) -> StoreError {
+    StoreError::Redis(e.to_string())
+}
+
+impl RedisStore {
+    /// Connects to one Redis (one URL) or a cluster (several node URLs).
+    pub async fn connect(nodes: &[String], prefix: &str, auc_cap: usize) -> Result<RedisStore, StoreError> {
+        let connection = match nodes {
+            [] => return Err(StoreError::Redis("no Redis address given".into())),
+            [url] => {
+                let client = redis::Client::open(url.as_str()).map_err(redis_error)?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(REDIS_TIMEOUT)
+                    .set_response_timeout(REDIS_TIMEOUT);
+                Connection::Single(ConnectionManager::new_with_config(client, config).await.map_err(redis_error)?)
+            }
+            many => {
+                let client = redis::cluster::ClusterClient::builder(many.to_vec())
+                    .connection_timeout(REDIS_TIMEOUT)
+                    .response_timeout(REDIS_TIMEOUT)
+                    .build()
+                    .map_err(redis_error)?;
+                Connection::Cluster(client.get_async_connection().await.map_err(redis_error)?)
+            }
+        };
+        let shared = Arc::new(Shared {
+            connection,
+            prefix: prefix.to_string(),
+            auc_cap,
+            apply_script: Script::new(APPLY_LUA),
+            claim_script: Script::new(CLAIM_LUA),
+            queued: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            progress: Notify::new(),
+            failed_rows: AtomicU64::new(0),
+        });
+        let (writer, batches) = mpsc::channel(WRITER_QUEUE);
+        tokio::spawn(write_behind(shared.clone(), batches));
+        Ok(RedisStore { shared, writer })
+    }
+}
+
+/// Writes recorded rows as they come, taking whatever has queued up meanwhile into
+/// the same round trip, so a busy worker gets large pipelines and an idle one gets
+/// its rows written at once. Ends when the store is dropped.
+async fn write_behind(shared: Arc<Shared>, mut batches: mpsc::Receiver<RecordBatch>) {
+    while let Some(first) = batches.recv().await {
+        let mut rows = first.rows.len();
+        let mut chunk = vec![first];
+        while rows < WRITER_CHUNK_ROWS {
+            match batches.try_recv() {
+                Ok(batch) => {
+                    rows += batch.rows.len();
+                    chunk.push(batch);
+                }
+                Err(_) => break,
+            }
+        }
+        let count = chunk.len() as u64;
+        if let Err(error) = shared.write_records(chunk).await {
+            shared.failed_rows.fetch_add(rows as u64, Ordering::Relaxed);
+            tracing::warn!(message = "Prediction rows not written to the label store.", rows, %error);
+        }
+        shared.written.fetch_add(count, Ordering::Release);
+        shared.progress.notify_waiters();
+    }
+}
+
+impl Shared {
+    fn row_key(&self, id: &str) -> String {
+        format!("{}:lp:{id}", self.prefix)
+    }
+
+    fn stream_key(&self, id: u64) -> String {
+        format!("{}:ls:{id:016x}", self.prefix)
+    }
+
+    fn bucket_keys(&self, bucket: &BucketId) -> (String, String) {
+        let tag = bucket.key();
+        (format!("{}:lb:{{{tag}}}", self.prefix), format!("{}:la:{{{tag}}}", self.prefix))
+    }
+
+    fn index_key(&self) -> String {
+        format!("{}:lidx", self.prefix)
+    }
+
+    async fn query_raw<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, RedisError> {
+        match self.connection.clone() {
+            Connection::Single(mut c) => cmd.query_async(&mut c).await,
+            Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
+        self.query_raw(cmd).await.map_err(redis_error)
+    }
+
+    /// Runs independent commands in one round trip where Redis allows it.
+    async fn query_all<T: FromRedisValue>(&self, cmds: Vec<Cmd>) -> Result<Vec<T>, StoreError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.connection.clone() {
+            Connection::Single(mut c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(&mut c).await.map_err(redis_error)
+            }
+            Connection::Cluster(c) => try_join_all(cmds.into_iter().map(|cmd| {
+                let mut c = c.clone();
+                async move { cmd.query_async::<T>(&mut c).await }
+            }))
+            .await
+            .map_err(redis_error),
+        }
+    }
+
+    /// `EVALSHA`, falling back to `EVAL` (which also caches the script on that node)
+    /// when the node does not know it: on a cluster, `SCRIPT LOAD` would reach a
+    /// random node rather than the key's.
+    async fn eval<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        source: &str,
+        keys: &[&str],
+        args: &[Vec<u8>],
+    ) -> Result<T, StoreError> {
+        let build = |verb: &str, body: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(body).arg(keys.len()).arg(keys);
+            for a in args {
+                cmd.arg(a.as_slice());
+            }
+            cmd
+        };
+        match self.query_raw::<T>(build("EVALSHA", script.get_hash())).await {
+            Err(e) if e.kind() == ErrorKind::NoScriptError => self.query(build("EVAL", source)).await,
+            other => other.map_err(redis_error),
+        }
+    }
+
+    /// Writes record batches: rows, their buckets' counts and the due index.
+    async fn write_records(&self, batches: Vec<RecordBatch>) -> Result<(), StoreError> {
+        let mut cmds = Vec::new();
+        for batch in &batches {
+            let (hash, _) = self.bucket_keys(&batch.bucket);
+            for (id, bytes, expires_ms) in &batch.rows {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(self.row_key(id)).arg(bytes.as_slice()).arg("PXAT").arg(*expires_ms);
+                cmds.push(cmd);
+            }
+            let mut count = redis::cmd("HINCRBY");
+            count.arg(&hash).arg(F_PREDICTED).arg(batch.rows.len());
+            let mut keep = redis::cmd("PEXPIREAT");
+            keep.arg(&hash).arg(batch.retain_until_ms);
+            let mut index = redis::cmd("ZADD");
+            index.arg(self.index_key()).arg("NX").arg(batch.due_ms).arg(batch.bucket.key());
+            cmds.extend([count, keep, index]);
+        }
+        self.query_all::<redis::Value>(cmds).await.map(drop)
+    }
+}
+
+fn arg(value: impl ToString) -> Vec<u8> {
+    value.to_string().into_bytes()
+}
+
+impl LabelStore for RedisStore {
+    fn put_stream(&self, meta: StreamMeta) -> StoreFuture<'_, ()> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            let json = serde_json::to_string(&meta).map_err(|e| StoreError::Redis(e.to_string()))?;
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(s.stream_key(meta.id())).arg(json);
+            s.query::<()>(cmd).await
+        })
+    }
+
+    fn stream(&self, id: u64) -> StoreFuture<'_, Option<StreamMeta>> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(s.stream_key(id));
+            let json: Option<String> = s.query(cmd).await?;
+            Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+        })
+    }
+
+    fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            // Counted before it is sent, so `flush` never returns while it is in flight.
+            self.shared.queued.fetch_add(1, Ordering::AcqRel);
+            if self.writer.send(batch).await.is_err() {
+                self.shared.written.fetch_add(1, Ordering::Release);
+                return Err(StoreError::Redis("the label store's writer has stopped".into()));
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let target = self.shared.queued.load(Ordering::Acquire);
+            loop {
+                let progressed = self.shared.progress.notified();
+                tokio::pin!(progressed);
+                progressed.as_mut().enable();
+                if self.shared.written.load(Ordering::Acquire) >= target {
+                    return Ok(());
+                }
+                progressed.await;
+            }
+        })
+    }
+
+    fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            let cmds = ids
+                .iter()
+                .map(|id| {
+                    let mut cmd = redis::cmd("GETDEL");
+                    cmd.arg(s.row_key(id));
+                    cmd
+                })
+                .collect();
+            let rows: Vec<Option<Vec<u8>>> = s.query_all(cmds).await?;
+            // Redis expires lazily to the millisecond; a row read just past its expiry
+            // is treated as expired, as the embedded store does.
+            Ok(rows
+                .into_iter()
+                .map(|row| {
+                    row.filter(|bytes| {
+                        crate::labels::record::PendingRow::decode(bytes).is_some_and(|r| r.expires_ms > now_ms)
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn restore(&self, rows: Vec<(String, Vec<u8>, i64)>) -> StoreFuture<'_, ()> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            let cmds = rows
+                .iter()
+                .map(|(id, bytes, expires_ms)| {
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(s.row_key(id)).arg(bytes.as_slice()).arg("NX").arg("PXAT").arg(*expires_ms);
+                    cmd
+                })
+                .collect();
+            s.query_all::<redis::Value>(cmds).await.map(drop)
+        })
+    }
+
+    fn apply(&self, updates: Vec<BucketUpdate>, now_ms: i64) -> StoreFuture<'_, Vec<bool>> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            let scripts = updates.iter().map(|update| {
+                let (hash, list) = s.bucket_keys(&update.bucket);
+                let d = &update.delta;
+                let mut args = vec![
+                    arg(now_ms),
+                    arg(update.due_ms),
+                    arg(update.retain_until_ms),
+                    arg(u8::from(update.refuse_when_due)),
+                    arg(s.auc_cap),
+                    arg(d.ints.len()),
+                ];
+                for (field, n) in &d.ints {
+                    args.push(arg(field));
+                    args.push(arg(n));
+                }
+                args.push(arg(d.floats.len()));
+                for (field, x) in &d.floats {
+                    args.push(arg(field));
+                    args.push(arg(crate::labels::aggregate::format_float(*x)));
+                }
+                args.extend(d.auc.iter().map(|e| e.as_bytes().to_vec()));
+                async move {
+                    let applied: i64 = s.eval(&s.apply_script, APPLY_LUA, &[&hash, &list], &args).await?;
+                    Ok::<bool, StoreError>(applied == 1)
+                }
+            });
+            let applied = try_join_all(scripts).await?;
+            let index: Vec<Cmd> = updates
+                .iter()
+                .zip(&applied)
+                .filter(|(_, applied)| **applied)
+                .map(|(u, _)| {
+                    let mut cmd = redis::cmd("ZADD");
+                    cmd.arg(s.index_key()).arg("NX").arg(u.due_ms).arg(u.bucket.key());
+                    cmd
+                })
+                .collect();
+            s.query_all::<redis::Value>(index).await?;
+            Ok(applied)
+        })
+    }
+
+    fn claim_due(&self, now_ms: i64) -> StoreFuture<'_, Vec<ClaimedBucket>> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            let mut range = redis::cmd("ZRANGE");
+            range.arg(s.index_key()).arg("-inf").arg(now_ms).arg("BYSCORE").arg("LIMIT").arg(0).arg(CLAIM_BATCH);
+            let members: Vec<String> = s.query(range).await?;
+            let claims = members.iter().map(|member| async move {
+                let Some(bucket) = BucketId::parse(member) else { return Ok(None) };
+                let (hash, list) = s.bucket_keys(&bucket);
+                let claimed: Option<(Vec<String>, Vec<String>)> =
+                    s.eval(&s.claim_script, CLAIM_LUA, &[&hash, &list], &[]).await?;
+                Ok::<_, StoreError>(claimed.map(|(flat, auc)| {
+                    let mut fields = BTreeMap::new();
+                    for pair in flat.chunks_exact(2) {
+                        fields.insert(pair[0].clone(), pair[1].clone());
+                    }
+                    debug_assert!(fields.contains_key(F_CLAIMED));
+                    ClaimedBucket { bucket, fields, auc }
+                }))
+            });
+            let claimed: Vec<ClaimedBucket> = try_join_all(claims).await?.into_iter().flatten().collect();
+            if !members.is_empty() {
+                let mut remove = redis::cmd("ZREM");
+                remove.arg(s.index_key()).arg(&members);
+                s.query::<()>(remove).await?;
+            }
+            Ok(claimed)
+        })
+    }
+
+    fn maintain(&self, _now_ms: i64) -> StoreFuture<'_, ()> {
+        // Rows and aggregates carry absolute expiries; Redis drops them itself.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats { failed_rows: self.shared.failed_rows.load(Ordering::Relaxed), ..StoreStats::default() }
+    }
+}

@@ -1,0 +1,53 @@
+//! Prometheus metrics of the proxy: requests by protocol, method and status, and the
+//! upstream latency. Recorded once per exchange when it ends.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of `requests`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `grpc` or `rest`.
+    pub protocol: &'static str,
+    /// The gRPC method of a TF Serving service, or the kind of REST call
+    /// (`predict`, `metadata`, ...); `other` for anything else, to bound cardinality.
+    pub method: &'static str,
+    /// HTTP status for REST; the grpc-status code for gRPC (`none` when the stream
+    /// ended without one, e.g. on a reset or a cancel).
+    pub status: String,
+}
+
+/// Labels of `upstream_latency_seconds`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
+/// The proxy's metric families, shared by both listeners.
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    /// Finished exchanges, counted at their end.
+    pub requests: Family<RequestLabels, Counter>,
+    /// From sending the request upstream to the end of the upstream's response.
+    pub upstream_latency: Family<ProtocolLabels, Histogram>,
+}
+
+impl ProxyMetrics {
+    /// Creates the families and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let upstream_latency = Family::<ProtocolLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.000_25, 2.0, 17))) as fn() -> Histogram,
+        );
+        registry.register("requests", "Proxied requests by protocol, method and status", requests.clone());
+        registry.register(
+            "upstream_latency_seconds",
+            "From sending a request to TF Serving to the end of its response",
+            upstream_latency.clone(),
+        );
+        ProxyMetrics { requests, upstream_latency }
+    }
+}
