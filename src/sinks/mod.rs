@@ -10,6 +10,8 @@ pub mod anodot_api;
 pub mod anodot_spool;
 pub mod anodot_v3;
 pub mod delivery;
+pub mod files;
+pub mod prometheus;
 
 use serde::{Deserialize, Deserializer};
 use std::time::Duration;

@@ -1,0 +1,477 @@
+//! The open bucket of one stream (model, version, signature): what its observations
+//! add up to, and the points it becomes when it closes.
+//!
+//! A bucket only aggregates; deciding when it opens and closes, which reference it
+//! compares to and where late observations go is the engine's job.
+
+use crate::monitor::drift;
+use crate::monitor::estimate::ExpectedConfusion;
+use crate::monitor::reference::{Reference, ReferenceBuilder, OTHER_CATEGORY};
+use crate::monitor::stats::{CategoryCounts, FastMap, IntegerCounts, Summary};
+use crate::monitor::MonitorConfig;
+use crate::sinks::anodot::PointBuilder;
+use crate::sinks::{Point, TargetType};
+use crate::tfserving::{FeatureValues, Observation, Probabilities, StreamKey};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Statistics of the predicted classes and probabilities of a bucket.
+#[derive(Debug)]
+pub struct ClassStats {
+    /// Class names by index; fixed by the stream's first probabilities.
+    pub names: Vec<String>,
+    /// Predicted counts and the sums CBPE needs (also the class distribution).
+    pub confusion: ExpectedConfusion,
+    /// Each row's top probability.
+    pub max_proba: Summary,
+    /// Each row's top-1 minus top-2 probability.
+    pub spread12: Summary,
+    /// Each row's entropy of its probabilities, in nats.
+    pub entropy: Summary,
+}
+
+/// Statistics of one numeric feature in a bucket.
+#[derive(Debug)]
+pub struct NumericStats {
+    /// Moments, extremes and quantiles of the finite values.
+    pub summary: Summary,
+    /// Value counts of integer features (top-k while few, distinct estimate).
+    pub integers: Option<IntegerCounts>,
+    /// Counts per reference bin; present only when the reference was frozen before
+    /// the feature's first value in this bucket, so that drift covers every value.
+    pub bins: Option<Vec<u64>>,
+}
+
+/// Statistics of one feature in a bucket.
+#[derive(Debug, Default)]
+pub struct FeatureStats {
+    /// Missing values: NaN and infinities, null, and rows of observations without the feature.
+    pub missing: u64,
+    /// Present when the feature had numeric values.
+    pub numeric: Option<NumericStats>,
+    /// Present when the feature had categorical values (or is declared categorical).
+    pub categorical: Option<CategoryCounts>,
+    /// Sequence number of the last observation that had the feature, to count the
+    /// rows of observations without it as missing.
+    pub last_observation: u64,
+}
+
+/// The open bucket of one stream.
+#[derive(Debug)]
+pub struct StreamBucket {
+    /// Bucket start, epoch seconds.
+    pub start: i64,
+    /// Rows observed (`buffer_count`).
+    pub rows: u64,
+    /// Present once an observation had probabilities.
+    pub classes: Option<ClassStats>,
+    /// Per feature, by name.
+    pub features: FastMap<String, FeatureStats>,
+    /// Values of feature columns ignored because the stream had `max_features` features.
+    pub feature_limit_dropped: u64,
+    /// Observations whose probabilities did not match the stream's class count.
+    pub class_count_mismatch: u64,
+}
+
+/// What a bucket needs to know about its stream to become points.
+pub struct EmitContext<'a> {
+    /// Every feature the stream tracks, in name order; those absent from the bucket
+    /// had all their rows missing.
+    pub known_features: &'a BTreeSet<String>,
+    /// The stream's class names, for the zero counts of an empty bucket.
+    pub class_names: Option<&'a Vec<String>>,
+    /// The frozen reference, for drift.
+    pub reference: Option<&'a Reference>,
+    /// Rows that arrived for an already closed bucket of the stream since the last close.
+    pub late_dropped: u64,
+    pub config: &'a MonitorConfig,
+}
+
+/// What a bucket needs to know about its stream while observing.
+pub struct StreamContext<'a> {
+    pub config: &'a MonitorConfig,
+    /// Features the stream tracks; grows up to `max_features`.
+    pub known_features: &'a mut BTreeSet<String>,
+    /// Features of this model declared categorical in the config.
+    pub categorical_features: &'a BTreeSet<String>,
+    /// The frozen reference, when there is one.
+    pub reference: Option<&'a Reference>,
+    /// The reference being learned, when this bucket is in its window.
+    pub builder: Option<&'a mut ReferenceBuilder>,
+    /// Class names of the stream, fixed at its first probabilities.
+    pub class_names: &'a mut Option<Vec<String>>,
+    /// Sequence number of the observation, to find features it lacks.
+    pub sequence: u64,
+}
+
+impl StreamBucket {
+    pub fn new(start: i64) -> Self {
+        StreamBucket {
+            start,
+            rows: 0,
+            classes: None,
+            features: FastMap::default(),
+            feature_limit_dropped: 0,
+            class_count_mismatch: 0,
+        }
+    }
+
+    /// Adds one observation.
+    pub fn observe(&mut self, obs: &Observation, mut ctx: StreamContext<'_>) {
+        let rows = obs.rows as u64;
+        let rows_before = self.rows;
+        self.rows += rows;
+        if let Some(b) = ctx.builder.as_deref_mut() {
+            b.add_rows(rows);
+        }
+        let alpha = ctx.config.quantile_relative_accuracy;
+        for column in &obs.features {
+            if column.values.len() != obs.rows {
+                // A column that does not have one value per row cannot be attributed to
+                // rows; the decoder reports such payloads, and the column counts missing.
+                continue;
+            }
+            if !ctx.known_features.contains(&column.name) {
+                if ctx.known_features.len() >= ctx.config.max_features {
+                    self.feature_limit_dropped += rows;
+                    continue;
+                }
+                ctx.known_features.insert(column.name.clone());
+            }
+            let declared_categorical = ctx.categorical_features.contains(&column.name);
+            let feature = match self.features.get_mut(column.name.as_str()) {
+                Some(f) => f,
+                None => self
+                    .features
+                    .entry(column.name.clone())
+                    .or_insert_with(|| FeatureStats { missing: rows_before, ..FeatureStats::default() }),
+            };
+            feature.last_observation = ctx.sequence;
+            match &column.values {
+                FeatureValues::Numeric { values, integer } if !declared_categorical => {
+                    let numeric = feature.numeric.get_or_insert_with(|| NumericStats {
+                        summary: Summary::new(alpha),
+                        integers: integer.then(|| IntegerCounts::new(ctx.config.max_categories)),
+                        bins: ctx
+                            .reference
+                            .and_then(|r| r.numeric.get(&column.name))
+                            .map(|n| vec![0; drift::bin_count(&n.edges)]),
+                    });
+                    feature.missing += numeric.summary.add_slice(values);
+                    if let Some(ints) = &mut numeric.integers {
+                        ints.add_slice(values);
+                    }
+                    if let (Some(bins), Some(reference)) =
+                        (&mut numeric.bins, ctx.reference.and_then(|r| r.numeric.get(&column.name)))
+                    {
+                        for &v in values {
+                            if v.is_finite() {
+                                bins[drift::bin_of(&reference.edges, v)] += 1;
+                            }
+                        }
+                    }
+                    if let Some(b) = ctx.builder.as_deref_mut() {
+                        b.add_numeric(&column.name, values);
+                    }
+                }
+                FeatureValues::Numeric { values, integer } => {
+                    let max = ctx.config.max_categories;
+                    let counts = feature.categorical.get_or_insert_with(|| CategoryCounts::new(max));
+                    let mut text = String::new();
+                    for &v in values {
+                        if !v.is_finite() {
+                            feature.missing += 1;
+                            continue;
+                        }
+                        text.clear();
+                        if *integer || v.fract() == 0.0 {
+                            text.push_str(&(v as i64).to_string());
+                        } else {
+                            text.push_str(&v.to_string());
+                        }
+                        counts.add(&text);
+                        if let Some(b) = ctx.builder.as_deref_mut() {
+                            b.categorical_mut(&column.name).add(&text);
+                        }
+                    }
+                }
+                FeatureValues::Categorical(values) => {
+                    let max = ctx.config.max_categories;
+                    let counts = feature.categorical.get_or_insert_with(|| CategoryCounts::new(max));
+                    for v in values {
+                        match v {
+                            Some(v) => {
+                                counts.add(v);
+                                if let Some(b) = ctx.builder.as_deref_mut() {
+                                    b.categorical_mut(&column.name).add(v);
+                                }
+                            }
+                            None => feature.missing += 1,
+                        }
+                    }
+                }
+            }
+        }
+        // Features this bucket knows that the observation lacks: all its rows are missing.
+        if !self.features.is_empty() {
+            for feature in self.features.values_mut() {
+                if feature.last_observation != ctx.sequence {
+                    feature.missing += rows;
+                }
+            }
+        }
+        if let Some(p) = &obs.probabilities {
+            self.observe_probabilities(p, obs.rows, &mut ctx);
+        }
+    }
+
+    fn observe_probabilities(&mut self, p: &Probabilities, rows: usize, ctx: &mut StreamContext<'_>) {
+        if p.classes < 2 || p.rows() != rows || p.values.len() != rows * p.classes {
+            self.class_count_mismatch += 1;
+            return;
+        }
+        let names = ctx.class_names.get_or_insert_with(|| (0..p.classes).map(|c| p.class_name(c)).collect());
+        if names.len() != p.classes {
+            self.class_count_mismatch += 1;
+            return;
+        }
+        let alpha = ctx.config.quantile_relative_accuracy;
+        let classes = self.classes.get_or_insert_with(|| ClassStats {
+            names: names.clone(),
+            confusion: ExpectedConfusion::new(p.classes),
+            max_proba: Summary::new(alpha),
+            spread12: Summary::new(alpha),
+            entropy: Summary::new(alpha),
+        });
+        for row in 0..rows {
+            let probs = p.row(row);
+            if probs.iter().any(|v| !v.is_finite()) {
+                continue;
+            }
+            let predicted = p.predicted_class(row);
+            classes.confusion.add_row(probs, predicted);
+            let (mut top1, mut top2) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+            let mut entropy = 0.0;
+            for &v in probs {
+                if v > top1 {
+                    top2 = top1;
+                    top1 = v;
+                } else if v > top2 {
+                    top2 = v;
+                }
+                if v > 0.0 {
+                    entropy -= v * v.ln();
+                }
+            }
+            classes.max_proba.add(top1);
+            classes.spread12.add(top1 - top2);
+            classes.entropy.add(entropy);
+            if let Some(b) = ctx.builder.as_deref_mut() {
+                let names = &classes.names;
+                b.add_prediction(predicted, || names.clone());
+            }
+        }
+    }
+
+    /// The points of this bucket, in a stable order: counts, outputs, estimates,
+    /// prediction drift, then features by name.
+    pub fn points(&mut self, key: &StreamKey, ctx: EmitContext<'_>) -> Vec<Point> {
+        let EmitContext { known_features, class_names, reference, late_dropped, config } = ctx;
+        let ts = self.start;
+        let base = |what: &str, t: TargetType, value: f64| -> PointBuilder {
+            Point::builder(what, t, ts, value)
+                .with("model", &key.model)
+                .with_opt("version", key.version.map(|v| v.to_string()))
+                .with("signature", &key.signature)
+        };
+        let mut out = Vec::new();
+        let mut push = |b: PointBuilder| {
+            if let Some(p) = b.finish() {
+                out.push(p);
+            }
+        };
+        push(base("buffer_count", TargetType::Counter, self.rows as f64));
+        push(base("late_dropped", TargetType::Counter, late_dropped as f64));
+        if self.feature_limit_dropped > 0 {
+            push(base("feature_limit_dropped", TargetType::Counter, self.feature_limit_dropped as f64));
+        }
+        if self.class_count_mismatch > 0 {
+            push(base("class_count_mismatch", TargetType::Counter, self.class_count_mismatch as f64));
+        }
+        if let Some(classes) = &self.classes {
+            let rows = classes.confusion.rows();
+            for (c, name) in classes.names.iter().enumerate() {
+                let count = classes.confusion.predicted[c];
+                push(base("prediction_count", TargetType::Counter, count as f64).with("class_name", name));
+                if rows > 0 {
+                    push(
+                        base("prediction_freq", TargetType::Gauge, count as f64 / rows as f64).with("class_name", name),
+                    );
+                }
+            }
+            for (what, summary) in [
+                ("max_prediction_proba", &classes.max_proba),
+                ("spread12_prediction_proba", &classes.spread12),
+                ("prediction_entropy", &classes.entropy),
+            ] {
+                for (stat, v) in summary.stats() {
+                    push(base(what, TargetType::Gauge, v).with("stat", stat));
+                }
+            }
+            if rows > 0 {
+                for (c, name) in classes.names.iter().enumerate() {
+                    let mean = classes.confusion.actual[c] / rows as f64;
+                    push(base("class_proba_mean", TargetType::Gauge, mean).with("class_name", name));
+                }
+            }
+            let estimates = classes.confusion.estimates();
+            if let Some(a) = estimates.accuracy {
+                push(base("estimated_accuracy", TargetType::Gauge, a));
+            }
+            for (c, name) in classes.names.iter().enumerate() {
+                for (what, v) in [
+                    ("estimated_precision", estimates.precision[c]),
+                    ("estimated_recall", estimates.recall[c]),
+                    ("estimated_f1", estimates.f1[c]),
+                ] {
+                    if let Some(v) = v {
+                        push(base(what, TargetType::Gauge, v).with("class_name", name));
+                    }
+                }
+            }
+            if let (Some(r), Some(current)) =
+                (reference.and_then(|r| r.classes.as_ref()), drift::frequencies(&classes.confusion.predicted))
+            {
+                if r.frequencies.len() == current.len() {
+                    push(
+                        base("prediction_drift", TargetType::Gauge, drift::psi(&r.frequencies, &current))
+                            .with("method", "psi"),
+                    );
+                    push(
+                        base("prediction_drift", TargetType::Gauge, drift::js(&r.frequencies, &current))
+                            .with("method", "js"),
+                    );
+                    push(
+                        base("prediction_drift", TargetType::Gauge, drift::linf(&r.frequencies, &current))
+                            .with("method", "linf"),
+                    );
+                }
+            }
+        } else if self.rows == 0 {
+            // A heartbeat: the stream's classes, if known, are reported with 0 rows.
+            if let Some(names) = class_names {
+                for name in names {
+                    push(base("prediction_count", TargetType::Counter, 0.0).with("class_name", name));
+                }
+            }
+        }
+        for name in known_features {
+            let Some(feature) = self.features.get_mut(name.as_str()) else {
+                if self.rows > 0 {
+                    push(base("feature_missing_count", TargetType::Counter, self.rows as f64).with("feat_name", name));
+                }
+                continue;
+            };
+            push(base("feature_missing_count", TargetType::Counter, feature.missing as f64).with("feat_name", name));
+            if let Some(numeric) = &mut feature.numeric {
+                for (stat, v) in numeric.summary.stats() {
+                    push(base("feature_value", TargetType::Gauge, v).with("feat_name", name).with("stat", stat));
+                }
+                if let Some(ints) = &mut numeric.integers {
+                    push(base("feature_distinct_estimate", TargetType::Gauge, ints.distinct()).with("feat_name", name));
+                    let total = numeric.summary.count();
+                    if let Some(few) = ints.few(config.integer_categorical_max_distinct) {
+                        let top = few.len().min(config.top_k);
+                        let rest: u64 = few.iter().skip(top).map(|(_, c)| c).sum();
+                        for (value, count) in &few[..top] {
+                            push(
+                                base("feature_category_freq", TargetType::Gauge, *count as f64 / total as f64)
+                                    .with("feat_name", name)
+                                    .with("category", value.to_string()),
+                            );
+                        }
+                        if rest > 0 {
+                            push(
+                                base("feature_category_freq", TargetType::Gauge, rest as f64 / total as f64)
+                                    .with("feat_name", name)
+                                    .with("category", OTHER_CATEGORY),
+                            );
+                        }
+                    }
+                }
+                if let (Some(bins), Some(r)) = (&numeric.bins, reference.and_then(|r| r.numeric.get(name.as_str()))) {
+                    if let Some(current) = drift::frequencies(bins) {
+                        push(
+                            base("feature_drift", TargetType::Gauge, drift::psi(&r.frequencies, &current))
+                                .with("feat_name", name)
+                                .with("method", "psi"),
+                        );
+                        push(
+                            base("feature_drift", TargetType::Gauge, drift::js(&r.frequencies, &current))
+                                .with("feat_name", name)
+                                .with("method", "js"),
+                        );
+                    }
+                }
+            }
+            if let Some(counts) = &mut feature.categorical {
+                let total = counts.total();
+                push(base("feature_distinct_estimate", TargetType::Gauge, counts.distinct()).with("feat_name", name));
+                if counts.untracked() > 0 {
+                    push(
+                        base("category_limit_dropped", TargetType::Counter, counts.untracked() as f64)
+                            .with("feat_name", name),
+                    );
+                }
+                if total > 0 {
+                    let (top, rest) = counts.top_k(config.top_k);
+                    for (category, count) in &top {
+                        push(
+                            base("feature_category_freq", TargetType::Gauge, *count as f64 / total as f64)
+                                .with("feat_name", name)
+                                .with("category", category),
+                        );
+                    }
+                    if rest > 0 {
+                        push(
+                            base("feature_category_freq", TargetType::Gauge, rest as f64 / total as f64)
+                                .with("feat_name", name)
+                                .with("category", OTHER_CATEGORY),
+                        );
+                    }
+                    if let Some(r) = reference.and_then(|r| r.categorical.get(name.as_str())) {
+                        push(
+                            base("feature_drift", TargetType::Gauge, categorical_linf(r, counts))
+                                .with("feat_name", name)
+                                .with("method", "linf"),
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// L∞ between reference category frequencies and a bucket's counts, over the union
+/// of categories; untracked values on either side are compared as `__other__`.
+fn categorical_linf(reference: &BTreeMap<String, f64>, counts: &CategoryCounts) -> f64 {
+    let total = counts.total() as f64;
+    let mut worst: f64 = 0.0;
+    let mut current_other = counts.untracked() as f64 / total;
+    for (category, count) in counts.counts() {
+        let cur = count as f64 / total;
+        match reference.get(category) {
+            Some(r) => worst = worst.max((r - cur).abs()),
+            None if reference.contains_key(OTHER_CATEGORY) => current_other += cur,
+            None => worst = worst.max(cur),
+        }
+    }
+    for (category, r) in reference {
+        if category == OTHER_CATEGORY {
+            worst = worst.max((r - current_other).abs());
+        } else if counts.get(category).is_none() {
+            worst = worst.max(*r);
+        }
+    }
+    worst
+}

@@ -1,0 +1,569 @@
+//! The bucketing engine: tumbling windows aligned to multiples of the bucket width in
+//! UTC epoch seconds, one series of buckets per stream (model, version, signature),
+//! closed at their end plus a grace period, with heartbeats for quiet streams.
+//!
+//! The engine is synchronous and single-owner: the worker feeds it observations and
+//! exchange facts and asks it, on every tick, for the buckets that are due. It never
+//! reads the clock itself (callers pass `now`), so tests drive time explicitly.
+
+use crate::capture::{Exchange, Protocol};
+use crate::config::Config;
+use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
+use crate::monitor::reference::{reference_path, Reference, ReferenceBuilder, ReferenceSet};
+use crate::monitor::stats::Summary;
+use crate::monitor::MonitorConfig;
+use crate::sinks::anodot::PointBuilder;
+use crate::sinks::{Point, TargetType};
+use crate::tfserving::{Decoded, InferenceMethod, Observation, StreamKey};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The pseudo-model of facts that belong to no model (`capture_dropped`, and requests
+/// or decode errors whose model is unknown). Its files are under `anodot/__mltap__/`
+/// and its points carry no `model` property.
+pub const GLOBAL_MODEL: &str = "__mltap__";
+/// Most empty buckets emitted for one stream in one go (after a long pause of the
+/// process, older gaps are skipped rather than flooding the sinks).
+pub const MAX_HEARTBEAT_BUCKETS: i64 = 1000;
+
+/// The points of one closed bucket of one model (all its streams), ready for sinks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedBucket {
+    /// Model name, or `GLOBAL_MODEL`.
+    pub model: String,
+    /// Bucket start, epoch seconds (UTC).
+    pub start: i64,
+    /// Anodot points, all with `timestamp == start`.
+    pub points: Vec<Point>,
+}
+
+/// Where an observation went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// Start of the bucket of its event time.
+    pub bucket_start: i64,
+    /// False when it was counted but not aggregated: its bucket had already closed
+    /// (`late_dropped`) or the stream limit was reached (`stream_limit_dropped`).
+    pub accepted: bool,
+}
+
+/// Exchange-level facts, known whether or not the payload decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeFacts {
+    /// The model, when the URL or the request names it.
+    pub model: Option<String>,
+    /// The inference method, when known.
+    pub method: Option<InferenceMethod>,
+    /// `request_count`'s `status`: the HTTP status for REST (`200`), the gRPC status
+    /// for gRPC (`grpc_0`), `incomplete` for exchanges cut short.
+    pub status: String,
+    /// The exchange's start: the time that buckets it.
+    pub event_time: SystemTime,
+    /// From sending the request upstream to the end of the response.
+    pub upstream_latency: Duration,
+    /// The reasons of the decode errors met.
+    pub decode_errors: Vec<&'static str>,
+}
+
+impl ExchangeFacts {
+    /// The facts of a captured exchange and what decoding it gave.
+    pub fn new(exchange: &Exchange, decoded: &Decoded) -> Self {
+        let status = if !exchange.complete {
+            "incomplete".to_string()
+        } else {
+            match (exchange.protocol, exchange.grpc_status) {
+                (Protocol::Grpc, Some(code)) => format!("grpc_{code}"),
+                _ => exchange.status.to_string(),
+            }
+        };
+        ExchangeFacts {
+            model: decoded.model.clone(),
+            method: decoded.method,
+            status,
+            event_time: exchange.started_at,
+            upstream_latency: exchange.upstream_latency,
+            decode_errors: decoded.errors.iter().map(|e| e.reason).collect(),
+        }
+    }
+}
+
+/// What the engine is built from.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Bucket width (whole seconds; shorter widths count as one second).
+    pub bucket: Duration,
+    pub monitor: MonitorConfig,
+    /// The output dir: learned references are persisted under `reference/` in it and
+    /// read back after a restart. None keeps references in memory only.
+    pub output_dir: Option<PathBuf>,
+    /// Per model, the features the config declares categorical.
+    pub categorical_features: BTreeMap<String, BTreeSet<String>>,
+    /// When the engine started: the bucket containing this instant is incomplete and
+    /// never part of a reference.
+    pub started_at: SystemTime,
+}
+
+impl EngineOptions {
+    /// Options from the validated configuration.
+    pub fn from_config(config: &Config) -> Self {
+        EngineOptions {
+            bucket: config.bucket,
+            monitor: config.monitor.clone(),
+            output_dir: Some(config.output_dir.clone()),
+            categorical_features: config
+                .models
+                .iter()
+                .map(|(name, m)| (name.clone(), m.categorical_features.iter().cloned().collect()))
+                .collect(),
+            started_at: SystemTime::now(),
+        }
+    }
+}
+
+/// Where a stream's drift reference stands.
+#[derive(Debug)]
+enum ReferenceState {
+    /// No complete bucket seen yet.
+    Pending,
+    /// The reference window is being collected.
+    Learning(Box<ReferenceBuilder>),
+    /// Frozen: drift is computed against it.
+    Frozen(Arc<Reference>),
+}
+
+/// Everything the engine keeps about one stream.
+#[derive(Debug)]
+struct Stream {
+    /// Open buckets by start.
+    open: BTreeMap<i64, StreamBucket>,
+    /// Start of the last closed bucket; observations for it or earlier are late.
+    closed_through: Option<i64>,
+    /// Features tracked (at most `max_features`), in name order.
+    known_features: BTreeSet<String>,
+    /// Class names, fixed at the stream's first probabilities.
+    class_names: Option<Vec<String>>,
+    reference: ReferenceState,
+    /// Rows that arrived after their bucket closed, reported at the next close.
+    late_rows: u64,
+}
+
+/// Exchange-level facts of one model's bucket.
+#[derive(Debug)]
+struct ModelBucket {
+    /// Exchanges per (method, status).
+    requests: BTreeMap<(String, String), u64>,
+    /// Upstream latency in milliseconds.
+    latency: Summary,
+    /// Decode errors per reason.
+    decode_errors: BTreeMap<String, u64>,
+    /// Rows of observations of streams beyond `max_streams`.
+    stream_limit_dropped: u64,
+    /// Exchanges the capture queue dropped (global pseudo-model of the engine that
+    /// reports them only).
+    capture_dropped: Option<u64>,
+}
+
+/// Open exchange-level buckets of one model.
+#[derive(Debug, Default)]
+struct ModelState {
+    open: BTreeMap<i64, ModelBucket>,
+    /// Start of the last closed bucket.
+    closed_through: Option<i64>,
+}
+
+/// The monitoring engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    /// Bucket width, seconds.
+    width: i64,
+    /// Grace after a bucket's end, seconds.
+    grace: i64,
+    config: MonitorConfig,
+    output_dir: Option<PathBuf>,
+    categorical_features: BTreeMap<String, BTreeSet<String>>,
+    /// Engine start, epoch seconds.
+    started_at: i64,
+    /// References from `monitor.reference_file`.
+    reference_set: ReferenceSet,
+    streams: BTreeMap<StreamKey, Stream>,
+    models: BTreeMap<String, ModelState>,
+    /// Observations seen, to detect features an observation lacks.
+    sequence: u64,
+    /// Stands in for a model without declared categorical features.
+    no_features: BTreeSet<String>,
+    /// Whether this engine reports `capture_dropped` (then its global pseudo-model
+    /// has a heartbeat).
+    reports_capture: bool,
+}
+
+impl Engine {
+    /// A new engine; reads `monitor.reference_file` when set.
+    pub fn new(options: EngineOptions) -> Result<Engine, String> {
+        let reference_set = match &options.monitor.reference_file {
+            Some(path) => ReferenceSet::load(path)?,
+            None => ReferenceSet::default(),
+        };
+        Ok(Engine::with_references(options, reference_set))
+    }
+
+    /// A new engine with already loaded references (`monitor.reference_file` unread).
+    pub fn with_references(options: EngineOptions, reference_set: ReferenceSet) -> Engine {
+        Engine {
+            width: options.bucket.as_secs().max(1) as i64,
+            grace: options.monitor.grace_seconds as i64,
+            config: options.monitor,
+            output_dir: options.output_dir,
+            categorical_features: options.categorical_features,
+            started_at: epoch_seconds(options.started_at),
+            reference_set,
+            streams: BTreeMap::new(),
+            models: BTreeMap::new(),
+            sequence: 0,
+            no_features: BTreeSet::new(),
+            reports_capture: false,
+        }
+    }
+
+    /// Bucket width in seconds.
+    pub fn width(&self) -> i64 {
+        self.width
+    }
+
+    /// The start of the bucket holding an instant.
+    pub fn bucket_of(&self, t: SystemTime) -> i64 {
+        epoch_seconds(t).div_euclid(self.width) * self.width
+    }
+
+    /// Aggregates one observation into the bucket of its event time.
+    pub fn observe(&mut self, obs: &Observation) -> Observed {
+        let start = self.bucket_of(obs.event_time);
+        let rows = obs.rows as u64;
+        if !self.streams.contains_key(&obs.stream) {
+            if self.streams.len() >= self.config.max_streams {
+                let model = self.model_slot(Some(&obs.stream.model));
+                self.model_bucket(&model, start).stream_limit_dropped += rows;
+                return Observed { bucket_start: start, accepted: false };
+            }
+            let stream = self.new_stream(&obs.stream);
+            self.streams.insert(obs.stream.clone(), stream);
+        }
+        let complete = self.is_complete(start);
+        let (width, buckets, sample, max_categories) =
+            (self.width, self.config.reference_buckets, self.config.reference_sample_size, self.config.max_categories);
+        let output_dir = self.output_dir.as_deref();
+        let Some(stream) = self.streams.get_mut(&obs.stream) else {
+            return Observed { bucket_start: start, accepted: false };
+        };
+        if stream.closed_through.is_some_and(|closed| start <= closed) {
+            stream.late_rows += rows;
+            return Observed { bucket_start: start, accepted: false };
+        }
+        match &stream.reference {
+            ReferenceState::Pending if complete => {
+                stream.reference = ReferenceState::Learning(Box::new(ReferenceBuilder::new(
+                    start,
+                    width,
+                    buckets,
+                    sample,
+                    max_categories,
+                )));
+            }
+            // Traffic after the window freezes the reference at once, so that the
+            // first bucket after it already has drift.
+            ReferenceState::Learning(b) if start > b.last_bucket() => {
+                freeze(stream, &obs.stream, output_dir);
+            }
+            _ => {}
+        }
+        self.sequence += 1;
+        let categorical = self.categorical_features.get(&obs.stream.model).unwrap_or(&self.no_features);
+        let Stream { open, known_features, class_names, reference, .. } = stream;
+        let (reference, builder) = match reference {
+            ReferenceState::Frozen(r) => (Some(&**r), None),
+            ReferenceState::Learning(b) if b.covers(start) => (None, Some(&mut **b)),
+            _ => (None, None),
+        };
+        let bucket = open.entry(start).or_insert_with(|| StreamBucket::new(start));
+        bucket.observe(
+            obs,
+            StreamContext {
+                config: &self.config,
+                known_features,
+                categorical_features: categorical,
+                reference,
+                builder,
+                class_names,
+                sequence: self.sequence,
+            },
+        );
+        Observed { bucket_start: start, accepted: true }
+    }
+
+    /// Counts an exchange's request, latency and decode errors in its model's bucket.
+    /// Facts for a bucket that already closed are counted in the next open one.
+    pub fn record_exchange(&mut self, facts: &ExchangeFacts) {
+        let model = self.model_slot(facts.model.as_deref());
+        let start = self.bucket_of(facts.event_time);
+        let bucket = self.model_bucket(&model, start);
+        let method = facts.method.map(InferenceMethod::as_str).unwrap_or("unknown");
+        *bucket.requests.entry((method.to_string(), facts.status.clone())).or_default() += 1;
+        bucket.latency.add(facts.upstream_latency.as_secs_f64() * 1000.0);
+        for reason in &facts.decode_errors {
+            *bucket.decode_errors.entry((*reason).to_string()).or_default() += 1;
+        }
+    }
+
+    /// Counts decode errors that came without exchange facts (e.g. an observation the
+    /// worker rejected) in a model's bucket.
+    pub fn record_decode_error(&mut self, model: Option<&str>, event_time: SystemTime, reason: &str) {
+        let model = self.model_slot(model);
+        let start = self.bucket_of(event_time);
+        *self.model_bucket(&model, start).decode_errors.entry(reason.to_string()).or_default() += 1;
+    }
+
+    /// Counts exchanges the capture queue dropped, in the bucket of `now`.
+    pub fn record_capture_dropped(&mut self, now: SystemTime, dropped: u64) {
+        let start = self.bucket_of(now);
+        self.reports_capture = true;
+        *self.model_bucket(GLOBAL_MODEL, start).capture_dropped.get_or_insert(0) += dropped;
+    }
+
+    /// Closes every bucket whose end plus grace is at or before `now`, filling gaps of
+    /// known streams with empty buckets (heartbeats).
+    pub fn close_due(&mut self, now: SystemTime) -> Vec<ClosedBucket> {
+        let limit = (epoch_seconds(now) - self.grace - self.width).div_euclid(self.width) * self.width;
+        self.close_through(limit)
+    }
+
+    /// Closes every open bucket (shutdown).
+    pub fn flush_all(&mut self) -> Vec<ClosedBucket> {
+        let width = self.width;
+        // A stream whose late rows have no later bucket to be reported in gets one.
+        let last_stream = self
+            .streams
+            .values()
+            .filter_map(|s| match (s.open.keys().next_back(), s.closed_through) {
+                (Some(open), _) => Some(*open),
+                (None, Some(closed)) if s.late_rows > 0 => Some(closed + width),
+                _ => None,
+            })
+            .max();
+        let last_model = self.models.values().filter_map(|m| m.open.keys().next_back()).max().copied();
+        match last_stream.max(last_model) {
+            Some(limit) => self.close_through(limit),
+            None => Vec::new(),
+        }
+    }
+
+    /// The frozen references of all streams.
+    pub fn references(&self) -> Vec<Reference> {
+        self.streams
+            .values()
+            .filter_map(|s| match &s.reference {
+                ReferenceState::Frozen(r) => Some((**r).clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The frozen references as the JSON array `monitor.reference_file` accepts.
+    pub fn export_references(&self) -> serde_json::Value {
+        serde_json::to_value(self.references()).unwrap_or(serde_json::Value::Array(Vec::new()))
+    }
+
+    fn close_through(&mut self, limit: i64) -> Vec<ClosedBucket> {
+        let width = self.width;
+        let reports_capture = self.reports_capture;
+        let mut out: BTreeMap<(i64, String), Vec<Point>> = BTreeMap::new();
+        for (model, state) in &mut self.models {
+            let mut starts: BTreeSet<i64> = state.open.range(..=limit).map(|(s, _)| *s).collect();
+            let heartbeat = model == GLOBAL_MODEL && reports_capture;
+            if heartbeat {
+                if let Some(closed) = state.closed_through {
+                    starts.extend(gap_starts(closed, limit, width));
+                }
+            }
+            for start in starts {
+                let mut bucket = state.open.remove(&start).unwrap_or_else(ModelBucket::new);
+                if heartbeat {
+                    bucket.capture_dropped.get_or_insert(0);
+                }
+                out.entry((start, model.clone())).or_default().extend(bucket.points(model, start));
+                state.closed_through = Some(state.closed_through.map_or(start, |c| c.max(start)));
+            }
+        }
+        let output_dir = self.output_dir.as_deref();
+        for (key, stream) in &mut self.streams {
+            let mut starts: BTreeSet<i64> = stream.open.range(..=limit).map(|(s, _)| *s).collect();
+            if let Some(closed) = stream.closed_through {
+                starts.extend(gap_starts(closed, limit, width));
+            }
+            for start in starts {
+                let mut bucket = stream.open.remove(&start).unwrap_or_else(|| StreamBucket::new(start));
+                // Buckets of the window a reference was learned from are not compared to it.
+                let reference = match &stream.reference {
+                    ReferenceState::Frozen(r) if !r.learned_from(start) => Some(&**r),
+                    _ => None,
+                };
+                let points = bucket.points(
+                    key,
+                    EmitContext {
+                        known_features: &stream.known_features,
+                        class_names: stream.class_names.as_ref(),
+                        reference,
+                        late_dropped: std::mem::take(&mut stream.late_rows),
+                        config: &self.config,
+                    },
+                );
+                out.entry((start, key.model.clone())).or_default().extend(points);
+                stream.closed_through = Some(start);
+                if matches!(&stream.reference, ReferenceState::Learning(b) if start >= b.last_bucket()) {
+                    freeze(stream, key, output_dir);
+                }
+            }
+        }
+        out.into_iter().map(|((start, model), points)| ClosedBucket { model, start, points }).collect()
+    }
+
+    /// The bucket containing `start`'s instant is complete unless the engine started
+    /// strictly inside it.
+    fn is_complete(&self, start: i64) -> bool {
+        !(start < self.started_at && self.started_at < start + self.width)
+    }
+
+    fn new_stream(&self, key: &StreamKey) -> Stream {
+        let mut reference = ReferenceState::Pending;
+        if let Some(r) = self.reference_set.find(key) {
+            reference = ReferenceState::Frozen(Arc::new(r.clone()));
+        } else if let Some(dir) = &self.output_dir {
+            let path = reference_path(dir, key);
+            if path.exists() {
+                match Reference::load(&path) {
+                    Ok(r) => {
+                        tracing::info!(message = "Loaded the persisted drift reference.", path = %path.display());
+                        reference = ReferenceState::Frozen(Arc::new(r));
+                    }
+                    Err(error) => {
+                        tracing::warn!(message = "Ignoring an unreadable drift reference; learning a new one.", %error);
+                    }
+                }
+            }
+        }
+        Stream {
+            open: BTreeMap::new(),
+            closed_through: None,
+            known_features: BTreeSet::new(),
+            class_names: None,
+            reference,
+            late_rows: 0,
+        }
+    }
+
+    /// The model a fact is counted under: itself, or the global pseudo-model when it
+    /// is unknown or when the number of models has reached its bound.
+    fn model_slot(&self, model: Option<&str>) -> String {
+        match model {
+            Some(m) if self.models.contains_key(m) || self.models.len() <= self.config.max_streams => m.to_string(),
+            _ => GLOBAL_MODEL.to_string(),
+        }
+    }
+
+    /// The open model bucket for `start`, or the next open one when `start` is closed.
+    fn model_bucket(&mut self, model: &str, start: i64) -> &mut ModelBucket {
+        let width = self.width;
+        let state = self.models.entry(model.to_string()).or_default();
+        let start = match state.closed_through {
+            Some(closed) if start <= closed => closed + width,
+            _ => start,
+        };
+        state.open.entry(start).or_insert_with(ModelBucket::new)
+    }
+}
+
+/// Starts of the buckets after `closed` up to `limit`, at most `MAX_HEARTBEAT_BUCKETS`.
+fn gap_starts(closed: i64, limit: i64, width: i64) -> impl Iterator<Item = i64> {
+    let first = (closed + width).max(limit - (MAX_HEARTBEAT_BUCKETS - 1) * width);
+    (0..).map(move |i| first + i * width).take_while(move |s| *s <= limit)
+}
+
+/// Freezes a stream's reference and persists it when there is an output dir.
+fn freeze(stream: &mut Stream, key: &StreamKey, output_dir: Option<&std::path::Path>) {
+    let ReferenceState::Learning(builder) = std::mem::replace(&mut stream.reference, ReferenceState::Pending) else {
+        return;
+    };
+    let reference = builder.freeze(key);
+    if let Some(dir) = output_dir {
+        let path = reference_path(dir, key);
+        match reference.save(&path) {
+            Ok(()) => tracing::info!(message = "Froze and saved the drift reference.", path = %path.display()),
+            Err(error) => {
+                tracing::warn!(message = "Could not save the drift reference; it is kept in memory.", %error, path = %path.display())
+            }
+        }
+    }
+    stream.reference = ReferenceState::Frozen(Arc::new(reference));
+}
+
+impl ModelBucket {
+    fn new() -> Self {
+        // Latency needs no finer accuracy than the default sketch's 1 %.
+        ModelBucket {
+            requests: BTreeMap::new(),
+            latency: Summary::new(0.01),
+            decode_errors: BTreeMap::new(),
+            stream_limit_dropped: 0,
+            capture_dropped: None,
+        }
+    }
+
+    fn points(&self, model: &str, start: i64) -> Vec<Point> {
+        let global = model == GLOBAL_MODEL;
+        let base = |what: &str, t: TargetType, value: f64| -> PointBuilder {
+            let b = Point::builder(what, t, start, value);
+            if global {
+                b
+            } else {
+                b.with("model", model)
+            }
+        };
+        let mut out = Vec::new();
+        let mut push = |b: PointBuilder| {
+            if let Some(p) = b.finish() {
+                out.push(p);
+            }
+        };
+        if let Some(dropped) = self.capture_dropped {
+            push(base("capture_dropped", TargetType::Counter, dropped as f64));
+        }
+        for ((method, status), count) in &self.requests {
+            push(
+                base("request_count", TargetType::Counter, *count as f64).with("method", method).with("status", status),
+            );
+        }
+        for (stat, q) in [("q50", 0.5), ("q90", 0.9), ("q99", 0.99)] {
+            if let Some(v) = self.latency.quantile(q) {
+                push(base("upstream_latency_ms", TargetType::Gauge, v).with("stat", stat));
+            }
+        }
+        if let Some(v) = self.latency.max() {
+            push(base("upstream_latency_ms", TargetType::Gauge, v).with("stat", "max"));
+        }
+        for (reason, count) in &self.decode_errors {
+            push(base("decode_errors", TargetType::Counter, *count as f64).with("reason", reason));
+        }
+        if self.stream_limit_dropped > 0 {
+            push(base("stream_limit_dropped", TargetType::Counter, self.stream_limit_dropped as f64));
+        }
+        out
+    }
+}
+
+/// Whole seconds since the epoch (negative before it).
+pub fn epoch_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
+    }
+}

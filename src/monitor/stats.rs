@@ -1,0 +1,533 @@
+//! Bounded, mergeable statistics of one series of values: exact count, mean and
+//! standard deviation (Welford, merged with Chan's parallel formula), exact min and
+//! max, quantiles from a DDSketch, and category counts with a HyperLogLog fallback.
+//!
+//! Nothing here grows with the number of values: a `Summary` is a few words plus a
+//! sketch of at most `MAX_SKETCH_BINS` bins per sign, and `CategoryCounts` counts at
+//! most its configured number of categories exactly.
+
+use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
+use sketches_ddsketch::{Config as SketchConfig, DDSketch};
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Bins per sign of every quantile sketch. With the default 1 % relative accuracy
+/// they span 41 orders of e (about 1e-9 to 1e9 with room to spare) before the
+/// lowest bins collapse; documented in docs/metrics.md.
+pub const MAX_SKETCH_BINS: u32 = 2048;
+/// Values closer to zero than this are counted as exactly zero by the sketch.
+pub const SKETCH_ZERO_THRESHOLD: f64 = 1.0e-9;
+/// HyperLogLog++ precision: 2^12 registers, standard error 1.04/sqrt(4096) ≈ 1.6 %.
+pub const HLL_PRECISION: u8 = 12;
+
+/// The `stat` values of `feature_value`, `max_prediction_proba`,
+/// `spread12_prediction_proba` and `prediction_entropy`, in emission order.
+pub const STATS: [&str; 12] =
+    ["mean", "median", "std", "range", "q25", "q50", "q75", "iqr", "min", "max", "q01", "q99"];
+
+/// Exact moments and extremes plus a quantile sketch of a series of finite values.
+#[derive(Clone)]
+pub struct Summary {
+    /// Values added (finite ones only: callers count the rest as missing).
+    count: u64,
+    /// Running mean (Welford).
+    mean: f64,
+    /// Sum of squared deviations from the mean (Welford's M2).
+    m2: f64,
+    /// Exact smallest value.
+    min: f64,
+    /// Exact largest value.
+    max: f64,
+    /// Quantiles with relative accuracy alpha; merged across buckets for references.
+    sketch: DDSketch,
+}
+
+impl std::fmt::Debug for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Summary")
+            .field("count", &self.count)
+            .field("mean", &self.mean)
+            .field("min", &self.min)
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Summary {
+    /// An empty summary whose quantiles have relative accuracy `alpha`.
+    pub fn new(alpha: f64) -> Self {
+        Summary {
+            count: 0,
+            mean: 0.0,
+            m2: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            sketch: DDSketch::new(SketchConfig::new(alpha, MAX_SKETCH_BINS, SKETCH_ZERO_THRESHOLD)),
+        }
+    }
+
+    /// Adds one value; non-finite values are ignored (the caller counts them missing).
+    pub fn add(&mut self, v: f64) {
+        if !v.is_finite() {
+            return;
+        }
+        self.count += 1;
+        let delta = v - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (v - self.mean);
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        self.sketch.add(v);
+    }
+
+    /// Adds a column of values at once and returns how many were not finite (missing).
+    /// The batch's own mean and M2 are computed in two tight passes and merged with
+    /// Chan's formula, which is both faster and as exact as adding one by one.
+    pub fn add_slice(&mut self, values: &[f64]) -> u64 {
+        let mut n = 0u64;
+        let mut sum = 0.0;
+        let mut min = f64::INFINITY;
+        let mut max = f64::NEG_INFINITY;
+        for &v in values {
+            if v.is_finite() {
+                n += 1;
+                sum += v;
+                min = min.min(v);
+                max = max.max(v);
+                self.sketch.add(v);
+            }
+        }
+        let missing = values.len() as u64 - n;
+        if n == 0 {
+            return missing;
+        }
+        let batch_mean = sum / n as f64;
+        let mut batch_m2 = 0.0;
+        for &v in values {
+            if v.is_finite() {
+                let d = v - batch_mean;
+                batch_m2 += d * d;
+            }
+        }
+        self.merge_moments(n, batch_mean, batch_m2, min, max);
+        missing
+    }
+
+    fn merge_moments(&mut self, n: u64, mean: f64, m2: f64, min: f64, max: f64) {
+        if self.count == 0 {
+            self.count = n;
+            self.mean = mean;
+            self.m2 = m2;
+        } else {
+            let total = (self.count + n) as f64;
+            let delta = mean - self.mean;
+            self.mean += delta * n as f64 / total;
+            self.m2 += m2 + delta * delta * self.count as f64 * n as f64 / total;
+            self.count += n;
+        }
+        self.min = self.min.min(min);
+        self.max = self.max.max(max);
+    }
+
+    /// Merges another summary (same accuracy) into this one.
+    pub fn merge(&mut self, other: &Summary) {
+        if other.count == 0 {
+            return;
+        }
+        self.merge_moments(other.count, other.mean, other.m2, other.min, other.max);
+        // Both sketches come from `Summary::new` with the engine's one alpha; a
+        // mismatch would be a programming error, and the moments stay right anyway.
+        let _ = self.sketch.merge(&other.sketch);
+    }
+
+    /// Values added.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Exact mean, None when empty.
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then_some(self.mean)
+    }
+
+    /// Exact sample standard deviation (n - 1 in the denominator, as pandas'
+    /// `describe` that MLWatcher used); None below two values.
+    pub fn std(&self) -> Option<f64> {
+        (self.count > 1).then(|| (self.m2.max(0.0) / (self.count - 1) as f64).sqrt())
+    }
+
+    /// Exact minimum, None when empty.
+    pub fn min(&self) -> Option<f64> {
+        (self.count > 0).then_some(self.min)
+    }
+
+    /// Exact maximum, None when empty.
+    pub fn max(&self) -> Option<f64> {
+        (self.count > 0).then_some(self.max)
+    }
+
+    /// The q-quantile: the value of rank floor(q·(n-1)) in sorted order, within the
+    /// sketch's relative accuracy (values within 1e-9 of zero read as 0), clamped to
+    /// the exact [min, max]. None when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let v = self.sketch.quantile(q.clamp(0.0, 1.0)).ok().flatten()?;
+        Some(v.clamp(self.min, self.max))
+    }
+
+    /// The statistics named in `STATS`, in that order, skipping undefined ones.
+    pub fn stats(&self) -> Vec<(&'static str, f64)> {
+        let mut out = Vec::with_capacity(STATS.len());
+        if self.count == 0 {
+            return out;
+        }
+        let (q01, q25, q50, q75, q99) =
+            (self.quantile(0.01), self.quantile(0.25), self.quantile(0.5), self.quantile(0.75), self.quantile(0.99));
+        let pairs: [(&'static str, Option<f64>); 12] = [
+            ("mean", self.mean()),
+            ("median", q50),
+            ("std", self.std()),
+            ("range", Some(self.max - self.min)),
+            ("q25", q25),
+            ("q50", q50),
+            ("q75", q75),
+            ("iqr", q75.zip(q25).map(|(a, b)| a - b)),
+            ("min", self.min()),
+            ("max", self.max()),
+            ("q01", q01),
+            ("q99", q99),
+        ];
+        for (name, v) in pairs {
+            if let Some(v) = v.filter(|v| v.is_finite()) {
+                out.push((name, v));
+            }
+        }
+        out
+    }
+}
+
+/// A small, fast, non-cryptographic hasher (FxHash's multiply-rotate) for maps keyed
+/// by category values, which are hashed once per row on the aggregation path.
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+        for &b in chunks.remainder() {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(FX_SEED);
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// `HashMap` with `FastHasher`.
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+type Hll = HyperLogLogPlus<str, RandomState>;
+
+/// Exact counts of up to `max_categories` categories; further categories are counted
+/// together (`untracked`) and, from the moment the table is full, distinct values are
+/// estimated with HyperLogLog++ (seeded with every tracked category, so the estimate
+/// covers all values).
+pub struct CategoryCounts {
+    /// Count per tracked category.
+    counts: FastMap<String, u64>,
+    /// Values of categories that did not fit in the table.
+    untracked: u64,
+    /// Most categories tracked exactly.
+    max_categories: usize,
+    /// Distinct estimator, created when the table first overflows.
+    hll: Option<Box<Hll>>,
+}
+
+impl std::fmt::Debug for CategoryCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CategoryCounts")
+            .field("tracked", &self.counts.len())
+            .field("untracked", &self.untracked)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CategoryCounts {
+    pub fn new(max_categories: usize) -> Self {
+        CategoryCounts { counts: FastMap::default(), untracked: 0, max_categories, hll: None }
+    }
+
+    /// Counts one value.
+    pub fn add(&mut self, value: &str) {
+        if let Some(c) = self.counts.get_mut(value) {
+            *c += 1;
+            return;
+        }
+        if self.counts.len() < self.max_categories {
+            self.counts.insert(value.to_string(), 1);
+            return;
+        }
+        self.untracked += 1;
+        if self.hll.is_none() {
+            // Precision 12 is within HyperLogLog++'s 4..=18, so creation succeeds.
+            if let Ok(mut hll) = Hll::new(HLL_PRECISION, RandomState::new()) {
+                for key in self.counts.keys() {
+                    hll.insert_any(key.as_str());
+                }
+                self.hll = Some(Box::new(hll));
+            }
+        }
+        if let Some(hll) = &mut self.hll {
+            hll.insert_any(value);
+        }
+    }
+
+    /// Values counted (tracked and untracked).
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum::<u64>() + self.untracked
+    }
+
+    /// Values whose category was not tracked because the table was full.
+    pub fn untracked(&self) -> u64 {
+        self.untracked
+    }
+
+    /// Distinct categories: exact while the table has room, else HyperLogLog++.
+    pub fn distinct(&mut self) -> f64 {
+        match &mut self.hll {
+            Some(hll) => hll.count().max(self.counts.len() as f64),
+            None => self.counts.len() as f64,
+        }
+    }
+
+    /// The count of a tracked category.
+    pub fn get(&self, category: &str) -> Option<u64> {
+        self.counts.get(category).copied()
+    }
+
+    /// Tracked categories and their counts.
+    pub fn counts(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.counts.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// The `k` most frequent categories (ties by name), and the count of all others.
+    pub fn top_k(&self, k: usize) -> (Vec<(&str, u64)>, u64) {
+        let mut all: Vec<(&str, u64)> = self.counts().collect();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let rest: u64 = all.iter().skip(k).map(|(_, c)| *c).sum::<u64>() + self.untracked;
+        all.truncate(k);
+        (all, rest)
+    }
+}
+
+/// Exact counts of an integer feature's values while they are few (for top-k
+/// frequencies), then exact distinct counting up to `max_categories`, then
+/// HyperLogLog++.
+pub struct IntegerCounts {
+    /// Count per value, dropped once distinct values exceed `max_categories`.
+    counts: Option<FastMap<i64, u64>>,
+    /// Most distinct values counted exactly.
+    max_categories: usize,
+    /// Distinct estimator once `counts` is dropped.
+    hll: Option<Box<HyperLogLogPlus<i64, RandomState>>>,
+}
+
+impl std::fmt::Debug for IntegerCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntegerCounts").field("exact", &self.counts.as_ref().map(|c| c.len())).finish_non_exhaustive()
+    }
+}
+
+impl IntegerCounts {
+    pub fn new(max_categories: usize) -> Self {
+        IntegerCounts { counts: Some(FastMap::default()), max_categories, hll: None }
+    }
+
+    /// Counts the finite values of a column.
+    pub fn add_slice(&mut self, values: &[f64]) {
+        for &v in values {
+            if v.is_finite() {
+                self.add(v as i64);
+            }
+        }
+    }
+
+    fn add(&mut self, v: i64) {
+        if let Some(counts) = &mut self.counts {
+            if let Some(c) = counts.get_mut(&v) {
+                *c += 1;
+                return;
+            }
+            if counts.len() < self.max_categories {
+                counts.insert(v, 1);
+                return;
+            }
+            let mut hll = match HyperLogLogPlus::new(HLL_PRECISION, RandomState::new()) {
+                Ok(h) => Box::new(h),
+                Err(_) => return,
+            };
+            for key in counts.keys() {
+                hll.insert(key);
+            }
+            self.hll = Some(hll);
+            self.counts = None;
+        }
+        if let Some(hll) = &mut self.hll {
+            hll.insert(&v);
+        }
+    }
+
+    /// Distinct values: exact up to `max_categories`, then estimated.
+    pub fn distinct(&mut self) -> f64 {
+        match (&self.counts, &mut self.hll) {
+            (Some(counts), _) => counts.len() as f64,
+            (None, Some(hll)) => hll.count(),
+            (None, None) => 0.0,
+        }
+    }
+
+    /// The counts per value when there are at most `max_distinct` distinct values.
+    pub fn few(&self, max_distinct: usize) -> Option<Vec<(i64, u64)>> {
+        let counts = self.counts.as_ref()?;
+        if counts.len() > max_distinct {
+            return None;
+        }
+        let mut all: Vec<(i64, u64)> = counts.iter().map(|(k, v)| (*k, *v)).collect();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Some(all)
+    }
+}
+
+/// A uniform sample of at most `capacity` values of a series (Vitter's algorithm R
+/// with a xorshift generator), from which a reference's bins and frequencies are
+/// computed.
+#[derive(Debug, Clone)]
+pub struct Reservoir {
+    /// Values offered so far.
+    seen: u64,
+    /// The sample.
+    values: Vec<f64>,
+    /// Most values kept.
+    capacity: usize,
+    /// xorshift64 state; deterministic so that tests and restarts are reproducible.
+    state: u64,
+}
+
+impl Reservoir {
+    pub fn new(capacity: usize) -> Self {
+        Reservoir { seen: 0, values: Vec::new(), capacity: capacity.max(1), state: 0x9E37_79B9_7F4A_7C15 }
+    }
+
+    /// Offers the finite values of a column.
+    pub fn add_slice(&mut self, values: &[f64]) {
+        for &v in values {
+            if !v.is_finite() {
+                continue;
+            }
+            self.seen += 1;
+            if self.values.len() < self.capacity {
+                self.values.push(v);
+                continue;
+            }
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            let j = self.state % self.seen;
+            if (j as usize) < self.capacity {
+                self.values[j as usize] = v;
+            }
+        }
+    }
+
+    /// The sample, in no particular order.
+    pub fn values(&self) -> &[f64] {
+        &self.values
+    }
+
+    /// Values offered.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_zero_and_positive_values_have_accurate_quantiles() {
+        let mut s = Summary::new(0.01);
+        let values: Vec<f64> = (-50..=50).map(|i| i as f64).collect();
+        s.add_slice(&values);
+        assert_eq!(s.quantile(0.0), Some(-50.0));
+        assert_eq!(s.quantile(0.5), Some(0.0));
+        let q25 = s.quantile(0.25).unwrap();
+        assert!((q25 - -25.0).abs() <= 0.25 + 1e-9, "{q25}");
+        let q90 = s.quantile(0.9).unwrap();
+        assert!((q90 - 40.0).abs() <= 0.4 + 1e-9, "{q90}");
+        assert_eq!(s.quantile(1.0), Some(50.0));
+    }
+
+    #[test]
+    fn not_finite_values_are_missing_not_zero() {
+        let mut s = Summary::new(0.01);
+        let missing = s.add_slice(&[1.0, f64::NAN, 3.0, f64::INFINITY]);
+        assert_eq!(missing, 2);
+        assert_eq!(s.count(), 2);
+        assert_eq!(s.mean(), Some(2.0));
+        // The sketch alone would have put NaN among the zeros.
+        assert!(s.quantile(0.0).unwrap() >= 1.0);
+    }
+
+    #[test]
+    fn category_table_overflow_goes_to_other_and_keeps_distinct_estimate() {
+        let mut c = CategoryCounts::new(3);
+        for v in ["a", "b", "a", "c", "d", "e", "a"] {
+            c.add(v);
+        }
+        assert_eq!(c.total(), 7);
+        assert_eq!(c.untracked(), 2);
+        let (top, rest) = c.top_k(1);
+        assert_eq!(top, vec![("a", 3)]);
+        assert_eq!(rest, 4);
+        assert!((c.distinct() - 5.0).abs() < 0.5);
+        assert_eq!(c.counts().count(), 3);
+    }
+
+    #[test]
+    fn integer_counts_report_few_values_and_then_only_distinct() {
+        let mut c = IntegerCounts::new(5);
+        c.add_slice(&[1.0, 2.0, 2.0, f64::NAN]);
+        assert_eq!(c.few(20), Some(vec![(2, 2), (1, 1)]));
+        c.add_slice(&[3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(c.few(20), None);
+        assert!((c.distinct() - 7.0).abs() < 0.5);
+    }
+}

@@ -1,0 +1,211 @@
+//! Prometheus view of the model metrics: the points of the last closed bucket of each
+//! model, exposed as gauges `model_<what>` (`mltap_model_<what>` in the app's
+//! registry, whose prefix is `mltap`) on `/metrics` by a prometheus-client `Collector`.
+//!
+//! Label cardinality is bounded: only the labels `model`, `version`, `signature`,
+//! `class`, `feature`, `stat`, `method` and `reason` are kept (they map Anodot's
+//! properties of the same meaning), points with an unbounded dimension (`category`)
+//! are left to the Anodot files, the global pseudo-model's points are left to the
+//! capture counters, and a model's series are replaced (not accumulated) at each
+//! bucket, with a hard cap on the total. This sink never decides what a metric means.
+
+use crate::monitor::{ClosedBucket, GLOBAL_MODEL};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Most series exposed in total; further points of a bucket are not exposed (and
+/// counted in `mltap_model_series_dropped`).
+pub const MAX_SERIES: usize = 20_000;
+
+/// Anodot property → Prometheus label, for the properties that are exposed.
+const LABELS: [(&str, &str); 8] = [
+    ("model", "model"),
+    ("version", "version"),
+    ("signature", "signature"),
+    ("class_name", "class"),
+    ("feat_name", "feature"),
+    ("stat", "stat"),
+    ("method", "method"),
+    ("reason", "reason"),
+];
+
+/// Properties with unbounded values: points carrying them are not exposed.
+const UNBOUNDED: [&str; 2] = ["category", "actual_class"];
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One model's last closed bucket, ready to encode.
+#[derive(Debug, Default)]
+struct ModelSeries {
+    /// Bucket start, epoch seconds.
+    start: i64,
+    /// Per metric name, its labelled values.
+    metrics: BTreeMap<String, Vec<(Labels, f64)>>,
+    /// Series in `metrics`.
+    len: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    models: BTreeMap<String, ModelSeries>,
+    /// Points not exposed because of `MAX_SERIES`, over the whole run.
+    dropped: u64,
+}
+
+/// The model gauges; cheap to clone, all clones share the same state.
+#[derive(Debug, Clone, Default)]
+pub struct ModelGauges {
+    state: Arc<Mutex<State>>,
+}
+
+impl ModelGauges {
+    pub fn new() -> Self {
+        ModelGauges::default()
+    }
+
+    /// Registers the collector; `/metrics` then shows the gauges.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register_collector(Box::new(self.clone()));
+    }
+
+    /// Shows a closed bucket: replaces the model's series when the bucket is newer,
+    /// adds to them when it is the same bucket (points merged later), ignores older.
+    pub fn update(&self, bucket: &ClosedBucket) {
+        if bucket.model == GLOBAL_MODEL {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let others: usize = state.models.iter().filter(|(m, _)| **m != bucket.model).map(|(_, s)| s.len).sum();
+        let current = state.models.entry(bucket.model.clone()).or_default();
+        if bucket.start < current.start {
+            return;
+        }
+        if bucket.start > current.start {
+            *current = ModelSeries { start: bucket.start, ..ModelSeries::default() };
+        }
+        let mut dropped = 0;
+        for point in &bucket.points {
+            if point.properties().iter().any(|(k, _)| UNBOUNDED.contains(&k.as_str())) {
+                continue;
+            }
+            if others + current.len >= MAX_SERIES {
+                dropped += 1;
+                continue;
+            }
+            let labels: Labels = LABELS
+                .iter()
+                .filter_map(|(property, label)| point.property(property).map(|v| (*label, v.to_string())))
+                .collect();
+            current.metrics.entry(point.what().to_string()).or_default().push((labels, point.value));
+            current.len += 1;
+        }
+        state.dropped += dropped;
+    }
+
+    /// The exposed value of one series, for tests and the dashboard.
+    pub fn value(&self, what: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.models.values().filter_map(|m| m.metrics.get(what)).flatten().find_map(|(l, v)| {
+            let matches = labels.iter().all(|(k, want)| l.iter().any(|(lk, lv)| lk == k && lv == want));
+            matches.then_some(*v)
+        })
+    }
+}
+
+impl Collector for ModelGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_name: BTreeMap<&str, Vec<(&Labels, f64)>> = BTreeMap::new();
+        for series in state.models.values() {
+            for (what, values) in &series.metrics {
+                by_name.entry(what.as_str()).or_default().extend(values.iter().map(|(l, v)| (l, *v)));
+            }
+        }
+        for (what, values) in by_name {
+            let name = format!("model_{what}");
+            let help = format!("{what} of the last closed bucket (see docs/metrics.md)");
+            let mut metric =
+                encoder.encode_descriptor(&name, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (labels, value) in values {
+                let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let starts: Vec<(&String, i64)> = state.models.iter().map(|(m, s)| (m, s.start)).collect();
+        if !starts.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "model_bucket_start_seconds",
+                "Start of the last closed bucket shown, epoch seconds",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (model, start) in starts {
+                ConstGauge::new(start).encode(metric.encode_family(&[("model", model.as_str())])?)?;
+            }
+        }
+        let metric = encoder.encode_descriptor(
+            "model_series_dropped",
+            "Model metric points not exposed because of the series cap",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        ConstGauge::new(state.dropped as i64).encode(metric)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::{Point, TargetType};
+
+    fn bucket(start: i64, value: f64) -> ClosedBucket {
+        let points = vec![
+            Point::builder("feature_value", TargetType::Gauge, start, value)
+                .with("model", "iris")
+                .with("version", "2")
+                .with("signature", "serving_default")
+                .with("feat_name", "petal.length")
+                .with("stat", "mean")
+                .finish()
+                .unwrap(),
+            Point::builder("feature_category_freq", TargetType::Gauge, start, 0.5)
+                .with("model", "iris")
+                .with("feat_name", "city")
+                .with("category", "paris")
+                .finish()
+                .unwrap(),
+        ];
+        ClosedBucket { model: "iris".into(), start, points }
+    }
+
+    fn scrape(gauges: &ModelGauges) -> String {
+        let mut registry = Registry::with_prefix("mltap");
+        gauges.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn the_last_closed_bucket_is_exposed_with_bounded_labels() {
+        let gauges = ModelGauges::new();
+        gauges.update(&bucket(100, 1.5));
+        gauges.update(&bucket(160, 2.5));
+        gauges.update(&bucket(40, 9.0));
+        let text = scrape(&gauges);
+        assert!(
+            text.contains(
+                r#"mltap_model_feature_value{model="iris",version="2",signature="serving_default",feature="petal_length",stat="mean"} 2.5"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("category"), "{text}");
+        assert!(text.contains(r#"mltap_model_bucket_start_seconds{model="iris"} 160"#), "{text}");
+        assert_eq!(gauges.value("feature_value", &[("stat", "mean")]), Some(2.5));
+    }
+}

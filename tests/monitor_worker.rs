@@ -1,0 +1,210 @@
+//! Promises of the worker: every exchange taken off the capture queue is counted in
+//! the files (request counts, decode errors), capture drops are reported, `finish`
+//! drains the queue and flushes the open buckets, and attached listeners see every
+//! closed bucket that was written.
+
+use bytes::Bytes;
+use mltap::capture::{self, Exchange, Protocol};
+use mltap::config::{CaptureConfig, Config, ServeArgs};
+use mltap::monitor::ClosedBucket;
+use mltap::tfserving::Observation;
+use mltap::worker::{self, BucketListener, ObservationListener};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+fn config(dir: &std::path::Path) -> Config {
+    Config::load(&ServeArgs {
+        output_dir: Some(dir.display().to_string()),
+        bucket: Some("1s".into()),
+        ..ServeArgs::default()
+    })
+    .unwrap()
+}
+
+fn exchange() -> Exchange {
+    Exchange {
+        protocol: Protocol::Rest,
+        path: "/v1/models/iris:predict".into(),
+        request_id: "r".into(),
+        request_id_generated: false,
+        request_encoding: None,
+        response_encoding: None,
+        request_body: vec![Bytes::from_static(b"{not json")],
+        response_body: vec![Bytes::from_static(b"{\"predictions\": [[0.5, 0.5]]}")],
+        status: 200,
+        grpc_status: None,
+        started_at: SystemTime::now(),
+        upstream_latency: Duration::from_millis(2),
+        complete: true,
+    }
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<ClosedBucket>>);
+
+impl BucketListener for Recorder {
+    fn on_closed(&self, bucket: &ClosedBucket) {
+        self.0.lock().unwrap().push(bucket.clone());
+    }
+}
+
+fn all_points(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut points = Vec::new();
+    for model in std::fs::read_dir(dir.join("anodot")).unwrap() {
+        for file in std::fs::read_dir(model.unwrap().path()).unwrap() {
+            let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+            points.extend(serde_json::from_str::<Vec<serde_json::Value>>(&text).unwrap());
+        }
+    }
+    points
+}
+
+fn total(points: &[serde_json::Value], what: &str) -> f64 {
+    points.iter().filter(|p| p["properties"]["what"] == what).map(|p| p["value"].as_f64().unwrap()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_drains_the_queue_and_every_exchange_is_counted_in_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(config(dir.path()));
+    let (sender, receiver) = capture::queue(&config.capture);
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
+    let handle = worker::spawn(config, receiver, &mut registry);
+    let recorder = Arc::new(Recorder::default());
+    handle.add_bucket_listener(recorder.clone());
+    for _ in 0..50 {
+        assert!(sender.offer(exchange()));
+    }
+    handle.finish().await;
+    drop(sender);
+
+    let points = all_points(dir.path());
+    assert_eq!(total(&points, "request_count"), 50.0);
+    assert!(total(&points, "decode_errors") >= 1.0);
+    assert_eq!(total(&points, "capture_dropped"), 0.0);
+    let seen = recorder.0.lock().unwrap();
+    let listened: usize = seen.iter().map(|b| b.points.len()).sum();
+    assert_eq!(listened, points.len());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(text.contains("mltap_worker_exchanges_decoded_total 50"), "{text}");
+    assert!(text.contains(r#"mltap_worker_exchanges_received_total{protocol="rest"} 50"#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_dropped_by_a_full_queue_are_reported_as_capture_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.capture = CaptureConfig { queue_exchanges: 2, ..CaptureConfig::default() };
+    let config = Arc::new(config);
+    let (sender, receiver) = capture::queue(&config.capture);
+    for _ in 0..5 {
+        sender.offer(exchange());
+    }
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
+    let handle = worker::spawn(config, receiver, &mut registry);
+    drop(sender);
+    handle.finish().await;
+    let points = all_points(dir.path());
+    assert_eq!(total(&points, "capture_dropped"), 3.0);
+    assert_eq!(total(&points, "request_count"), 2.0);
+    let global = points.iter().find(|p| p["properties"]["what"] == "capture_dropped").unwrap();
+    assert!(global["properties"].get("model").is_none());
+}
+
+#[derive(Default)]
+struct Observations(Mutex<Vec<(String, usize, i64)>>);
+
+impl ObservationListener for Observations {
+    fn on_observation(&self, observation: &Arc<Observation>, bucket_start: i64) {
+        self.0.lock().unwrap().push((observation.stream.model.clone(), observation.rows, bucket_start));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observation_listeners_get_each_decoded_observation_with_its_bucket_start() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tfserving/rest");
+    let fixtures = if fixtures.is_dir() {
+        fixtures
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tfserving/rest")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(config(dir.path()));
+    let (sender, receiver) = capture::queue(&config.capture);
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
+    let listener = Arc::new(Observations::default());
+    let hooks = worker::Hooks::default();
+    hooks.add_observation_listener(listener.clone());
+    let handle = worker::spawn_with(config, receiver, &mut registry, hooks);
+    let started_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_123);
+    let mut e = exchange();
+    e.started_at = started_at;
+    e.request_body = vec![std::fs::read(fixtures.join("row_single_input.request.json")).unwrap().into()];
+    e.response_body = vec![std::fs::read(fixtures.join("row_single_input.response.json")).unwrap().into()];
+    assert!(sender.offer(e));
+    drop(sender);
+    handle.finish().await;
+
+    assert_eq!(*listener.0.lock().unwrap(), vec![("iris".to_string(), 3, 1_700_000_123)]);
+    let points = all_points(dir.path());
+    assert_eq!(total(&points, "buffer_count"), 3.0);
+    assert_eq!(total(&points, "prediction_count"), 3.0);
+    // The last closed bucket is also on /metrics.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(text.contains(r#"mltap_model_buffer_count{model="iris",signature="serving_default"} 3"#), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_model_is_aggregated_whatever_the_number_of_aggregation_threads() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tfserving/rest");
+    let fixtures = if fixtures.is_dir() {
+        fixtures
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tfserving/rest")
+    };
+    for threads in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        config.monitor.aggregation_threads = threads;
+        config.monitor.decode_threads = 2;
+        let config = Arc::new(config);
+        let (sender, receiver) = capture::queue(&config.capture);
+        let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
+        let handle = worker::spawn(config, receiver, &mut registry);
+        let case = |name: &str, path: &str| {
+            let mut e = exchange();
+            e.path = path.to_string();
+            e.request_body = vec![std::fs::read(fixtures.join(format!("{name}.request.json"))).unwrap().into()];
+            e.response_body = vec![std::fs::read(fixtures.join(format!("{name}.response.json"))).unwrap().into()];
+            e
+        };
+        for _ in 0..4 {
+            assert!(sender.offer(case("row_single_input", "/v1/models/iris:predict")));
+            assert!(sender.offer(case("columnar_named", "/v1/models/credit:predict")));
+        }
+        drop(sender);
+        handle.finish().await;
+        let points = all_points(dir.path());
+        let rows = |model: &str| -> f64 {
+            points
+                .iter()
+                .filter(|p| p["properties"]["what"] == "buffer_count" && p["properties"]["model"] == model)
+                .map(|p| p["value"].as_f64().unwrap())
+                .sum()
+        };
+        assert_eq!(rows("iris"), 12.0, "{threads} threads");
+        assert_eq!(rows("credit"), 8.0, "{threads} threads");
+        assert_eq!(total(&points, "request_count"), 8.0);
+        // Only one thread reports capture drops: one point per bucket.
+        let stamps: Vec<i64> = points
+            .iter()
+            .filter(|p| p["properties"]["what"] == "capture_dropped")
+            .map(|p| p["timestamp"].as_i64().unwrap())
+            .collect();
+        let distinct: std::collections::BTreeSet<i64> = stamps.iter().copied().collect();
+        assert!(!stamps.is_empty());
+        assert_eq!(distinct.len(), stamps.len(), "{threads} threads");
+    }
+}
