@@ -10,9 +10,17 @@
 //! request handling, no payload knowledge.
 
 use crate::admin::capture_metrics::CaptureCollector;
+use crate::admin::history::History;
 use crate::admin::{AdminRoute, AdminServer, ReadinessTarget};
 use crate::config::{Config, ConfigError};
+use crate::labels::endpoint::LabelsRoute;
+use crate::labels::link::LabelLink;
+use crate::labels::{LabelService, LabelSettings};
+use crate::monitor::ClosedBucket;
 use crate::proxy::{Proxy, ProxyMetrics};
+use crate::sinks::delivery::{Delivery, DeliverySettings};
+use crate::sinks::files::FileSink;
+use crate::worker::BucketListener;
 use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +34,15 @@ use tracing::{error, info, warn};
 /// locks show up as futex calls in profiles of the proxy benchmark.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Shows every closed bucket on the dashboard.
+struct HistoryFeed(Arc<History>);
+
+impl BucketListener for HistoryFeed {
+    fn on_closed(&self, bucket: &ClosedBucket) {
+        self.0.record(&bucket.model, &bucket.points);
+    }
+}
 
 /// Why `serve` stopped with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +162,42 @@ pub async fn run(
     let readiness =
         first.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
     let worker = crate::worker::spawn(config.clone(), receiver, &mut registry);
+
+    // The dashboard's history starts from the files of earlier runs.
+    let history = Arc::new(History::default());
+    let loaded = {
+        let (history, output_dir) = (history.clone(), config.output_dir.clone());
+        tokio::task::spawn_blocking(move || history.load_from_dir(&output_dir)).await.unwrap_or_default()
+    };
+    for skipped in &loaded.skipped {
+        warn!(message = "A stored Anodot file was not loaded into the dashboard's history.", file = ?skipped);
+    }
+    worker.add_bucket_listener(Arc::new(HistoryFeed(history.clone())));
+
+    let labels = LabelService::open(LabelSettings::from_config(&config))
+        .await
+        .map_err(|e| ConfigError::new("labels_store", "", format!("the label store cannot be opened: {e}")))?;
+    labels.register_metrics(&mut registry);
+    let labels_route =
+        LabelsRoute::new(labels.clone()).map_err(|e| ConfigError::new("labels.token_env", "", format!("{e}")))?;
+    let label_link = LabelLink::spawn(
+        labels,
+        worker.hooks(),
+        FileSink::new(&config.output_dir),
+        Some(history.clone()),
+        &mut registry,
+    );
+    let delivery = match DeliverySettings::from_config(&config)? {
+        Some(settings) => Some(
+            Delivery::spawn(settings, &config.output_dir, &mut registry)
+                .map_err(|e| ServeError::Runtime(format!("Anodot delivery cannot start: {e}")))?,
+        ),
+        None => None,
+    };
+
+    let mut routes = routes;
+    routes.push(Arc::new(labels_route));
+    routes.extend(crate::admin::dashboard::routes(history.clone()));
     let admin = Arc::new(AdminServer::new(registry, readiness, routes));
 
     let (stop, stopped) = watch::channel(false);
@@ -178,14 +231,20 @@ pub async fn run(
     );
 
     shutdown.await;
+    // Open SSE streams would otherwise hold the admin server's graceful stop.
+    history.close();
     let _ = stop.send(true);
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         for done in finished {
             let _ = done.await;
         }
         worker.finish().await;
+        label_link.finish().await;
     })
     .await;
+    if let Some(delivery) = delivery {
+        delivery.finish(config.shutdown_grace).await;
+    }
     match drained {
         Ok(()) => info!(message = "Shut down: in-flight exchanges finished, capture queue drained."),
         Err(_) => warn!(

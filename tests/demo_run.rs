@@ -53,7 +53,6 @@ fn demo_for_ten_seconds_sends_traffic_through_mltap_prints_where_things_are_and_
 }
 
 #[test]
-#[ignore = "needs the monitoring engine in the worker"]
 fn demo_writes_anodot_files_with_input_output_and_estimated_accuracy_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let (out, stdout, stderr) = run_demo_checked(dir.path());

@@ -102,6 +102,12 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             return config_error(error);
         }
     };
+    // The drift reference must be learned before the drift: unless the user chose
+    // its length, it ends two buckets before the drift starts.
+    if config.monitor.reference_buckets == crate::monitor::MonitorConfig::default().reference_buckets {
+        let before_drift = (drift_at.as_secs_f64() / config.bucket.as_secs_f64()).floor() as usize;
+        config.monitor.reference_buckets = before_drift.saturating_sub(2).clamp(1, config.monitor.reference_buckets);
+    }
     for model in demo_models() {
         let entry = config.models.entry(model.name.to_string()).or_insert_with(ModelConfig::default);
         entry.class_names.get_or_insert_with(|| model.class_names.iter().map(|c| c.to_string()).collect());

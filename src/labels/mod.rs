@@ -13,6 +13,7 @@
 
 pub mod aggregate;
 pub mod endpoint;
+pub mod link;
 pub mod metrics;
 pub mod record;
 pub mod service;
