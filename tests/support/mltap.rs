@@ -14,6 +14,8 @@ pub struct Mltap {
     pub rest: SocketAddr,
     pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    /// Removed at `stop` when it is one of the test's own temporary dirs.
+    output_dir: std::path::PathBuf,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
 
@@ -22,9 +24,19 @@ pub fn config(grpc_upstream: &str, rest_upstream: &str) -> Config {
     Config::load(&ServeArgs {
         grpc_upstream: Some(grpc_upstream.to_string()),
         rest_upstream: Some(rest_upstream.to_string()),
+        output_dir: Some(fresh_output_dir()),
         ..ServeArgs::default()
     })
     .expect("valid test configuration")
+}
+
+/// An output dir of its own for each instance: instances in one test process must
+/// not share the embedded label store's file.
+fn fresh_output_dir() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mltap-test-{}-{n}", std::process::id()));
+    dir.display().to_string()
 }
 
 /// A loopback address on which nothing listens.
@@ -50,10 +62,11 @@ impl Mltap {
             listeners.admin.local_addr().unwrap(),
         );
         let (stop, stopped) = oneshot::channel::<()>();
+        let output_dir = config.output_dir.clone();
         let task = tokio::spawn(mltap::app::run(Arc::new(config), listeners, routes, async move {
             let _ = stopped.await;
         }));
-        Mltap { grpc, rest, admin, stop: Some(stop), task: Some(task) }
+        Mltap { grpc, rest, admin, stop: Some(stop), output_dir, task: Some(task) }
     }
 
     pub fn grpc_url(&self) -> String {
@@ -75,6 +88,9 @@ impl Mltap {
         }
         if let Some(task) = self.task.take() {
             task.await.expect("mltap task").expect("mltap ran");
+        }
+        if self.output_dir.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_dir_all(&self.output_dir);
         }
     }
 }
