@@ -2,7 +2,8 @@
 //! `tests/browser/`) opens the dashboard served over loopback from a history fed with
 //! realistic synthetic points, checks that the charts hold data points for classes,
 //! features and accuracy, waits for a bucket pushed live by Server-Sent Events, and
-//! saves a screenshot. It fails, never skips, when Chromium or Node is missing.
+//! saves a screenshot; then the same against `mltap demo` itself. It fails, never
+//! skips, when Chromium or Node is missing.
 
 #[path = "browser/synthetic.rs"]
 mod synthetic;
@@ -148,6 +149,61 @@ async fn dashboard_shows_classes_features_and_accuracy_and_updates_live_in_chrom
     assert_eq!(summary["ok"], true, "{summary}");
     assert_eq!(summary["features"], 4, "{summary}");
     assert_eq!(summary["classes"], serde_json::json!(["setosa", "versicolor", "virginica"]), "{summary}");
+    assert!(summary["liveUpdates"].as_u64().unwrap_or(0) >= 1, "{summary}");
+    assert!(screenshot.exists(), "no screenshot at {}", screenshot.display());
+}
+
+/// The same check against the real thing: `mltap demo` (model server, proxy, traffic,
+/// delayed labels), its dashboard found in the demo's printout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_of_mltap_demo_shows_classes_features_and_accuracy_live_in_chromium() {
+    use tokio::io::AsyncBufReadExt;
+    let chromium = tokio::task::spawn_blocking(require_browser_tools).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_mltap"))
+        .args(["demo", "--for", "150s", "--bucket", "2s", "--output-dir"])
+        .arg(out.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mltap demo starts");
+    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let find_dashboard = async {
+        while let Some(line) = lines.next_line().await.ok().flatten() {
+            if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+                if line.contains("dashboard") {
+                    return Some(url.to_string());
+                }
+            }
+        }
+        None
+    };
+    let url = tokio::time::timeout(Duration::from_secs(60), find_dashboard)
+        .await
+        .expect("the demo printed its dashboard address within 60 s")
+        .expect("the demo's printout names the dashboard");
+    // Keep reading the printout so the demo never blocks on a full pipe.
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let screenshot = screenshot_path("screenshot-dashboard-demo.png");
+    let output = run_browser_check(
+        &chromium,
+        &format!("{}?model=churn", url.trim_end_matches('/').to_string() + "/"),
+        &screenshot,
+        &["--no-capture-health", "--check-timeout-ms", "90000"],
+    )
+    .await;
+    let _ = demo.kill().await;
+    drain.abort();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "browser check against the demo failed ({}):\n{stderr}\n{stdout}", output.status);
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("the browser check prints a summary");
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert!(summary["features"].as_u64().unwrap_or(0) >= 8, "the churn model's features are charted: {summary}");
+    assert_eq!(summary["classes"].as_array().map(Vec::len), Some(3), "three churn classes: {summary}");
     assert!(summary["liveUpdates"].as_u64().unwrap_or(0) >= 1, "{summary}");
     assert!(screenshot.exists(), "no screenshot at {}", screenshot.display());
 }
