@@ -212,6 +212,8 @@ pub struct Config {
     pub labels: crate::labels::LabelsConfig,
     pub anodot: crate::sinks::AnodotConfig,
     pub models: BTreeMap<String, ModelConfig>,
+    /// TLS towards `https://` upstreams and on mltap's own listeners.
+    pub tls: crate::proxy::tls::TlsConfig,
 }
 
 /// The TOML file: the flat keys as strings (parsed with the same rules as flags) and
@@ -243,6 +245,8 @@ struct FileConfig {
     anodot: crate::sinks::AnodotConfig,
     #[serde(default)]
     models: BTreeMap<String, ModelConfig>,
+    #[serde(default)]
+    tls: crate::proxy::tls::TlsConfig,
 }
 
 /// A raw value with the place it came from, for error messages.
@@ -329,6 +333,7 @@ impl Config {
             labels: file.labels,
             anodot: file.anodot,
             models: file.models,
+            tls: file.tls,
         };
         config.validate(&file_name)?;
         Ok(config)
@@ -367,6 +372,7 @@ impl Config {
         self.anodot
             .validate()
             .map_err(|(key, problem)| ConfigError::new(format!("anodot.{key}"), file_name, problem))?;
+        self.tls.validate().map_err(|(key, problem)| ConfigError::new(format!("tls.{key}"), file_name, problem))?;
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! Listeners, upstream clients, the body tee and hop-by-hop header rules.
 //!
-//! The REST listener (HTTP/1.1) and the gRPC listener (HTTP/2 cleartext) forward
+//! The REST listener (HTTP/1.1) and the gRPC listener (HTTP/2, cleartext or TLS) forward
 //! every request to TF Serving over pooled connections and stream both bodies as they
 //! come. Inference calls get a tee that hands cheap copies to the capture queue.
 //! The proxy never parses a payload, never holds a lock across an await and never
@@ -12,12 +12,14 @@ pub mod metrics;
 pub mod request_id;
 mod rest;
 pub mod tee;
+pub mod tls;
 
 use crate::capture::CaptureSender;
 use crate::config::{Config, ConfigError};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,8 +29,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tee::TeeBody;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tracing::{debug, warn};
 
 pub use metrics::ProxyMetrics;
@@ -47,7 +51,13 @@ const H2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
 /// The client that carries requests to TF Serving, with the tee in the request body.
-type UpstreamClient = Client<HttpConnector, TeeBody<Incoming>>;
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, TeeBody<Incoming>>;
+
+/// A client connection: cleartext, or TLS when the listeners have a certificate.
+type ClientStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// How long a client may take to finish its TLS handshake before it is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What kind of call a request is: metric label and capture decision in one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,17 +162,21 @@ struct Upstream {
 
 impl Upstream {
     fn new(key: &str, uri: &http::Uri) -> Result<Upstream, ConfigError> {
-        if uri.scheme_str() != Some("http") {
-            return Err(ConfigError::new(
-                key,
-                "",
-                format!("`{uri}`: only http:// upstreams are supported (TF Serving speaks cleartext)"),
-            ));
-        }
+        let scheme = match uri.scheme_str() {
+            Some("http") => http::uri::Scheme::HTTP,
+            Some("https") => http::uri::Scheme::HTTPS,
+            _ => return Err(ConfigError::new(key, "", format!("`{uri}` must be an http:// or https:// URL"))),
+        };
         let authority =
             uri.authority().cloned().ok_or_else(|| ConfigError::new(key, "", format!("`{uri}` has no host")))?;
-        let shown = format!("http://{authority}");
-        Ok(Upstream { scheme: http::uri::Scheme::HTTP, authority, shown })
+        let shown = format!("{scheme}://{authority}");
+        Ok(Upstream { scheme, authority, shown })
+    }
+
+    /// The port to probe for readiness, with the scheme's default.
+    fn port(&self) -> u16 {
+        let default = if self.scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+        self.authority.port_u16().unwrap_or(default)
     }
 
     /// The request's path and query on this upstream.
@@ -232,17 +246,40 @@ impl ProxyShared {
     }
 }
 
-fn connector(config: &Config) -> HttpConnector {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
-    connector
+/// A connector for `http://` and `https://` upstreams; TLS offers only `alpn`, so
+/// that an HTTPS upstream settles on the protocol its listener is meant to speak.
+fn connector(config: &Config, alpn: &[u8], key: &str) -> Result<HttpsConnector<HttpConnector>, ConfigError> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
+    // The TLS layer wraps this connector and needs it to accept https:// URIs.
+    http.enforce_http(false);
+    let tls = config.tls.client_config(alpn).map_err(|(tls_key, problem)| {
+        ConfigError::new(format!("tls.{tls_key}"), "", format!("{problem} (needed by {key})"))
+    })?;
+    let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    Ok(if alpn == tls::ALPN_H2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    })
+}
+
+/// The TLS configuration of a listener offering `alpn`, when the listeners speak TLS.
+fn acceptor(config: &Config, alpn: &[u8]) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+    let server =
+        config.tls.server_config(alpn).map_err(|(key, problem)| ConfigError::new(format!("tls.{key}"), "", problem))?;
+    Ok(server.map(Arc::new))
 }
 
 /// The proxy: both listeners' handlers and their upstream clients.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     shared: Arc<ProxyShared>,
+    /// TLS of the REST listener (ALPN http/1.1), when configured.
+    rest_tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS of the gRPC listener (ALPN h2), when configured.
+    grpc_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Proxy {
@@ -255,7 +292,7 @@ impl Proxy {
         let rest_client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE)
-            .build(connector(config));
+            .build(connector(config, tls::ALPN_HTTP1, "rest_upstream")?);
         let grpc_client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE)
@@ -265,8 +302,10 @@ impl Proxy {
             .http2_max_frame_size(H2_MAX_FRAME)
             .http2_max_send_buf_size(H2_MAX_SEND_BUF)
             .timer(TokioTimer::new())
-            .build(connector(config));
+            .build(connector(config, tls::ALPN_H2, "grpc_upstream")?);
         Ok(Proxy {
+            rest_tls: acceptor(config, tls::ALPN_HTTP1)?,
+            grpc_tls: acceptor(config, tls::ALPN_H2)?,
             shared: Arc::new(ProxyShared {
                 capture,
                 metrics,
@@ -288,7 +327,7 @@ impl Proxy {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.keep_alive(true).auto_date_header(false).timer(TokioTimer::new());
         let shared = self.shared.clone();
-        accept_loop(listener, stop, move |io, stop| {
+        accept_loop(listener, self.rest_tls.clone().map(TlsAcceptor::from), stop, move |io, stop| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
@@ -312,7 +351,7 @@ impl Proxy {
             .max_send_buf_size(H2_MAX_SEND_BUF)
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
         let shared = self.shared.clone();
-        accept_loop(listener, stop, move |io, stop| {
+        accept_loop(listener, self.grpc_tls.clone().map(TlsAcceptor::from), stop, move |io, stop| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
@@ -328,17 +367,17 @@ impl Proxy {
     pub fn upstream_addresses(&self) -> Vec<(String, String)> {
         [&self.shared.grpc_upstream, &self.shared.rest_upstream]
             .into_iter()
-            .map(|u| (u.shown.clone(), format!("{}:{}", u.authority.host(), u.authority.port_u16().unwrap_or(80))))
+            .map(|u| (u.shown.clone(), format!("{}:{}", u.authority.host(), u.port())))
             .collect()
     }
 }
 
-/// Accepts connections until `stop`, serving each on its own task; returns once all
-/// of them have ended. Each task holds a clone of `open`; the channel closes when the
-/// last one ends.
-async fn accept_loop<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, serve: F)
+/// Accepts connections until `stop`, serving each on its own task (after its TLS
+/// handshake when `tls` is set); returns once all of them have ended. Each task holds
+/// a clone of `open`; the channel closes when the last one ends.
+async fn accept_loop<F, Fut>(listener: TcpListener, tls: Option<TlsAcceptor>, mut stop: watch::Receiver<bool>, serve: F)
 where
-    F: Fn(TokioIo<tokio::net::TcpStream>, watch::Receiver<bool>) -> Fut,
+    F: Fn(TokioIo<ClientStream>, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -353,9 +392,23 @@ where
                 let _ = stream.set_nodelay(true);
                 debug!(message = "Accepted connection.", %peer);
                 let open = open.clone();
-                let task = serve(TokioIo::new(stream), connection_stop.clone());
+                let (serve, stop, tls) = (serve.clone(), connection_stop.clone(), tls.clone());
                 tokio::spawn(async move {
-                    task.await;
+                    let stream = match tls {
+                        None => Either::Left(stream),
+                        Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => Either::Right(stream),
+                            Ok(Err(error)) => {
+                                debug!(message = "TLS handshake failed.", %peer, %error);
+                                return;
+                            }
+                            Err(_) => {
+                                debug!(message = "TLS handshake timed out.", %peer);
+                                return;
+                            }
+                        },
+                    };
+                    serve(TokioIo::new(stream), stop).await;
                     drop(open);
                 });
             }
