@@ -254,9 +254,11 @@ fn connector(config: &Config, alpn: &[u8], key: &str) -> Result<HttpsConnector<H
     http.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
     // The TLS layer wraps this connector and needs it to accept https:// URIs.
     http.enforce_http(false);
-    let tls = config.tls.client_config(alpn).map_err(|(tls_key, problem)| {
+    let mut tls = config.tls.client_config(alpn).map_err(|(tls_key, problem)| {
         ConfigError::new(format!("tls.{tls_key}"), "", format!("{problem} (needed by {key})"))
     })?;
+    // hyper-rustls sets ALPN itself from the enabled protocol and refuses a preset list.
+    tls.alpn_protocols.clear();
     let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
     Ok(if alpn == tls::ALPN_H2 {
         builder.enable_http2().wrap_connector(http)
