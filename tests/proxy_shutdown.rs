@@ -117,7 +117,7 @@ async fn a_port_in_use_stops_start_up_with_exit_code_2_naming_the_key() {
 }
 
 #[tokio::test]
-async fn an_https_upstream_is_refused_at_start_up_naming_the_key() {
+async fn an_upstream_that_is_not_http_or_https_is_refused_at_start_up_naming_the_key() {
     let out = tempfile::tempdir().unwrap();
     let (grpc, rest, admin) = (dead_address().await, dead_address().await, dead_address().await);
     let output = serve_command(
@@ -125,7 +125,7 @@ async fn an_https_upstream_is_refused_at_start_up_naming_the_key() {
         &rest.to_string(),
         &admin.to_string(),
         "http://127.0.0.1:1",
-        "https://127.0.0.1:1",
+        "ftp://127.0.0.1:1",
         out.path(),
     )
     .output()
