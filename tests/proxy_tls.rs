@@ -194,6 +194,30 @@ async fn an_upstream_certificate_from_another_ca_gives_502_and_unavailable_namin
     mltap.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_requiring_a_client_certificate_refuses_mltap_without_one() {
+    let pki = Pki::new();
+    let (server_cert, server_key) = pki.issue("upstream");
+    let fake = FakeTfServing::start().await;
+    let (grpc_url, _grpc_front) =
+        tls_front(server_config(&server_cert, &server_key, b"h2", Some(&pki)), fake.grpc).await;
+    let (rest_url, _rest_front) =
+        tls_front(server_config(&server_cert, &server_key, b"http/1.1", Some(&pki)), fake.rest).await;
+    let tls = format!("upstream_ca_file = \"{}\"\n", toml_path(&pki.path("ca.pem")));
+    let mltap = Mltap::start(load_config(pki.dir.path(), &grpc_url, &rest_url, &tls).unwrap()).await;
+
+    let rest = rest_fixtures().into_iter().find(|f| f.path.ends_with(":predict") && f.status == 200).unwrap();
+    let response = reqwest_client(None)
+        .post(format!("{}{}", mltap.rest_url(), rest.path))
+        .body(rest.request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(fake.state.received.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached TF Serving");
+    mltap.stop().await;
+}
+
 /// One unary gRPC call over HTTP/2 on a TLS connection that must negotiate `h2`.
 async fn grpc_over_tls(addr: std::net::SocketAddr, pki: &Pki, path: &str, message: &[u8]) -> (Bytes, http::HeaderMap) {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
@@ -280,4 +304,5 @@ fn a_missing_certificate_file_stops_serve_with_exit_2_naming_its_key() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("tls.listen_cert_file"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 }

@@ -398,17 +398,27 @@ where
                 tokio::spawn(async move {
                     let stream = match tls {
                         None => Either::Left(stream),
-                        Some(tls) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                            Ok(Ok(stream)) => Either::Right(stream),
-                            Ok(Err(error)) => {
-                                debug!(message = "TLS handshake failed.", %peer, %error);
-                                return;
+                        Some(tls) => {
+                            let mut stop = stop.clone();
+                            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream));
+                            // A client still in its handshake has no exchange in flight:
+                            // shutdown does not wait for it.
+                            let handshake = tokio::select! {
+                                result = handshake => result,
+                                _ = stop.wait_for(|stopped| *stopped) => return,
+                            };
+                            match handshake {
+                                Ok(Ok(stream)) => Either::Right(stream),
+                                Ok(Err(error)) => {
+                                    debug!(message = "TLS handshake failed.", %peer, %error);
+                                    return;
+                                }
+                                Err(_) => {
+                                    debug!(message = "TLS handshake timed out.", %peer);
+                                    return;
+                                }
                             }
-                            Err(_) => {
-                                debug!(message = "TLS handshake timed out.", %peer);
-                                return;
-                            }
-                        },
+                        }
                     };
                     serve(TokioIo::new(stream), stop).await;
                     drop(open);
