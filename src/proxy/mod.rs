@@ -287,7 +287,7 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the upstream clients. Several proxies (one per serving thread) may share
     /// one capture queue and one set of metrics. Fails when an upstream URL cannot be
-    /// served (e.g. `https://`), naming its key.
+    /// served or a TLS file is unusable, naming its key.
     pub fn new(config: &Config, capture: CaptureSender, metrics: ProxyMetrics) -> Result<Proxy, ConfigError> {
         let rest_upstream = Upstream::new("rest_upstream", &config.rest_upstream)?;
         let grpc_upstream = Upstream::new("grpc_upstream", &config.grpc_upstream)?;
