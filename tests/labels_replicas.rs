@@ -11,20 +11,13 @@ use labels_support::RedisServer;
 use mltap::capture::{Exchange, Protocol};
 use mltap::config::LabelsStoreConfig;
 use mltap::sinks::Point;
+use mltap::tfserving::grpc::frame;
 use mltap::tfserving::Decoder;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 use support::fake_tfserving::{grpc_fixtures, FakeTfServing};
 use support::mltap::{channel, config, Mltap};
 use support::raw_codec::call_raw;
-
-fn framed(message: &Bytes) -> Bytes {
-    let mut v = Vec::with_capacity(message.len() + 5);
-    v.push(0);
-    v.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    v.extend_from_slice(message);
-    Bytes::from(v)
-}
 
 /// The predicted class of every row of the fixture, as mltap's decoder sees it.
 fn predicted_classes(path: &str, request: &Bytes, response: &Bytes) -> (String, Vec<usize>) {
@@ -35,8 +28,8 @@ fn predicted_classes(path: &str, request: &Bytes, response: &Bytes) -> (String, 
         request_id_generated: false,
         request_encoding: None,
         response_encoding: None,
-        request_body: vec![framed(request)],
-        response_body: vec![framed(response)],
+        request_body: vec![frame(request)],
+        response_body: vec![frame(response)],
         status: 200,
         grpc_status: Some(0),
         started_at: SystemTime::now(),
