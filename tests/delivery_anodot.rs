@@ -297,7 +297,7 @@ fn retention_deletes_delivered_files_only() {
 fn serve_delivery_reports_its_self_metrics() {
     let server = FakeAnodot::start();
     let out = tempfile::tempdir().unwrap();
-    let mut registry = prometheus_client::registry::Registry::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let handle = {
         let _guard = rt.enter();

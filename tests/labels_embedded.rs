@@ -91,7 +91,7 @@ async fn the_store_is_bounded_and_evictions_are_counted() {
     let mut settings = settings(&path, LabelsStoreConfig::Embedded);
     settings.labels.max_pending_rows = 5;
     let service = service(settings).await;
-    let mut registry = prometheus_client::registry::Registry::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
     service.register_metrics(&mut registry);
     let start = current_bucket();
     service.record(&fraud_observation("fraud"), start).await.unwrap();

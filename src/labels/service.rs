@@ -505,23 +505,19 @@ impl LabelService {
     /// Registers the service's counters with the admin server's registry.
     pub fn register_metrics(&self, registry: &mut Registry) {
         let c = &self.counters;
-        registry.register("mltap_label_rows_recorded", "Prediction rows recorded for label joins", c.recorded.clone());
-        registry.register("mltap_labels_accepted", "Labels joined to a prediction", c.accepted.clone());
-        registry.register("mltap_labels_unmatched", "Labels matching no known prediction", c.unmatched.clone());
-        registry.register("mltap_labels_late", "Labels joined after their bucket was due", c.late.clone());
-        registry.register("mltap_labels_rejected", "Label entries rejected as invalid", c.rejected.clone());
+        registry.register("label_rows_recorded", "Prediction rows recorded for label joins", c.recorded.clone());
+        registry.register("labels_accepted", "Labels joined to a prediction", c.accepted.clone());
+        registry.register("labels_unmatched", "Labels matching no known prediction", c.unmatched.clone());
+        registry.register("labels_late", "Labels joined after their bucket was due", c.late.clone());
+        registry.register("labels_rejected", "Label entries rejected as invalid", c.rejected.clone());
         registry.register(
-            "mltap_label_store_evictions",
+            "label_store_evictions",
             "Pending rows evicted because the label store was full",
             c.evictions.clone(),
         );
+        registry.register("label_rows_failed", "Prediction rows the label store failed to write", c.failed.clone());
         registry.register(
-            "mltap_label_rows_failed",
-            "Prediction rows the label store failed to write",
-            c.failed.clone(),
-        );
-        registry.register(
-            "mltap_label_store_pending_rows",
+            "label_store_pending_rows",
             "Prediction rows waiting for a label (embedded store)",
             c.pending.clone(),
         );

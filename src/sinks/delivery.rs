@@ -127,21 +127,17 @@ pub struct DeliveryMetrics {
 impl DeliveryMetrics {
     /// Registers the metrics (names start with `mltap_anodot_`).
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("mltap_anodot_points_delivered", "Points Anodot accepted", self.delivered.clone());
-        registry.register("mltap_anodot_points_rejected", "Points Anodot refused for good", self.rejected.clone());
+        registry.register("anodot_points_delivered", "Points Anodot accepted", self.delivered.clone());
+        registry.register("anodot_points_rejected", "Points Anodot refused for good", self.rejected.clone());
+        registry.register("anodot_points_retried", "Points sent again after a transient failure", self.retried.clone());
+        registry.register("anodot_watermarks_posted", "Anodot 3.0 watermarks posted", self.watermarks.clone());
         registry.register(
-            "mltap_anodot_points_retried",
-            "Points sent again after a transient failure",
-            self.retried.clone(),
-        );
-        registry.register("mltap_anodot_watermarks_posted", "Anodot 3.0 watermarks posted", self.watermarks.clone());
-        registry.register(
-            "mltap_anodot_backlog_points",
+            "anodot_backlog_points",
             "Points in the spool not yet delivered",
             self.backlog_points.clone(),
         );
         registry.register(
-            "mltap_anodot_delivery_lag_seconds",
+            "anodot_delivery_lag_seconds",
             "Seconds since the start of the oldest bucket not yet delivered",
             self.lag_seconds.clone(),
         );
