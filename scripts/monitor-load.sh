@@ -89,7 +89,11 @@ PY
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$MLTAP/status"; }
 echo "rss_kib at start: $(rss_kib)"
 (
-  while kill -0 "$MLTAP" 2>/dev/null; do echo "$(date +%s) $(rss_kib)"; sleep "$RSS_EVERY"; done
+  while kill -0 "$MLTAP" 2>/dev/null; do
+    queued=$(curl -s "http://127.0.0.1:$M_ADMIN/metrics" | awk '/^mltap_capture_queue_bytes / {print $2}')
+    echo "$(date +%s) $(rss_kib) ${queued:-0}"
+    sleep "$RSS_EVERY"
+  done
 ) > "$W/rss.log" &
 PIDS="$PIDS $!"
 
@@ -113,15 +117,17 @@ for m in $(seq 0 $((MODELS - 1))); do
   total_rps=$(python3 -c "print(round($total_rps + float('${rps:-0}' or 0)))")
 done
 echo "total: $total_rps req/s = $(python3 -c "print(round($total_rps * 64 * $FEATURES / 1e6, 2))") M feature values/s"
-grep -E '^mltap_capture_(dropped|skipped_oversize)_total|^mltap_worker_(exchanges_decoded|observations|file_errors)_total|^mltap_capture_queue_depth' "$W/metrics" || true
+grep -E '^mltap_labels_(recorded|record_dropped)_total|^mltap_label_record_dropped_total|^mltap_capture_(dropped|skipped_oversize)_total|^mltap_worker_(exchanges_decoded|observations|file_errors)_total|^mltap_capture_queue_depth' "$W/metrics" || true
 python3 - "$W/rss.log" <<'PY'
 import sys
-rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 2]
+rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 3]
 kib = [int(r[1]) for r in rows]
 if kib:
     n = len(kib)
     print(f"rss MiB: first {kib[0]/1024:.1f}, max {max(kib)/1024:.1f}, last {kib[-1]/1024:.1f} "
           f"(samples {n}; second half max {max(kib[n//2:])/1024:.1f})")
+    print("rss MiB at each sample: " + " ".join(f"{k/1024:.0f}" for k in kib))
+    print("capture queue MiB at each sample: " + " ".join(f"{float(r[2])/2**20:.1f}" for r in rows))
 PY
 
 kill -TERM "$MLTAP"
@@ -133,4 +139,10 @@ rows = sum(p["value"] for p in pts if p["properties"]["what"] == "buffer_count")
 dropped = sum(p["value"] for p in pts if p["properties"]["what"] == "capture_dropped")
 late = sum(p["value"] for p in pts if p["properties"]["what"] == "late_dropped")
 print(f"files: rows {rows:.0f} (= {rows/64:.0f} batches), capture_dropped {dropped:.0f}, late_dropped {late:.0f}, points {len(pts)}")
+per_bucket = {}
+for p in pts:
+    if p["properties"]["what"] == "capture_dropped" and p["value"]:
+        per_bucket[p["timestamp"]] = per_bucket.get(p["timestamp"], 0) + p["value"]
+if per_bucket:
+    print("capture_dropped by bucket start: " + ", ".join(f"{t}: {v:.0f}" for t, v in sorted(per_bucket.items())))
 PY

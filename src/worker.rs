@@ -43,10 +43,10 @@ const CAPTURE_TICK: Duration = Duration::from_millis(20);
 const FINISH_IDLE: Duration = Duration::from_millis(200);
 /// Exchanges waiting between the capture thread and the decode threads; small, since
 /// the capture queue in front of it is the buffer that counts drops.
-const DECODE_HANDOFF: usize = 128;
+const DECODE_HANDOFF: usize = 32;
 /// Decoded exchanges waiting for the monitor thread; each holds its decoded columns
 /// (a 64 × 100 float batch is 50 KiB), so this stays small.
-const MONITOR_HANDOFF: usize = 128;
+const MONITOR_HANDOFF: usize = 32;
 /// How long one signature fetch from TF Serving may take.
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause between two ticks of the monitor thread.

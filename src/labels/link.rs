@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 /// Observations waiting to be recorded; beyond it they are dropped and counted.
-const PENDING_OBSERVATIONS: usize = 4096;
+const PENDING_OBSERVATIONS: usize = 1024;
 /// How often buckets past their label horizon are looked for.
 const DUE_TICK: Duration = Duration::from_secs(1);
 
@@ -37,7 +37,22 @@ impl ObservationListener for ObservationFeed {
         if observation.probabilities.is_none() {
             return;
         }
-        if self.tx.try_send((observation.clone(), bucket_start)).is_err() {
+        // The store needs the ids and probabilities only; queueing the observation
+        // itself would keep its feature columns (50 KiB for 64 rows × 100 features)
+        // alive for every queued entry.
+        let outputs = Observation {
+            stream: observation.stream.clone(),
+            method: observation.method,
+            event_time: observation.event_time,
+            request_id: observation.request_id.clone(),
+            rows: observation.rows,
+            features: Vec::new(),
+            probabilities: observation.probabilities.clone(),
+            regression: None,
+            row_ids: observation.row_ids.clone(),
+            upstream_latency: observation.upstream_latency,
+        };
+        if self.tx.try_send((Arc::new(outputs), bucket_start)).is_err() {
             self.dropped.inc();
         }
     }

@@ -242,6 +242,11 @@ impl StreamBucket {
             spread12: Summary::new(alpha),
             entropy: Summary::new(alpha),
         });
+        // Per-row values are gathered first and added a column at a time, which lets
+        // the summaries merge a batch's moments at once instead of row by row.
+        let mut top1s = Vec::with_capacity(rows);
+        let mut spreads = Vec::with_capacity(rows);
+        let mut entropies = Vec::with_capacity(rows);
         for row in 0..rows {
             let probs = p.row(row);
             if probs.iter().any(|v| !v.is_finite()) {
@@ -262,14 +267,17 @@ impl StreamBucket {
                     entropy -= v * v.ln();
                 }
             }
-            classes.max_proba.add(top1);
-            classes.spread12.add(top1 - top2);
-            classes.entropy.add(entropy);
+            top1s.push(top1);
+            spreads.push(top1 - top2);
+            entropies.push(entropy);
             if let Some(b) = ctx.builder.as_deref_mut() {
                 let names = &classes.names;
                 b.add_prediction(predicted, || names.clone());
             }
         }
+        classes.max_proba.add_slice(&top1s);
+        classes.spread12.add_slice(&spreads);
+        classes.entropy.add_slice(&entropies);
     }
 
     /// The points of this bucket, in a stable order: counts, outputs, estimates,

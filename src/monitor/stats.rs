@@ -1,23 +1,26 @@
 //! Bounded, mergeable statistics of one series of values: exact count, mean and
 //! standard deviation (Welford, merged with Chan's parallel formula), exact min and
-//! max, quantiles from a DDSketch, and category counts with a HyperLogLog fallback.
+//! max, quantiles from a DDSketch (`ddsketchy`, with Datadog's cubically interpolated
+//! index mapping), and category counts with a HyperLogLog fallback.
 //!
 //! Nothing here grows with the number of values: a `Summary` is a few words plus a
 //! sketch of at most `MAX_SKETCH_BINS` bins per sign, and `CategoryCounts` counts at
 //! most its configured number of categories exactly.
 
+use ddsketchy::{DDSketch, IndexMapping};
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
-use sketches_ddsketch::{Config as SketchConfig, DDSketch};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// Bins per sign of every quantile sketch. With the default 1 % relative accuracy
-/// they span 41 orders of e (about 1e-9 to 1e9 with room to spare) before the
-/// lowest bins collapse; documented in docs/metrics.md.
-pub const MAX_SKETCH_BINS: u32 = 2048;
-/// Values closer to zero than this are counted as exactly zero by the sketch.
-pub const SKETCH_ZERO_THRESHOLD: f64 = 1.0e-9;
+/// (bins of width ≈ 0.0198 in ln v under the cubic mapping) they span 40 orders
+/// of e (about 17 decades) before the lowest bins collapse; documented in
+/// docs/metrics.md.
+pub const MAX_SKETCH_BINS: usize = 2048;
+/// The sketches' accuracy when the configured one is unusable (config validation
+/// keeps it in (0, 1), so this only guards programming errors).
+const FALLBACK_ACCURACY: f64 = 0.01;
 /// HyperLogLog++ precision: 2^12 registers, standard error 1.04/sqrt(4096) ≈ 1.6 %.
 pub const HLL_PRECISION: u8 = 12;
 
@@ -63,7 +66,7 @@ impl Summary {
             m2: 0.0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
-            sketch: DDSketch::new(SketchConfig::new(alpha, MAX_SKETCH_BINS, SKETCH_ZERO_THRESHOLD)),
+            sketch: new_sketch(alpha).or_else(|_| new_sketch(FALLBACK_ACCURACY)).unwrap_or_default(),
         }
     }
 
@@ -168,13 +171,20 @@ impl Summary {
     }
 
     /// The q-quantile: the value of rank floor(q·(n-1)) in sorted order, within the
-    /// sketch's relative accuracy (values within 1e-9 of zero read as 0), clamped to
+    /// sketch's relative accuracy (values below about 1e-308 in magnitude read as 0), clamped to
     /// the exact [min, max]. None when empty.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         if self.count == 0 {
             return None;
         }
-        let v = self.sketch.quantile(q.clamp(0.0, 1.0)).ok().flatten()?;
+        // Ranks 0 and n - 1 are the exact extremes; the sketch would give their bins.
+        if q <= 0.0 {
+            return Some(self.min);
+        }
+        if q >= 1.0 {
+            return Some(self.max);
+        }
+        let v = self.sketch.quantile(q).ok()?;
         Some(v.clamp(self.min, self.max))
     }
 
@@ -207,6 +217,14 @@ impl Summary {
         }
         out
     }
+}
+
+/// A DDSketch with relative accuracy `alpha`. The cubically interpolated mapping
+/// (Datadog's `CubicallyInterpolatedMapping`) replaces the `ln` per value by a cubic
+/// polynomial of the float's mantissa and narrows the bins to keep the same relative
+/// accuracy guarantee; inserts cost about a third less.
+fn new_sketch(alpha: f64) -> Result<DDSketch, ddsketchy::DDSketchError> {
+    DDSketch::builder(alpha).max_bins(MAX_SKETCH_BINS).mapping(IndexMapping::Cubic).build()
 }
 
 /// A small, fast, non-cryptographic hasher (FxHash's multiply-rotate) for maps keyed
