@@ -152,3 +152,44 @@ async fn emit_due(labels: &LabelService, files: &FileSink, history: Option<&Hist
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tfserving::{FeatureColumn, FeatureValues, InferenceMethod, Probabilities, StreamKey};
+
+    #[test]
+    fn the_recorder_queue_holds_ids_and_probabilities_without_the_features() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let feed = ObservationFeed { tx, dropped: Counter::default() };
+        let observation = Arc::new(Observation {
+            stream: StreamKey { model: "m".into(), version: Some(2), signature: "serving_default".into() },
+            method: InferenceMethod::Predict,
+            event_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            request_id: "req".into(),
+            rows: 2,
+            features: vec![FeatureColumn {
+                name: "x".into(),
+                values: FeatureValues::Numeric { values: vec![1.0, 2.0], integer: false },
+            }],
+            probabilities: Some(Probabilities {
+                classes: 2,
+                values: vec![0.2, 0.8, 0.6, 0.4],
+                class_names: Some(vec!["no".into(), "yes".into()]),
+                threshold: Some(0.5),
+            }),
+            regression: None,
+            row_ids: Some(vec!["a".into(), "b".into()]),
+            upstream_latency: Duration::from_millis(3),
+        });
+        feed.on_observation(&observation, 1_700_000_000);
+        let (queued, bucket_start) = rx.try_recv().expect("queued");
+        assert_eq!(bucket_start, 1_700_000_000);
+        assert!(queued.features.is_empty());
+        assert_eq!(queued.probabilities, observation.probabilities);
+        assert_eq!(queued.row_ids, observation.row_ids);
+        assert_eq!((queued.row_id(0), queued.row_id(1)), ("a".to_string(), "b".to_string()));
+        assert_eq!((&queued.stream, queued.event_time, queued.rows), (&observation.stream, observation.event_time, 2));
+        assert_eq!(feed.dropped.get(), 0);
+    }
+}

@@ -130,6 +130,32 @@ mod tests {
         assert_eq!(bin_of(&edges, 100.5), 11);
     }
 
+    /// The bin as the half-open intervals of `decile_edges` define it, written
+    /// naively: below the first edge, `[e_i, e_{i+1})`, the last one closed, above.
+    fn bin_by_definition(edges: &[f64], v: f64) -> usize {
+        let inner = edges.len().saturating_sub(1).max(1);
+        if v < edges[0] {
+            return 0;
+        }
+        if v > edges[edges.len() - 1] {
+            return inner + 1;
+        }
+        (0..edges.len().saturating_sub(1)).find(|&i| v < edges[i + 1]).map_or(inner, |i| i + 1)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn counting_edges_finds_the_bin_of_the_definition(
+            sample in proptest::collection::vec(-1e6f64..1e6, 1..200),
+            probes in proptest::collection::vec(-2e6f64..2e6, 1..50),
+        ) {
+            let edges = decile_edges(&sample);
+            for v in probes.iter().copied().chain(edges.iter().copied()) {
+                proptest::prop_assert_eq!(bin_of(&edges, v), bin_by_definition(&edges, v), "v = {}", v);
+            }
+        }
+    }
+
     #[test]
     fn a_constant_reference_has_three_bins() {
         let edges = decile_edges(&[3.0; 50]);
