@@ -167,7 +167,7 @@ impl Default for CaptureConfig {
             queue_exchanges: 10_000,
             // Together with the worker's small hand-offs, these bound what monitoring
             // adds to mltap's memory whatever the traffic (< 100 MiB RSS in all).
-            queue_bytes: 8 << 20,
+            queue_bytes: 16 << 20,
             max_exchange_bytes: 8 << 20,
             return_request_id: false,
         }

@@ -46,7 +46,7 @@ const FINISH_IDLE: Duration = Duration::from_millis(200);
 const DECODE_HANDOFF: usize = 32;
 /// Decoded exchanges waiting for the monitor thread; each holds its decoded columns
 /// (a 64 × 100 float batch is 50 KiB), so this stays small.
-const MONITOR_HANDOFF: usize = 32;
+const MONITOR_HANDOFF: usize = 16;
 /// How long one signature fetch from TF Serving may take.
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause between two ticks of the monitor thread.

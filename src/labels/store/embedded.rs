@@ -36,10 +36,9 @@ const RETAIN: TableDefinition<(i64, &str), ()> = TableDefinition::new("bucket_re
 /// Counters that must survive restarts: name -> value.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// redb's page cache. Its default (1 GiB) fills up under sustained recording and
-/// would alone exceed mltap's memory budget. 8 MiB holds the trees' inner pages for
-/// the default 2 M pending rows (a 650 MB file); leaves are read back through the
-/// OS page cache (label ingestion measured as fast with 4 MiB as with 1 GiB).
-const CACHE_BYTES: usize = 8 << 20;
+/// would alone exceed mltap's memory budget. Leaves are read back through the OS
+/// page cache; label ingestion measured as fast with 4 MiB as with 1 GiB.
+const CACHE_BYTES: usize = 4 << 20;
 /// Buffered rows that trigger a write of the buffer.
 const FLUSH_ROWS: usize = 4096;
 /// Field of a bucket holding how long it is kept, epoch ms.
