@@ -11,21 +11,10 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughpu
 use mltap::capture::{Exchange, Protocol};
 use mltap::tfserving::grpc::frame;
 use mltap::tfserving::Decoder;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-fn fixtures() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    [
-        std::env::var("MLTAP_FIXTURES").map(PathBuf::from).unwrap_or_default(),
-        manifest.join("../shared/fixtures/tfserving"),
-        manifest.join("../../shared/fixtures/tfserving"),
-        PathBuf::from("/work/shared/fixtures/tfserving"),
-    ]
-    .into_iter()
-    .find(|p| !p.as_os_str().is_empty() && p.join("grpc").is_dir())
-    .expect("TF Serving fixtures not found; set MLTAP_FIXTURES to their directory")
-}
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 fn exchange(protocol: Protocol, path: &str, request: Bytes, response: Bytes) -> Exchange {
     Exchange {
@@ -55,7 +44,7 @@ fn json_rows(values: &[serde_json::Value], width: usize) -> String {
 }
 
 fn bench(c: &mut Criterion) {
-    let dir = fixtures().join("grpc");
+    let dir = support::fixtures_dir().join("grpc");
     let request = std::fs::read(dir.join("batch64x16.request.pb")).unwrap();
     let response = std::fs::read(dir.join("batch64x16.response.pb")).unwrap();
     let expected: serde_json::Value =

@@ -117,7 +117,7 @@ for m in $(seq 0 $((MODELS - 1))); do
   total_rps=$(python3 -c "print(round($total_rps + float('${rps:-0}' or 0)))")
 done
 echo "total: $total_rps req/s = $(python3 -c "print(round($total_rps * 64 * $FEATURES / 1e6, 2))") M feature values/s"
-grep -E '^mltap_labels_(recorded|record_dropped)_total|^mltap_label_record_dropped_total|^mltap_capture_(dropped|skipped_oversize)_total|^mltap_worker_(exchanges_decoded|observations|file_errors)_total|^mltap_capture_queue_depth' "$W/metrics" || true
+grep -E '^mltap_label_(rows_recorded|record_dropped)_total|^mltap_capture_(dropped|skipped_oversize)_total|^mltap_worker_(exchanges_decoded|observations|file_errors)_total|^mltap_capture_queue_depth' "$W/metrics" || true
 python3 - "$W/rss.log" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1]) if len(l.split()) == 3]

@@ -7,22 +7,10 @@ use mltap::tfserving::call::{ExampleFeatures, Inputs, Outputs};
 use mltap::tfserving::grpc::frame;
 use mltap::tfserving::{Decoder, NamedTensor, TensorValues};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-fn fixtures() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        std::env::var("MLTAP_FIXTURES").map(PathBuf::from).unwrap_or_default(),
-        manifest.join("../shared/fixtures/tfserving"),
-        manifest.join("../../shared/fixtures/tfserving"),
-        PathBuf::from("/work/shared/fixtures/tfserving"),
-    ];
-    candidates
-        .into_iter()
-        .find(|p| !p.as_os_str().is_empty() && p.join("grpc").is_dir())
-        .expect("TF Serving fixtures not found; set MLTAP_FIXTURES to their directory")
-}
+mod support;
 
 fn cases(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -137,7 +125,7 @@ fn assert_results(context: &str, got: &Outputs, want: &Value) {
 
 #[test]
 fn every_grpc_fixture_decodes_to_what_tensorflow_finds() {
-    let dir = fixtures().join("grpc");
+    let dir = support::fixtures_dir().join("grpc");
     let names = cases(&dir);
     assert!(names.len() >= 12, "fixtures missing: {names:?}");
     let decoder = Decoder::default();
@@ -180,7 +168,7 @@ fn every_grpc_fixture_decodes_to_what_tensorflow_finds() {
 
 #[test]
 fn every_rest_fixture_decodes_to_what_tensorflow_finds() {
-    let dir = fixtures().join("rest");
+    let dir = support::fixtures_dir().join("rest");
     let names = cases(&dir);
     assert!(names.len() >= 10, "fixtures missing: {names:?}");
     let decoder = Decoder::default();

@@ -11,21 +11,9 @@ use mltap::tfserving::{
     SignatureSchema,
 };
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-fn fixtures() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    [
-        std::env::var("MLTAP_FIXTURES").map(PathBuf::from).unwrap_or_default(),
-        manifest.join("../shared/fixtures/tfserving"),
-        manifest.join("../../shared/fixtures/tfserving"),
-        PathBuf::from("/work/shared/fixtures/tfserving"),
-    ]
-    .into_iter()
-    .find(|p| !p.as_os_str().is_empty() && p.join("grpc").is_dir())
-    .expect("TF Serving fixtures not found; set MLTAP_FIXTURES to their directory")
-}
+mod support;
 
 fn exchange(protocol: Protocol, path: &str, request: Bytes, response: Bytes) -> Exchange {
     Exchange {
@@ -46,7 +34,7 @@ fn exchange(protocol: Protocol, path: &str, request: Bytes, response: Bytes) -> 
 }
 
 fn grpc(decoder: &Decoder, case: &str, method: &str) -> Decoded {
-    let dir = fixtures().join("grpc");
+    let dir = support::fixtures_dir().join("grpc");
     let request = std::fs::read(dir.join(format!("{case}.request.pb"))).unwrap();
     let response = std::fs::read(dir.join(format!("{case}.response.pb"))).unwrap();
     let path = format!("/tensorflow.serving.PredictionService/{method}");
@@ -54,7 +42,7 @@ fn grpc(decoder: &Decoder, case: &str, method: &str) -> Decoded {
 }
 
 fn rest(decoder: &Decoder, case: &str, path: &str) -> Decoded {
-    let dir = fixtures().join("rest");
+    let dir = support::fixtures_dir().join("rest");
     let request = std::fs::read(dir.join(format!("{case}.request.json"))).unwrap();
     let response = std::fs::read(dir.join(format!("{case}.response.json"))).unwrap();
     decoder.decode(&exchange(Protocol::Rest, path, request.into(), response.into()))
@@ -264,7 +252,7 @@ fn rest_b64_strings_are_categorical_and_failed_exchanges_give_no_observation() {
     let decoded = rest(&Decoder::default(), "b64_input", "/v1/models/img:predict");
     let obs = only(&decoded);
     assert_eq!(categorical(obs, "image_bytes"), [Some("b64:iVBORyBmYWtl")]);
-    let dir = fixtures().join("rest");
+    let dir = support::fixtures_dir().join("rest");
     let mut ex = exchange(
         Protocol::Rest,
         "/v1/models/nope:predict",

@@ -12,19 +12,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+mod support;
 
-fn fixtures() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    [root.join("../shared/fixtures/tfserving"), root.join("../../shared/fixtures/tfserving")]
-        .into_iter()
-        .find(|p| p.is_dir())
-        .expect("the shared TF Serving fixtures")
-}
+type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
 /// The iris stand-in: softmax regression over 4 inputs, 3 classes.
 const W: [[f64; 4]; 3] = [[1.0, -0.5, 0.2, 0.1], [-0.3, 0.8, -0.1, 0.4], [0.2, 0.1, 0.9, -0.6]];
@@ -87,7 +81,7 @@ async fn grpc(request: Request<Incoming>, predict: Bytes) -> Result<Response<Box
 }
 
 async fn serve_fake() -> (SocketAddr, SocketAddr) {
-    let predict: Bytes = std::fs::read(fixtures().join("grpc/batch64x16.response.pb")).unwrap().into();
+    let predict: Bytes = std::fs::read(support::fixtures_dir().join("grpc/batch64x16.response.pb")).unwrap().into();
     let rest_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addrs = (rest_listener.local_addr().unwrap(), grpc_listener.local_addr().unwrap());
@@ -198,8 +192,10 @@ async fn fixtures_through_the_proxy_become_the_documented_metrics() {
     let rest_client = reqwest::Client::new();
     let grpc_client =
         hyper_util::client::legacy::Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
-    let iris_request: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("rest/row_single_input.request.json")).unwrap()).unwrap();
+    let iris_request: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(support::fixtures_dir().join("rest/row_single_input.request.json")).unwrap(),
+    )
+    .unwrap();
     let shifted = {
         let mut r = iris_request.clone();
         for row in r["instances"].as_array_mut().unwrap() {
@@ -209,7 +205,7 @@ async fn fixtures_through_the_proxy_become_the_documented_metrics() {
         }
         r
     };
-    let batch = std::fs::read(fixtures().join("grpc/batch64x16.request.pb")).unwrap();
+    let batch = std::fs::read(support::fixtures_dir().join("grpc/batch64x16.request.pb")).unwrap();
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(batch.len() as u32).to_be_bytes());
     framed.extend_from_slice(&batch);
@@ -268,7 +264,8 @@ async fn fixtures_through_the_proxy_become_the_documented_metrics() {
 
     let models = files(&out);
     let expected: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("grpc/batch64x16.expected.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(support::fixtures_dir().join("grpc/batch64x16.expected.json")).unwrap())
+            .unwrap();
 
     // The 64×16 batch: counts per class, feature means and medians, estimated accuracy.
     let bench = &models["bench"];

@@ -379,26 +379,28 @@ impl AnodotClient {
         *self.bearer.lock().await = None;
     }
 
-    /// The id of the stream schema named `name`, if it exists.
-    pub async fn find_schema(&self, name: &str) -> Result<Option<String>, ApiError> {
+    /// Sends an `/api/v2` call with the bearer token and returns its successful answer.
+    /// A refused token is forgotten, so that the next attempt fetches a new one.
+    async fn send_v2(&self, call: &str, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
         let bearer = self.bearer().await?;
-        let mut url = self.endpoints.api("api/v2/stream-schemas/schemas");
-        url.query_pairs_mut().append_pair("excludeCubes", "true");
-        let response = self
-            .http
-            .get(url)
-            .bearer_auth(bearer.expose())
-            .send()
-            .await
-            .map_err(|e| ApiError::Transient(transport_error(e)))?;
+        let response =
+            request.bearer_auth(bearer.expose()).send().await.map_err(|e| ApiError::Transient(transport_error(e)))?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED {
             self.forget_bearer().await;
             return Err(ApiError::Transient("bearer token refused; refreshing".to_string()));
         }
         if !status.is_success() {
-            return Err(status_error("list stream schemas", status));
+            return Err(status_error(call, status));
         }
+        Ok(response)
+    }
+
+    /// The id of the stream schema named `name`, if it exists.
+    pub async fn find_schema(&self, name: &str) -> Result<Option<String>, ApiError> {
+        let mut url = self.endpoints.api("api/v2/stream-schemas/schemas");
+        url.query_pairs_mut().append_pair("excludeCubes", "true");
+        let response = self.send_v2("list stream schemas", self.http.get(url)).await?;
         let list: Value = response.json().await.map_err(|e| ApiError::Transient(transport_error(e)))?;
         let found = list.as_array().into_iter().flatten().find_map(|entry| {
             let schema =
@@ -410,23 +412,8 @@ impl AnodotClient {
 
     /// Creates a stream schema and returns its id.
     pub async fn create_schema(&self, schema: &Value) -> Result<String, ApiError> {
-        let bearer = self.bearer().await?;
-        let response = self
-            .http
-            .post(self.endpoints.api("api/v2/stream-schemas"))
-            .bearer_auth(bearer.expose())
-            .json(schema)
-            .send()
-            .await
-            .map_err(|e| ApiError::Transient(transport_error(e)))?;
-        let status = response.status();
-        if status == StatusCode::UNAUTHORIZED {
-            self.forget_bearer().await;
-            return Err(ApiError::Transient("bearer token refused; refreshing".to_string()));
-        }
-        if !status.is_success() {
-            return Err(status_error("create stream schema", status));
-        }
+        let request = self.http.post(self.endpoints.api("api/v2/stream-schemas")).json(schema);
+        let response = self.send_v2("create stream schema", request).await?;
         let created: Value = response.json().await.map_err(|e| ApiError::Transient(transport_error(e)))?;
         created
             .get("schema")
