@@ -123,12 +123,7 @@ impl ObservationListener for Observations {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observation_listeners_get_each_decoded_observation_with_its_bucket_start() {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tfserving/rest");
-    let fixtures = if fixtures.is_dir() {
-        fixtures
-    } else {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tfserving/rest")
-    };
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tfserving/rest");
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config(dir.path()));
     let (sender, receiver) = capture::queue(&config.capture);
@@ -158,12 +153,7 @@ async fn observation_listeners_get_each_decoded_observation_with_its_bucket_star
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_model_is_aggregated_whatever_the_number_of_aggregation_threads() {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tfserving/rest");
-    let fixtures = if fixtures.is_dir() {
-        fixtures
-    } else {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tfserving/rest")
-    };
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tfserving/rest");
     for threads in [1, 3] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(dir.path());
