@@ -129,7 +129,7 @@ pub struct FileCursor {
     /// File size when last read: a different size means the file grew.
     #[serde(rename = "s", default)]
     pub size: u64,
-    /// 3.0 watermarks posted for this bucket (bit flags of `anodot_v3::Stream`).
+    /// 3.0 watermarks posted for this bucket (bit flags of `anodot::encode3::Stream`).
     #[serde(rename = "w", default)]
     pub watermarks: u8,
 }

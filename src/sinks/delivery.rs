@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use super::anodot_api::{redacted, AnodotClient, ApiError, Endpoints, PostOutcome, Rejection, Secret};
 use super::anodot_spool::{self, Cursor, FileCursor, SpoolFile};
-use super::anodot_v3::{self, Stream};
+use super::anodot::encode3::{self as anodot_v3, Stream};
 use super::{AnodotConfig, AnodotProtocol, Point};
 use crate::config::{Config, ConfigError};
 

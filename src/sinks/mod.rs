@@ -1,14 +1,13 @@
 //! Where metrics go: Anodot 2.0 points (`anodot`), JSON files in the output dir,
 //! delivery to Anodot's REST API with the files as the spool (`delivery`, with the
 //! HTTP calls in `anodot_api`, the spool and its cursor in `anodot_spool`, and the
-//! Anodot 3.0 mapping in `anodot_v3`), and Prometheus.
+//! Anodot 3.0 mapping in `anodot::encode3`), and Prometheus.
 //!
 //! Sinks never decide what a metric means; they receive finished points.
 
 pub mod anodot;
 pub mod anodot_api;
 pub mod anodot_spool;
-pub mod anodot_v3;
 pub mod delivery;
 pub mod files;
 pub mod prometheus;
