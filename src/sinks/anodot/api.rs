@@ -303,10 +303,6 @@ impl AnodotClient {
         })
     }
 
-    pub fn endpoints(&self) -> &Endpoints {
-        &self.endpoints
-    }
-
     /// Posts a JSON array of points.
     pub async fn post_points(&self, protocol: AnodotProtocol, body: Vec<u8>) -> PostOutcome {
         self.post(&self.endpoints.metrics, protocol, body).await

@@ -26,19 +26,21 @@ pub struct DeliveryMetrics {
 impl DeliveryMetrics {
     /// Registers the metrics (names start with `mltap_anodot_`).
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("anodot_points_delivered", "Points Anodot accepted", self.delivered.clone());
-        registry.register("anodot_points_rejected", "Points Anodot refused for good", self.rejected.clone());
-        registry.register("anodot_points_retried", "Points sent again after a transient failure", self.retried.clone());
-        registry.register("anodot_watermarks_posted", "Anodot 3.0 watermarks posted", self.watermarks.clone());
+        let counters = [
+            ("anodot_points_delivered", "Points Anodot accepted", &self.delivered),
+            ("anodot_points_rejected", "Points Anodot refused for good", &self.rejected),
+            ("anodot_points_retried", "Points sent again after a transient failure", &self.retried),
+            ("anodot_watermarks_posted", "Anodot 3.0 watermarks posted", &self.watermarks),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
         registry.register(
             "anodot_backlog_points",
             "Points in the spool not yet delivered",
             self.backlog_points.clone(),
         );
-        registry.register(
-            "anodot_delivery_lag_seconds",
-            "Seconds since the start of the oldest bucket not yet delivered",
-            self.lag_seconds.clone(),
-        );
+        let lag_help = "Seconds since the start of the oldest bucket not yet delivered";
+        registry.register("anodot_delivery_lag_seconds", lag_help, self.lag_seconds.clone());
     }
 }

@@ -85,37 +85,19 @@ impl DeliverySettings {
 mod tests {
     use super::*;
 
+    fn resolve(anodot: AnodotConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<DeliverySettings, ConfigError> {
+        DeliverySettings::resolve("https://a.example", anodot, Duration::from_secs(60), Duration::from_secs(3600), env)
+    }
+
     #[test]
     fn settings_need_the_token_and_for_30_the_access_key() {
-        let none = |_: &str| None;
-        let e = DeliverySettings::resolve(
-            "https://a.example",
-            AnodotConfig::default(),
-            Duration::from_secs(60),
-            Duration::from_secs(3600),
-            none,
-        )
-        .unwrap_err();
+        let e = resolve(AnodotConfig::default(), &|_| None).unwrap_err();
         assert!(e.problem.contains("ANODOT_TOKEN"), "{e}");
         let v30 = AnodotConfig { protocol: AnodotProtocol::V30, ..AnodotConfig::default() };
         let token_only = |k: &str| (k == TOKEN_ENV).then(|| "t".to_string());
-        let e = DeliverySettings::resolve(
-            "https://a.example",
-            v30,
-            Duration::from_secs(60),
-            Duration::from_secs(3600),
-            token_only,
-        )
-        .unwrap_err();
+        let e = resolve(v30, &token_only).unwrap_err();
         assert_eq!(e.key, "anodot.access_key_env");
-        let s = DeliverySettings::resolve(
-            "https://a.example",
-            AnodotConfig::default(),
-            Duration::from_secs(60),
-            Duration::from_secs(3600),
-            token_only,
-        )
-        .unwrap();
+        let s = resolve(AnodotConfig::default(), &token_only).unwrap();
         assert!(!format!("{s:?}").contains("\"t\""));
     }
 }

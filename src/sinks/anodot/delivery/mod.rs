@@ -1,13 +1,12 @@
 //! Delivery of the spool to Anodot: reads the files the engine wrote, sends the points
 //! past the cursor in requests of at most `batch_points`, in timestamp order, under a
-//! token-bucket rate limit, retries what is transient with exponential backoff and
-//! jitter, records what Anodot answered for in the durable cursor, posts 3.0
-//! watermarks, prunes delivered files past the retention, and reports itself in
-//! Prometheus metrics.
+//! token-bucket rate limit, retries each call under the rules of `retry`, records what
+//! Anodot answered for in the durable cursor, posts 3.0 watermarks (`streams`), prunes
+//! delivered files past the retention, and reports itself in Prometheus metrics.
 //!
-//! The same `Engine` serves the long-running task of `serve` (`Delivery::spawn`) and
-//! the one-shot `mltap send`. It never changes a point, never drops one that Anodot
-//! has not answered for, and never logs a secret.
+//! The same `Engine` serves the long-running task of `serve` (`task`:
+//! `Delivery::spawn`) and the one-shot `mltap send`. It never changes a point, never
+//! drops one that Anodot has not answered for, and never logs a secret.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
@@ -242,22 +241,17 @@ impl Engine {
                 report.unreadable.push(f.key.clone());
                 continue;
             }
-            match spool::read_points(&f.path) {
-                Ok(points) => {
-                    let waiting = points.len().saturating_sub(c.acked);
-                    report.pending += waiting as u64;
-                    report.already_done += c.acked.min(points.len()) as u64;
-                    if waiting > 0 {
-                        self.waiting.push_back((f.key.clone(), f.bucket_start, waiting));
-                    }
-                    pending.push(f.clone());
-                }
-                Err(e) => {
-                    error!(message = "Spool file skipped: not readable as Anodot points.", error = %e);
-                    self.unreadable.insert(f.key.clone(), f.size);
-                    report.unreadable.push(f.key.clone());
-                }
+            let Some(points) = self.read_or_skip(f) else {
+                report.unreadable.push(f.key.clone());
+                continue;
+            };
+            let waiting = points.len().saturating_sub(c.acked);
+            report.pending += waiting as u64;
+            report.already_done += c.acked.min(points.len()) as u64;
+            if waiting > 0 {
+                self.waiting.push_back((f.key.clone(), f.bucket_start, waiting));
             }
+            pending.push(f.clone());
         }
         self.pass_done = 0;
         self.pass_pending = report.pending;
@@ -266,14 +260,7 @@ impl Engine {
         let cap = self.settings.batch_size();
         let mut batch = Batch::default();
         for f in pending {
-            let points = match spool::read_points(&f.path) {
-                Ok(p) => p,
-                Err(e) => {
-                    error!(message = "Spool file skipped: not readable as Anodot points.", error = %e);
-                    self.unreadable.insert(f.key.clone(), f.size);
-                    continue;
-                }
-            };
+            let Some(points) = self.read_or_skip(&f) else { continue };
             let c = self.cursor.get(&f.key);
             let total = points.len();
             if total < c.acked {
@@ -316,6 +303,19 @@ impl Engine {
             self.post_watermarks(stop).await?;
         }
         Ok(report)
+    }
+
+    /// A spool file's points, or None when it is not readable as points: it is then
+    /// logged and remembered with its size, and skipped until it changes.
+    fn read_or_skip(&mut self, f: &SpoolFile) -> Option<Vec<Point>> {
+        match spool::read_points(&f.path) {
+            Ok(points) => Some(points),
+            Err(e) => {
+                error!(message = "Spool file skipped: not readable as Anodot points.", error = %e);
+                self.unreadable.insert(f.key.clone(), f.size);
+                None
+            }
+        }
     }
 
     fn update_gauges(&mut self, backlog: u64) {

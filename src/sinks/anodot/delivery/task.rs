@@ -15,6 +15,10 @@ use super::{DeliveryError, Engine};
 use crate::sinks::anodot::api::redacted;
 use crate::sinks::anodot::{DeliveryMetrics, DeliverySettings, Persistence};
 
+/// How often retention runs: deleting files is not urgent, and listing the spool for
+/// it at every scan would double the directory reads.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The long-running delivery of `serve`.
 #[derive(Debug)]
 pub struct Delivery;
@@ -58,7 +62,7 @@ async fn run(mut engine: Engine, stop: CancellationToken) {
             if let Err(e) = engine.prune() {
                 warn!(message = "Pruning the spool failed.", error = %e);
             }
-            next_prune = Instant::now() + Duration::from_secs(60);
+            next_prune = Instant::now() + PRUNE_INTERVAL;
         }
         // After a stop, one last pass has delivered what the engine wrote at shutdown.
         if stopping {
@@ -91,10 +95,5 @@ impl DeliveryHandle {
             warn!(message = "Delivery did not finish within the shutdown grace; the rest goes at the next start.");
             self.task.abort();
         }
-    }
-
-    /// Stops at once, as a crash would (tests).
-    pub fn abort(self) {
-        self.task.abort();
     }
 }
