@@ -18,7 +18,7 @@ use crate::labels::link::LabelLink;
 use crate::labels::{LabelService, LabelSettings};
 use crate::monitor::ClosedBucket;
 use crate::proxy::{Proxy, ProxyMetrics};
-use crate::sinks::delivery::{Delivery, DeliverySettings};
+use crate::sinks::anodot::{Delivery, DeliverySettings};
 use crate::sinks::files::FileSink;
 use crate::worker::BucketListener;
 use prometheus_client::registry::Registry;

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod atomic_file;
 pub mod capture;
 pub mod cli;
 pub mod config;

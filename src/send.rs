@@ -15,10 +15,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{parse_duration, SendArgs};
-use crate::sinks::anodot_api::redacted;
-use crate::sinks::anodot_spool;
-use crate::sinks::delivery::{DeliveryMetrics, DeliverySettings, Engine, Persistence, Progress};
-use crate::sinks::{AnodotConfig, AnodotProtocol};
+use crate::sinks::anodot::api::redacted;
+use crate::sinks::anodot::spool;
+use crate::sinks::anodot::{
+    AnodotConfig, AnodotProtocol, DeliveryMetrics, DeliverySettings, Engine, Persistence, Progress,
+};
 
 /// Exit code when the arguments or the environment are wrong.
 const EXIT_USAGE: u8 = 2;
@@ -80,7 +81,7 @@ async fn send(args: &SendArgs) -> ExitCode {
         Err(e) => return usage(format!("--give-up-after: {e}")),
     };
     let dirs = SendDirs::for_dir(&args.dir);
-    let files = match anodot_spool::list(&dirs.spool) {
+    let files = match spool::list(&dirs.spool) {
         Ok(f) => f,
         Err(e) => return usage(format!("cannot list {}: {e}", dirs.spool.display())),
     };
@@ -171,7 +172,7 @@ async fn send(args: &SendArgs) -> ExitCode {
 }
 
 /// The smallest gap between two bucket starts of one model, or one minute.
-fn infer_bucket(files: &[anodot_spool::SpoolFile]) -> Duration {
+fn infer_bucket(files: &[spool::SpoolFile]) -> Duration {
     let mut best: Option<i64> = None;
     let mut last: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
     for f in files {
