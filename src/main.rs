@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
-    let cli = mltap::config::Cli::parse();
+    let cli = mltap::cli::Cli::parse();
     mltap::cli::run(cli)
 }
 

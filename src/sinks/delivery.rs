@@ -27,7 +27,7 @@ use super::anodot_api::{redacted, AnodotClient, ApiError, Endpoints, PostOutcome
 use super::anodot_spool::{self, Cursor, FileCursor, SpoolFile};
 use super::anodot_v3::{self, Stream};
 use super::{AnodotConfig, AnodotProtocol, Point};
-use crate::config::{Config, ConfigError};
+use crate::units::ConfigError;
 
 /// Environment variable holding Anodot's data-collection token.
 pub const TOKEN_ENV: &str = "ANODOT_TOKEN";
@@ -55,15 +55,6 @@ pub struct DeliverySettings {
 }
 
 impl DeliverySettings {
-    /// Delivery settings of `serve`, or None when no `anodot_url` is configured.
-    pub fn from_config(config: &Config) -> Result<Option<DeliverySettings>, ConfigError> {
-        let Some(url) = &config.anodot_url else { return Ok(None) };
-        DeliverySettings::resolve(url, config.anodot.clone(), config.bucket, config.label_horizon, |name| {
-            std::env::var(name).ok()
-        })
-        .map(Some)
-    }
-
     /// Resolves the settings, reading secrets through `env` (the process environment
     /// outside tests). Errors name the configuration key at fault.
     pub fn resolve(
