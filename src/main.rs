@@ -1,4 +1,4 @@
-//! The `mltap` command: `serve`, `demo` and `send` (DESIGN.md, "Command line").
+//! The `mltap` command: `serve`, `demo` and `send` (README.md; parsing and dispatch in `cli`).
 
 use clap::Parser;
 use std::process::ExitCode;
