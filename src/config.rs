@@ -337,7 +337,7 @@ mod tests {
 
     #[test]
     fn defaults_match_the_design() {
-        let c = Config::load(&args()).unwrap();
+        let c = Config::load(args()).unwrap();
         assert_eq!(c.grpc_listen, "0.0.0.0:8500".parse().unwrap());
         assert_eq!(c.rest_listen, "0.0.0.0:8501".parse().unwrap());
         assert_eq!(c.admin_listen, "0.0.0.0:9090".parse().unwrap());
@@ -377,17 +377,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mltap.toml");
         std::fs::write(&path, "buckett = \"5m\"\n").unwrap();
-        let e = Config::load(&Flags { config: Some(path), ..args() }).unwrap_err();
+        let e = Config::load(Flags { config: Some(path), ..args() }).unwrap_err();
         assert_eq!(e.key, "buckett", "{e}");
     }
 
     #[test]
     fn malformed_urls_are_rejected() {
-        let e = Config::load(&Flags { grpc_upstream: Some("127.0.0.1:9500".into()), ..args() }).unwrap_err();
+        let e = Config::load(Flags { grpc_upstream: Some("127.0.0.1:9500".into()), ..args() }).unwrap_err();
         assert_eq!(e.key, "grpc_upstream");
-        let e = Config::load(&Flags { labels_store: Some("http://x".into()), ..args() }).unwrap_err();
+        let e = Config::load(Flags { labels_store: Some("http://x".into()), ..args() }).unwrap_err();
         assert_eq!(e.key, "labels_store");
-        let c = Config::load(&Flags { labels_store: Some("redis://a:1,redis://b:2,redis://c:3".into()), ..args() })
+        let c = Config::load(Flags { labels_store: Some("redis://a:1,redis://b:2,redis://c:3".into()), ..args() })
             .unwrap();
         assert!(matches!(c.labels_store, LabelsStoreConfig::RedisCluster(ref n) if n.len() == 3));
     }
@@ -397,7 +397,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mltap.toml");
         std::fs::write(&path, "[models.m]\nthreshold = 1.5\n").unwrap();
-        let e = Config::load(&Flags { config: Some(path), ..args() }).unwrap_err();
+        let e = Config::load(Flags { config: Some(path), ..args() }).unwrap_err();
         assert_eq!(e.key, "models.m.threshold");
     }
 
