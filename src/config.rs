@@ -9,6 +9,7 @@
 //! component it configures, and durations, sizes and `ConfigError` in `units`. This
 //! module only composes them, and says what each component takes from the whole.
 
+use crate::labels::LabelSettings;
 use crate::monitor::{MonitorConfig, ReferenceSet};
 use crate::proxy::tls::TlsConfig;
 use crate::proxy::ProxySettings;
@@ -23,13 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::capture::CaptureConfig;
-pub use crate::labels::{LabelSettings, LabelsConfig, LabelsStoreConfig};
+pub use crate::labels::{LabelsConfig, LabelsStoreConfig};
 pub use crate::tfserving::ModelConfig;
 pub use crate::units::ConfigError;
 
 /// The flat keys as given on the command line or in `MLTAP_<KEY>` environment
 /// variables (the command line folds the two), before the file and the defaults fill
-/// in what they leave out. `Config::load` applies the precedence.
+/// in what they leave out. `Config::load` applies the precedence. Each field is the
+/// key of its name, as written (`cli::ServeArgs` documents them); None when not given.
 #[derive(Debug, Clone, Default)]
 pub struct Flags {
     /// The TOML configuration file (`--config`).
@@ -129,7 +131,7 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        // Flags and env come through clap; clap does not say which of the two it was.
+        // Flags and env come folded by the command line, which does not say which it was.
         let pick = |key: &'static str, flag: &Option<String>, from_file: &Option<String>, default: &'static str| {
             let flag_source = format!("--{} or MLTAP_{}", key.replace('_', "-"), key.to_uppercase());
             match (flag, from_file) {
