@@ -81,35 +81,20 @@ pub struct ServeArgs {
 
 impl From<&ServeArgs> for Flags {
     fn from(args: &ServeArgs) -> Flags {
-        let ServeArgs {
-            config,
-            grpc_listen,
-            rest_listen,
-            grpc_upstream,
-            rest_upstream,
-            admin_listen,
-            bucket,
-            output_dir,
-            labels_store,
-            label_horizon,
-            anodot_url,
-            request_id_header,
-            log,
-        } = args.clone();
         Flags {
-            config,
-            grpc_listen,
-            rest_listen,
-            grpc_upstream,
-            rest_upstream,
-            admin_listen,
-            bucket,
-            output_dir,
-            labels_store,
-            label_horizon,
-            anodot_url,
-            request_id_header,
-            log,
+            config: args.config.clone(),
+            grpc_listen: args.grpc_listen.clone(),
+            rest_listen: args.rest_listen.clone(),
+            grpc_upstream: args.grpc_upstream.clone(),
+            rest_upstream: args.rest_upstream.clone(),
+            admin_listen: args.admin_listen.clone(),
+            bucket: args.bucket.clone(),
+            output_dir: args.output_dir.clone(),
+            labels_store: args.labels_store.clone(),
+            label_horizon: args.label_horizon.clone(),
+            anodot_url: args.anodot_url.clone(),
+            request_id_header: args.request_id_header.clone(),
+            log: args.log.clone(),
         }
     }
 }
