@@ -81,6 +81,48 @@ async fn bind(key: &str, address: SocketAddr) -> Result<TcpListener, ConfigError
         .map_err(|error| ConfigError::new(key, "", format!("cannot listen on {address}: {error}")))
 }
 
+// What each component takes from the whole configuration.
+
+impl From<&Config> for ProxySettings {
+    fn from(config: &Config) -> ProxySettings {
+        ProxySettings {
+            grpc_upstream: config.grpc_upstream.clone(),
+            rest_upstream: config.rest_upstream.clone(),
+            upstream_timeout: config.upstream_timeout,
+            request_id_header: config.request_id_header.clone(),
+            return_request_id: config.capture.return_request_id,
+            tls: config.tls.clone(),
+        }
+    }
+}
+
+impl From<&Config> for WorkerSettings {
+    fn from(config: &Config) -> WorkerSettings {
+        WorkerSettings {
+            bucket: config.bucket,
+            output_dir: config.output_dir.clone(),
+            grpc_upstream: config.grpc_upstream.clone(),
+            rest_upstream: config.rest_upstream.clone(),
+            monitor: config.monitor.clone(),
+            models: config.models.clone(),
+            references: config.references.clone(),
+        }
+    }
+}
+
+impl From<&Config> for LabelSettings {
+    fn from(config: &Config) -> LabelSettings {
+        LabelSettings {
+            bucket: config.bucket,
+            horizon: config.label_horizon,
+            output_dir: config.output_dir.clone(),
+            store: config.labels_store.clone(),
+            labels: config.labels.clone(),
+            models: config.models.clone(),
+        }
+    }
+}
+
 /// Structured logs on stderr, filtered by `filter` (e.g. `info`, `mltap=debug`); a
 /// filter that does not parse logs at `info`.
 pub fn init_logging(filter: &str) {

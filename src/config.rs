@@ -7,15 +7,12 @@
 //! (`[capture]`, `[monitor]`, `[labels]`, `[anodot]`, `[tls]`, `[models.NAME]`) hold
 //! settings that have no flag; each section's type and its validation live beside the
 //! component it configures, and durations, sizes and `ConfigError` in `units`. This
-//! module only composes them, and says what each component takes from the whole.
+//! module only composes them; `app` hands each component what it takes from the whole.
 
-use crate::labels::LabelSettings;
 use crate::monitor::{MonitorConfig, ReferenceSet};
 use crate::proxy::tls::TlsConfig;
-use crate::proxy::ProxySettings;
 use crate::sinks::AnodotConfig;
 use crate::units::parse_duration;
-use crate::worker::WorkerSettings;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -233,48 +230,6 @@ impl From<&Flags> for Flags {
     }
 }
 
-// What each component takes from the whole configuration.
-
-impl From<&Config> for ProxySettings {
-    fn from(config: &Config) -> ProxySettings {
-        ProxySettings {
-            grpc_upstream: config.grpc_upstream.clone(),
-            rest_upstream: config.rest_upstream.clone(),
-            upstream_timeout: config.upstream_timeout,
-            request_id_header: config.request_id_header.clone(),
-            return_request_id: config.capture.return_request_id,
-            tls: config.tls.clone(),
-        }
-    }
-}
-
-impl From<&Config> for WorkerSettings {
-    fn from(config: &Config) -> WorkerSettings {
-        WorkerSettings {
-            bucket: config.bucket,
-            output_dir: config.output_dir.clone(),
-            grpc_upstream: config.grpc_upstream.clone(),
-            rest_upstream: config.rest_upstream.clone(),
-            monitor: config.monitor.clone(),
-            models: config.models.clone(),
-            references: config.references.clone(),
-        }
-    }
-}
-
-impl From<&Config> for LabelSettings {
-    fn from(config: &Config) -> LabelSettings {
-        LabelSettings {
-            bucket: config.bucket,
-            horizon: config.label_horizon,
-            output_dir: config.output_dir.clone(),
-            store: config.labels_store.clone(),
-            labels: config.labels.clone(),
-            models: config.models.clone(),
-        }
-    }
-}
-
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path)
@@ -389,8 +344,8 @@ mod tests {
         assert_eq!(e.key, "grpc_upstream");
         let e = Config::load(Flags { labels_store: Some("http://x".into()), ..args() }).unwrap_err();
         assert_eq!(e.key, "labels_store");
-        let c = Config::load(Flags { labels_store: Some("redis://a:1,redis://b:2,redis://c:3".into()), ..args() })
-            .unwrap();
+        let c =
+            Config::load(Flags { labels_store: Some("redis://a:1,redis://b:2,redis://c:3".into()), ..args() }).unwrap();
         assert!(matches!(c.labels_store, LabelsStoreConfig::RedisCluster(ref n) if n.len() == 3));
     }
 
@@ -425,9 +380,9 @@ mod tests {
         let args = Flags { config: Some(config_path), ..Default::default() };
         let config = Config::load(&args).unwrap();
         assert_eq!(*config.references, ReferenceSet::default());
-        // Later readers share what load read: the file is not read again.
+        // Copies of the configuration share what load read: the file is not read again.
         std::fs::write(&reference_path, "not json").unwrap();
-        assert!(Arc::ptr_eq(&WorkerSettings::from(&config).references, &config.references));
+        assert!(Arc::ptr_eq(&config.clone().references, &config.references));
         let e = Config::load(&args).unwrap_err();
         assert_eq!(e.key, "monitor.reference_file");
         assert!(e.to_string().contains("is not JSON"), "{e}");
