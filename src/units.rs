@@ -11,9 +11,7 @@ use std::time::Duration;
 /// Exit code of a configuration error (unknown key, bad value, port in use).
 pub const EXIT_CONFIG: u8 = 2;
 
-/// One kibibyte, for byte-size defaults.
-pub const KIB: usize = 1 << 10;
-/// One mebibyte, for byte-size defaults.
+/// One mebibyte, for byte-size defaults (`16 * MIB` reads as the 16 MiB it is).
 pub const MIB: usize = 1 << 20;
 
 /// Parses a duration such as `2s`, `500ms`, `5m`, `1h`, rejecting zero. Every
