@@ -5,6 +5,7 @@
 //! queue holds its maximum number of exchanges or bytes, the new exchange is dropped
 //! and counted in `capture_dropped`. This module never parses a payload.
 
+use crate::units::MIB;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -120,7 +121,7 @@ pub struct CaptureReceiver {
 }
 
 /// Creates the bounded capture queue.
-pub fn queue(config: &crate::config::CaptureConfig) -> (CaptureSender, CaptureReceiver) {
+pub fn queue(config: &CaptureConfig) -> (CaptureSender, CaptureReceiver) {
     let (tx, rx) = mpsc::channel(config.queue_exchanges.max(1));
     let stats = Arc::new(CaptureStats::default());
     (
@@ -201,10 +202,52 @@ impl CaptureReceiver {
     }
 }
 
+/// Bounds of the capture tap and its queue (`[capture]`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Exchanges the queue holds before it drops the newest.
+    pub queue_exchanges: usize,
+    /// Bytes of captured bodies the queue holds before it drops the newest.
+    pub queue_bytes: usize,
+    /// Bytes kept per exchange (request + response); larger exchanges are skipped.
+    pub max_exchange_bytes: usize,
+    /// Return a generated request id to the client in the request-id header.
+    pub return_request_id: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            queue_exchanges: 10_000,
+            // Together with the worker's small hand-offs, these bound what monitoring
+            // adds to mltap's memory whatever the traffic (< 100 MiB RSS in all).
+            queue_bytes: 16 * MIB,
+            max_exchange_bytes: 8 * MIB,
+            return_request_id: false,
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Checks the section; the error names the key within it.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.queue_exchanges == 0 {
+            return Err(("queue_exchanges".into(), "must be at least 1".into()));
+        }
+        if self.max_exchange_bytes == 0 || self.queue_bytes < self.max_exchange_bytes {
+            return Err((
+                "queue_bytes".into(),
+                "must be at least capture.max_exchange_bytes, which must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CaptureConfig;
 
     fn exchange(body: usize) -> Exchange {
         Exchange {

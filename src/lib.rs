@@ -2,11 +2,14 @@
 //! inference traffic to a background worker, which buckets it by time and computes
 //! monitoring metrics of the model's inputs, outputs and delayed labels.
 //!
-//! The modules follow the data flow of DESIGN.md: `proxy` forwards and tees,
-//! `capture` carries exchanges over a bounded queue, `tfserving` decodes them into
-//! observations, `monitor` aggregates them into buckets, `labels` joins ground truth,
-//! `sinks` writes and delivers Anodot points, `admin` serves health, metrics, labels
-//! and the dashboard, and `config` holds the one typed configuration.
+//! The modules follow the data flow: `proxy` forwards and tees, `capture` carries
+//! exchanges over a bounded queue, `tfserving` decodes them into observations,
+//! `monitor` aggregates them into buckets, `labels` joins ground truth, `sinks`
+//! writes and delivers Anodot points, `admin` serves health, metrics, labels and the
+//! dashboard. `units` is the leaf every section type uses (durations, sizes, the
+//! configuration error), `config` composes the sections into the one typed
+//! configuration, `app` wires the components and `cli` runs the commands. Modules
+//! import each other without cycles, in the order of docs/architecture.md.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -22,4 +25,5 @@ pub mod proxy;
 pub mod send;
 pub mod sinks;
 pub mod tfserving;
+pub mod units;
 pub mod worker;

@@ -3,7 +3,8 @@
 //! already use and TF Serving on the default upstream ports, probe the admin port's
 //! health endpoints, and take the Anodot token from a secret.
 
-use mltap::config::{Config, ServeArgs};
+use mltap::cli::ServeArgs;
+use mltap::config::Config;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use yaml_rust2::{Yaml, YamlLoader};

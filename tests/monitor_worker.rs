@@ -5,10 +5,11 @@
 
 use bytes::Bytes;
 use mltap::capture::{self, Exchange, Protocol};
-use mltap::config::{CaptureConfig, Config, ServeArgs};
+use mltap::cli::ServeArgs;
+use mltap::config::{CaptureConfig, Config};
 use mltap::monitor::ClosedBucket;
 use mltap::tfserving::Observation;
-use mltap::worker::{self, BucketListener, ObservationListener};
+use mltap::worker::{self, BucketListener, ObservationListener, WorkerSettings};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -69,7 +70,7 @@ async fn finish_drains_the_queue_and_every_exchange_is_counted_in_the_files() {
     let config = Arc::new(config(dir.path()));
     let (sender, receiver) = capture::queue(&config.capture);
     let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
-    let handle = worker::spawn(config, receiver, &mut registry);
+    let handle = worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
     let recorder = Arc::new(Recorder::default());
     handle.add_bucket_listener(recorder.clone());
     for _ in 0..50 {
@@ -102,7 +103,7 @@ async fn exchanges_dropped_by_a_full_queue_are_reported_as_capture_dropped() {
         sender.offer(exchange());
     }
     let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
-    let handle = worker::spawn(config, receiver, &mut registry);
+    let handle = worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
     drop(sender);
     handle.finish().await;
     let points = all_points(dir.path());
@@ -131,7 +132,7 @@ async fn observation_listeners_get_each_decoded_observation_with_its_bucket_star
     let listener = Arc::new(Observations::default());
     let hooks = worker::Hooks::default();
     hooks.add_observation_listener(listener.clone());
-    let handle = worker::spawn_with(config, receiver, &mut registry, hooks);
+    let handle = worker::spawn_with(WorkerSettings::from(config.as_ref()), receiver, &mut registry, hooks);
     let started_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_123);
     let mut e = exchange();
     e.started_at = started_at;
@@ -162,7 +163,7 @@ async fn every_model_is_aggregated_whatever_the_number_of_aggregation_threads() 
         let config = Arc::new(config);
         let (sender, receiver) = capture::queue(&config.capture);
         let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
-        let handle = worker::spawn(config, receiver, &mut registry);
+        let handle = worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
         let case = |name: &str, path: &str| {
             let mut e = exchange();
             e.path = path.to_string();

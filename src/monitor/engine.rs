@@ -7,7 +7,6 @@
 //! reads the clock itself (callers pass `now`), so tests drive time explicitly.
 
 use crate::capture::{Exchange, Protocol};
-use crate::config::Config;
 use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
 use crate::monitor::reference::{reference_path, Reference, ReferenceBuilder, ReferenceSet};
 use crate::monitor::stats::Summary;
@@ -105,23 +104,6 @@ pub struct EngineOptions {
     pub started_at: SystemTime,
 }
 
-impl EngineOptions {
-    /// Options from the validated configuration.
-    pub fn from_config(config: &Config) -> Self {
-        EngineOptions {
-            bucket: config.bucket,
-            monitor: config.monitor.clone(),
-            output_dir: Some(config.output_dir.clone()),
-            categorical_features: config
-                .models
-                .iter()
-                .map(|(name, m)| (name.clone(), m.categorical_features.iter().cloned().collect()))
-                .collect(),
-            started_at: SystemTime::now(),
-        }
-    }
-}
-
 /// Where a stream's drift reference stands.
 #[derive(Debug)]
 enum ReferenceState {
@@ -185,8 +167,8 @@ pub struct Engine {
     categorical_features: BTreeMap<String, BTreeSet<String>>,
     /// Engine start, epoch seconds.
     started_at: i64,
-    /// References from `monitor.reference_file`.
-    reference_set: ReferenceSet,
+    /// References from `monitor.reference_file`, read once and shared by every engine.
+    reference_set: Arc<ReferenceSet>,
     streams: BTreeMap<StreamKey, Stream>,
     models: BTreeMap<String, ModelState>,
     /// Observations seen, to detect features an observation lacks.
@@ -205,11 +187,11 @@ impl Engine {
             Some(path) => ReferenceSet::load(path)?,
             None => ReferenceSet::default(),
         };
-        Ok(Engine::with_references(options, reference_set))
+        Ok(Engine::with_references(options, Arc::new(reference_set)))
     }
 
     /// A new engine with already loaded references (`monitor.reference_file` unread).
-    pub fn with_references(options: EngineOptions, reference_set: ReferenceSet) -> Engine {
+    pub fn with_references(options: EngineOptions, reference_set: Arc<ReferenceSet>) -> Engine {
         Engine {
             width: options.bucket.as_secs().max(1) as i64,
             grace: options.monitor.grace_seconds as i64,
@@ -313,14 +295,6 @@ impl Engine {
         for reason in &facts.decode_errors {
             *bucket.decode_errors.entry((*reason).to_string()).or_default() += 1;
         }
-    }
-
-    /// Counts decode errors that came without exchange facts (e.g. an observation the
-    /// worker rejected) in a model's bucket.
-    pub fn record_decode_error(&mut self, model: Option<&str>, event_time: SystemTime, reason: &str) {
-        let model = self.model_slot(model);
-        let start = self.bucket_of(event_time);
-        *self.model_bucket(&model, start).decode_errors.entry(reason.to_string()).or_default() += 1;
     }
 
     /// Counts exchanges the capture queue dropped, in the bucket of `now`.

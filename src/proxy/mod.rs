@@ -15,7 +15,7 @@ pub mod tee;
 pub mod tls;
 
 use crate::capture::CaptureSender;
-use crate::config::{Config, ConfigError};
+use crate::units::ConfigError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -191,6 +191,23 @@ impl Upstream {
     }
 }
 
+/// What the proxy takes from the configuration.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// TF Serving's gRPC port (`http://` or `https://`).
+    pub grpc_upstream: http::Uri,
+    /// TF Serving's REST port (`http://` or `https://`).
+    pub rest_upstream: http::Uri,
+    /// Deadline for the upstream's response head when the client sets none.
+    pub upstream_timeout: Duration,
+    /// Header (gRPC metadata key) carrying the request id.
+    pub request_id_header: http::HeaderName,
+    /// Return a generated request id to the client (`capture.return_request_id`).
+    pub return_request_id: bool,
+    /// TLS towards `https://` upstreams and on the listeners (`[tls]`).
+    pub tls: tls::TlsConfig,
+}
+
 /// State shared by every connection of both listeners.
 #[derive(Debug)]
 pub struct ProxyShared {
@@ -241,14 +258,21 @@ impl ProxyShared {
         capture: CaptureSender,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Arc<ProxyShared> {
-        let config = Config::load(&crate::config::ServeArgs::default()).expect("default config");
-        Proxy::new(&config, capture, ProxyMetrics::register(registry)).expect("default proxy").shared
+        let settings = ProxySettings {
+            grpc_upstream: http::Uri::from_static("http://127.0.0.1:9500"),
+            rest_upstream: http::Uri::from_static("http://127.0.0.1:9501"),
+            upstream_timeout: Duration::from_secs(60),
+            request_id_header: http::HeaderName::from_static("x-request-id"),
+            return_request_id: false,
+            tls: tls::TlsConfig::default(),
+        };
+        Proxy::new(&settings, capture, ProxyMetrics::register(registry)).expect("default proxy").shared
     }
 }
 
 /// A connector for `http://` and `https://` upstreams; TLS offers only `alpn`, so
 /// that an HTTPS upstream settles on the protocol its listener is meant to speak.
-fn connector(config: &Config, alpn: &[u8], key: &str) -> Result<HttpsConnector<HttpConnector>, ConfigError> {
+fn connector(config: &ProxySettings, alpn: &[u8], key: &str) -> Result<HttpsConnector<HttpConnector>, ConfigError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
@@ -268,7 +292,7 @@ fn connector(config: &Config, alpn: &[u8], key: &str) -> Result<HttpsConnector<H
 }
 
 /// The TLS configuration of a listener offering `alpn`, when the listeners speak TLS.
-fn acceptor(config: &Config, alpn: &[u8]) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+fn acceptor(config: &ProxySettings, alpn: &[u8]) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
     let server =
         config.tls.server_config(alpn).map_err(|(key, problem)| ConfigError::new(format!("tls.{key}"), "", problem))?;
     Ok(server.map(Arc::new))
@@ -288,7 +312,7 @@ impl Proxy {
     /// Builds the upstream clients. Several proxies (one per serving thread) may share
     /// one capture queue and one set of metrics. Fails when an upstream URL cannot be
     /// served or a TLS file is unusable, naming its key.
-    pub fn new(config: &Config, capture: CaptureSender, metrics: ProxyMetrics) -> Result<Proxy, ConfigError> {
+    pub fn new(config: &ProxySettings, capture: CaptureSender, metrics: ProxyMetrics) -> Result<Proxy, ConfigError> {
         let rest_upstream = Upstream::new("rest_upstream", &config.rest_upstream)?;
         let grpc_upstream = Upstream::new("grpc_upstream", &config.grpc_upstream)?;
         let rest_client = Client::builder(TokioExecutor::new())
@@ -313,7 +337,7 @@ impl Proxy {
                 metrics,
                 request_ids: request_id::RequestIds::default(),
                 request_id_header: config.request_id_header.clone(),
-                return_request_id: config.capture.return_request_id,
+                return_request_id: config.return_request_id,
                 upstream_timeout: config.upstream_timeout,
                 rest_upstream,
                 grpc_upstream,

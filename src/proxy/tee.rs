@@ -348,7 +348,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CaptureConfig;
+    use crate::capture::CaptureConfig;
     use http_body_util::{BodyExt, Full, StreamBody};
 
     fn shared(config: CaptureConfig) -> (Arc<ProxyShared>, crate::capture::CaptureReceiver) {

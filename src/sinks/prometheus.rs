@@ -6,10 +6,11 @@
 //! `class`, `feature`, `stat`, `method` and `reason` are kept (they map Anodot's
 //! properties of the same meaning), points with an unbounded dimension (`category`)
 //! are left to the Anodot files, the global pseudo-model's points are left to the
-//! capture counters, and a model's series are replaced (not accumulated) at each
-//! bucket, with a hard cap on the total. This sink never decides what a metric means.
+//! capture counters (the worker does not hand them here), and a model's series are
+//! replaced (not accumulated) at each bucket, with a hard cap on the total. This sink
+//! never decides what a metric means.
 
-use crate::monitor::{ClosedBucket, GLOBAL_MODEL};
+use crate::sinks::Point;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -72,23 +73,21 @@ impl ModelGauges {
         registry.register_collector(Box::new(self.clone()));
     }
 
-    /// Shows a closed bucket: replaces the model's series when the bucket is newer,
-    /// adds to them when it is the same bucket (points merged later), ignores older.
-    pub fn update(&self, bucket: &ClosedBucket) {
-        if bucket.model == GLOBAL_MODEL {
-            return;
-        }
+    /// Shows the points of a model's closed bucket (starting at `start`): replaces the
+    /// model's series when the bucket is newer, adds to them when it is the same bucket
+    /// (points merged later), ignores older.
+    pub fn update(&self, model: &str, start: i64, points: &[Point]) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let others: usize = state.models.iter().filter(|(m, _)| **m != bucket.model).map(|(_, s)| s.len).sum();
-        let current = state.models.entry(bucket.model.clone()).or_default();
-        if bucket.start < current.start {
+        let others: usize = state.models.iter().filter(|(m, _)| **m != model).map(|(_, s)| s.len).sum();
+        let current = state.models.entry(model.to_string()).or_default();
+        if start < current.start {
             return;
         }
-        if bucket.start > current.start {
-            *current = ModelSeries { start: bucket.start, ..ModelSeries::default() };
+        if start > current.start {
+            *current = ModelSeries { start, ..ModelSeries::default() };
         }
         let mut dropped = 0;
-        for point in &bucket.points {
+        for point in points {
             if point.properties().iter().any(|(k, _)| UNBOUNDED.contains(&k.as_str())) {
                 continue;
             }
@@ -161,10 +160,10 @@ impl Collector for ModelGauges {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::{Point, TargetType};
+    use crate::sinks::TargetType;
 
-    fn bucket(start: i64, value: f64) -> ClosedBucket {
-        let points = vec![
+    fn bucket(start: i64, value: f64) -> Vec<Point> {
+        vec![
             Point::builder("feature_value", TargetType::Gauge, start, value)
                 .with("model", "iris")
                 .with("version", "2")
@@ -179,8 +178,7 @@ mod tests {
                 .with("category", "paris")
                 .finish()
                 .unwrap(),
-        ];
-        ClosedBucket { model: "iris".into(), start, points }
+        ]
     }
 
     fn scrape(gauges: &ModelGauges) -> String {
@@ -194,9 +192,9 @@ mod tests {
     #[test]
     fn the_last_closed_bucket_is_exposed_with_bounded_labels() {
         let gauges = ModelGauges::new();
-        gauges.update(&bucket(100, 1.5));
-        gauges.update(&bucket(160, 2.5));
-        gauges.update(&bucket(40, 9.0));
+        gauges.update("iris", 100, &bucket(100, 1.5));
+        gauges.update("iris", 160, &bucket(160, 2.5));
+        gauges.update("iris", 40, &bucket(40, 9.0));
         let text = scrape(&gauges);
         assert!(
             text.contains(

@@ -1,6 +1,7 @@
 //! The `[anodot]` section: how delivery to Anodot batches, paces, retries and keeps
 //! files, and which protocol it speaks. Validated once at start.
 
+use crate::units::{deserialize_duration, deserialize_optional_duration};
 use serde::{Deserialize, Deserializer};
 use std::time::Duration;
 
@@ -54,18 +55,18 @@ pub struct AnodotConfig {
     /// `2.0` (default) or `3.0`.
     pub protocol: AnodotProtocol,
     /// How long one request may take before it counts as failed and is retried.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "deserialize_duration")]
     pub request_timeout: Duration,
     /// Longest wait between two retries; an hour-long outage costs at most this much
     /// extra delay once Anodot is back.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "deserialize_duration")]
     pub max_backoff: Duration,
     /// Delivered files whose bucket started longer ago than this are deleted; `off`
     /// keeps them. Files with points not yet delivered are never deleted.
-    #[serde(deserialize_with = "de_optional_duration")]
+    #[serde(deserialize_with = "deserialize_optional_duration")]
     pub retention: Option<Duration>,
     /// How often the output dir is scanned for new or grown files.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "deserialize_duration")]
     pub scan_interval: Duration,
     /// Environment variable holding the Anodot access key (3.0 only), exchanged for
     /// the bearer token the stream-schema API needs. A variable, never the key itself,
@@ -129,19 +130,6 @@ impl AnodotConfig {
         }
         Ok(())
     }
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(deserializer)?;
-    crate::config::parse_duration(&s).map_err(serde::de::Error::custom)
-}
-
-fn de_optional_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(deserializer)?;
-    if matches!(s.trim(), "off" | "never" | "none") {
-        return Ok(None);
-    }
-    crate::config::parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]

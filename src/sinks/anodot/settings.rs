@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::api::{Endpoints, Secret};
 use super::{AnodotConfig, AnodotProtocol};
-use crate::config::{Config, ConfigError};
+use crate::units::ConfigError;
 
 /// Environment variable holding Anodot's data-collection token.
 pub const TOKEN_ENV: &str = "ANODOT_TOKEN";
@@ -30,15 +30,6 @@ pub struct DeliverySettings {
 }
 
 impl DeliverySettings {
-    /// Delivery settings of `serve`, or None when no `anodot_url` is configured.
-    pub fn from_config(config: &Config) -> Result<Option<DeliverySettings>, ConfigError> {
-        let Some(url) = &config.anodot_url else { return Ok(None) };
-        DeliverySettings::resolve(url, config.anodot.clone(), config.bucket, config.label_horizon, |name| {
-            std::env::var(name).ok()
-        })
-        .map(Some)
-    }
-
     /// Resolves the settings, reading secrets through `env` (the process environment
     /// outside tests). Errors name the configuration key at fault.
     pub fn resolve(
