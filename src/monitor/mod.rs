@@ -9,8 +9,12 @@
 //! Memory is bounded by configuration whatever the traffic: streams, features per
 //! stream and categories per feature have limits (counted when hit), quantiles come
 //! from fixed-size DDSketches and distinct counts from HyperLogLog.
+//!
+//! Every metric mltap emits (the label metrics included) is declared once in
+//! `catalog`, which producers name and sinks render from.
 
 pub mod bucket;
+pub mod catalog;
 pub mod drift;
 pub mod engine;
 pub mod estimate;

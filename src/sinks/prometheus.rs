@@ -2,13 +2,15 @@
 //! model, exposed as gauges `model_<what>` (`mltap_model_<what>` in the app's
 //! registry, whose prefix is `mltap`) on `/metrics` by a prometheus-client `Collector`.
 //!
-//! Label cardinality is bounded: only the labels `model`, `version`, `signature`,
-//! `class`, `feature`, `stat`, `method` and `reason` are kept (they map Anodot's
-//! properties of the same meaning), points with an unbounded dimension (`category`)
-//! are left to the Anodot files, the global pseudo-model's points are left to the
-//! capture counters, and a model's series are replaced (not accumulated) at each
-//! bucket, with a hard cap on the total. This sink never decides what a metric means.
+//! The metric catalogue (`monitor::catalog`) decides what is shown: a metric's family,
+//! or that it is not exposed (metrics with an unbounded dimension such as `category`
+//! are left to the Anodot files), and each dimension's label (`class_name` → `class`,
+//! `feat_name` → `feature`, ...). Label cardinality is bounded: the global
+//! pseudo-model's points are left to the capture counters, and a model's series are
+//! replaced (not accumulated) at each bucket, with a hard cap on the total. This sink
+//! never decides what a metric means.
 
+use crate::monitor::catalog::{self, MetricDef};
 use crate::monitor::{ClosedBucket, GLOBAL_MODEL};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -21,21 +23,6 @@ use std::sync::{Arc, Mutex};
 /// counted in `mltap_model_series_dropped`).
 pub const MAX_SERIES: usize = 20_000;
 
-/// Anodot property → Prometheus label, for the properties that are exposed.
-const LABELS: [(&str, &str); 8] = [
-    ("model", "model"),
-    ("version", "version"),
-    ("signature", "signature"),
-    ("class_name", "class"),
-    ("feat_name", "feature"),
-    ("stat", "stat"),
-    ("method", "method"),
-    ("reason", "reason"),
-];
-
-/// Properties with unbounded values: points carrying them are not exposed.
-const UNBOUNDED: [&str; 2] = ["category", "actual_class"];
-
 type Labels = Vec<(&'static str, String)>;
 
 /// One model's last closed bucket, ready to encode.
@@ -43,8 +30,8 @@ type Labels = Vec<(&'static str, String)>;
 struct ModelSeries {
     /// Bucket start, epoch seconds.
     start: i64,
-    /// Per metric name, its labelled values.
-    metrics: BTreeMap<String, Vec<(Labels, f64)>>,
+    /// Per Prometheus family, its metric and labelled values.
+    metrics: BTreeMap<&'static str, (&'static MetricDef, Vec<(Labels, f64)>)>,
     /// Series in `metrics`.
     len: usize,
 }
@@ -89,27 +76,28 @@ impl ModelGauges {
         }
         let mut dropped = 0;
         for point in &bucket.points {
-            if point.properties().iter().any(|(k, _)| UNBOUNDED.contains(&k.as_str())) {
+            let Some((metric, family)) = point.metric().and_then(|m| Some((m, m.prometheus?))) else {
                 continue;
-            }
+            };
             if others + current.len >= MAX_SERIES {
                 dropped += 1;
                 continue;
             }
-            let labels: Labels = LABELS
-                .iter()
-                .filter_map(|(property, label)| point.property(property).map(|v| (*label, v.to_string())))
+            let labels: Labels = metric
+                .all_dims()
+                .filter_map(|dim| Some((dim.prometheus_label()?, point.dim(dim)?.to_string())))
                 .collect();
-            current.metrics.entry(point.what().to_string()).or_default().push((labels, point.value));
+            current.metrics.entry(family).or_insert_with(|| (metric, Vec::new())).1.push((labels, point.value));
             current.len += 1;
         }
         state.dropped += dropped;
     }
 
-    /// The exposed value of one series, for tests and the dashboard.
+    /// The exposed value of one series of metric `what`, for tests and the dashboard.
     pub fn value(&self, what: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let family = catalog::find(what).and_then(|m: &MetricDef| m.prometheus)?;
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.models.values().filter_map(|m| m.metrics.get(what)).flatten().find_map(|(l, v)| {
+        state.models.values().filter_map(|m| m.metrics.get(family)).flat_map(|(_, series)| series).find_map(|(l, v)| {
             let matches = labels.iter().all(|(k, want)| l.iter().any(|(lk, lv)| lk == k && lv == want));
             matches.then_some(*v)
         })
@@ -119,17 +107,17 @@ impl ModelGauges {
 impl Collector for ModelGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by_name: BTreeMap<&str, Vec<(&Labels, f64)>> = BTreeMap::new();
+        let mut by_family: BTreeMap<&str, (&MetricDef, Vec<(&Labels, f64)>)> = BTreeMap::new();
         for series in state.models.values() {
-            for (what, values) in &series.metrics {
-                by_name.entry(what.as_str()).or_default().extend(values.iter().map(|(l, v)| (l, *v)));
+            for (family, (metric, values)) in &series.metrics {
+                let entry = by_family.entry(family).or_insert_with(|| (metric, Vec::new()));
+                entry.1.extend(values.iter().map(|(l, v)| (l, *v)));
             }
         }
-        for (what, values) in by_name {
-            let name = format!("model_{what}");
-            let help = format!("{what} of the last closed bucket (see docs/metrics.md)");
+        for (family, (metric, values)) in by_family {
+            let help = format!("{}: {}, of the last closed bucket (see docs/metrics.md)", metric.name, metric.help);
             let mut metric =
-                encoder.encode_descriptor(&name, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
+                encoder.encode_descriptor(family, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
             for (labels, value) in values {
                 let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
