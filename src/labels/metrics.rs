@@ -72,7 +72,12 @@ pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mod
         for ((a, p), count) in &agg.confusion {
             if *count > 0 {
                 let (actual, predicted) = (name(*a), name(*p));
-                push(catalog::CONFUSION_COUNT.sample(*count as f64).with(ActualClass, &actual).with(ClassName, &predicted));
+                push(
+                    catalog::CONFUSION_COUNT
+                        .sample(*count as f64)
+                        .with(ActualClass, &actual)
+                        .with(ClassName, &predicted),
+                );
             }
         }
         for i in 0..classes {

@@ -4,11 +4,11 @@
 //! A bucket only aggregates; deciding when it opens and closes, which reference it
 //! compares to and where late observations go is the engine's job.
 
+use crate::monitor::catalog::{self, Sample, ScopeValues};
 use crate::monitor::drift;
 use crate::monitor::estimate::ExpectedConfusion;
 use crate::monitor::reference::{Reference, ReferenceBuilder, OTHER_CATEGORY};
 use crate::monitor::stats::{CategoryCounts, FastMap, IntegerCounts, Summary};
-use crate::monitor::catalog::{self, Sample, ScopeValues};
 use crate::monitor::MonitorConfig;
 use crate::sinks::Point;
 use crate::tfserving::{FeatureValues, Observation, Probabilities, StreamKey};

@@ -9,9 +9,9 @@
 use crate::capture::{Exchange, Protocol};
 use crate::config::Config;
 use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
+use crate::monitor::catalog::{self, Sample, ScopeValues};
 use crate::monitor::reference::{reference_path, Reference, ReferenceBuilder, ReferenceSet};
 use crate::monitor::stats::Summary;
-use crate::monitor::catalog::{self, Sample, ScopeValues};
 use crate::monitor::MonitorConfig;
 use crate::sinks::Point;
 use crate::tfserving::{Decoded, InferenceMethod, Observation, StreamKey};

@@ -92,7 +92,9 @@ impl Point {
         properties.push(("what".to_string(), metric.name.to_string()));
         properties.push(("target_type".to_string(), TargetType::of(metric.kind).as_str().to_string()));
         let mut dim_slots = [0u8; Dimension::COUNT];
-        for (dim, value) in scope.dims().filter(|(d, _)| metric.scope.dims().contains(d)).chain(sample.dims().iter().copied()) {
+        for (dim, value) in
+            scope.dims().filter(|(d, _)| metric.scope.dims().contains(d)).chain(sample.dims().iter().copied())
+        {
             properties.push((dim.key().to_string(), sanitize_value(value)));
             dim_slots[dim.index()] = properties.len() as u8;
         }
@@ -283,6 +285,39 @@ mod tests {
         );
         let back: Point = serde_json::from_str(&json).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn a_sample_renders_as_the_same_point_as_its_spelled_out_properties() {
+        use crate::monitor::catalog::{Dimension, FEATURE_VALUE, REQUEST_COUNT};
+        let scope = ScopeValues { model: Some("iris"), version: Some("2"), signature: Some("serving default") };
+        let sample = FEATURE_VALUE.sample(1.5).with(Dimension::FeatName, "petal.length").with(Dimension::Stat, "q50");
+        let typed = Point::from_sample(&sample, &scope, 60).unwrap();
+        let spelled = Point::builder("feature_value", TargetType::Gauge, 60, 1.5)
+            .with("model", "iris")
+            .with("version", "2")
+            .with("signature", "serving default")
+            .with("feat_name", "petal.length")
+            .with("stat", "q50")
+            .finish()
+            .unwrap();
+        assert_eq!(serde_json::to_string(&typed).unwrap(), serde_json::to_string(&spelled).unwrap());
+        assert_eq!(typed, spelled);
+        assert_eq!(typed.metric(), Some(&FEATURE_VALUE));
+        assert_eq!(typed.dim(Dimension::FeatName), Some("petal_length"));
+        assert_eq!(typed.dim(Dimension::Signature), Some("serving_default"));
+        assert_eq!(typed.dim(Dimension::Method), None);
+        let back: Point = serde_json::from_str(&serde_json::to_string(&typed).unwrap()).unwrap();
+        assert_eq!(back.dim(Dimension::Stat), Some("q50"));
+        assert_eq!(back.metric(), Some(&FEATURE_VALUE));
+
+        // A model-level metric drops the stream's version and signature.
+        let sample = REQUEST_COUNT.sample(3.0).with(Dimension::Method, "predict").with(Dimension::Status, "200");
+        let p = Point::from_sample(&sample, &scope, 60).unwrap();
+        let keys: Vec<&str> = p.properties().iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["what", "target_type", "model", "method", "status", "ver"]);
+        assert_eq!(p.property("target_type"), Some("counter"));
+        assert!(Point::from_sample(&REQUEST_COUNT.sample(f64::NAN), &scope, 60).is_none());
     }
 
     #[test]

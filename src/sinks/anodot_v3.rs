@@ -100,6 +100,25 @@ mod tests {
         assert_eq!(stream_of("confusion_count"), Stream::Labels);
         assert_eq!(stream_of("feature_value"), Stream::Traffic);
         assert_eq!(stream_of("something_new"), Stream::Traffic);
+        assert_eq!(stream_of("label_count"), Stream::Labels);
+        assert_eq!(stream_of("label_late_count"), Stream::Labels);
+        assert_eq!(stream_of("label_unmatched_count"), Stream::Labels);
+    }
+
+    #[test]
+    fn schemas_hold_every_declared_metric_and_dimension_of_their_stream() {
+        for stream in Stream::ALL {
+            let s = schema("x", stream, &[]);
+            let dimensions = s["dimensions"].as_array().unwrap();
+            for metric in catalog::ALL {
+                assert_eq!(s["measurements"].get(metric.name).is_some(), metric.stream == stream, "{}", metric.name);
+                if metric.stream == stream {
+                    for dim in metric.all_dims() {
+                        assert!(dimensions.contains(&json!(dim.key())), "{} of {}", dim.key(), metric.name);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

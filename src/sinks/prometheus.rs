@@ -25,13 +25,22 @@ pub const MAX_SERIES: usize = 20_000;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// The values of one metric's family.
+#[derive(Debug)]
+struct Family {
+    /// The metric, for the family's help text.
+    metric: &'static MetricDef,
+    /// Each series' labels and value.
+    series: Vec<(Labels, f64)>,
+}
+
 /// One model's last closed bucket, ready to encode.
 #[derive(Debug, Default)]
 struct ModelSeries {
     /// Bucket start, epoch seconds.
     start: i64,
-    /// Per Prometheus family, its metric and labelled values.
-    metrics: BTreeMap<&'static str, (&'static MetricDef, Vec<(Labels, f64)>)>,
+    /// Per Prometheus family name, its values.
+    metrics: BTreeMap<&'static str, Family>,
     /// Series in `metrics`.
     len: usize,
 }
@@ -87,7 +96,12 @@ impl ModelGauges {
                 .all_dims()
                 .filter_map(|dim| Some((dim.prometheus_label()?, point.dim(dim)?.to_string())))
                 .collect();
-            current.metrics.entry(family).or_insert_with(|| (metric, Vec::new())).1.push((labels, point.value));
+            current
+                .metrics
+                .entry(family)
+                .or_insert_with(|| Family { metric, series: Vec::new() })
+                .series
+                .push((labels, point.value));
             current.len += 1;
         }
         state.dropped += dropped;
@@ -97,7 +111,7 @@ impl ModelGauges {
     pub fn value(&self, what: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let family = catalog::find(what).and_then(|m: &MetricDef| m.prometheus)?;
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.models.values().filter_map(|m| m.metrics.get(family)).flat_map(|(_, series)| series).find_map(|(l, v)| {
+        state.models.values().filter_map(|m| m.metrics.get(family)).flat_map(|f| &f.series).find_map(|(l, v)| {
             let matches = labels.iter().all(|(k, want)| l.iter().any(|(lk, lv)| lk == k && lv == want));
             matches.then_some(*v)
         })
@@ -107,14 +121,15 @@ impl ModelGauges {
 impl Collector for ModelGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by_family: BTreeMap<&str, (&MetricDef, Vec<(&Labels, f64)>)> = BTreeMap::new();
+        let mut by_family: BTreeMap<&str, Vec<&Family>> = BTreeMap::new();
         for series in state.models.values() {
-            for (family, (metric, values)) in &series.metrics {
-                let entry = by_family.entry(family).or_insert_with(|| (metric, Vec::new()));
-                entry.1.extend(values.iter().map(|(l, v)| (l, *v)));
+            for (name, family) in &series.metrics {
+                by_family.entry(name).or_default().push(family);
             }
         }
-        for (family, (metric, values)) in by_family {
+        for (family, of_models) in by_family {
+            let Some(metric) = of_models.first().map(|f| f.metric) else { continue };
+            let values = of_models.iter().flat_map(|f| &f.series).map(|(l, v)| (l, *v));
             let help = format!("{}: {}, of the last closed bucket (see docs/metrics.md)", metric.name, metric.help);
             let mut metric =
                 encoder.encode_descriptor(family, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
