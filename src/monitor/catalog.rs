@@ -306,13 +306,19 @@ impl<'a> ScopeValues<'a> {
     }
 }
 
+/// Declares one metric as a `pub static MetricDef`; `optional` defaults to none.
 macro_rules! metric {
-    ($ident:ident, $name:literal, $kind:ident, $unit:ident, $scope:ident, [$($dim:ident),*], $stream:ident,
-     $prom:expr, $exact:ident, $help:literal) => {
-        metric!($ident, $name, $kind, $unit, $scope, [$($dim),*], optional [], $stream, $prom, $exact, $help);
+    ($ident:ident = $name:literal, kind: $kind:ident, unit: $unit:ident, scope: $scope:ident,
+     dims: [$($dim:ident),*], stream: $stream:ident,
+     prometheus: $prom:expr, exactness: $exact:ident, help: $help:literal) => {
+        metric! {
+            $ident = $name, kind: $kind, unit: $unit, scope: $scope, dims: [$($dim),*], optional: [],
+            stream: $stream, prometheus: $prom, exactness: $exact, help: $help
+        }
     };
-    ($ident:ident, $name:literal, $kind:ident, $unit:ident, $scope:ident, [$($dim:ident),*],
-     optional [$($opt:ident),*], $stream:ident, $prom:expr, $exact:ident, $help:literal) => {
+    ($ident:ident = $name:literal, kind: $kind:ident, unit: $unit:ident, scope: $scope:ident,
+     dims: [$($dim:ident),*], optional: [$($opt:ident),*], stream: $stream:ident,
+     prometheus: $prom:expr, exactness: $exact:ident, help: $help:literal) => {
         #[doc = $help]
         pub static $ident: MetricDef = MetricDef {
             name: $name,
@@ -330,504 +336,216 @@ macro_rules! metric {
 }
 
 // Per stream, from the traffic (`monitor::bucket`).
-metric!(
-    BUFFER_COUNT,
-    "buffer_count",
-    Counter,
-    Rows,
-    Stream,
-    [],
-    Traffic,
-    Some("model_buffer_count"),
-    Exact,
-    "rows observed in the bucket"
-);
-metric!(
-    LATE_DROPPED,
-    "late_dropped",
-    Counter,
-    Rows,
-    Stream,
-    [],
-    Traffic,
-    Some("model_late_dropped"),
-    Exact,
-    "rows that arrived after their bucket closed (since the previous close)"
-);
-metric!(
-    FEATURE_LIMIT_DROPPED,
-    "feature_limit_dropped",
-    Counter,
-    Values,
-    Stream,
-    [],
-    Traffic,
-    Some("model_feature_limit_dropped"),
-    Exact,
-    "values of feature columns ignored because the stream already tracks max_features features"
-);
-metric!(
-    CLASS_COUNT_MISMATCH,
-    "class_count_mismatch",
-    Counter,
-    Observations,
-    Stream,
-    [],
-    Traffic,
-    Some("model_class_count_mismatch"),
-    Exact,
-    "observations whose probabilities were ignored: their class count differs from the stream's"
-);
-metric!(
-    SAMPLED_FRACTION,
-    "sampled_fraction",
-    Gauge,
-    Ratio,
-    Stream,
-    [],
-    Traffic,
-    Some("model_sampled_fraction"),
-    Exact,
-    "fraction of the bucket's exchanges whose statistics were computed, 1.0 when nothing was shed"
-);
-metric!(
-    PREDICTION_COUNT,
-    "prediction_count",
-    Counter,
-    Rows,
-    Stream,
-    [ClassName],
-    Traffic,
-    Some("model_prediction_count"),
-    Exact,
-    "rows whose predicted class is this class"
-);
-metric!(
-    PREDICTION_FREQ,
-    "prediction_freq",
-    Gauge,
-    Ratio,
-    Stream,
-    [ClassName],
-    Traffic,
-    Some("model_prediction_freq"),
-    Exact,
-    "prediction_count over the rows with probabilities"
-);
-metric!(
-    MAX_PREDICTION_PROBA,
-    "max_prediction_proba",
-    Statistic,
-    Probability,
-    Stream,
-    [Stat],
-    Traffic,
-    Some("model_max_prediction_proba"),
-    Sketched,
-    "statistics of each row's top probability"
-);
-metric!(
-    SPREAD12_PREDICTION_PROBA,
-    "spread12_prediction_proba",
-    Statistic,
-    Probability,
-    Stream,
-    [Stat],
-    Traffic,
-    Some("model_spread12_prediction_proba"),
-    Sketched,
-    "statistics of each row's top-1 minus top-2 probability"
-);
-metric!(
-    PREDICTION_ENTROPY,
-    "prediction_entropy",
-    Statistic,
-    Nats,
-    Stream,
-    [Stat],
-    Traffic,
-    Some("model_prediction_entropy"),
-    Sketched,
-    "statistics of each row's entropy of its probabilities"
-);
-metric!(
-    CLASS_PROBA_MEAN,
-    "class_proba_mean",
-    Gauge,
-    Probability,
-    Stream,
-    [ClassName],
-    Traffic,
-    Some("model_class_proba_mean"),
-    Exact,
-    "mean probability of the class over the rows"
-);
-metric!(
-    ESTIMATED_ACCURACY,
-    "estimated_accuracy",
-    Gauge,
-    Ratio,
-    Stream,
-    [],
-    Traffic,
-    Some("model_estimated_accuracy"),
-    Estimated,
-    "accuracy expected from the probabilities alone (CBPE)"
-);
-metric!(
-    ESTIMATED_PRECISION,
-    "estimated_precision",
-    Gauge,
-    Ratio,
-    Stream,
-    [ClassName],
-    Traffic,
-    Some("model_estimated_precision"),
-    Estimated,
-    "one-vs-rest precision expected from the probabilities (CBPE)"
-);
-metric!(
-    ESTIMATED_RECALL,
-    "estimated_recall",
-    Gauge,
-    Ratio,
-    Stream,
-    [ClassName],
-    Traffic,
-    Some("model_estimated_recall"),
-    Estimated,
-    "one-vs-rest recall expected from the probabilities (CBPE)"
-);
-metric!(
-    ESTIMATED_F1,
-    "estimated_f1",
-    Gauge,
-    Ratio,
-    Stream,
-    [ClassName],
-    Traffic,
-    Some("model_estimated_f1"),
-    Estimated,
-    "one-vs-rest F1 expected from the probabilities (CBPE)"
-);
-metric!(
-    PREDICTION_DRIFT,
-    "prediction_drift",
-    Gauge,
-    Divergence,
-    Stream,
-    [Method],
-    Traffic,
-    Some("model_prediction_drift"),
-    Exact,
-    "predicted-class distribution against the reference's"
-);
-metric!(
-    FEATURE_MISSING_COUNT,
-    "feature_missing_count",
-    Counter,
-    Values,
-    Stream,
-    [FeatName],
-    Traffic,
-    Some("model_feature_missing_count"),
-    Exact,
-    "NaN, infinite and null values, and rows of observations without the feature"
-);
-metric!(
-    FEATURE_VALUE,
-    "feature_value",
-    Statistic,
-    FeatureUnit,
-    Stream,
-    [FeatName, Stat],
-    Traffic,
-    Some("model_feature_value"),
-    Sketched,
-    "statistics of a numeric feature's finite values"
-);
-metric!(
-    FEATURE_DISTINCT_ESTIMATE,
-    "feature_distinct_estimate",
-    Gauge,
-    Distinct,
-    Stream,
-    [FeatName],
-    Traffic,
-    Some("model_feature_distinct_estimate"),
-    Estimated,
-    "distinct values of a categorical or integer feature (exact up to max_categories)"
-);
-metric!(
-    FEATURE_CATEGORY_FREQ,
-    "feature_category_freq",
-    Gauge,
-    Ratio,
-    Stream,
-    [FeatName, Category],
-    Traffic,
-    None,
-    Exact,
-    "frequency of a top-k category of a feature, the rest as __other__"
-);
-metric!(
-    FEATURE_DRIFT,
-    "feature_drift",
-    Gauge,
-    Divergence,
-    Stream,
-    [FeatName, Method],
-    Traffic,
-    Some("model_feature_drift"),
-    Exact,
-    "a feature's distribution against the reference's"
-);
-metric!(
-    CATEGORY_LIMIT_DROPPED,
-    "category_limit_dropped",
-    Counter,
-    Values,
-    Stream,
-    [FeatName],
-    Traffic,
-    Some("model_category_limit_dropped"),
-    Exact,
-    "values of categories not tracked because the feature holds max_categories categories"
-);
+metric! {
+    BUFFER_COUNT = "buffer_count", kind: Counter, unit: Rows, scope: Stream, dims: [],
+    stream: Traffic, prometheus: Some("model_buffer_count"), exactness: Exact,
+    help: "rows observed in the bucket"
+}
+metric! {
+    LATE_DROPPED = "late_dropped", kind: Counter, unit: Rows, scope: Stream, dims: [],
+    stream: Traffic, prometheus: Some("model_late_dropped"), exactness: Exact,
+    help: "rows that arrived after their bucket closed (since the previous close)"
+}
+metric! {
+    FEATURE_LIMIT_DROPPED = "feature_limit_dropped", kind: Counter, unit: Values, scope: Stream, dims: [],
+    stream: Traffic, prometheus: Some("model_feature_limit_dropped"), exactness: Exact,
+    help: "values of feature columns ignored because the stream already tracks max_features features"
+}
+metric! {
+    CLASS_COUNT_MISMATCH = "class_count_mismatch", kind: Counter, unit: Observations, scope: Stream, dims: [],
+    stream: Traffic, prometheus: Some("model_class_count_mismatch"), exactness: Exact,
+    help: "observations whose probabilities were ignored: their class count differs from the stream's"
+}
+metric! {
+    SAMPLED_FRACTION = "sampled_fraction", kind: Gauge, unit: Ratio, scope: Stream, dims: [],
+    stream: Traffic, prometheus: Some("model_sampled_fraction"), exactness: Exact,
+    help: "fraction of the bucket's exchanges whose statistics were computed, 1.0 when nothing was shed"
+}
+metric! {
+    PREDICTION_COUNT = "prediction_count", kind: Counter, unit: Rows, scope: Stream, dims: [ClassName],
+    stream: Traffic, prometheus: Some("model_prediction_count"), exactness: Exact,
+    help: "rows whose predicted class is this class"
+}
+metric! {
+    PREDICTION_FREQ = "prediction_freq", kind: Gauge, unit: Ratio, scope: Stream, dims: [ClassName],
+    stream: Traffic, prometheus: Some("model_prediction_freq"), exactness: Exact,
+    help: "prediction_count over the rows with probabilities"
+}
+metric! {
+    MAX_PREDICTION_PROBA = "max_prediction_proba", kind: Statistic, unit: Probability, scope: Stream, dims: [Stat],
+    stream: Traffic, prometheus: Some("model_max_prediction_proba"), exactness: Sketched,
+    help: "statistics of each row's top probability"
+}
+metric! {
+    SPREAD12_PREDICTION_PROBA = "spread12_prediction_proba", kind: Statistic, unit: Probability, scope: Stream,
+    dims: [Stat], stream: Traffic, prometheus: Some("model_spread12_prediction_proba"), exactness: Sketched,
+    help: "statistics of each row's top-1 minus top-2 probability"
+}
+metric! {
+    PREDICTION_ENTROPY = "prediction_entropy", kind: Statistic, unit: Nats, scope: Stream, dims: [Stat],
+    stream: Traffic, prometheus: Some("model_prediction_entropy"), exactness: Sketched,
+    help: "statistics of each row's entropy of its probabilities"
+}
+metric! {
+    CLASS_PROBA_MEAN = "class_proba_mean", kind: Gauge, unit: Probability, scope: Stream, dims: [ClassName],
+    stream: Traffic, prometheus: Some("model_class_proba_mean"), exactness: Exact,
+    help: "mean probability of the class over the rows"
+}
+metric! {
+    ESTIMATED_ACCURACY = "estimated_accuracy", kind: Gauge, unit: Ratio, scope: Stream, dims: [],
+    stream: Traffic, prometheus: Some("model_estimated_accuracy"), exactness: Estimated,
+    help: "accuracy expected from the probabilities alone (CBPE)"
+}
+metric! {
+    ESTIMATED_PRECISION = "estimated_precision", kind: Gauge, unit: Ratio, scope: Stream, dims: [ClassName],
+    stream: Traffic, prometheus: Some("model_estimated_precision"), exactness: Estimated,
+    help: "one-vs-rest precision expected from the probabilities (CBPE)"
+}
+metric! {
+    ESTIMATED_RECALL = "estimated_recall", kind: Gauge, unit: Ratio, scope: Stream, dims: [ClassName],
+    stream: Traffic, prometheus: Some("model_estimated_recall"), exactness: Estimated,
+    help: "one-vs-rest recall expected from the probabilities (CBPE)"
+}
+metric! {
+    ESTIMATED_F1 = "estimated_f1", kind: Gauge, unit: Ratio, scope: Stream, dims: [ClassName],
+    stream: Traffic, prometheus: Some("model_estimated_f1"), exactness: Estimated,
+    help: "one-vs-rest F1 expected from the probabilities (CBPE)"
+}
+metric! {
+    PREDICTION_DRIFT = "prediction_drift", kind: Gauge, unit: Divergence, scope: Stream, dims: [Method],
+    stream: Traffic, prometheus: Some("model_prediction_drift"), exactness: Exact,
+    help: "predicted-class distribution against the reference's"
+}
+metric! {
+    FEATURE_MISSING_COUNT = "feature_missing_count", kind: Counter, unit: Values, scope: Stream, dims: [FeatName],
+    stream: Traffic, prometheus: Some("model_feature_missing_count"), exactness: Exact,
+    help: "NaN, infinite and null values, and rows of observations without the feature"
+}
+metric! {
+    FEATURE_VALUE = "feature_value", kind: Statistic, unit: FeatureUnit, scope: Stream, dims: [FeatName, Stat],
+    stream: Traffic, prometheus: Some("model_feature_value"), exactness: Sketched,
+    help: "statistics of a numeric feature's finite values"
+}
+metric! {
+    FEATURE_DISTINCT_ESTIMATE = "feature_distinct_estimate", kind: Gauge, unit: Distinct, scope: Stream,
+    dims: [FeatName], stream: Traffic, prometheus: Some("model_feature_distinct_estimate"), exactness: Estimated,
+    help: "distinct values of a categorical or integer feature (exact up to max_categories)"
+}
+metric! {
+    FEATURE_CATEGORY_FREQ = "feature_category_freq", kind: Gauge, unit: Ratio, scope: Stream,
+    dims: [FeatName, Category], stream: Traffic, prometheus: None, exactness: Exact,
+    help: "frequency of a top-k category of a feature, the rest as __other__"
+}
+metric! {
+    FEATURE_DRIFT = "feature_drift", kind: Gauge, unit: Divergence, scope: Stream, dims: [FeatName, Method],
+    stream: Traffic, prometheus: Some("model_feature_drift"), exactness: Exact,
+    help: "a feature's distribution against the reference's"
+}
+metric! {
+    CATEGORY_LIMIT_DROPPED = "category_limit_dropped", kind: Counter, unit: Values, scope: Stream, dims: [FeatName],
+    stream: Traffic, prometheus: Some("model_category_limit_dropped"), exactness: Exact,
+    help: "values of categories not tracked because the feature holds max_categories categories"
+}
 
 // Per model, from the exchanges (`monitor::engine`).
-metric!(
-    REQUEST_COUNT,
-    "request_count",
-    Counter,
-    Exchanges,
-    Model,
-    [Method, Status],
-    Traffic,
-    Some("model_request_count"),
-    Exact,
-    "exchanges by inference method and status"
-);
-metric!(
-    UPSTREAM_LATENCY_MS,
-    "upstream_latency_ms",
-    Statistic,
-    Milliseconds,
-    Model,
-    [Stat],
-    Traffic,
-    Some("model_upstream_latency_ms"),
-    Sketched,
-    "from sending the request upstream to the end of the response"
-);
-metric!(
-    DECODE_ERRORS,
-    "decode_errors",
-    Counter,
-    Payloads,
-    Model,
-    [Reason],
-    Traffic,
-    Some("model_decode_errors"),
-    Exact,
-    "payloads (or parts) that could not be decoded, by reason"
-);
-metric!(
-    STREAM_LIMIT_DROPPED,
-    "stream_limit_dropped",
-    Counter,
-    Rows,
-    Model,
-    [],
-    Traffic,
-    Some("model_stream_limit_dropped"),
-    Exact,
-    "rows of observations of streams beyond max_streams"
-);
+metric! {
+    REQUEST_COUNT = "request_count", kind: Counter, unit: Exchanges, scope: Model, dims: [Method, Status],
+    stream: Traffic, prometheus: Some("model_request_count"), exactness: Exact,
+    help: "exchanges by inference method and status"
+}
+metric! {
+    UPSTREAM_LATENCY_MS = "upstream_latency_ms", kind: Statistic, unit: Milliseconds, scope: Model, dims: [Stat],
+    stream: Traffic, prometheus: Some("model_upstream_latency_ms"), exactness: Sketched,
+    help: "from sending the request upstream to the end of the response"
+}
+metric! {
+    DECODE_ERRORS = "decode_errors", kind: Counter, unit: Payloads, scope: Model, dims: [Reason],
+    stream: Traffic, prometheus: Some("model_decode_errors"), exactness: Exact,
+    help: "payloads (or parts) that could not be decoded, by reason"
+}
+metric! {
+    STREAM_LIMIT_DROPPED = "stream_limit_dropped", kind: Counter, unit: Rows, scope: Model, dims: [],
+    stream: Traffic, prometheus: Some("model_stream_limit_dropped"), exactness: Exact,
+    help: "rows of observations of streams beyond max_streams"
+}
 // Only the global pseudo-model has it; Prometheus has the capture queue's own counter.
-metric!(
-    CAPTURE_DROPPED,
-    "capture_dropped",
-    Counter,
-    Exchanges,
-    Model,
-    [],
-    Traffic,
-    None,
-    Exact,
-    "exchanges the capture queue dropped during the bucket"
-);
+metric! {
+    CAPTURE_DROPPED = "capture_dropped", kind: Counter, unit: Exchanges, scope: Model, dims: [],
+    stream: Traffic, prometheus: None, exactness: Exact,
+    help: "exchanges the capture queue dropped during the bucket"
+}
 
 // Per stream, from joined labels (`labels::metrics`).
-metric!(
-    ACCURACY,
-    "accuracy",
-    Gauge,
-    Ratio,
-    Stream,
-    [ClassName],
-    optional[ClassName],
-    Labels,
-    Some("model_accuracy"),
-    Exact,
-    "share of labeled rows predicted right; one-vs-rest with class_name"
-);
-metric!(
-    PRECISION,
-    "precision",
-    Gauge,
-    Ratio,
-    Stream,
-    [ClassName],
-    Labels,
-    Some("model_precision"),
-    Exact,
-    "one-vs-rest precision from joined labels"
-);
-metric!(
-    RECALL,
-    "recall",
-    Gauge,
-    Ratio,
-    Stream,
-    [ClassName],
-    Labels,
-    Some("model_recall"),
-    Exact,
-    "one-vs-rest recall from joined labels"
-);
-metric!(
-    F1,
-    "f1",
-    Gauge,
-    Ratio,
-    Stream,
-    [ClassName],
-    Labels,
-    Some("model_f1"),
-    Exact,
-    "one-vs-rest F1 from joined labels"
-);
-metric!(
-    MACRO_F1,
-    "macro_f1",
-    Gauge,
-    Ratio,
-    Stream,
-    [],
-    Labels,
-    Some("model_macro_f1"),
-    Exact,
-    "mean of the classes' F1"
-);
-metric!(
-    WEIGHTED_F1,
-    "weighted_f1",
-    Gauge,
-    Ratio,
-    Stream,
-    [],
-    Labels,
-    Some("model_weighted_f1"),
-    Exact,
-    "the classes' F1 weighted by their labeled rows"
-);
-metric!(
-    LOG_LOSS,
-    "log_loss",
-    Gauge,
-    Nats,
-    Stream,
-    [],
-    Labels,
-    Some("model_log_loss"),
-    Exact,
-    "mean negative log probability of the labelled class"
-);
-metric!(
-    BRIER_SCORE,
-    "brier_score",
-    Gauge,
-    SquaredError,
-    Stream,
-    [],
-    Labels,
-    Some("model_brier_score"),
-    Exact,
-    "mean squared error of the probabilities against the one-hot label"
-);
-metric!(
-    ROC_AUC,
-    "roc_auc",
-    Gauge,
-    Ratio,
-    Stream,
-    [],
-    Labels,
-    Some("model_roc_auc"),
-    Estimated,
-    "binary ROC AUC: exact while every labeled row's score is kept, else from score histograms"
-);
-metric!(
-    CONFUSION_COUNT,
-    "confusion_count",
-    Counter,
-    Rows,
-    Stream,
-    [ActualClass, ClassName],
-    Labels,
-    None,
-    Exact,
-    "labeled rows of this actual class predicted as class_name"
-);
-metric!(
-    LABEL_COUNT,
-    "label_count",
-    Counter,
-    Rows,
-    Stream,
-    [ClassName],
-    Labels,
-    Some("model_label_count"),
-    Exact,
-    "labels whose actual class is this class"
-);
-metric!(
-    LABELED_FRACTION,
-    "labeled_fraction",
-    Gauge,
-    Ratio,
-    Stream,
-    [],
-    Labels,
-    Some("model_labeled_fraction"),
-    Exact,
-    "labeled rows over predicted rows of the bucket"
-);
-metric!(
-    LABEL_LATE_COUNT,
-    "label_late_count",
-    Counter,
-    Labels,
-    Stream,
-    [],
-    Labels,
-    Some("model_label_late_count"),
-    Exact,
-    "labels arriving in this bucket whose prediction bucket was already emitted"
-);
-metric!(
-    LABEL_UNMATCHED_COUNT,
-    "label_unmatched_count",
-    Counter,
-    Labels,
-    Stream,
-    [],
-    Labels,
-    Some("model_label_unmatched_count"),
-    Exact,
-    "labels arriving in this bucket whose id matched no recorded prediction"
-);
+metric! {
+    ACCURACY = "accuracy", kind: Gauge, unit: Ratio, scope: Stream, dims: [ClassName], optional: [ClassName],
+    stream: Labels, prometheus: Some("model_accuracy"), exactness: Exact,
+    help: "share of labeled rows predicted right; one-vs-rest with class_name"
+}
+metric! {
+    PRECISION = "precision", kind: Gauge, unit: Ratio, scope: Stream, dims: [ClassName],
+    stream: Labels, prometheus: Some("model_precision"), exactness: Exact,
+    help: "one-vs-rest precision from joined labels"
+}
+metric! {
+    RECALL = "recall", kind: Gauge, unit: Ratio, scope: Stream, dims: [ClassName],
+    stream: Labels, prometheus: Some("model_recall"), exactness: Exact,
+    help: "one-vs-rest recall from joined labels"
+}
+metric! {
+    F1 = "f1", kind: Gauge, unit: Ratio, scope: Stream, dims: [ClassName],
+    stream: Labels, prometheus: Some("model_f1"), exactness: Exact,
+    help: "one-vs-rest F1 from joined labels"
+}
+metric! {
+    MACRO_F1 = "macro_f1", kind: Gauge, unit: Ratio, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_macro_f1"), exactness: Exact,
+    help: "mean of the classes' F1"
+}
+metric! {
+    WEIGHTED_F1 = "weighted_f1", kind: Gauge, unit: Ratio, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_weighted_f1"), exactness: Exact,
+    help: "the classes' F1 weighted by their labeled rows"
+}
+metric! {
+    LOG_LOSS = "log_loss", kind: Gauge, unit: Nats, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_log_loss"), exactness: Exact,
+    help: "mean negative log probability of the labelled class"
+}
+metric! {
+    BRIER_SCORE = "brier_score", kind: Gauge, unit: SquaredError, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_brier_score"), exactness: Exact,
+    help: "mean squared error of the probabilities against the one-hot label"
+}
+metric! {
+    ROC_AUC = "roc_auc", kind: Gauge, unit: Ratio, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_roc_auc"), exactness: Estimated,
+    help: "binary ROC AUC: exact while every labeled row's score is kept, else from score histograms"
+}
+metric! {
+    CONFUSION_COUNT = "confusion_count", kind: Counter, unit: Rows, scope: Stream, dims: [ActualClass, ClassName],
+    stream: Labels, prometheus: None, exactness: Exact,
+    help: "labeled rows of this actual class predicted as class_name"
+}
+metric! {
+    LABEL_COUNT = "label_count", kind: Counter, unit: Rows, scope: Stream, dims: [ClassName],
+    stream: Labels, prometheus: Some("model_label_count"), exactness: Exact,
+    help: "labels whose actual class is this class"
+}
+metric! {
+    LABELED_FRACTION = "labeled_fraction", kind: Gauge, unit: Ratio, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_labeled_fraction"), exactness: Exact,
+    help: "labeled rows over predicted rows of the bucket"
+}
+metric! {
+    LABEL_LATE_COUNT = "label_late_count", kind: Counter, unit: Labels, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_label_late_count"), exactness: Exact,
+    help: "labels arriving in this bucket whose prediction bucket was already emitted"
+}
+metric! {
+    LABEL_UNMATCHED_COUNT = "label_unmatched_count", kind: Counter, unit: Labels, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_label_unmatched_count"), exactness: Exact,
+    help: "labels arriving in this bucket whose id matched no recorded prediction"
+}
 
 /// Every metric mltap emits, in the order the docs list them.
 pub static ALL: &[&MetricDef] = &[
@@ -934,7 +652,7 @@ mod tests {
         // A static declared but left out of ALL would be invisible to every sink; the
         // macro's statics and ALL are compared through the source itself.
         let source = include_str!("catalog.rs");
-        let declared = source.matches("\nmetric!(").count();
+        let declared = source.matches("\nmetric! {").count();
         assert_eq!(declared, ALL.len());
     }
 
