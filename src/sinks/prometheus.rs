@@ -211,4 +211,29 @@ mod tests {
         assert!(text.contains(r#"mltap_model_bucket_start_seconds{model="iris"} 160"#), "{text}");
         assert_eq!(gauges.value("feature_value", &[("stat", "mean")]), Some(2.5));
     }
+
+    #[test]
+    fn families_and_labels_come_from_the_catalogue() {
+        use crate::monitor::catalog::{Dimension, ScopeValues, CONFUSION_COUNT, REQUEST_COUNT};
+        let scope = ScopeValues { model: Some("iris"), ..ScopeValues::default() };
+        let sample =
+            |status| REQUEST_COUNT.sample(1.0).with(Dimension::Method, "predict").with(Dimension::Status, status);
+        let points = vec![
+            Point::from_sample(&sample("200"), &scope, 60).unwrap(),
+            Point::from_sample(&sample("404"), &scope, 60).unwrap(),
+            Point::from_sample(
+                &CONFUSION_COUNT.sample(2.0).with(Dimension::ActualClass, "a").with(Dimension::ClassName, "b"),
+                &scope,
+                60,
+            )
+            .unwrap(),
+            Point::builder("not_declared", TargetType::Gauge, 60, 1.0).with("model", "iris").finish().unwrap(),
+        ];
+        let gauges = ModelGauges::new();
+        gauges.update(&ClosedBucket { model: "iris".into(), start: 60, points });
+        let text = scrape(&gauges);
+        assert!(text.contains(r#"mltap_model_request_count{model="iris",method="predict",status="404"} 1"#), "{text}");
+        assert!(text.contains("# HELP mltap_model_request_count request_count: exchanges"), "{text}");
+        assert!(!text.contains("confusion") && !text.contains("not_declared"), "{text}");
+    }
 }
