@@ -257,9 +257,9 @@ fn every_label_metric_is_declared_in_the_labels_stream() {
     assert_eq!(names, label_stream, "every label metric is emitted and belongs to the labels stream");
 }
 
-/// The rows of docs/metrics.md's table of every metric: name → [kind, exactness,
-/// stream, Prometheus family].
-fn documented_metrics() -> BTreeMap<String, [String; 4]> {
+/// The rows of docs/metrics.md's table of every metric: name → [dims, scope, kind,
+/// exactness, stream, Prometheus family].
+fn documented_metrics() -> BTreeMap<String, [String; 6]> {
     let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md")).unwrap();
     let table = doc.split("## Every metric").nth(1).expect("docs/metrics.md has an `Every metric` section");
     table
@@ -270,13 +270,13 @@ fn documented_metrics() -> BTreeMap<String, [String; 4]> {
         .map(|row| {
             let cells: Vec<&str> = row.split('|').map(str::trim).collect();
             let cell = |i: usize| cells[i].trim_matches('`').to_string();
-            (cell(1), [cell(4), cell(6), cell(7), cell(8)])
+            (cell(1), [cells[2].to_string(), cell(3), cell(4), cell(6), cell(7), cell(8)])
         })
         .collect()
 }
 
 #[test]
-fn the_docs_list_every_metric_with_its_kind_exactness_stream_and_prometheus_family() {
+fn the_docs_list_every_metric_as_the_catalogue_declares_it() {
     let documented = documented_metrics();
     for metric in catalog::ALL {
         let kind = match metric.kind {
@@ -290,7 +290,27 @@ fn the_docs_list_every_metric_with_its_kind_exactness_stream_and_prometheus_fami
             Stream::Labels => "labels",
         };
         let family = metric.prometheus.map_or("—".to_string(), |f| format!("mltap_{f}"));
-        let expected = [kind.to_string(), metric.exactness.as_str().to_string(), stream.to_string(), family];
+        let dims: Vec<String> = metric
+            .dims
+            .iter()
+            .map(|d| {
+                let optional = if metric.optional_dims.contains(d) { " (optional)" } else { "" };
+                format!("`{}`{optional}", d.key())
+            })
+            .collect();
+        let dims = if dims.is_empty() { "—".to_string() } else { dims.join(", ") };
+        let scope = match metric.scope {
+            catalog::Scope::Stream => "stream",
+            catalog::Scope::Model => "model",
+        };
+        let expected = [
+            dims,
+            scope.to_string(),
+            kind.to_string(),
+            metric.exactness.as_str().to_string(),
+            stream.to_string(),
+            family,
+        ];
         assert_eq!(row, &expected, "{}", metric.name);
     }
     assert_eq!(documented.len(), catalog::ALL.len(), "docs/metrics.md lists a metric the catalogue does not declare");
