@@ -6,7 +6,7 @@
 //! exchanges over a bounded queue, `tfserving` decodes them into observations,
 //! `monitor` aggregates them into buckets, `labels` joins ground truth, `sinks`
 //! writes and delivers Anodot points, `admin` serves health, metrics, labels and the
-//! dashboard. `units` is the leaf every section type uses (durations, sizes, the
+//! dashboard. `catalog` declares every metric once for producers and sinks. `units` is the leaf every section type uses (durations, sizes, the
 //! configuration error), `config` composes the sections into the one typed
 //! configuration, `app` wires the components and `cli` runs the commands. Modules
 //! import each other without cycles, in the order of docs/architecture.md.
@@ -16,6 +16,7 @@ pub mod admin;
 pub mod app;
 pub mod atomic_file;
 pub mod capture;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -8,11 +8,11 @@
 
 use crate::capture::{Exchange, Protocol};
 use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
+use crate::catalog::{self, Sample, ScopeValues};
 use crate::monitor::reference::{reference_path, Reference, ReferenceBuilder, ReferenceSet};
 use crate::monitor::stats::Summary;
 use crate::monitor::MonitorConfig;
-use crate::sinks::anodot::PointBuilder;
-use crate::sinks::{Point, TargetType};
+use crate::sinks::Point;
 use crate::tfserving::{Decoded, InferenceMethod, Observation, StreamKey};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -493,42 +493,29 @@ impl ModelBucket {
     }
 
     fn points(&self, model: &str, start: i64) -> Vec<Point> {
-        let global = model == GLOBAL_MODEL;
-        let base = |what: &str, t: TargetType, value: f64| -> PointBuilder {
-            let b = Point::builder(what, t, start, value);
-            if global {
-                b
-            } else {
-                b.with("model", model)
-            }
-        };
+        use catalog::Dimension::{Method, Reason, Stat, Status};
+        let scope = ScopeValues { model: (model != GLOBAL_MODEL).then_some(model), ..ScopeValues::default() };
         let mut out = Vec::new();
-        let mut push = |b: PointBuilder| {
-            if let Some(p) = b.finish() {
-                out.push(p);
-            }
-        };
+        let mut push = |sample: Sample<'_>| out.extend(Point::from_sample(&sample, &scope, start));
         if let Some(dropped) = self.capture_dropped {
-            push(base("capture_dropped", TargetType::Counter, dropped as f64));
+            push(catalog::CAPTURE_DROPPED.sample(dropped as f64));
         }
         for ((method, status), count) in &self.requests {
-            push(
-                base("request_count", TargetType::Counter, *count as f64).with("method", method).with("status", status),
-            );
+            push(catalog::REQUEST_COUNT.sample(*count as f64).with(Method, method).with(Status, status));
         }
         for (stat, q) in [("q50", 0.5), ("q90", 0.9), ("q99", 0.99)] {
             if let Some(v) = self.latency.quantile(q) {
-                push(base("upstream_latency_ms", TargetType::Gauge, v).with("stat", stat));
+                push(catalog::UPSTREAM_LATENCY_MS.sample(v).with(Stat, stat));
             }
         }
         if let Some(v) = self.latency.max() {
-            push(base("upstream_latency_ms", TargetType::Gauge, v).with("stat", "max"));
+            push(catalog::UPSTREAM_LATENCY_MS.sample(v).with(Stat, "max"));
         }
         for (reason, count) in &self.decode_errors {
-            push(base("decode_errors", TargetType::Counter, *count as f64).with("reason", reason));
+            push(catalog::DECODE_ERRORS.sample(*count as f64).with(Reason, reason));
         }
         if self.stream_limit_dropped > 0 {
-            push(base("stream_limit_dropped", TargetType::Counter, self.stream_limit_dropped as f64));
+            push(catalog::STREAM_LIMIT_DROPPED.sample(self.stream_limit_dropped as f64));
         }
         out
     }

@@ -9,6 +9,9 @@
 //! Memory is bounded by configuration whatever the traffic: streams, features per
 //! stream and categories per feature have limits (counted when hit), quantiles come
 //! from fixed-size DDSketches and distinct counts from HyperLogLog.
+//!
+//! Every metric mltap emits (the label metrics included) is declared once in the
+//! crate's `catalog`, which producers name and sinks render from.
 
 pub mod bucket;
 pub mod drift;

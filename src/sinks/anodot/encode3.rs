@@ -5,24 +5,19 @@
 //! becomes a 3.0 sample of its schema: its `what` is the measure, its other properties
 //! (but `target_type` and `ver`) the dimensions.
 //!
-//! This module only maps; it never talks to Anodot.
+//! Which stream a metric belongs to, and the measures and dimensions of each schema,
+//! come from the metric catalogue (`catalog`), so a schema covers every
+//! metric mltap emits by construction. This module only maps; it never talks to Anodot.
 
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 
 use super::{Point, TargetType};
-
-/// Which of a model's two streams a point belongs to. The values are the bit flags the
-/// cursor keeps for watermarks already posted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stream {
-    Traffic = 1,
-    Labels = 2,
-}
+use crate::catalog;
+pub use crate::catalog::Stream;
 
 impl Stream {
-    pub const ALL: [Stream; 2] = [Stream::Traffic, Stream::Labels];
-
+    /// The bit flag the delivery cursor keeps for a watermark already posted.
     pub fn bit(self) -> u8 {
         self as u8
     }
@@ -36,93 +31,29 @@ impl Stream {
     }
 }
 
-/// Metrics computed from joined labels (DESIGN.md): they are appended to a bucket's
-/// file up to the label horizon after it closed.
-pub const LABEL_METRICS: &[(&str, TargetType)] = &[
-    ("accuracy", TargetType::Gauge),
-    ("precision", TargetType::Gauge),
-    ("recall", TargetType::Gauge),
-    ("f1", TargetType::Gauge),
-    ("macro_f1", TargetType::Gauge),
-    ("weighted_f1", TargetType::Gauge),
-    ("log_loss", TargetType::Gauge),
-    ("brier_score", TargetType::Gauge),
-    ("roc_auc", TargetType::Gauge),
-    ("confusion_count", TargetType::Counter),
-    ("labeled_fraction", TargetType::Gauge),
-];
-
-/// Metrics of the traffic itself (DESIGN.md), complete when the bucket closes.
-pub const TRAFFIC_METRICS: &[(&str, TargetType)] = &[
-    ("prediction_count", TargetType::Counter),
-    ("prediction_freq", TargetType::Gauge),
-    ("buffer_count", TargetType::Counter),
-    ("max_prediction_proba", TargetType::Gauge),
-    ("spread12_prediction_proba", TargetType::Gauge),
-    ("feature_value", TargetType::Gauge),
-    ("request_count", TargetType::Counter),
-    ("upstream_latency_ms", TargetType::Gauge),
-    ("class_proba_mean", TargetType::Gauge),
-    ("prediction_entropy", TargetType::Gauge),
-    ("feature_missing_count", TargetType::Counter),
-    ("feature_distinct_estimate", TargetType::Gauge),
-    ("feature_category_freq", TargetType::Gauge),
-    ("feature_drift", TargetType::Gauge),
-    ("prediction_drift", TargetType::Gauge),
-    ("estimated_accuracy", TargetType::Gauge),
-    ("estimated_f1", TargetType::Gauge),
-    ("capture_dropped", TargetType::Counter),
-    ("decode_errors", TargetType::Counter),
-];
-
-/// Dimensions mltap's points carry (DESIGN.md).
-pub const DIMENSIONS: &[&str] = &[
-    "model",
-    "version",
-    "signature",
-    "class_name",
-    "actual_class",
-    "feat_name",
-    "stat",
-    "method",
-    "status",
-    "category",
-];
-
-/// Properties that are not dimensions in 3.0: the measure name, its aggregation
-/// (a property of the measure in the schema) and the 2.0 metric version.
-const NOT_DIMENSIONS: &[&str] = &["what", "target_type", "ver"];
-
-/// The stream a metric belongs to.
+/// The stream a metric belongs to, as the catalogue declares it; a metric it does not
+/// declare (a file of another version) goes with the traffic.
 pub fn stream_of(what: &str) -> Stream {
-    if LABEL_METRICS.iter().any(|(name, _)| *name == what) {
-        Stream::Labels
-    } else {
-        Stream::Traffic
-    }
+    catalog::find(what).map_or(Stream::Traffic, |m| m.stream)
 }
 
-/// The schema of one model's stream: the catalogue's measures and dimensions, plus any
-/// seen in `points` (metrics added after this catalogue). Missing dimensions are
-/// ignored, since each measure uses only some of them.
+/// The schema of one model's stream: every measure the catalogue puts in the stream,
+/// with every dimension those measures carry, plus measures and dimensions of points
+/// of metrics the catalogue does not declare (files of another version). Missing
+/// dimensions are ignored, since each measure uses only some of them.
 pub fn schema(name: &str, stream: Stream, points: &[Point]) -> Value {
-    let catalogue = match stream {
-        Stream::Traffic => TRAFFIC_METRICS,
-        Stream::Labels => LABEL_METRICS,
-    };
-    let mut measures: Vec<(String, &'static str)> =
-        catalogue.iter().map(|(n, t)| (n.to_string(), aggregation(*t))).collect();
-    let mut dimensions: BTreeSet<String> = DIMENSIONS.iter().map(|d| d.to_string()).collect();
-    for p in points.iter().filter(|p| stream_of(p.what()) == stream) {
+    let mut measures: Vec<(String, &'static str)> = Vec::new();
+    let mut dimensions: BTreeSet<String> = BTreeSet::new();
+    for metric in catalog::of_stream(stream) {
+        measures.push((metric.name.to_string(), aggregation(TargetType::of(metric.kind))));
+        dimensions.extend(metric.all_dims().map(|d| d.key().to_string()));
+    }
+    for p in points.iter().filter(|p| p.metric().is_none() && stream_of(p.what()) == stream) {
         if !measures.iter().any(|(n, _)| n == p.what()) {
             let agg = if p.property("target_type") == Some("counter") { "sum" } else { "average" };
             measures.push((p.what().to_string(), agg));
         }
-        for (k, _) in p.properties() {
-            if !NOT_DIMENSIONS.contains(&k.as_str()) {
-                dimensions.insert(k.clone());
-            }
-        }
+        dimensions.extend(p.dimensions().map(|(_, key, _)| key.to_string()));
     }
     let measurements: Map<String, Value> =
         measures.into_iter().map(|(n, agg)| (n, json!({ "aggregation": agg, "countBy": "none" }))).collect();
@@ -144,12 +75,8 @@ fn aggregation(t: TargetType) -> &'static str {
 
 /// One 3.0 sample of `schema_id` from a 2.0 point.
 pub fn sample(schema_id: &str, point: &Point) -> Value {
-    let dimensions: Map<String, Value> = point
-        .properties()
-        .iter()
-        .filter(|(k, _)| !NOT_DIMENSIONS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
+    let dimensions: Map<String, Value> =
+        point.dimensions().map(|(_, k, v)| (k.to_string(), Value::String(v.to_string()))).collect();
     json!({
         "schemaId": schema_id,
         "timestamp": point.timestamp,
@@ -173,6 +100,25 @@ mod tests {
         assert_eq!(stream_of("confusion_count"), Stream::Labels);
         assert_eq!(stream_of("feature_value"), Stream::Traffic);
         assert_eq!(stream_of("something_new"), Stream::Traffic);
+        assert_eq!(stream_of("label_count"), Stream::Labels);
+        assert_eq!(stream_of("label_late_count"), Stream::Labels);
+        assert_eq!(stream_of("label_unmatched_count"), Stream::Labels);
+    }
+
+    #[test]
+    fn schemas_hold_every_declared_metric_and_dimension_of_their_stream() {
+        for stream in Stream::ALL {
+            let s = schema("x", stream, &[]);
+            let dimensions = s["dimensions"].as_array().unwrap();
+            for metric in catalog::ALL {
+                assert_eq!(s["measurements"].get(metric.name).is_some(), metric.stream == stream, "{}", metric.name);
+                if metric.stream == stream {
+                    for dim in metric.all_dims() {
+                        assert!(dimensions.contains(&json!(dim.key())), "{} of {}", dim.key(), metric.name);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
