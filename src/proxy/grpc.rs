@@ -9,7 +9,7 @@ use super::headers::strip_hop_by_hop_h2;
 use super::rest::header_text;
 use super::tee::{ExchangeRecord, RecordStart, Side, Tap, TeeBody};
 use super::{error_chain, grpc_status_of, ProxyShared, ResponseBody, RouteKind};
-use crate::capture::Protocol;
+use crate::capture::ErrorOrigin;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::sync::Arc;
@@ -41,7 +41,6 @@ pub(super) async fn handle(
     let record = ExchangeRecord::new(
         shared.clone(),
         RecordStart {
-            protocol: Protocol::Grpc,
             route,
             capture,
             path: if capture { parts.uri.path().to_string() } else { String::new() },
@@ -71,6 +70,7 @@ pub(super) async fn handle(
         }
         Ok(Err(error)) if is_stream_reset(&error) => {
             record.upstream_finished();
+            record.failed(ErrorOrigin::Upstream);
             return Err(Box::new(error));
         }
         Ok(Err(error)) => {
@@ -108,6 +108,7 @@ fn is_stream_reset(error: &(dyn std::error::Error + 'static)) -> bool {
 /// A gRPC error answered by mltap: status and message in the response head.
 fn trailers_only(record: &ExchangeRecord, code: i32, message: &str) -> Response<ResponseBody> {
     record.upstream_finished();
+    record.failed(ErrorOrigin::Mltap);
     record.response_head(200, Some(code), None);
     let mut response = Response::new(ResponseBody::local(bytes::Bytes::new()));
     let headers = response.headers_mut();

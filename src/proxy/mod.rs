@@ -15,6 +15,7 @@ pub mod tee;
 pub mod tls;
 
 use crate::capture::CaptureSender;
+pub use crate::capture::RouteKind;
 use crate::config::{Config, ConfigError};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -58,93 +59,6 @@ type ClientStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>
 
 /// How long a client may take to finish its TLS handshake before it is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What kind of call a request is: metric label and capture decision in one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteKind {
-    GrpcPredict,
-    GrpcClassify,
-    GrpcRegress,
-    GrpcMultiInference,
-    GrpcGetModelMetadata,
-    GrpcGetModelStatus,
-    GrpcReloadConfig,
-    GrpcOther,
-    RestPredict,
-    RestClassify,
-    RestRegress,
-    RestMetadata,
-    RestStatus,
-    RestOther,
-}
-
-impl RouteKind {
-    /// Classifies a gRPC path; only TF Serving's own methods get their own label.
-    pub fn grpc(path: &str) -> RouteKind {
-        match path {
-            "/tensorflow.serving.PredictionService/Predict" => RouteKind::GrpcPredict,
-            "/tensorflow.serving.PredictionService/Classify" => RouteKind::GrpcClassify,
-            "/tensorflow.serving.PredictionService/Regress" => RouteKind::GrpcRegress,
-            "/tensorflow.serving.PredictionService/MultiInference" => RouteKind::GrpcMultiInference,
-            "/tensorflow.serving.PredictionService/GetModelMetadata" => RouteKind::GrpcGetModelMetadata,
-            "/tensorflow.serving.ModelService/GetModelStatus" => RouteKind::GrpcGetModelStatus,
-            "/tensorflow.serving.ModelService/HandleReloadConfigRequest" => RouteKind::GrpcReloadConfig,
-            _ => RouteKind::GrpcOther,
-        }
-    }
-
-    /// Classifies a REST call by method and path (`/v1/models/M[/versions/V]:verb`).
-    pub fn rest(method: &http::Method, path: &str) -> RouteKind {
-        if method == http::Method::POST {
-            if path.ends_with(":predict") {
-                return RouteKind::RestPredict;
-            }
-            if path.ends_with(":classify") {
-                return RouteKind::RestClassify;
-            }
-            if path.ends_with(":regress") {
-                return RouteKind::RestRegress;
-            }
-        }
-        if method == http::Method::GET && path.starts_with("/v1/models/") {
-            return if path.ends_with("/metadata") { RouteKind::RestMetadata } else { RouteKind::RestStatus };
-        }
-        RouteKind::RestOther
-    }
-
-    /// Whether the exchange is copied to the worker.
-    pub fn captured(self) -> bool {
-        matches!(
-            self,
-            RouteKind::GrpcPredict
-                | RouteKind::GrpcClassify
-                | RouteKind::GrpcRegress
-                | RouteKind::GrpcMultiInference
-                | RouteKind::RestPredict
-                | RouteKind::RestClassify
-                | RouteKind::RestRegress
-        )
-    }
-
-    /// The `method` label of the request metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            RouteKind::GrpcPredict => "Predict",
-            RouteKind::GrpcClassify => "Classify",
-            RouteKind::GrpcRegress => "Regress",
-            RouteKind::GrpcMultiInference => "MultiInference",
-            RouteKind::GrpcGetModelMetadata => "GetModelMetadata",
-            RouteKind::GrpcGetModelStatus => "GetModelStatus",
-            RouteKind::GrpcReloadConfig => "HandleReloadConfigRequest",
-            RouteKind::RestPredict => "predict",
-            RouteKind::RestClassify => "classify",
-            RouteKind::RestRegress => "regress",
-            RouteKind::RestMetadata => "metadata",
-            RouteKind::RestStatus => "status",
-            RouteKind::GrpcOther | RouteKind::RestOther => "other",
-        }
-    }
-}
 
 /// The grpc-status in a header or trailer map.
 pub(crate) fn grpc_status_of(headers: &http::HeaderMap) -> Option<i32> {
@@ -528,6 +442,10 @@ mod tests {
         assert!(RouteKind::rest(&http::Method::POST, "/v1/models/m/versions/2:predict").captured());
         assert!(RouteKind::rest(&http::Method::POST, "/v1/models/m:regress").captured());
         assert!(!RouteKind::rest(&http::Method::GET, "/v1/models/m:predict").captured());
-        assert_eq!(RouteKind::rest(&http::Method::GET, "/v1/models/m/metadata"), RouteKind::RestMetadata);
+        let metadata = RouteKind::rest(&http::Method::GET, "/v1/models/m/metadata");
+        assert_eq!(metadata.method, crate::capture::CallMethod::GetModelMetadata);
+        assert_eq!(metadata.label(), "metadata");
+        assert_eq!(RouteKind::grpc("/tensorflow.serving.PredictionService/Predict").label(), "Predict");
+        assert_eq!(RouteKind::rest(&http::Method::POST, "/v1/models/m:predict").label(), "predict");
     }
 }

@@ -6,7 +6,7 @@
 use super::headers::strip_hop_by_hop;
 use super::tee::{ExchangeRecord, RecordStart, Side, Tap, TeeBody};
 use super::{error_chain, ProxyShared, ResponseBody, RouteKind};
-use crate::capture::Protocol;
+use crate::capture::ErrorOrigin;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -28,7 +28,6 @@ pub(super) async fn handle(
     let record = ExchangeRecord::new(
         shared.clone(),
         RecordStart {
-            protocol: Protocol::Rest,
             route,
             capture,
             path: if capture { parts.uri.path().to_string() } else { String::new() },
@@ -74,6 +73,7 @@ pub(super) async fn handle(
 /// A TF-Serving-shaped error answered by mltap itself.
 fn local_error(record: &ExchangeRecord, status: StatusCode, message: &str) -> Response<ResponseBody> {
     record.upstream_finished();
+    record.failed(ErrorOrigin::Mltap);
     record.response_head(status.as_u16(), None, None);
     let body = serde_json::json!({ "error": message }).to_string();
     let mut response = Response::new(ResponseBody::local(Bytes::from(body)));
