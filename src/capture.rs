@@ -25,6 +25,13 @@ use tokio::sync::mpsc;
 /// `model_spec` (field 1, serialized first), or a REST body's leading keys where
 /// clients put `signature_name`.
 pub const REQUEST_PREFIX_BYTES: usize = 1024;
+/// Count records the count lane holds at most, whatever `queue_exchanges` says (the
+/// sampled lane's bound): a small sampled lane must not make counts lossy. The byte
+/// budget bounds the count lane in practice.
+const COUNT_LANE_EXCHANGES: usize = 1 << 16;
+/// What a count record weighs in the byte budget besides its bodies (the struct, its
+/// path and id), so that records without bodies are bounded too.
+const RECORD_OVERHEAD_BYTES: usize = 256;
 
 /// The wire protocol an exchange arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -331,7 +338,7 @@ pub struct CaptureStats {
     pub count_enqueued: AtomicU64,
     /// Count records currently waiting in the count lane.
     pub count_depth: AtomicUsize,
-    /// Body bytes currently waiting in the count lane.
+    /// Bytes currently waiting in the count lane (bodies and a fixed overhead per record).
     pub count_depth_bytes: AtomicUsize,
     /// Exchanges lost entirely because both lanes were full: missing from the counts.
     pub uncounted: AtomicU64,
@@ -369,7 +376,7 @@ pub struct CaptureReceiver {
 pub fn queue(config: &crate::config::CaptureConfig) -> (CaptureSender, CaptureReceiver) {
     let capacity = config.queue_exchanges.max(1);
     let (tx, rx) = mpsc::channel(capacity);
-    let (count_tx, count_rx) = mpsc::channel(capacity);
+    let (count_tx, count_rx) = mpsc::channel(capacity.max(COUNT_LANE_EXCHANGES));
     let stats = Arc::new(CaptureStats::default());
     (
         CaptureSender {
@@ -479,7 +486,7 @@ impl CaptureSender {
     /// Puts a count record on the count lane; when both lanes together hold the whole
     /// byte budget the exchange is lost and counted in `uncounted`.
     fn offer_count(&self, exchange: Exchange) {
-        let bytes = exchange.captured_bytes();
+        let bytes = exchange.captured_bytes() + RECORD_OVERHEAD_BYTES;
         let before = self.stats.count_depth_bytes.fetch_add(bytes, Ordering::AcqRel);
         let sampled = self.stats.depth_bytes.load(Ordering::Relaxed);
         if before + sampled + bytes > self.max_bytes {
@@ -561,7 +568,7 @@ impl CaptureReceiver {
 
     fn release_count(&self, exchange: &Exchange) {
         self.stats.count_depth.fetch_sub(1, Ordering::AcqRel);
-        self.stats.count_depth_bytes.fetch_sub(exchange.captured_bytes(), Ordering::AcqRel);
+        self.stats.count_depth_bytes.fetch_sub(exchange.captured_bytes() + RECORD_OVERHEAD_BYTES, Ordering::AcqRel);
     }
 
     /// The queue's counters.
@@ -645,7 +652,8 @@ mod tests {
 
     #[tokio::test]
     async fn count_records_are_lost_only_past_the_whole_byte_budget() {
-        let config = CaptureConfig { queue_bytes: 100, queue_exchanges: 10, ..CaptureConfig::default() };
+        let budget = 2 * RECORD_OVERHEAD_BYTES + 100;
+        let config = CaptureConfig { queue_bytes: budget, queue_exchanges: 10, ..CaptureConfig::default() };
         let (tx, mut rx) = queue(&config);
         let record = |body| Exchange { bodies: Bodies::ResponseOnly, ..exchange(body) };
         tx.submit(record(60));
