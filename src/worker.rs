@@ -155,8 +155,6 @@ struct Decoded {
 pub struct WorkerHandle {
     /// Listeners, shared with the monitor thread.
     hooks: Hooks,
-    /// The Prometheus view of the last closed buckets.
-    gauges: ModelGauges,
     /// Tells the capture thread to drain the queue and stop.
     stop: Arc<tokio::sync::Notify>,
     /// Capture, decode and monitor threads, joined by `finish`.
@@ -241,7 +239,7 @@ pub fn spawn_with(
         };
         threads.extend(spawn_thread(&format!("mltap-monitor-{i}"), move || monitor.run(input)));
     }
-    WorkerHandle { hooks, gauges, stop, threads }
+    WorkerHandle { hooks, stop, threads }
 }
 
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
@@ -269,11 +267,6 @@ impl WorkerHandle {
     /// Attaches a listener of observations.
     pub fn add_observation_listener(&self, listener: Arc<dyn ObservationListener>) {
         self.hooks.add_observation_listener(listener);
-    }
-
-    /// The Prometheus view of the last closed buckets.
-    pub fn model_gauges(&self) -> &ModelGauges {
-        &self.gauges
     }
 
     /// Drains the capture queue, flushes the open buckets, writes their files and

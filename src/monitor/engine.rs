@@ -319,14 +319,6 @@ impl Engine {
         }
     }
 
-    /// Counts decode errors that came without exchange facts (e.g. an observation the
-    /// worker rejected) in a model's bucket.
-    pub fn record_decode_error(&mut self, model: Option<&str>, event_time: SystemTime, reason: &str) {
-        let model = self.model_slot(model);
-        let start = self.bucket_of(event_time);
-        *self.model_bucket(&model, start).decode_errors.entry(reason.to_string()).or_default() += 1;
-    }
-
     /// Counts exchanges the capture queue dropped, in the bucket of `now`.
     pub fn record_capture_dropped(&mut self, now: SystemTime, dropped: u64) {
         let start = self.bucket_of(now);

@@ -8,6 +8,7 @@
 
 mod grpc;
 pub mod headers;
+pub mod listen;
 pub mod metrics;
 pub mod request_id;
 mod rest;

@@ -15,7 +15,7 @@
 //! // inside the tokio runtime (the signature fetcher is a task on it):
 //! let decoder = Decoder::new(config.models.clone())
 //!     .with_limits(DecodeLimits::default())
-//!     .with_schema_fetcher(Some(config.grpc_upstream.clone()), Some(config.rest_upstream.clone()), Duration::from_secs(5));
+//!     .with_schemas(SchemaCache::spawn(SchemaSource::new(Some(grpc_upstream), Some(rest_upstream), timeout)));
 //! // per exchange, on a worker thread (synchronous, never waits on the network):
 //! let decoded = decoder.decode(&exchange);
 //! for e in &decoded.errors { /* decode_errors{reason = e.reason} += 1 */ }
@@ -398,19 +398,6 @@ impl Decoder {
     pub fn with_schemas(mut self, schemas: SchemaCache) -> Self {
         self.schemas = Some(schemas);
         self
-    }
-
-    /// Names unnamed REST tensors from signatures fetched from TF Serving (gRPC
-    /// `GetModelMetadata` on `grpc_upstream`, else REST metadata on `rest_upstream`),
-    /// each attempt bounded by `timeout`. Spawns the fetcher: call it inside the
-    /// tokio runtime.
-    pub fn with_schema_fetcher(
-        self,
-        grpc_upstream: Option<http::Uri>,
-        rest_upstream: Option<http::Uri>,
-        timeout: Duration,
-    ) -> Self {
-        self.with_schemas(SchemaCache::spawn(SchemaSource::new(grpc_upstream, rest_upstream, timeout)))
     }
 
     /// The allocation bounds in use.
