@@ -436,49 +436,56 @@ impl CaptureSender {
 
     /// Hands over a finished exchange without waiting: a sampled one to the sampled
     /// lane when it has room, else (and any other) as a count record to the count lane.
+    /// A sampled exchange that finds no room is shed from statistics and counted so.
     pub fn submit(&self, exchange: Exchange) {
-        let exchange = if exchange.sampled() {
+        let record = if exchange.sampled() {
             match self.offer_sampled(exchange) {
-                Ok(()) => return,
-                Err(exchange) => exchange.into_count_record(),
+                None => return,
+                Some(refused) => {
+                    self.shed();
+                    refused.into_count_record()
+                }
             }
         } else {
             exchange
         };
-        if exchange.bodies == Bodies::ResponseOnly || exchange.bodies == Bodies::Full {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        self.offer_count(exchange);
+        self.offer_count(record);
+    }
+
+    /// Counts an exchange shed from statistics when it started (`sample` said no).
+    pub fn shed(&self) {
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Puts an exchange on the sampled lane without waiting; drops and counts it when
     /// full (drop-newest; it is not counted elsewhere). Returns whether it was queued.
     pub fn offer(&self, exchange: Exchange) -> bool {
         match self.offer_sampled(exchange) {
-            Ok(()) => true,
-            Err(_) => {
+            None => true,
+            Some(_) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 false
             }
         }
     }
 
-    fn offer_sampled(&self, exchange: Exchange) -> Result<(), Exchange> {
+    /// Queues an exchange on the sampled lane; gives it back when the lane is full.
+    fn offer_sampled(&self, exchange: Exchange) -> Option<Exchange> {
         let bytes = exchange.captured_bytes();
         let before = self.stats.depth_bytes.fetch_add(bytes, Ordering::AcqRel);
         if before + bytes > self.max_sampled_bytes {
             self.stats.depth_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            return Err(exchange);
+            return Some(exchange);
         }
         match self.tx.try_send(exchange) {
             Ok(()) => {
                 self.stats.depth.fetch_add(1, Ordering::AcqRel);
                 self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                None
             }
             Err(error) => {
                 self.stats.depth_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                Err(error.into_inner())
+                Some(error.into_inner())
             }
         }
     }

@@ -131,23 +131,27 @@ pub struct ProxyShared {
 impl ProxyShared {
     /// The client's request id, or a generated one when the exchange needs an id
     /// (captured, or ids are returned). Returns the id and whether it was generated.
+    /// A client's id is only copied when the exchange is captured: it is never
+    /// returned, so an exchange that is not captured allocates nothing for it.
     fn request_id(&self, headers: &http::HeaderMap, needed: bool) -> (String, bool) {
-        if let Some(id) = headers.get(&self.request_id_header).and_then(|v| v.to_str().ok()) {
-            return (id.to_string(), false);
-        }
-        if needed || self.return_request_id {
-            (self.request_ids.generate(), true)
-        } else {
-            (String::new(), false)
+        match headers.get(&self.request_id_header).and_then(|v| v.to_str().ok()) {
+            Some(id) if needed => (id.to_string(), false),
+            Some(_) => (String::new(), false),
+            None if needed || self.return_request_id => (self.request_ids.generate(), true),
+            None => (String::new(), false),
         }
     }
 
-    /// Adds a generated request id to a response when the configuration asks for it.
-    fn return_generated_id(&self, headers: &mut http::HeaderMap, id: &str, generated: bool) {
-        if generated && self.return_request_id {
-            if let Ok(value) = http::HeaderValue::from_str(id) {
-                headers.insert(self.request_id_header.clone(), value);
-            }
+    /// The header value that returns a generated request id to the client, when the
+    /// configuration asks for it; taken before the id moves into the exchange record.
+    fn id_to_return(&self, id: &str, generated: bool) -> Option<http::HeaderValue> {
+        (generated && self.return_request_id).then(|| http::HeaderValue::from_str(id).ok()).flatten()
+    }
+
+    /// Adds the generated request id (`id_to_return`) to a response.
+    fn return_id(&self, headers: &mut http::HeaderMap, value: Option<http::HeaderValue>) {
+        if let Some(value) = value {
+            headers.insert(self.request_id_header.clone(), value);
         }
     }
 

@@ -24,6 +24,7 @@ pub(super) async fn handle(
     let route = RouteKind::rest(&parts.method, parts.uri.path());
     let capture = route.captured();
     let (request_id, generated) = shared.request_id(&parts.headers, capture);
+    let returned_id = shared.id_to_return(&request_id, generated);
     strip_hop_by_hop(&mut parts.headers);
     let record = ExchangeRecord::new(
         shared.clone(),
@@ -31,7 +32,7 @@ pub(super) async fn handle(
             route,
             capture,
             path: if capture { parts.uri.path().to_string() } else { String::new() },
-            request_id: if capture { request_id.clone() } else { String::new() },
+            request_id,
             request_id_generated: generated,
             request_encoding: header_text(&parts.headers, header::CONTENT_ENCODING),
             started_at,
@@ -66,7 +67,7 @@ pub(super) async fn handle(
             local_error(&record, StatusCode::GATEWAY_TIMEOUT, &message)
         }
     };
-    shared.return_generated_id(response.headers_mut(), &request_id, generated);
+    shared.return_id(response.headers_mut(), returned_id);
     Ok(response)
 }
 

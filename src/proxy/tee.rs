@@ -158,12 +158,12 @@ impl ExchangeRecord {
         true
     }
 
-    fn status_label(&self, observed: &Observed) -> String {
+    fn status_label(&self, observed: &Observed) -> std::borrow::Cow<'static, str> {
         match self.route.protocol {
-            Protocol::Rest => observed.status.to_string(),
+            Protocol::Rest => super::metrics::status_text(i64::from(observed.status)),
             Protocol::Grpc => match observed.grpc_status {
-                Some(code) => code.to_string(),
-                None => "none".to_string(),
+                Some(code) => super::metrics::status_text(i64::from(code)),
+                None => std::borrow::Cow::Borrowed("none"),
             },
         }
     }
@@ -208,6 +208,9 @@ impl Drop for ExchangeRecord {
         }
         let (request_cut, response_cut) =
             (self.request_cut.load(Ordering::Relaxed), self.response_cut.load(Ordering::Relaxed));
+        if !self.sampled {
+            self.shared.capture.shed();
+        }
         if request_cut || response_cut {
             self.shared.capture.skip_oversize();
         }
