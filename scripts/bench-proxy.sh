@@ -94,7 +94,8 @@ nginx -p "$W/nginx" -c "$W/nginx/nginx.conf" -e "$W/nginx/error.log" &
 NGINX_PID=$!
 PIDS="$PIDS $NGINX_PID"
 
-# mltap with capture on (every Predict/Classify/Regress is copied to the worker).
+# mltap with capture on (every Predict/Classify/Regress is copied to the worker, or
+# counted only when the worker sheds statistics under load).
 "$ROOT/target/release/mltap" serve --grpc-listen "127.0.0.1:$M_GRPC" --rest-listen "127.0.0.1:$M_REST" \
   --admin-listen "127.0.0.1:$M_ADMIN" --grpc-upstream "http://127.0.0.1:$B_GRPC" \
   --rest-upstream "http://127.0.0.1:$B_REST" --output-dir "$W/mltap-out" --log warn 2> "$W/mltap.log" &
@@ -197,4 +198,4 @@ for proto in grpc rest; do
 done
 echo
 echo "mltap capture (from /metrics):"
-curl -s "http://127.0.0.1:$M_ADMIN/metrics" | grep -E '^mltap_(capture_(dropped|skipped_oversize|enqueued)_total|worker_exchanges_received_total)' || true
+curl -s "http://127.0.0.1:$M_ADMIN/metrics" | grep -E '^mltap_(capture_(dropped|skipped_oversize|enqueued|count_enqueued|uncounted)_total|worker_exchanges_received_total)' || true

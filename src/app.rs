@@ -68,11 +68,18 @@ impl Listeners {
     /// Binds the three addresses; a failure names the configuration key.
     pub async fn bind(config: &Config) -> Result<Listeners, ConfigError> {
         Ok(Listeners {
-            grpc: bind("grpc_listen", config.grpc_listen).await?,
-            rest: bind("rest_listen", config.rest_listen).await?,
+            grpc: bind_shared("grpc_listen", config.grpc_listen).await?,
+            rest: bind_shared("rest_listen", config.rest_listen).await?,
             admin: bind("admin_listen", config.admin_listen).await?,
         })
     }
+}
+
+/// A proxy listener the serving threads add sockets of their own to (`SO_REUSEPORT`).
+async fn bind_shared(key: &str, address: SocketAddr) -> Result<TcpListener, ConfigError> {
+    crate::proxy::listen::bind_shared(address)
+        .await
+        .map_err(|error| ConfigError::new(key, "", format!("cannot listen on {address}: {error}")))
 }
 
 async fn bind(key: &str, address: SocketAddr) -> Result<TcpListener, ConfigError> {
@@ -276,7 +283,10 @@ pub async fn run(
             Some(first) => first,
             None => Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?,
         };
-        let listeners = (grpc.try_clone().map_err(runtime_error)?, rest.try_clone().map_err(runtime_error)?);
+        let listeners = (
+            crate::proxy::listen::for_thread(&grpc, index).map_err(runtime_error)?,
+            crate::proxy::listen::for_thread(&rest, index).map_err(runtime_error)?,
+        );
         let (done, done_seen) = oneshot::channel::<()>();
         finished.push(done_seen);
         spawn_serving_thread(index, proxy, listeners, stopped.clone(), done)?;

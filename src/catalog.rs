@@ -36,11 +36,14 @@ pub enum Dimension {
     Reason,
     /// A category of a categorical feature (top-k, the rest `__other__`).
     Category,
+    /// Who failed a failed exchange: `client`, `mltap` (its own 502/504 answers) or
+    /// `upstream` (TF Serving's answers); absent on successful exchanges.
+    Origin,
 }
 
 impl Dimension {
     /// Every dimension.
-    pub const ALL: [Dimension; 11] = [
+    pub const ALL: [Dimension; 12] = [
         Dimension::Model,
         Dimension::Version,
         Dimension::Signature,
@@ -52,6 +55,7 @@ impl Dimension {
         Dimension::Status,
         Dimension::Reason,
         Dimension::Category,
+        Dimension::Origin,
     ];
     /// How many dimensions there are (for tables indexed by dimension).
     pub const COUNT: usize = Dimension::ALL.len();
@@ -70,6 +74,7 @@ impl Dimension {
             Dimension::Status => "status",
             Dimension::Reason => "reason",
             Dimension::Category => "category",
+            Dimension::Origin => "origin",
         }
     }
 
@@ -87,6 +92,7 @@ impl Dimension {
             Dimension::Method => Some("method"),
             Dimension::Status => Some("status"),
             Dimension::Reason => Some("reason"),
+            Dimension::Origin => Some("origin"),
             Dimension::ActualClass | Dimension::Category => None,
         }
     }
@@ -214,7 +220,7 @@ impl Scope {
 }
 
 /// Most own dimensions (beyond the scope's) a metric has.
-pub const MAX_DIMS: usize = 2;
+pub const MAX_DIMS: usize = 3;
 
 /// One metric's declaration.
 #[derive(Debug, PartialEq)]
@@ -449,9 +455,9 @@ metric! {
 
 // Per model, from the exchanges (`monitor::engine`).
 metric! {
-    REQUEST_COUNT = "request_count", kind: Counter, unit: Exchanges, scope: Model, dims: [Method, Status],
+    REQUEST_COUNT = "request_count", kind: Counter, unit: Exchanges, scope: Model, dims: [Method, Status, Origin], optional: [Origin],
     stream: Traffic, prometheus: Some("model_request_count"), exactness: Exact,
-    help: "exchanges by inference method and status"
+    help: "exchanges by inference method and status, and on failed ones who failed (origin)"
 }
 metric! {
     UPSTREAM_LATENCY_MS = "upstream_latency_ms", kind: Statistic, unit: Milliseconds, scope: Model, dims: [Stat],

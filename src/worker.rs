@@ -8,17 +8,22 @@
 //! decoded exchange to the aggregation (monitor) thread of its model. Each monitor
 //! thread owns an engine for its share of the models (so a model's streams and files
 //! stay on one thread), ticks every 250 ms (or a quarter of the bucket width if
-//! shorter), closes due buckets and writes their files. When the worker falls behind,
-//! the bounded hand-offs fill and the capture queue drops the newest exchanges,
-//! counted in `capture_dropped`: the worker never slows the proxy down. On `finish`,
-//! it drains the queue, flushes the open buckets, writes their files and returns.
+//! shorter), closes due buckets and writes their files.
+//!
+//! The capture thread takes the count lane first and whole (count records are small
+//! and cheap: their response only is decoded), then sampled exchanges only while the
+//! decode threads have room, so that a backlog stays in the sampled lane, where it
+//! lowers the proxy's keep-probability. When the worker falls behind, the proxy sheds
+//! statistics by uniform sampling and keeps the counts exact (`capture` module): the
+//! worker never slows the proxy down. On `finish`, it drains both lanes, flushes the
+//! open buckets, writes their files and returns.
 //!
 //! Other components attach through two hooks, called on the monitor threads (so
 //! they must be quick, thread-safe, and hand heavy work to their own threads):
 //! `BucketListener` sees every closed bucket after its file is written,
 //! `ObservationListener` sees every decoded observation with the start of its bucket.
 
-use crate::capture::{CaptureReceiver, CaptureStats, Exchange, Protocol};
+use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
 use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet, GLOBAL_MODEL};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
@@ -137,6 +142,13 @@ struct ProtocolLabels {
 struct Decoded {
     facts: ExchangeFacts,
     observations: Vec<Arc<Observation>>,
+    /// Whether the observations carry the inputs (feature statistics), or only the
+    /// outputs of a count record.
+    sampled: bool,
+    /// Whether observation listeners (the label join) get the observations: not when
+    /// the rows of a count record cannot be named because the model ids them by a
+    /// feature of the inputs that were not copied.
+    to_listeners: bool,
 }
 
 /// What the worker takes from the configuration.
@@ -314,11 +326,7 @@ fn capture_loop(
     received: Family<ProtocolLabels, Counter>,
 ) {
     let count = |exchange: &Exchange| {
-        let protocol = match exchange.protocol {
-            Protocol::Grpc => "grpc",
-            Protocol::Rest => "rest",
-        };
-        received.get_or_create(&ProtocolLabels { protocol }).inc();
+        received.get_or_create(&ProtocolLabels { protocol: exchange.protocol.as_str() }).inc();
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -330,13 +338,35 @@ fn capture_loop(
     runtime.block_on(async {
         let mut tick = tokio::time::interval(CAPTURE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A sampled exchange taken off the queue that the decode threads had no room for.
+        let mut waiting: Option<Exchange> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    while let Some(exchange) = receiver.try_recv() {
-                        count(&exchange);
-                        if to_decoders.send(exchange).is_err() {
+                    while let Some(record) = receiver.try_recv_count() {
+                        count(&record);
+                        if to_decoders.send(record).is_err() {
                             return;
+                        }
+                    }
+                    loop {
+                        let exchange = match waiting.take() {
+                            Some(exchange) => exchange,
+                            None => match receiver.try_recv() {
+                                Some(exchange) => {
+                                    count(&exchange);
+                                    exchange
+                                }
+                                None => break,
+                            },
+                        };
+                        match to_decoders.try_send(exchange) {
+                            Ok(()) => {}
+                            Err(mpsc::TrySendError::Full(exchange)) => {
+                                waiting = Some(exchange);
+                                break;
+                            }
+                            Err(mpsc::TrySendError::Disconnected(_)) => return,
                         }
                     }
                 }
@@ -345,7 +375,12 @@ fn capture_loop(
         }
         // Shutdown: what is queued, and what exchanges still in flight add, until every
         // sender is gone or the queue stays idle for a moment.
-        while let Ok(Some(exchange)) = tokio::time::timeout(FINISH_IDLE, receiver.recv()).await {
+        if let Some(exchange) = waiting {
+            if to_decoders.send(exchange).is_err() {
+                return;
+            }
+        }
+        while let Ok(Some(exchange)) = tokio::time::timeout(FINISH_IDLE, receiver.recv_any()).await {
             count(&exchange);
             if to_decoders.send(exchange).is_err() {
                 return;
@@ -381,9 +416,11 @@ fn decode_loop(
         };
         let facts = ExchangeFacts::new(&exchange, &decoded);
         drop(exchange);
+        let sampled = decoded.sampled;
+        let to_listeners = sampled || !facts.model.as_deref().is_some_and(|m| decoder.ids_rows_by_feature(m));
         let observations = decoded.observations.into_iter().map(Arc::new).collect();
         let shard = &to_shards[shard_of(facts.model.as_deref(), to_shards.len())];
-        if shard.send(Decoded { facts, observations }).is_err() {
+        if shard.send(Decoded { facts, observations, sampled, to_listeners }).is_err() {
             return;
         }
     }
@@ -438,9 +475,15 @@ impl MonitorThread {
         self.metrics.exchanges.inc();
         self.engine.record_exchange(&decoded.facts);
         for observation in &decoded.observations {
-            let observed = self.engine.observe(observation);
+            let observed = if decoded.sampled {
+                self.engine.observe(observation)
+            } else {
+                self.engine.observe_unsampled(observation)
+            };
             self.metrics.observations.inc();
-            self.hooks.observed(observation, observed.bucket_start);
+            if decoded.to_listeners {
+                self.hooks.observed(observation, observed.bucket_start);
+            }
         }
     }
 

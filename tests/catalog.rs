@@ -3,9 +3,10 @@
 //! metrics) is declared with its dimensions, every point maps to a measure and
 //! dimensions of its Anodot 3.0 stream schema, and the docs list every metric.
 
+use mltap::capture::{CallMethod, ErrorOrigin};
+use mltap::catalog::{self, Stream};
 use mltap::labels::aggregate::Aggregate;
 use mltap::labels::record::StreamMeta;
-use mltap::catalog::{self, Stream};
 use mltap::monitor::{Engine, EngineOptions, ExchangeFacts, MonitorConfig};
 use mltap::sinks::anodot::encode3 as anodot_v3;
 use mltap::sinks::Point;
@@ -204,11 +205,22 @@ fn the_engines_limit_and_error_paths_emit_declared_metrics() {
         engine.observe(&observation("other", t, 3));
         engine.record_exchange(&ExchangeFacts {
             model: Some("iris".into()),
-            method: Some(InferenceMethod::Predict),
+            method: CallMethod::Predict,
             status: "200".into(),
+            origin: None,
             event_time: at(t),
             upstream_latency: Duration::from_millis(4),
             decode_errors: vec!["bad_json"],
+        });
+        // mltap's own answer for an unreachable upstream carries the `origin` dimension.
+        engine.record_exchange(&ExchangeFacts {
+            model: Some("iris".into()),
+            method: CallMethod::Predict,
+            status: "502".into(),
+            origin: Some(ErrorOrigin::Mltap),
+            event_time: at(t),
+            upstream_latency: Duration::ZERO,
+            decode_errors: vec![],
         });
         engine.record_capture_dropped(at(t), 1);
         closed.extend(engine.close_due(at(t + 10)));

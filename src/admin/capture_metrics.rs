@@ -23,13 +23,23 @@ impl Collector for CaptureCollector {
             ("capture_enqueued", "Exchanges put on the capture queue", s.enqueued.load(Ordering::Relaxed)),
             (
                 "capture_dropped",
-                "Exchanges dropped because the capture queue was full (intentional, reason: queue_full)",
+                "Exchanges shed from statistics (sampled out, or the sampled lane full); still counted",
                 s.dropped.load(Ordering::Relaxed),
             ),
             (
                 "capture_skipped_oversize",
-                "Exchanges not captured because their bodies exceeded capture.max_exchange_bytes",
+                "Exchanges whose statistics were not computed because their bodies exceeded capture.max_exchange_bytes",
                 s.skipped_oversize.load(Ordering::Relaxed),
+            ),
+            (
+                "capture_count_enqueued",
+                "Exchanges shed from statistics and queued to be counted only",
+                s.count_enqueued.load(Ordering::Relaxed),
+            ),
+            (
+                "capture_uncounted",
+                "Exchanges missing from the counts because the capture byte budget was spent",
+                s.uncounted.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in counters {
@@ -42,6 +52,16 @@ impl Collector for CaptureCollector {
                 "capture_queue_bytes",
                 "Body bytes waiting in the capture queue",
                 s.depth_bytes.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "capture_count_queue_depth",
+                "Count records waiting in the capture queue's count lane",
+                s.count_depth.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "capture_count_queue_bytes",
+                "Bytes waiting in the capture queue's count lane",
+                s.count_depth_bytes.load(Ordering::Relaxed) as i64,
             ),
         ];
         for (name, help, value) in gauges {

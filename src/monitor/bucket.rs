@@ -70,6 +70,18 @@ pub struct StreamBucket {
     pub feature_limit_dropped: u64,
     /// Observations whose probabilities did not match the stream's class count.
     pub class_count_mismatch: u64,
+    /// Observations seen, and those whose inputs were sampled for feature statistics
+    /// (`sampled_fraction`), with the rows of the latter (features are missing per
+    /// sampled row).
+    pub sampling: Sampling,
+}
+
+/// How much of a bucket's traffic its feature statistics were computed from.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sampling {
+    pub observations: u64,
+    pub sampled_observations: u64,
+    pub sampled_rows: u64,
 }
 
 /// What a bucket needs to know about its stream to become points.
@@ -101,6 +113,9 @@ pub struct StreamContext<'a> {
     pub class_names: &'a mut Option<Vec<String>>,
     /// Sequence number of the observation, to find features it lacks.
     pub sequence: u64,
+    /// False for an observation of a count record: it has outputs but no inputs, so it
+    /// counts rows and classes and leaves the features alone.
+    pub features_sampled: bool,
 }
 
 impl StreamBucket {
@@ -112,17 +127,31 @@ impl StreamBucket {
             features: FastMap::default(),
             feature_limit_dropped: 0,
             class_count_mismatch: 0,
+            sampling: Sampling::default(),
         }
     }
 
     /// Adds one observation.
     pub fn observe(&mut self, obs: &Observation, mut ctx: StreamContext<'_>) {
         let rows = obs.rows as u64;
-        let rows_before = self.rows;
         self.rows += rows;
         if let Some(b) = ctx.builder.as_deref_mut() {
             b.add_rows(rows);
         }
+        self.sampling.observations += 1;
+        if ctx.features_sampled {
+            self.sampling.sampled_observations += 1;
+            self.observe_features(obs, &mut ctx);
+        }
+        if let Some(p) = &obs.probabilities {
+            self.observe_probabilities(p, obs.rows, &mut ctx);
+        }
+    }
+
+    fn observe_features(&mut self, obs: &Observation, ctx: &mut StreamContext<'_>) {
+        let rows = obs.rows as u64;
+        let rows_before = self.sampling.sampled_rows;
+        self.sampling.sampled_rows += rows;
         let alpha = ctx.config.quantile_relative_accuracy;
         for column in &obs.features {
             if column.values.len() != obs.rows {
@@ -219,9 +248,6 @@ impl StreamBucket {
                 }
             }
         }
-        if let Some(p) = &obs.probabilities {
-            self.observe_probabilities(p, obs.rows, &mut ctx);
-        }
     }
 
     fn observe_probabilities(&mut self, p: &Probabilities, rows: usize, ctx: &mut StreamContext<'_>) {
@@ -297,6 +323,10 @@ impl StreamBucket {
         };
         push(catalog::BUFFER_COUNT.sample(self.rows as f64));
         push(catalog::LATE_DROPPED.sample(late_dropped as f64));
+        if self.sampling.observations > 0 {
+            let fraction = self.sampling.sampled_observations as f64 / self.sampling.observations as f64;
+            push(catalog::SAMPLED_FRACTION.sample(fraction));
+        }
         if self.feature_limit_dropped > 0 {
             push(catalog::FEATURE_LIMIT_DROPPED.sample(self.feature_limit_dropped as f64));
         }
@@ -362,8 +392,9 @@ impl StreamBucket {
         }
         for name in known_features {
             let Some(feature) = self.features.get_mut(name.as_str()) else {
-                if self.rows > 0 {
-                    push(catalog::FEATURE_MISSING_COUNT.sample(self.rows as f64).with(FeatName, name));
+                let rows = self.sampling.sampled_rows;
+                if rows > 0 {
+                    push(catalog::FEATURE_MISSING_COUNT.sample(rows as f64).with(FeatName, name));
                 }
                 continue;
             };

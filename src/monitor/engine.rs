@@ -6,14 +6,14 @@
 //! exchange facts and asks it, on every tick, for the buckets that are due. It never
 //! reads the clock itself (callers pass `now`), so tests drive time explicitly.
 
-use crate::capture::{Exchange, Protocol};
-use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
+use crate::capture::{CallMethod, ErrorOrigin, Exchange};
 use crate::catalog::{self, Sample, ScopeValues};
+use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
 use crate::monitor::reference::{reference_path, Reference, ReferenceBuilder, ReferenceSet};
 use crate::monitor::stats::Summary;
 use crate::monitor::MonitorConfig;
 use crate::sinks::Point;
-use crate::tfserving::{Decoded, InferenceMethod, Observation, StreamKey};
+use crate::tfserving::{Decoded, Observation, StreamKey};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,11 +53,12 @@ pub struct Observed {
 pub struct ExchangeFacts {
     /// The model, when the URL or the request names it.
     pub model: Option<String>,
-    /// The inference method, when known.
-    pub method: Option<InferenceMethod>,
-    /// `request_count`'s `status`: the HTTP status for REST (`200`), the gRPC status
-    /// for gRPC (`grpc_0`), `incomplete` for exchanges cut short.
+    /// The call's method, as the proxy classified it.
+    pub method: CallMethod,
+    /// `request_count`'s `status` (`Exchange::status_dimension`).
     pub status: String,
+    /// Whose fault it was when the exchange failed (`request_count`'s `origin`).
+    pub origin: Option<ErrorOrigin>,
     /// The exchange's start: the time that buckets it.
     pub event_time: SystemTime,
     /// From sending the request upstream to the end of the response.
@@ -69,18 +70,11 @@ pub struct ExchangeFacts {
 impl ExchangeFacts {
     /// The facts of a captured exchange and what decoding it gave.
     pub fn new(exchange: &Exchange, decoded: &Decoded) -> Self {
-        let status = if !exchange.complete {
-            "incomplete".to_string()
-        } else {
-            match (exchange.protocol, exchange.grpc_status) {
-                (Protocol::Grpc, Some(code)) => format!("grpc_{code}"),
-                _ => exchange.status.to_string(),
-            }
-        };
         ExchangeFacts {
             model: decoded.model.clone(),
-            method: decoded.method,
-            status,
+            method: exchange.method,
+            status: exchange.status_dimension(),
+            origin: exchange.origin,
             event_time: exchange.started_at,
             upstream_latency: exchange.upstream_latency,
             decode_errors: decoded.errors.iter().map(|e| e.reason).collect(),
@@ -134,8 +128,8 @@ struct Stream {
 /// Exchange-level facts of one model's bucket.
 #[derive(Debug)]
 struct ModelBucket {
-    /// Exchanges per (method, status).
-    requests: BTreeMap<(String, String), u64>,
+    /// Exchanges per (method, status, error origin).
+    requests: BTreeMap<(CallMethod, String, Option<ErrorOrigin>), u64>,
     /// Upstream latency in milliseconds.
     latency: Summary,
     /// Decode errors per reason.
@@ -220,6 +214,16 @@ impl Engine {
 
     /// Aggregates one observation into the bucket of its event time.
     pub fn observe(&mut self, obs: &Observation) -> Observed {
+        self.observe_sampled(obs, true)
+    }
+
+    /// Aggregates an observation of a count record (outputs only): it counts rows,
+    /// classes and output statistics, and lowers the bucket's `sampled_fraction`.
+    pub fn observe_unsampled(&mut self, obs: &Observation) -> Observed {
+        self.observe_sampled(obs, false)
+    }
+
+    fn observe_sampled(&mut self, obs: &Observation, features_sampled: bool) -> Observed {
         let start = self.bucket_of(obs.event_time);
         let rows = obs.rows as u64;
         if !self.streams.contains_key(&obs.stream) {
@@ -278,6 +282,7 @@ impl Engine {
                 builder,
                 class_names,
                 sequence: self.sequence,
+                features_sampled,
             },
         );
         Observed { bucket_start: start, accepted: true }
@@ -289,8 +294,7 @@ impl Engine {
         let model = self.model_slot(facts.model.as_deref());
         let start = self.bucket_of(facts.event_time);
         let bucket = self.model_bucket(&model, start);
-        let method = facts.method.map(InferenceMethod::as_str).unwrap_or("unknown");
-        *bucket.requests.entry((method.to_string(), facts.status.clone())).or_default() += 1;
+        *bucket.requests.entry((facts.method, facts.status.clone(), facts.origin)).or_default() += 1;
         bucket.latency.add(facts.upstream_latency.as_secs_f64() * 1000.0);
         for reason in &facts.decode_errors {
             *bucket.decode_errors.entry((*reason).to_string()).or_default() += 1;
@@ -493,15 +497,20 @@ impl ModelBucket {
     }
 
     fn points(&self, model: &str, start: i64) -> Vec<Point> {
-        use catalog::Dimension::{Method, Reason, Stat, Status};
+        use catalog::Dimension::{Method, Origin, Reason, Stat, Status};
         let scope = ScopeValues { model: (model != GLOBAL_MODEL).then_some(model), ..ScopeValues::default() };
         let mut out = Vec::new();
         let mut push = |sample: Sample<'_>| out.extend(Point::from_sample(&sample, &scope, start));
         if let Some(dropped) = self.capture_dropped {
             push(catalog::CAPTURE_DROPPED.sample(dropped as f64));
         }
-        for ((method, status), count) in &self.requests {
-            push(catalog::REQUEST_COUNT.sample(*count as f64).with(Method, method).with(Status, status));
+        for ((method, status, origin), count) in &self.requests {
+            let sample =
+                catalog::REQUEST_COUNT.sample(*count as f64).with(Method, method.as_str()).with(Status, status);
+            push(match origin {
+                Some(origin) => sample.with(Origin, origin.as_str()),
+                None => sample,
+            });
         }
         for (stat, q) in [("q50", 0.5), ("q90", 0.9), ("q99", 0.99)] {
             if let Some(v) = self.latency.quantile(q) {

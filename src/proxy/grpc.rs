@@ -9,7 +9,7 @@ use super::headers::strip_hop_by_hop_h2;
 use super::rest::header_text;
 use super::tee::{ExchangeRecord, RecordStart, Side, Tap, TeeBody};
 use super::{error_chain, grpc_status_of, ProxyShared, ResponseBody, RouteKind};
-use crate::capture::Protocol;
+use crate::capture::ErrorOrigin;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use std::sync::Arc;
@@ -32,6 +32,7 @@ pub(super) async fn handle(
     let route = RouteKind::grpc(parts.uri.path());
     let capture = route.captured();
     let (request_id, generated) = shared.request_id(&parts.headers, capture);
+    let returned_id = shared.id_to_return(&request_id, generated);
     strip_hop_by_hop_h2(&mut parts.headers);
     let deadline = parts
         .headers
@@ -41,11 +42,10 @@ pub(super) async fn handle(
     let record = ExchangeRecord::new(
         shared.clone(),
         RecordStart {
-            protocol: Protocol::Grpc,
             route,
             capture,
             path: if capture { parts.uri.path().to_string() } else { String::new() },
-            request_id: if capture { request_id.clone() } else { String::new() },
+            request_id,
             request_id_generated: generated,
             request_encoding: header_text(&parts.headers, "grpc-encoding"),
             started_at,
@@ -71,6 +71,7 @@ pub(super) async fn handle(
         }
         Ok(Err(error)) if is_stream_reset(&error) => {
             record.upstream_finished();
+            record.failed(ErrorOrigin::Upstream);
             return Err(Box::new(error));
         }
         Ok(Err(error)) => {
@@ -89,7 +90,7 @@ pub(super) async fn handle(
             trailers_only(&record, DEADLINE_EXCEEDED, &message)
         }
     };
-    shared.return_generated_id(response.headers_mut(), &request_id, generated);
+    shared.return_id(response.headers_mut(), returned_id);
     Ok(response)
 }
 
@@ -108,6 +109,7 @@ fn is_stream_reset(error: &(dyn std::error::Error + 'static)) -> bool {
 /// A gRPC error answered by mltap: status and message in the response head.
 fn trailers_only(record: &ExchangeRecord, code: i32, message: &str) -> Response<ResponseBody> {
     record.upstream_finished();
+    record.failed(ErrorOrigin::Mltap);
     record.response_head(200, Some(code), None);
     let mut response = Response::new(ResponseBody::local(bytes::Bytes::new()));
     let headers = response.headers_mut();

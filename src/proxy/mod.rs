@@ -8,6 +8,7 @@
 
 mod grpc;
 pub mod headers;
+pub mod listen;
 pub mod metrics;
 pub mod request_id;
 mod rest;
@@ -15,6 +16,7 @@ pub mod tee;
 pub mod tls;
 
 use crate::capture::CaptureSender;
+pub use crate::capture::RouteKind;
 use crate::units::ConfigError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -58,93 +60,6 @@ type ClientStream = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>
 
 /// How long a client may take to finish its TLS handshake before it is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What kind of call a request is: metric label and capture decision in one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteKind {
-    GrpcPredict,
-    GrpcClassify,
-    GrpcRegress,
-    GrpcMultiInference,
-    GrpcGetModelMetadata,
-    GrpcGetModelStatus,
-    GrpcReloadConfig,
-    GrpcOther,
-    RestPredict,
-    RestClassify,
-    RestRegress,
-    RestMetadata,
-    RestStatus,
-    RestOther,
-}
-
-impl RouteKind {
-    /// Classifies a gRPC path; only TF Serving's own methods get their own label.
-    pub fn grpc(path: &str) -> RouteKind {
-        match path {
-            "/tensorflow.serving.PredictionService/Predict" => RouteKind::GrpcPredict,
-            "/tensorflow.serving.PredictionService/Classify" => RouteKind::GrpcClassify,
-            "/tensorflow.serving.PredictionService/Regress" => RouteKind::GrpcRegress,
-            "/tensorflow.serving.PredictionService/MultiInference" => RouteKind::GrpcMultiInference,
-            "/tensorflow.serving.PredictionService/GetModelMetadata" => RouteKind::GrpcGetModelMetadata,
-            "/tensorflow.serving.ModelService/GetModelStatus" => RouteKind::GrpcGetModelStatus,
-            "/tensorflow.serving.ModelService/HandleReloadConfigRequest" => RouteKind::GrpcReloadConfig,
-            _ => RouteKind::GrpcOther,
-        }
-    }
-
-    /// Classifies a REST call by method and path (`/v1/models/M[/versions/V]:verb`).
-    pub fn rest(method: &http::Method, path: &str) -> RouteKind {
-        if method == http::Method::POST {
-            if path.ends_with(":predict") {
-                return RouteKind::RestPredict;
-            }
-            if path.ends_with(":classify") {
-                return RouteKind::RestClassify;
-            }
-            if path.ends_with(":regress") {
-                return RouteKind::RestRegress;
-            }
-        }
-        if method == http::Method::GET && path.starts_with("/v1/models/") {
-            return if path.ends_with("/metadata") { RouteKind::RestMetadata } else { RouteKind::RestStatus };
-        }
-        RouteKind::RestOther
-    }
-
-    /// Whether the exchange is copied to the worker.
-    pub fn captured(self) -> bool {
-        matches!(
-            self,
-            RouteKind::GrpcPredict
-                | RouteKind::GrpcClassify
-                | RouteKind::GrpcRegress
-                | RouteKind::GrpcMultiInference
-                | RouteKind::RestPredict
-                | RouteKind::RestClassify
-                | RouteKind::RestRegress
-        )
-    }
-
-    /// The `method` label of the request metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            RouteKind::GrpcPredict => "Predict",
-            RouteKind::GrpcClassify => "Classify",
-            RouteKind::GrpcRegress => "Regress",
-            RouteKind::GrpcMultiInference => "MultiInference",
-            RouteKind::GrpcGetModelMetadata => "GetModelMetadata",
-            RouteKind::GrpcGetModelStatus => "GetModelStatus",
-            RouteKind::GrpcReloadConfig => "HandleReloadConfigRequest",
-            RouteKind::RestPredict => "predict",
-            RouteKind::RestClassify => "classify",
-            RouteKind::RestRegress => "regress",
-            RouteKind::RestMetadata => "metadata",
-            RouteKind::RestStatus => "status",
-            RouteKind::GrpcOther | RouteKind::RestOther => "other",
-        }
-    }
-}
 
 /// The grpc-status in a header or trailer map.
 pub(crate) fn grpc_status_of(headers: &http::HeaderMap) -> Option<i32> {
@@ -233,23 +148,27 @@ pub struct ProxyShared {
 impl ProxyShared {
     /// The client's request id, or a generated one when the exchange needs an id
     /// (captured, or ids are returned). Returns the id and whether it was generated.
+    /// A client's id is only copied when the exchange is captured: it is never
+    /// returned, so an exchange that is not captured allocates nothing for it.
     fn request_id(&self, headers: &http::HeaderMap, needed: bool) -> (String, bool) {
-        if let Some(id) = headers.get(&self.request_id_header).and_then(|v| v.to_str().ok()) {
-            return (id.to_string(), false);
-        }
-        if needed || self.return_request_id {
-            (self.request_ids.generate(), true)
-        } else {
-            (String::new(), false)
+        match headers.get(&self.request_id_header).and_then(|v| v.to_str().ok()) {
+            Some(id) if needed => (id.to_string(), false),
+            Some(_) => (String::new(), false),
+            None if needed || self.return_request_id => (self.request_ids.generate(), true),
+            None => (String::new(), false),
         }
     }
 
-    /// Adds a generated request id to a response when the configuration asks for it.
-    fn return_generated_id(&self, headers: &mut http::HeaderMap, id: &str, generated: bool) {
-        if generated && self.return_request_id {
-            if let Ok(value) = http::HeaderValue::from_str(id) {
-                headers.insert(self.request_id_header.clone(), value);
-            }
+    /// The header value that returns a generated request id to the client, when the
+    /// configuration asks for it; taken before the id moves into the exchange record.
+    fn id_to_return(&self, id: &str, generated: bool) -> Option<http::HeaderValue> {
+        (generated && self.return_request_id).then(|| http::HeaderValue::from_str(id).ok()).flatten()
+    }
+
+    /// Adds the generated request id (`id_to_return`) to a response.
+    fn return_id(&self, headers: &mut http::HeaderMap, value: Option<http::HeaderValue>) {
+        if let Some(value) = value {
+            headers.insert(self.request_id_header.clone(), value);
         }
     }
 
@@ -552,6 +471,10 @@ mod tests {
         assert!(RouteKind::rest(&http::Method::POST, "/v1/models/m/versions/2:predict").captured());
         assert!(RouteKind::rest(&http::Method::POST, "/v1/models/m:regress").captured());
         assert!(!RouteKind::rest(&http::Method::GET, "/v1/models/m:predict").captured());
-        assert_eq!(RouteKind::rest(&http::Method::GET, "/v1/models/m/metadata"), RouteKind::RestMetadata);
+        let metadata = RouteKind::rest(&http::Method::GET, "/v1/models/m/metadata");
+        assert_eq!(metadata.method, crate::capture::CallMethod::GetModelMetadata);
+        assert_eq!(metadata.label(), "metadata");
+        assert_eq!(RouteKind::grpc("/tensorflow.serving.PredictionService/Predict").label(), "Predict");
+        assert_eq!(RouteKind::rest(&http::Method::POST, "/v1/models/m:predict").label(), "predict");
     }
 }

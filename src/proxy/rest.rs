@@ -6,7 +6,7 @@
 use super::headers::strip_hop_by_hop;
 use super::tee::{ExchangeRecord, RecordStart, Side, Tap, TeeBody};
 use super::{error_chain, ProxyShared, ResponseBody, RouteKind};
-use crate::capture::Protocol;
+use crate::capture::ErrorOrigin;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -24,15 +24,15 @@ pub(super) async fn handle(
     let route = RouteKind::rest(&parts.method, parts.uri.path());
     let capture = route.captured();
     let (request_id, generated) = shared.request_id(&parts.headers, capture);
+    let returned_id = shared.id_to_return(&request_id, generated);
     strip_hop_by_hop(&mut parts.headers);
     let record = ExchangeRecord::new(
         shared.clone(),
         RecordStart {
-            protocol: Protocol::Rest,
             route,
             capture,
             path: if capture { parts.uri.path().to_string() } else { String::new() },
-            request_id: if capture { request_id.clone() } else { String::new() },
+            request_id,
             request_id_generated: generated,
             request_encoding: header_text(&parts.headers, header::CONTENT_ENCODING),
             started_at,
@@ -67,13 +67,14 @@ pub(super) async fn handle(
             local_error(&record, StatusCode::GATEWAY_TIMEOUT, &message)
         }
     };
-    shared.return_generated_id(response.headers_mut(), &request_id, generated);
+    shared.return_id(response.headers_mut(), returned_id);
     Ok(response)
 }
 
 /// A TF-Serving-shaped error answered by mltap itself.
 fn local_error(record: &ExchangeRecord, status: StatusCode, message: &str) -> Response<ResponseBody> {
     record.upstream_finished();
+    record.failed(ErrorOrigin::Mltap);
     record.response_head(status.as_u16(), None, None);
     let body = serde_json::json!({ "error": message }).to_string();
     let mut response = Response::new(ResponseBody::local(Bytes::from(body)));

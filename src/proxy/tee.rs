@@ -5,11 +5,13 @@
 //! clones (while the exchange stays under its byte cap) and notes the trailers'
 //! `grpc-status`. Each side deposits what it saw into the shared `ExchangeRecord`
 //! exactly once: at its end, trailers, error or drop. When the last holder of the
-//! record lets go, the record counts the request in the metrics and offers the
-//! `Exchange` to the capture queue without waiting. Nothing here parses a payload.
+//! record lets go, the record counts the request in the metrics and submits the
+//! `Exchange` to the capture queue without waiting. Whether an exchange is sampled
+//! for statistics (both bodies copied) or only counted (response and a request prefix)
+//! is decided when its record is created. Nothing here parses a payload.
 
 use super::{ProxyShared, RouteKind};
-use crate::capture::{Exchange, Protocol};
+use crate::capture::{Bodies, ErrorOrigin, Exchange, Protocol, REQUEST_PREFIX_BYTES};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -46,6 +48,9 @@ struct Observed {
     response_encoding: Option<String>,
     /// Set when the upstream's response ended (or failed).
     upstream_latency: Option<Duration>,
+    /// A failure whose origin is known where it happened (mltap's own answer, an
+    /// upstream reset or broken body, a client that went away).
+    failure: Option<ErrorOrigin>,
 }
 
 /// The shared record of one exchange. Its `Drop` is the end of the exchange.
@@ -53,9 +58,7 @@ struct Observed {
 pub struct ExchangeRecord {
     /// Metrics, capture queue and configuration of the proxy.
     shared: Arc<ProxyShared>,
-    /// Which listener the exchange came in on.
-    protocol: Protocol,
-    /// Kind of call, for metric labels and the capture decision.
+    /// Kind of call (protocol and method), for metric labels and the capture decision.
     route: RouteKind,
     /// The path (captured exchanges only; empty otherwise).
     path: String,
@@ -69,18 +72,21 @@ pub struct ExchangeRecord {
     started_at: SystemTime,
     /// When the request left for the upstream; latency is measured from here.
     sent_at: Instant,
-    /// Whether bodies are copied for the worker.
+    /// Whether bodies are copied for the worker at all.
     capture: bool,
+    /// Whether the whole request is copied too (statistics); else only its prefix.
+    sampled: bool,
     /// Body bytes copied so far by both sides, against the per-exchange cap.
     captured_bytes: AtomicUsize,
-    /// Set once the cap was exceeded: both sides stop copying and nothing is queued.
-    oversize: AtomicBool,
+    /// Set when the request passed the cap: it is cut to its prefix (counted only).
+    request_cut: AtomicBool,
+    /// Set when the response passed the cap: nothing but the request is counted.
+    response_cut: AtomicBool,
     observed: Mutex<Observed>,
 }
 
 /// What the handler knows about a request when it creates its record.
 pub struct RecordStart {
-    pub protocol: Protocol,
     pub route: RouteKind,
     pub capture: bool,
     pub path: String,
@@ -92,9 +98,9 @@ pub struct RecordStart {
 
 impl ExchangeRecord {
     pub fn new(shared: Arc<ProxyShared>, start: RecordStart) -> Arc<Self> {
+        let sampled = start.capture && shared.capture.sample();
         Arc::new(ExchangeRecord {
             shared,
-            protocol: start.protocol,
             route: start.route,
             path: start.path,
             request_id: start.request_id,
@@ -103,8 +109,10 @@ impl ExchangeRecord {
             started_at: start.started_at,
             sent_at: Instant::now(),
             capture: start.capture,
+            sampled,
             captured_bytes: AtomicUsize::new(0),
-            oversize: AtomicBool::new(false),
+            request_cut: AtomicBool::new(false),
+            response_cut: AtomicBool::new(false),
             observed: Mutex::new(Observed::default()),
         })
     }
@@ -125,6 +133,11 @@ impl ExchangeRecord {
         self.lock().upstream_latency.get_or_insert(elapsed);
     }
 
+    /// Notes a failure whose origin is known where it is met; the first one wins.
+    pub fn failed(&self, origin: ErrorOrigin) {
+        self.lock().failure.get_or_insert(origin);
+    }
+
     /// Whether the request body should be tapped.
     pub fn captures(&self) -> bool {
         self.capture
@@ -135,37 +148,47 @@ impl ExchangeRecord {
         self.observed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reserves `len` bytes of the per-exchange cap; false once the cap is exceeded.
+    /// Reserves `len` bytes of the per-exchange cap; false when they do not fit.
     fn reserve(&self, len: usize) -> bool {
-        if self.oversize.load(Ordering::Relaxed) {
-            return false;
-        }
         let before = self.captured_bytes.fetch_add(len, Ordering::Relaxed);
         if before + len > self.shared.capture.max_exchange_bytes() {
-            self.oversize.store(true, Ordering::Relaxed);
+            self.captured_bytes.fetch_sub(len, Ordering::Relaxed);
             return false;
         }
         true
     }
 
-    fn status_label(&self, observed: &Observed) -> String {
-        match self.protocol {
-            Protocol::Rest => observed.status.to_string(),
+    fn status_label(&self, observed: &Observed) -> std::borrow::Cow<'static, str> {
+        match self.route.protocol {
+            Protocol::Rest => super::metrics::status_text(i64::from(observed.status)),
             Protocol::Grpc => match observed.grpc_status {
-                Some(code) => code.to_string(),
-                None => "none".to_string(),
+                Some(code) => super::metrics::status_text(i64::from(code)),
+                None => std::borrow::Cow::Borrowed("none"),
             },
         }
+    }
+
+    /// Whose fault the exchange was, if it failed: a failure noted where it happened,
+    /// else a client that did not see it through, else TF Serving's error status.
+    fn origin(&self, observed: &Observed, complete: bool) -> Option<ErrorOrigin> {
+        if let Some(origin) = observed.failure {
+            return Some(origin);
+        }
+        if !complete {
+            return Some(ErrorOrigin::Client);
+        }
+        let ok = match self.route.protocol {
+            Protocol::Rest => (200..300).contains(&observed.status),
+            Protocol::Grpc => observed.grpc_status == Some(0),
+        };
+        (!ok).then_some(ErrorOrigin::Upstream)
     }
 }
 
 impl Drop for ExchangeRecord {
     fn drop(&mut self) {
         let observed = std::mem::take(self.observed.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()));
-        let protocol = match self.protocol {
-            Protocol::Grpc => "grpc",
-            Protocol::Rest => "rest",
-        };
+        let protocol = self.route.protocol.as_str();
         let latency = observed.upstream_latency.unwrap_or_else(|| self.sent_at.elapsed());
         let metrics = &self.shared.metrics;
         metrics
@@ -183,24 +206,44 @@ impl Drop for ExchangeRecord {
         if !self.capture {
             return;
         }
-        if self.oversize.load(Ordering::Relaxed) {
-            self.shared.capture.skip_oversize();
-            return;
+        let (request_cut, response_cut) =
+            (self.request_cut.load(Ordering::Relaxed), self.response_cut.load(Ordering::Relaxed));
+        if !self.sampled {
+            self.shared.capture.shed();
         }
-        self.shared.capture.offer(Exchange {
-            protocol: self.protocol,
+        if request_cut || response_cut {
+            self.shared.capture.skip_oversize();
+        }
+        let bodies = if response_cut {
+            Bodies::Neither
+        } else if request_cut || !self.sampled {
+            Bodies::ResponseOnly
+        } else {
+            Bodies::Full
+        };
+        let complete = observed.request_complete && observed.response_complete;
+        let origin = self.origin(&observed, complete);
+        let (request_body, response_body) = match bodies {
+            Bodies::Neither => (Vec::new(), Vec::new()),
+            _ => (observed.request_body, observed.response_body),
+        };
+        self.shared.capture.submit(Exchange {
+            protocol: self.route.protocol,
+            method: self.route.method,
             path: std::mem::take(&mut self.path),
             request_id: std::mem::take(&mut self.request_id),
             request_id_generated: self.request_id_generated,
             request_encoding: self.request_encoding.take(),
             response_encoding: observed.response_encoding,
-            request_body: observed.request_body,
-            response_body: observed.response_body,
+            bodies,
+            request_body,
+            response_body,
             status: observed.status,
             grpc_status: observed.grpc_status,
+            origin,
             started_at: self.started_at,
             upstream_latency: latency,
-            complete: observed.request_complete && observed.response_complete,
+            complete,
         });
     }
 }
@@ -212,18 +255,54 @@ pub struct Tap {
     side: Side,
     /// Chunks copied by this side, handed over at its end.
     chunks: Vec<Bytes>,
+    /// Bytes in `chunks`.
+    bytes: usize,
+    /// Set once this side stopped copying (cap reached, or the prefix is complete).
+    stopped: bool,
     /// Set once this side deposited; later events are ignored.
     done: bool,
 }
 
 impl Tap {
     pub fn new(record: Arc<ExchangeRecord>, side: Side) -> Self {
-        Tap { record, side, chunks: Vec::new(), done: false }
+        Tap { record, side, chunks: Vec::new(), bytes: 0, stopped: false, done: false }
     }
 
     fn data(&mut self, data: &Bytes) {
-        if self.record.capture && !data.is_empty() && self.record.reserve(data.len()) {
+        if !self.record.capture || data.is_empty() || self.stopped {
+            return;
+        }
+        if self.side == Side::Request && !self.record.sampled {
+            // A count record keeps the request's first bytes only: the model spec or
+            // the REST `signature_name` are there.
+            let take = data.len().min(REQUEST_PREFIX_BYTES - self.bytes);
+            self.chunks.push(Bytes::copy_from_slice(&data[..take]));
+            self.bytes += take;
+            self.stopped = self.bytes >= REQUEST_PREFIX_BYTES;
+            return;
+        }
+        if self.record.reserve(data.len()) {
             self.chunks.push(keep(data));
+            self.bytes += data.len();
+            return;
+        }
+        self.stopped = true;
+        match self.side {
+            Side::Request => {
+                // Too large for statistics: keep what a count record needs and give the
+                // rest of the budget back to the response.
+                let prefix = crate::capture::prefix(&self.chunks, REQUEST_PREFIX_BYTES);
+                let kept: usize = prefix.iter().map(Bytes::len).sum();
+                self.record.captured_bytes.fetch_sub(self.bytes - kept, Ordering::Relaxed);
+                self.chunks = prefix;
+                self.bytes = kept;
+                self.record.request_cut.store(true, Ordering::Relaxed);
+            }
+            Side::Response => {
+                self.chunks = Vec::new();
+                self.bytes = 0;
+                self.record.response_cut.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -241,8 +320,7 @@ impl Tap {
             return;
         }
         self.done = true;
-        let chunks =
-            if self.record.oversize.load(Ordering::Relaxed) { Vec::new() } else { std::mem::take(&mut self.chunks) };
+        let chunks = std::mem::take(&mut self.chunks);
         let elapsed = self.record.sent_at.elapsed();
         let mut observed = self.record.lock();
         match self.side {
@@ -277,6 +355,10 @@ fn keep(data: &Bytes) -> Bytes {
 
 impl Drop for Tap {
     fn drop(&mut self) {
+        if !self.done && self.side == Side::Response {
+            // The response was dropped before its end: the client stopped reading.
+            self.record.failed(ErrorOrigin::Client);
+        }
         self.deposit(false);
     }
 }
@@ -329,7 +411,15 @@ where
                         tap.deposit(true);
                     }
                 }
-                Some(Err(_)) => tap.deposit(false),
+                Some(Err(_)) => {
+                    // A request body fails when the client resets or breaks it, a
+                    // response body when TF Serving does.
+                    tap.record.failed(match tap.side {
+                        Side::Request => ErrorOrigin::Client,
+                        Side::Response => ErrorOrigin::Upstream,
+                    });
+                    tap.deposit(false);
+                }
                 None => tap.deposit(true),
             }
         }
@@ -359,8 +449,7 @@ mod tests {
 
     fn start(capture: bool) -> RecordStart {
         RecordStart {
-            protocol: Protocol::Rest,
-            route: RouteKind::RestPredict,
+            route: RouteKind::rest(&http::Method::POST, "/v1/models/m:predict"),
             capture,
             path: "/v1/models/m:predict".into(),
             request_id: "id".into(),

@@ -19,6 +19,8 @@ pub enum Inputs {
     Tensors(Vec<NamedTensor>),
     /// Classify, Regress, MultiInference: one entry per example.
     Examples(Vec<ExampleFeatures>),
+    /// Not copied: the exchange was only counted. Rows come from the outputs.
+    Unsampled,
 }
 
 /// The outputs of a call.

@@ -284,7 +284,8 @@ pub fn decode_exchange(
     budget: &mut Budget,
     with_response: bool,
 ) -> CallDecoded {
-    let mut out = CallDecoded { method: method_of_path(&exchange.path), ..CallDecoded::default() };
+    // The proxy classified the path already; its method is carried with the exchange.
+    let mut out = CallDecoded { method: InferenceMethod::of_call(exchange.method), ..CallDecoded::default() };
     let Some(method) = out.method else {
         out.errors
             .push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
@@ -316,6 +317,67 @@ pub fn decode_exchange(
     }
     out.call = Some(call);
     out
+}
+
+/// Decodes a count record: the model spec from the request's prefix (when it is
+/// uncompressed and holds it whole), the outputs, served version and signature from
+/// the response. The call's inputs are `Inputs::Unsampled`.
+pub fn decode_count_record(
+    exchange: &Exchange,
+    limits: &DecodeLimits,
+    budget: &mut Budget,
+    with_response: bool,
+) -> CallDecoded {
+    let mut out = CallDecoded { method: InferenceMethod::of_call(exchange.method), ..CallDecoded::default() };
+    let Some(method) = out.method else {
+        out.errors
+            .push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
+        return out;
+    };
+    let spec = prefix_model_spec(&exchange.request_body, method);
+    let (model, version, version_label, signature) = spec_parts(spec.as_ref());
+    let mut call =
+        Call { method, model, version, version_label, signature, inputs: Inputs::Unsampled, outputs: Outputs::None };
+    if with_response && exchange.bodies == crate::capture::Bodies::ResponseOnly {
+        let response =
+            unary_message(&exchange.response_body, exchange.response_encoding.as_deref(), limits, &mut out.errors)
+                .and_then(|message| decode_response(&mut call, message, budget, &mut out.errors));
+        if let Err(e) = response {
+            out.errors.push(e);
+        }
+    }
+    out.model = (!call.model.is_empty()).then(|| call.model.clone());
+    out.call = Some(call);
+    out
+}
+
+/// The `model_spec` of a request from the first bytes of its body: field 1 of every
+/// request message (of the first `InferenceTask` for MultiInference), which protobuf
+/// encoders write first. None when the prefix is compressed or cuts it.
+fn prefix_model_spec(chunks: &[Bytes], method: InferenceMethod) -> Option<serving::ModelSpec> {
+    let prefix = crate::capture::prefix(chunks, crate::capture::REQUEST_PREFIX_BYTES).concat();
+    let (&flag, rest) = prefix.split_first()?;
+    if flag != 0 || rest.len() < 4 {
+        return None;
+    }
+    let length = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let message = &rest[4..];
+    let message = &message[..message.len().min(length)];
+    let first = first_field(message)?;
+    match method {
+        InferenceMethod::MultiInference => serving::InferenceTask::decode(first_field(first)?).ok()?.model_spec,
+        _ => serving::ModelSpec::decode(first).ok(),
+    }
+}
+
+/// The bytes of field 1 when a message starts with it, length-delimited and whole.
+fn first_field(mut message: &[u8]) -> Option<&[u8]> {
+    let tag = prost::encoding::decode_varint(&mut message).ok()?;
+    if tag != (1 << 3) | 2 {
+        return None;
+    }
+    let length = usize::try_from(prost::encoding::decode_varint(&mut message).ok()?).ok()?;
+    message.get(..length)
 }
 
 /// Decodes one request message of `method`.
@@ -394,7 +456,11 @@ pub fn decode_response(
 }
 
 fn apply_spec(call: &mut Call, spec: Option<&serving::ModelSpec>) {
-    let (_, version, _, signature) = spec_parts(spec);
+    let (model, version, _, signature) = spec_parts(spec);
+    if call.model.is_empty() {
+        // A count record whose request prefix did not hold the model spec.
+        call.model = model;
+    }
     if version.is_some() {
         call.version = version;
     }

@@ -35,11 +35,13 @@ pub use model_config::ModelConfig;
 pub use schema::{ModelSchema, SchemaCache, SchemaKey, SchemaSource, SignatureSchema};
 pub use tensor::{DType, NamedTensor, Tensor, TensorValues};
 
+use crate::capture::{Bodies, CallMethod};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Which inference API produced an observation.
+/// Which inference API produced an observation: the inference subset of the proxy's
+/// `CallMethod`, spelled the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum InferenceMethod {
     Predict,
@@ -49,13 +51,30 @@ pub enum InferenceMethod {
 }
 
 impl InferenceMethod {
-    /// The name used in metric dimensions (`method` property).
+    /// The name used in metric dimensions (`method` property): `CallMethod`'s spelling.
     pub fn as_str(self) -> &'static str {
-        match self {
-            InferenceMethod::Predict => "predict",
-            InferenceMethod::Classify => "classify",
-            InferenceMethod::Regress => "regress",
-            InferenceMethod::MultiInference => "multi_inference",
+        CallMethod::from(self).as_str()
+    }
+
+    /// The inference method of a call the proxy classified; None for other calls.
+    pub fn of_call(method: CallMethod) -> Option<InferenceMethod> {
+        Some(match method {
+            CallMethod::Predict => InferenceMethod::Predict,
+            CallMethod::Classify => InferenceMethod::Classify,
+            CallMethod::Regress => InferenceMethod::Regress,
+            CallMethod::MultiInference => InferenceMethod::MultiInference,
+            _ => return None,
+        })
+    }
+}
+
+impl From<InferenceMethod> for CallMethod {
+    fn from(method: InferenceMethod) -> CallMethod {
+        match method {
+            InferenceMethod::Predict => CallMethod::Predict,
+            InferenceMethod::Classify => CallMethod::Classify,
+            InferenceMethod::Regress => CallMethod::Regress,
+            InferenceMethod::MultiInference => CallMethod::MultiInference,
         }
     }
 }
@@ -343,6 +362,10 @@ pub struct Decoded {
     pub observations: Vec<Observation>,
     /// Problems met while decoding; data that decoded fine is still observed.
     pub errors: Vec<DecodeError>,
+    /// Whether the observations carry the inputs (a sampled exchange). Observations of
+    /// a count record carry the outputs only: they count rows and classes exactly and
+    /// leave feature statistics to the sampled exchanges.
+    pub sampled: bool,
 }
 
 /// Turns exchanges into observations, with the per-model overrides of the config.
@@ -383,13 +406,25 @@ impl Decoder {
 
     /// Decodes the bodies of one exchange into a protocol-neutral `Call`, without
     /// naming or probability rules. The bodies of a failed or incomplete exchange are
-    /// not read, except a gRPC request's, for the model name.
+    /// not read, except a gRPC request's, for the model name. A count record (only
+    /// the response and a request prefix) gives a call with `Inputs::Unsampled`.
     pub fn decode_call(&self, exchange: &crate::capture::Exchange) -> CallDecoded {
         let succeeded = exchange.complete && exchange.status == 200 && exchange.grpc_status.unwrap_or(0) == 0;
         let mut budget = tensor::Budget::new(self.limits.max_elements);
-        let mut out = match exchange.protocol {
-            crate::capture::Protocol::Grpc => grpc::decode_exchange(exchange, &self.limits, &mut budget, succeeded),
-            crate::capture::Protocol::Rest => rest::decode_exchange(exchange, &self.limits, &mut budget, succeeded),
+        let sampled = exchange.bodies == Bodies::Full;
+        let mut out = match (exchange.protocol, sampled) {
+            (crate::capture::Protocol::Grpc, true) => {
+                grpc::decode_exchange(exchange, &self.limits, &mut budget, succeeded)
+            }
+            (crate::capture::Protocol::Rest, true) => {
+                rest::decode_exchange(exchange, &self.limits, &mut budget, succeeded)
+            }
+            (crate::capture::Protocol::Grpc, false) => {
+                grpc::decode_count_record(exchange, &self.limits, &mut budget, succeeded)
+            }
+            (crate::capture::Protocol::Rest, false) => {
+                rest::decode_count_record(exchange, &self.limits, &mut budget, succeeded)
+            }
         };
         out.succeeded = succeeded;
         if !succeeded {
@@ -403,7 +438,8 @@ impl Decoder {
     /// Decodes one exchange.
     pub fn decode(&self, exchange: &crate::capture::Exchange) -> Decoded {
         let CallDecoded { model, method, call, errors, .. } = self.decode_call(exchange);
-        let mut decoded = Decoded { model, method, observations: Vec::new(), errors };
+        let sampled = exchange.sampled();
+        let mut decoded = Decoded { model, method, observations: Vec::new(), errors, sampled };
         if let Some(call) = call {
             let schema = self.schema_for(exchange, &call);
             let context = observe::Context {
@@ -426,6 +462,12 @@ impl Decoder {
             }
         }
         decoded
+    }
+
+    /// Whether labels of `model` refer to rows by an input feature (`id_feature`): the
+    /// rows of its count records, whose inputs are not copied, cannot be joined.
+    pub fn ids_rows_by_feature(&self, model: &str) -> bool {
+        self.models.get(model).is_some_and(|m| m.id_feature.is_some())
     }
 
     /// The signature of a REST call's model version, when the cache has it (a miss

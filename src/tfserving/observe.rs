@@ -93,8 +93,14 @@ pub fn observations(call: &Call, ctx: &Context<'_>, errors: &mut Vec<DecodeError
     };
     let key = stream(&call.model, call.version, &call.signature);
     let config = config_of(&call.model);
-    match (&call.inputs, &call.outputs) {
-        (Inputs::Tensors(inputs), outputs) => {
+    // Predict calls; a count record of one has no inputs, its rows come from the outputs.
+    let tensor_inputs: Option<&[NamedTensor]> = match (&call.inputs, &call.outputs) {
+        (Inputs::Tensors(inputs), _) => Some(inputs),
+        (Inputs::Unsampled, Outputs::Tensors(_)) => Some(&[]),
+        _ => None,
+    };
+    match (tensor_inputs, &call.inputs, &call.outputs) {
+        (Some(inputs), _, outputs) => {
             let mut outputs: Vec<NamedTensor> = match outputs {
                 Outputs::Tensors(t) => t.clone(),
                 _ => Vec::new(),
@@ -128,7 +134,7 @@ pub fn observations(call: &Call, ctx: &Context<'_>, errors: &mut Vec<DecodeError
             obs.regression = regression;
             vec![obs]
         }
-        (Inputs::Examples(examples), Outputs::Tasks(tasks)) => {
+        (None, Inputs::Examples(examples), Outputs::Tasks(tasks)) => {
             let (features, ids) = example_features(examples, config, ctx.limits, errors);
             if tasks.len() > MAX_TASKS {
                 // Each task's observation copies the features.
@@ -150,7 +156,7 @@ pub fn observations(call: &Call, ctx: &Context<'_>, errors: &mut Vec<DecodeError
                 })
                 .collect()
         }
-        (Inputs::Examples(examples), outputs) => {
+        (None, Inputs::Examples(examples), outputs) => {
             let mut obs = base(key, call.method, examples.len());
             let (features, ids) = example_features(examples, config, ctx.limits, errors);
             obs.features = features;
@@ -158,7 +164,35 @@ pub fn observations(call: &Call, ctx: &Context<'_>, errors: &mut Vec<DecodeError
             example_outputs(&mut obs, outputs, config, errors);
             vec![obs]
         }
-        (Inputs::None, _) => Vec::new(),
+        (None, Inputs::Unsampled, Outputs::Tasks(tasks)) => tasks
+            .iter()
+            .take(MAX_TASKS)
+            .filter_map(|task| {
+                let rows = result_rows(&task.outputs)?;
+                let mut obs = base(stream(&task.model, task.version, &task.signature), task.method, rows);
+                example_outputs(&mut obs, &task.outputs, config_of(&task.model), errors);
+                Some(obs)
+            })
+            .collect(),
+        (None, Inputs::Unsampled, outputs) => match result_rows(outputs) {
+            Some(rows) => {
+                let mut obs = base(key, call.method, rows);
+                example_outputs(&mut obs, outputs, config, errors);
+                vec![obs]
+            }
+            None => Vec::new(),
+        },
+        (None, Inputs::Tensors(_) | Inputs::None, _) => Vec::new(),
+    }
+}
+
+/// Rows of Classify or Regress results (of a count record, whose examples were not
+/// copied); None for anything else.
+fn result_rows(outputs: &Outputs) -> Option<usize> {
+    match outputs {
+        Outputs::Classifications(rows) => Some(rows.len()),
+        Outputs::Regressions(values) => Some(values.len()),
+        _ => None,
     }
 }
 

@@ -67,12 +67,7 @@ pub fn decode_exchange(
     with_response: bool,
 ) -> CallDecoded {
     let mut out = CallDecoded::default();
-    let Some(path) = parse_path(&exchange.path) else {
-        out.errors.push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference URL", exchange.path)));
-        return out;
-    };
-    out.model = Some(path.model.clone());
-    out.method = Some(path.method);
+    let Some(path) = inference_path(exchange, &mut out) else { return out };
     if !with_response {
         return out;
     }
@@ -104,6 +99,73 @@ pub fn decode_exchange(
     }
     out.call = Some(call);
     out
+}
+
+/// Model, version and label from the URL, with the method the proxy classified it as;
+/// None (and `unknown_path`) when it is no inference URL.
+fn inference_path(exchange: &Exchange, out: &mut CallDecoded) -> Option<RestPath> {
+    let parsed = parse_path(&exchange.path);
+    let method = InferenceMethod::of_call(exchange.method);
+    let (Some(mut path), Some(method)) = (parsed, method) else {
+        out.errors.push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference URL", exchange.path)));
+        return None;
+    };
+    path.method = method;
+    out.model = Some(path.model.clone());
+    out.method = Some(method);
+    Some(path)
+}
+
+/// Decodes a count record: model and version from the URL, `signature_name` from the
+/// request's prefix (when the prefix holds it), the outputs from the response. The
+/// call's inputs are `Inputs::Unsampled`.
+pub fn decode_count_record(
+    exchange: &Exchange,
+    limits: &DecodeLimits,
+    budget: &mut Budget,
+    with_response: bool,
+) -> CallDecoded {
+    let mut out = CallDecoded::default();
+    let Some(path) = inference_path(exchange, &mut out) else { return out };
+    let prefix = crate::capture::prefix(&exchange.request_body, crate::capture::REQUEST_PREFIX_BYTES).concat();
+    let signature = match exchange.request_encoding.as_deref().map(str::trim) {
+        None | Some("") | Some("identity") => prefix_signature(&prefix, limits),
+        Some(_) => None,
+    };
+    let mut call = Call {
+        method: path.method,
+        model: path.model,
+        version: path.version,
+        version_label: path.label,
+        signature: signature.unwrap_or_default(),
+        inputs: Inputs::Unsampled,
+        outputs: Outputs::None,
+    };
+    if with_response && exchange.bodies == crate::capture::Bodies::ResponseOnly {
+        let raw = exchange.response_bytes();
+        match body(&raw, exchange.response_encoding.as_deref(), limits)
+            .and_then(|b| decode_response(path.method, &b, limits, budget))
+        {
+            Ok(outputs) => call.outputs = outputs,
+            Err(e) => out.errors.push(e),
+        }
+    }
+    out.call = Some(call);
+    out
+}
+
+/// A request's top-level `signature_name` when it comes before the prefix ends.
+fn prefix_signature(prefix: &[u8], limits: &DecodeLimits) -> Option<String> {
+    let mut json = Json::new(prefix, limits.max_json_depth);
+    json.begin_object().ok()?;
+    let mut first = true;
+    while let Some(key) = json.next_key(&mut first).ok()? {
+        if key == "signature_name" {
+            return json.text().ok().map(Cow::into_owned);
+        }
+        json.skip_value().ok()?;
+    }
+    None
 }
 
 /// Decodes a request body: its `signature_name` and its inputs.
