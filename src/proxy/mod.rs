@@ -333,8 +333,9 @@ impl Proxy {
     /// in-flight exchanges finish and returns when every connection is closed.
     pub async fn serve_rest(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
         let tls = self.rest_tls.clone().map(TlsAcceptor::from);
-        if let Some(relay) = self.rest_relay.clone() {
-            accept_loop(listener, tls, stop, move |io, stop| relay.clone().serve(io.into_inner(), stop)).await;
+        if let Some(relay) = &self.rest_relay {
+            let relay = relay.stopping_on(stop.clone());
+            accept_loop(listener, tls, stop, move |io, _| relay.clone().serve(io.into_inner())).await;
             return;
         }
         let mut builder = hyper::server::conn::http1::Builder::new();

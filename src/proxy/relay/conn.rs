@@ -17,8 +17,8 @@ use http::StatusCode;
 use std::io::Write as _;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// A client that started a head must finish it within this (hyper's default
@@ -43,9 +43,9 @@ struct Client<S> {
     upstream_out: Vec<u8>,
 }
 
-/// Serves one client connection until it closes, errs, or `stop` turns true between
+/// Serves one client connection until it closes, errs, or the relay stops between
 /// exchanges.
-pub(super) async fn serve<S>(relay: Relay, io: S, mut stop: watch::Receiver<bool>)
+pub(super) async fn serve<S>(relay: Relay, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -60,7 +60,7 @@ where
         request_id_header: relay.shared.request_id_header.as_str(),
     };
     loop {
-        let head = match read_head(&mut client, &context, &mut stop).await {
+        let head = match read_head(&mut client, &context, &relay.stop).await {
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(error) => {
@@ -69,7 +69,7 @@ where
                 break;
             }
         };
-        let stopping = *stop.borrow();
+        let stopping = relay.stop.is_cancelled();
         if !exchange(&relay, &mut client, head, stopping).await {
             break;
         }
@@ -82,7 +82,7 @@ where
 async fn read_head<S: AsyncRead + Unpin>(
     client: &mut Client<S>,
     context: &RequestContext<'_>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> Result<Option<RequestHead>, HeadError> {
     let mut deadline = None;
     loop {
@@ -94,7 +94,7 @@ async fn read_head<S: AsyncRead + Unpin>(
         let read = if client.buffer.is_empty() {
             tokio::select! {
                 read = client.buffer.fill_from(&mut client.io, framing::MAX_HEAD_BYTES) => read,
-                _ = stop.wait_for(|stopped| *stopped) => return Ok(None),
+                _ = stop.cancelled() => return Ok(None),
             }
         } else {
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + HEAD_READ_TIMEOUT);

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// The relay of one serving thread: its proxy state and its upstream pool.
 #[derive(Debug, Clone)]
@@ -32,6 +33,10 @@ pub(super) struct Relay {
     shared: Arc<ProxyShared>,
     /// Idle keep-alive connections to TF Serving's REST port.
     pool: Arc<UpstreamPool>,
+    /// Cancelled when the listener stops. One per serving thread, so that waiting on
+    /// it between requests touches no lock shared with the other threads (the
+    /// listeners' `watch` channel is shared by all of them).
+    stop: CancellationToken,
 }
 
 impl Relay {
@@ -45,14 +50,27 @@ impl Relay {
         // As hyper's connector: connecting may take the upstream timeout, at most 10 s.
         let connect_timeout = shared.upstream_timeout.min(Duration::from_secs(10));
         let pool = UpstreamPool::new(upstream.authority.host(), upstream.port(), connect_timeout, POOL_IDLE);
-        Some(Relay { shared, pool: Arc::new(pool) })
+        Some(Relay { shared, pool: Arc::new(pool), stop: CancellationToken::new() })
     }
 
-    /// Serves one client connection until it ends or `stop` turns true between exchanges.
-    pub(super) async fn serve<S>(self, io: S, stop: watch::Receiver<bool>)
+    /// The relay for one listener run: its connections stop once `stop` turns true.
+    /// Call on the thread (runtime) that serves the listener.
+    pub(super) fn stopping_on(&self, mut stop: watch::Receiver<bool>) -> Relay {
+        let token = CancellationToken::new();
+        let cancel = token.clone();
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+            cancel.cancel();
+        });
+        Relay { stop: token, ..self.clone() }
+    }
+
+    /// Serves one client connection until it ends, or until the listener stops
+    /// between two exchanges.
+    pub(super) async fn serve<S>(self, io: S)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        conn::serve(self, io, stop).await;
+        conn::serve(self, io).await;
     }
 }
