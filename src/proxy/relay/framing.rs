@@ -268,7 +268,7 @@ pub struct ClientSide<'a> {
     pub head_request: bool,
     /// The connection stays open after this answer, if the framing allows it.
     pub keep_alive: bool,
-    /// A field to add (the generated request id), already formatted `name: value\r\n`.
+    /// A field to add as `(name, value)`: the generated request id, when returned.
     pub extra_field: Option<(&'a str, &'a str)>,
 }
 
