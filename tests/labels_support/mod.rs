@@ -160,9 +160,7 @@ fn redis_tool(name: &str) -> PathBuf {
         .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} is not on PATH: these tests need a real Redis (Debian package `redis-server`)")
-        })
+        .unwrap_or_else(|| panic!("{name} is not on PATH: these tests need a real Redis (Debian package `redis-server`)"))
 }
 
 /// A loopback port that is free now (and, when `bus` is set, whose cluster bus port
