@@ -10,6 +10,7 @@ mod grpc;
 pub mod headers;
 pub mod listen;
 pub mod metrics;
+mod relay;
 pub mod request_id;
 mod rest;
 pub mod tee;
@@ -225,6 +226,9 @@ pub struct Proxy {
     rest_tls: Option<Arc<rustls::ServerConfig>>,
     /// TLS of the gRPC listener (ALPN h2), when configured.
     grpc_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The REST relay and its upstream pool; `None` for an `https://` REST upstream,
+    /// which the hyper path serves.
+    rest_relay: Option<relay::Relay>,
 }
 
 impl Proxy {
@@ -248,31 +252,39 @@ impl Proxy {
             .http2_max_send_buf_size(H2_MAX_SEND_BUF)
             .timer(TokioTimer::new())
             .build(connector(config, tls::ALPN_H2, "grpc_upstream")?);
+        let shared = Arc::new(ProxyShared {
+            capture,
+            metrics,
+            request_ids: request_id::RequestIds::default(),
+            request_id_header: config.request_id_header.clone(),
+            return_request_id: config.return_request_id,
+            upstream_timeout: config.upstream_timeout,
+            rest_upstream,
+            grpc_upstream,
+            rest_client,
+            grpc_client,
+        });
         Ok(Proxy {
             rest_tls: acceptor(config, tls::ALPN_HTTP1)?,
             grpc_tls: acceptor(config, tls::ALPN_H2)?,
-            shared: Arc::new(ProxyShared {
-                capture,
-                metrics,
-                request_ids: request_id::RequestIds::default(),
-                request_id_header: config.request_id_header.clone(),
-                return_request_id: config.return_request_id,
-                upstream_timeout: config.upstream_timeout,
-                rest_upstream,
-                grpc_upstream,
-                rest_client,
-                grpc_client,
-            }),
+            rest_relay: relay::Relay::for_rest_upstream(shared.clone()),
+            shared,
         })
     }
 
     /// Serves the REST listener until `stop` turns true, then stops accepting, lets
     /// in-flight exchanges finish and returns when every connection is closed.
     pub async fn serve_rest(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let tls = self.rest_tls.clone().map(TlsAcceptor::from);
+        if let Some(relay) = &self.rest_relay {
+            let relay = relay.stopping_on(stop.clone());
+            accept_loop(listener, tls, stop, move |io, _| relay.clone().serve(io.into_inner())).await;
+            return;
+        }
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.keep_alive(true).auto_date_header(false).timer(TokioTimer::new());
         let shared = self.shared.clone();
-        accept_loop(listener, self.rest_tls.clone().map(TlsAcceptor::from), stop, move |io, stop| {
+        accept_loop(listener, tls, stop, move |io, stop| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {

@@ -306,6 +306,13 @@ impl Tap {
         }
     }
 
+    /// Copies a chunk that passes through a buffer the caller reuses (the REST relay).
+    pub(super) fn copy(&mut self, data: &[u8]) {
+        if self.record.capture && !data.is_empty() && self.record.reserve(data.len()) {
+            self.chunks.push(Bytes::copy_from_slice(data));
+        }
+    }
+
     fn trailers(&mut self, trailers: &http::HeaderMap) {
         if self.side == Side::Response {
             if let Some(code) = super::grpc_status_of(trailers) {
@@ -315,7 +322,7 @@ impl Tap {
     }
 
     /// Hands this side's copy to the record, once.
-    fn deposit(&mut self, complete: bool) {
+    pub(super) fn deposit(&mut self, complete: bool) {
         if self.done {
             return;
         }
