@@ -1,9 +1,18 @@
-//! Label ingestion rate (labels/s) and bytes per pending prediction row, for the
-//! embedded store, one Redis and a 3-node Redis Cluster (started on loopback).
+//! Label recording and ingestion, for the embedded store, one Redis and a 3-node
+//! Redis Cluster (started on loopback).
 //!
-//! Run: `cargo bench --bench labels` (prints a table; `LABELS_BENCH_ROWS` sets the
-//! number of pending rows, 200000 by default; `LABELS_BENCH_EMBEDDED_ONLY=1` skips
-//! Redis).
+//! Two parts:
+//! - criterion benches `record_64_row_exchanges/{embedded,redis}`: recording throughput
+//!   in rows/s of 64-row exchanges (binary model, one random request id per exchange,
+//!   as the worker records `Predict` traffic), counted until the rows are stored
+//!   (`flush`). The store runs at its default bound (2,000,000 pending rows), so a long
+//!   run also measures recording with evictions.
+//! - a table of ingestion rates (labels/s) and bytes per pending prediction row.
+//!
+//! Run: `cargo bench --bench labels -- --warm-up-time 1 --measurement-time 3`
+//! (criterion arguments filter and time the first part; `LABELS_BENCH_TABLE=0` skips
+//! the table; `LABELS_BENCH_ROWS` sets the table's pending rows, 200000 by default;
+//! `LABELS_BENCH_EMBEDDED_ONLY=1` skips Redis in both parts).
 
 #[path = "../tests/labels_support/mod.rs"]
 mod labels_support;
@@ -12,8 +21,9 @@ use labels_support::*;
 use mltap::config::LabelsStoreConfig;
 use mltap::labels::endpoint::parse_body;
 use mltap::labels::LabelService;
+use criterion::{Criterion, Throughput};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 const BATCH: usize = 1000;
 
@@ -130,7 +140,80 @@ async fn run(store: &'static str, config: LabelsStoreConfig, rows: usize, measur
     }
 }
 
+/// Rows per exchange in the recording bench: the reference `Predict` batch.
+const EXCHANGE_ROWS: usize = 64;
+/// Exchanges recorded per measured iteration (then flushed).
+const EXCHANGES_PER_ITERATION: usize = 256;
+
+/// A 64-row exchange of a binary model under a random-looking request id, as a
+/// client's `x-request-id` (a UUID) would be.
+fn exchange(seq: u64) -> mltap::tfserving::Observation {
+    let mut state = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let id = format!("{:016x}-{:016x}", next(), next());
+    let rows: Vec<Vec<f64>> = (0..EXCHANGE_ROWS)
+        .map(|_| {
+            let p = (next() >> 11) as f64 / (1u64 << 53) as f64;
+            vec![1.0 - p, p]
+        })
+        .collect();
+    observation("bench", &id, &rows, Some(&["legit", "fraud"]))
+}
+
+/// Rows/s of recording 64-row exchanges into one store, until they are stored.
+fn bench_record(c: &mut Criterion, runtime: &tokio::runtime::Runtime, name: &str, store: LabelsStoreConfig) {
+    let (_dir, path) = temp_dir();
+    let service = runtime.block_on(LabelService::open(settings(&path, store))).unwrap();
+    let start = current_bucket();
+    let mut seq = 0u64;
+    let mut group = c.benchmark_group("record_64_row_exchanges");
+    group.throughput(Throughput::Elements((EXCHANGE_ROWS * EXCHANGES_PER_ITERATION) as u64));
+    group.bench_function(name, |b| {
+        b.iter_custom(|iterations| {
+            let mut measured = Duration::ZERO;
+            for _ in 0..iterations {
+                let exchanges: Vec<_> = (0..EXCHANGES_PER_ITERATION)
+                    .map(|_| {
+                        seq += 1;
+                        exchange(seq)
+                    })
+                    .collect();
+                let t = Instant::now();
+                runtime.block_on(async {
+                    for o in &exchanges {
+                        service.record(o, start).await.unwrap();
+                    }
+                    service.flush().await.unwrap();
+                });
+                measured += t.elapsed();
+            }
+            measured
+        })
+    });
+    group.finish();
+    drop(service);
+}
+
 fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    {
+        // One worker thread: the figure is what one core records.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        bench_record(&mut criterion, &runtime, "embedded", LabelsStoreConfig::Embedded);
+        if std::env::var("LABELS_BENCH_EMBEDDED_ONLY").is_err() {
+            let redis = RedisServer::start(false);
+            bench_record(&mut criterion, &runtime, "redis", LabelsStoreConfig::Redis(redis.url()));
+        }
+    }
+    criterion.final_summary();
+    if std::env::var("LABELS_BENCH_TABLE").is_ok_and(|v| v == "0") {
+        return;
+    }
     let rows: usize = std::env::var("LABELS_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let figures = runtime.block_on(async {
