@@ -194,12 +194,13 @@ enum Opened {
     Unusable(String),
 }
 
-/// Renames an unusable store file aside (`labels.redb.unusable-<epoch s>`), so the
+/// Renames an unusable store file aside (`labels.redb.unusable-<epoch ns>`), so the
 /// store can start empty without destroying what an operator may want to inspect.
 fn set_aside(path: &Path, reason: &str) -> Result<(), StoreError> {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let mut aside = path.as_os_str().to_owned();
-    aside.push(format!(".unusable-{secs}"));
+    aside.push(format!(".unusable-{nanos}"));
     let aside = PathBuf::from(aside);
     std::fs::rename(path, &aside).map_err(|e| StoreError::Embedded {
         path: path.display().to_string(),
@@ -560,6 +561,7 @@ impl Inner {
                         // Only into the record it came from: a later exchange under the
                         // same id has replaced it otherwise, and the row is gone.
                         let same = record.suffixed() == taken.at.suffixed
+                            && row < record.rows()
                             && record.is_taken(row)
                             && record.row(row).as_ref() == Some(&taken.row);
                         if same {

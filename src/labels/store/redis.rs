@@ -143,6 +143,8 @@ const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const WRITER_QUEUE_RECORDS: usize = 8192;
 /// Records the writer task puts in one round trip at most.
 const WRITER_CHUNK_RECORDS: usize = 1024;
+/// Rows one take script call handles at most on a single Redis.
+const TAKE_CALL_KEYS: usize = 1000;
 /// Buckets claimed per `claim_due` call at most; the rest wait for the next tick.
 const CLAIM_BATCH: isize = 1000;
 
@@ -383,10 +385,14 @@ impl Shared {
         let args_of = |at: &RowRef| [arg(at.row), arg(u8::from(at.suffixed))];
         let replies: Vec<Option<(Vec<u8>, Vec<u8>)>> = match &self.connection {
             Connection::Single(_) => {
-                let keys: Vec<String> = refs.iter().map(|at| self.record_key(&at.key)).collect();
-                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let args: Vec<Vec<u8>> = refs.iter().flat_map(|at| args_of(at)).collect();
-                self.eval(&self.take_script, TAKE_LUA, &keys, &args).await?
+                // Bounded calls, so a large label body does not hold Redis for long.
+                let calls = refs.chunks(TAKE_CALL_KEYS).map(|chunk| async move {
+                    let keys: Vec<String> = chunk.iter().map(|at| self.record_key(&at.key)).collect();
+                    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                    let args: Vec<Vec<u8>> = chunk.iter().flat_map(|at| args_of(at)).collect();
+                    self.eval::<Vec<Option<(Vec<u8>, Vec<u8>)>>>(&self.take_script, TAKE_LUA, &keys, &args).await
+                });
+                try_join_all(calls).await?.into_iter().flatten().collect()
             }
             Connection::Cluster(_) => {
                 let calls = refs.iter().map(|at| async move {
