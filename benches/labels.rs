@@ -20,11 +20,11 @@
 #[path = "../tests/labels_support/mod.rs"]
 mod labels_support;
 
+use criterion::{Criterion, Throughput};
 use labels_support::*;
 use mltap::config::LabelsStoreConfig;
 use mltap::labels::endpoint::parse_body;
 use mltap::labels::LabelService;
-use criterion::{Criterion, Throughput};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 

@@ -19,14 +19,10 @@
 //! joins); a file of a newer format, or one redb cannot read, is renamed aside with a
 //! warning and the store starts empty.
 
-use super::{
-    BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow,
-};
+use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
 use crate::labels::aggregate::{apply_delta, BucketDelta, F_AUC_LEN, F_CLAIMED, F_PREDICTED};
 use crate::labels::record::{set_taken, BucketId, ExchangeRecord, PendingRow, RowRef, StreamMeta};
-use redb::{
-    Database, DatabaseError, Durability, ReadableTable, StorageError, TableDefinition, WriteTransaction,
-};
+use redb::{Database, DatabaseError, Durability, ReadableTable, StorageError, TableDefinition, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -197,8 +193,7 @@ enum Opened {
 /// Renames an unusable store file aside (`labels.redb.unusable-<epoch ns>`), so the
 /// store can start empty without destroying what an operator may want to inspect.
 fn set_aside(path: &Path, reason: &str) -> Result<(), StoreError> {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(".unusable-{nanos}"));
     let aside = PathBuf::from(aside);

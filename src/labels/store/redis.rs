@@ -440,8 +440,7 @@ impl LabelStore for RedisStore {
         Box::pin(async move {
             let records = batches.iter().map(|b| b.records.len()).sum::<usize>().clamp(1, WRITER_QUEUE_RECORDS);
             let stopped = || StoreError::Redis("the label store's writer has stopped".into());
-            let room =
-                self.writer_room.clone().acquire_many_owned(records as u32).await.map_err(|_| stopped())?;
+            let room = self.writer_room.clone().acquire_many_owned(records as u32).await.map_err(|_| stopped())?;
             // Counted before it is sent, so `flush` never returns while it is in flight.
             self.shared.queued.fetch_add(1, Ordering::AcqRel);
             if self.writer.send((batches, room)).is_err() {
