@@ -42,23 +42,34 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 /// 32-byte header and the row's bytes. The layout is `record::ExchangeRecord`'s:
 /// format byte 2, flags (bit 0: suffixed), classes (u16 LE), rows (u32 LE), then 24
 /// bytes, the taken bitmap (bit `row` after the header, in `SETBIT` order), the rows.
+/// One `GET` reads the record; a one-row record is then deleted (like `GETDEL`), a
+/// row of a larger one is marked with `SETBIT`, and the record deleted once every
+/// row is taken.
 const TAKE_LUA: &str = r#"
 local out = {}
 for i, key in ipairs(KEYS) do
   local row = tonumber(ARGV[2 * i - 1])
   local taken = false
-  local head = redis.call('GETRANGE', key, 0, 31)
-  if #head == 32 and string.byte(head, 1) == 2 and tostring(string.byte(head, 2) % 2) == ARGV[2 * i] then
-    local classes = string.byte(head, 3) + 256 * string.byte(head, 4)
-    local rows = string.byte(head, 5) + 256 * string.byte(head, 6) + 65536 * string.byte(head, 7)
-      + 16777216 * string.byte(head, 8)
+  local record = redis.call('GET', key)
+  if record and #record > 32 and string.byte(record, 1) == 2
+      and tostring(string.byte(record, 2) % 2) == ARGV[2 * i] then
+    local classes = string.byte(record, 3) + 256 * string.byte(record, 4)
+    local rows = string.byte(record, 5) + 256 * string.byte(record, 6) + 65536 * string.byte(record, 7)
+      + 16777216 * string.byte(record, 8)
     local bitmap = math.floor((rows + 7) / 8)
-    if row < rows and redis.call('SETBIT', key, 256 + row, 1) == 0 then
+    local mask = 2 ^ (7 - row % 8)
+    local bits = string.byte(record, 33 + math.floor(row / 8))
+    if row < rows and bits and math.floor(bits / mask) % 2 == 0 then
       local width = 2 + 4 * classes
       local at = 32 + bitmap + row * width
-      taken = {head, redis.call('GETRANGE', key, at, at + width - 1)}
-      if redis.call('BITCOUNT', key, 32, 31 + bitmap) == rows then
+      taken = {string.sub(record, 1, 32), string.sub(record, at + 1, at + width)}
+      if rows == 1 then
         redis.call('DEL', key)
+      else
+        redis.call('SETBIT', key, 256 + row, 1)
+        if redis.call('BITCOUNT', key, 32, 31 + bitmap) == rows then
+          redis.call('DEL', key)
+        end
       end
     end
   end
