@@ -225,10 +225,10 @@ struct Rows<'t> {
     pending: u64,
 }
 
-/// A record read in a transaction, and whether it must be written back.
+/// A record a batch of labels took out of the table (None: there was none), to put
+/// back by `write_back` unless all its rows are taken.
 struct Touched {
     bytes: Option<Vec<u8>>,
-    dirty: bool,
 }
 
 impl<'t> Rows<'t> {
@@ -314,8 +314,10 @@ impl<'t> Rows<'t> {
     ) -> Result<Option<TakenRow>, DbError> {
         let key = at.key.as_bytes();
         if !touched.contains_key(key) {
-            let bytes = self.exchanges.get(key)?.map(|v| v.value().to_vec());
-            touched.insert(key.to_vec(), Touched { bytes, dirty: false });
+            // Removed rather than read: a one-row record, the most common, is then
+            // gone in one step once taken, as a row was before records held exchanges.
+            let bytes = self.exchanges.remove(key)?.map(|v| v.value().to_vec());
+            touched.insert(key.to_vec(), Touched { bytes });
         }
         let Some(entry) = touched.get_mut(key) else { return Ok(None) };
         let Some(bytes) = entry.bytes.as_mut() else { return Ok(None) };
@@ -330,19 +332,17 @@ impl<'t> Rows<'t> {
         }
         let Some(pending) = record.row(row) else { return Ok(None) };
         set_taken(bytes, row, true);
-        entry.dirty = true;
         self.pending = self.pending.saturating_sub(1);
         Ok(Some(TakenRow { at: at.clone(), row: pending }))
     }
 
-    /// Writes back the records a batch of labels changed; a record whose rows are all
-    /// taken is dropped (nothing can join it any more).
+    /// Puts back the records a batch of labels took out; a record whose rows are all
+    /// taken stays out, with its expiry entry (nothing can join it any more).
     fn write_back(&mut self, touched: HashMap<Vec<u8>, Touched>) -> Result<(), DbError> {
         for (key, entry) in touched {
-            let (Some(bytes), true) = (entry.bytes, entry.dirty) else { continue };
+            let Some(bytes) = entry.bytes else { continue };
             match ExchangeRecord::parse(&bytes) {
                 Some(record) if record.untaken() == 0 => {
-                    self.exchanges.remove(key.as_slice())?;
                     self.expiry.remove((record.expires_ms(), key.as_slice()))?;
                 }
                 _ => {
