@@ -1,19 +1,32 @@
-//! Label ingestion rate (labels/s) and bytes per pending prediction row, for the
-//! embedded store, one Redis and a 3-node Redis Cluster (started on loopback).
+//! Label recording and ingestion, for the embedded store, one Redis and a 3-node
+//! Redis Cluster (started on loopback).
 //!
-//! Run: `cargo bench --bench labels` (prints a table; `LABELS_BENCH_ROWS` sets the
-//! number of pending rows, 200000 by default; `LABELS_BENCH_EMBEDDED_ONLY=1` skips
-//! Redis).
+//! Two parts:
+//! - criterion benches `record_64_row_exchanges/{embedded,redis}`: recording throughput
+//!   in rows/s of 64-row exchanges (binary model, one random request id per exchange,
+//!   as the worker records `Predict` traffic), counted until the rows are stored
+//!   (`flush`). The store runs at its default bound (2,000,000 pending rows), so a long
+//!   run also measures recording with evictions. `record_64_row_exchanges_cpu/...`
+//!   measures the same with the process's CPU time instead of elapsed time: rows per
+//!   CPU-second, i.e. on one core, whatever else runs on the machine (for Redis it
+//!   leaves out the Redis server's own CPU).
+//! - a table of ingestion rates (labels/s) and bytes per pending prediction row.
+//!
+//! Run: `cargo bench --bench labels -- --warm-up-time 1 --measurement-time 3`
+//! (criterion arguments filter and time the first part; `LABELS_BENCH_TABLE=0` skips
+//! the table; `LABELS_BENCH_ROWS` sets the table's pending rows, 200000 by default;
+//! `LABELS_BENCH_EMBEDDED_ONLY=1` skips Redis in both parts).
 
 #[path = "../tests/labels_support/mod.rs"]
 mod labels_support;
 
+use criterion::{Criterion, Throughput};
 use labels_support::*;
 use mltap::config::LabelsStoreConfig;
 use mltap::labels::endpoint::parse_body;
 use mltap::labels::LabelService;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 const BATCH: usize = 1000;
 
@@ -130,7 +143,116 @@ async fn run(store: &'static str, config: LabelsStoreConfig, rows: usize, measur
     }
 }
 
+/// Rows per exchange in the recording bench: the reference `Predict` batch.
+const EXCHANGE_ROWS: usize = 64;
+/// Exchanges recorded per measured iteration (then flushed).
+const EXCHANGES_PER_ITERATION: usize = 256;
+
+/// A 64-row exchange of a binary model under a random-looking request id, as a
+/// client's `x-request-id` (a UUID) would be.
+fn exchange(seq: u64) -> mltap::tfserving::Observation {
+    let mut state = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let id = format!("{:016x}-{:016x}", next(), next());
+    let rows: Vec<Vec<f64>> = (0..EXCHANGE_ROWS)
+        .map(|_| {
+            let p = (next() >> 11) as f64 / (1u64 << 53) as f64;
+            vec![1.0 - p, p]
+        })
+        .collect();
+    observation("bench", &id, &rows, Some(&["legit", "fraud"]))
+}
+
+/// CPU time this process has used (all threads: the runtime's and the blocking
+/// pool's, where the embedded store writes), so a figure is per core even on a
+/// machine whose other processes compete for the cores.
+fn process_cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Which clock a recording bench reads.
+#[derive(Clone, Copy)]
+enum Clock {
+    /// Elapsed time: what a caller waits.
+    Wall,
+    /// CPU time of this process: what it costs, per core.
+    Cpu,
+}
+
+/// Rows/s of recording 64-row exchanges into one store, until they are stored.
+fn bench_record(
+    c: &mut Criterion,
+    runtime: &tokio::runtime::Runtime,
+    group: &str,
+    name: &str,
+    clock: Clock,
+    store: LabelsStoreConfig,
+) {
+    let (_dir, path) = temp_dir();
+    let service = runtime.block_on(LabelService::open(settings(&path, store))).unwrap();
+    let start = current_bucket();
+    let mut seq = 0u64;
+    let mut group = c.benchmark_group(group);
+    group.throughput(Throughput::Elements((EXCHANGE_ROWS * EXCHANGES_PER_ITERATION) as u64));
+    group.bench_function(name, |b| {
+        b.iter_custom(|iterations| {
+            let mut measured = Duration::ZERO;
+            for _ in 0..iterations {
+                let exchanges: Vec<_> = (0..EXCHANGES_PER_ITERATION)
+                    .map(|_| {
+                        seq += 1;
+                        exchange(seq)
+                    })
+                    .collect();
+                let (t, cpu) = (Instant::now(), process_cpu_time());
+                runtime.block_on(async {
+                    for o in &exchanges {
+                        service.record(o, start).await.unwrap();
+                    }
+                    service.flush().await.unwrap();
+                });
+                measured += match clock {
+                    Clock::Wall => t.elapsed(),
+                    Clock::Cpu => process_cpu_time().saturating_sub(cpu),
+                };
+            }
+            measured
+        })
+    });
+    group.finish();
+    drop(service);
+}
+
 fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    {
+        // One worker thread: the figure is what one core records.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        for (group, clock) in [("record_64_row_exchanges", Clock::Wall), ("record_64_row_exchanges_cpu", Clock::Cpu)] {
+            bench_record(&mut criterion, &runtime, group, "embedded", clock, LabelsStoreConfig::Embedded);
+            if std::env::var("LABELS_BENCH_EMBEDDED_ONLY").is_err() {
+                let redis = RedisServer::start(false);
+                let store = LabelsStoreConfig::Redis(redis.url());
+                bench_record(&mut criterion, &runtime, group, "redis", clock, store);
+            }
+        }
+    }
+    criterion.final_summary();
+    if std::env::var("LABELS_BENCH_TABLE").is_ok_and(|v| v == "0") {
+        return;
+    }
     let rows: usize = std::env::var("LABELS_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let figures = runtime.block_on(async {

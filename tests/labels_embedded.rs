@@ -174,3 +174,196 @@ async fn labels_join_by_the_id_feature_and_configured_class_names() {
     // The unmatched label named a configured model, so it is counted under it.
     assert_eq!(value(&churn.points, "label_unmatched_count", &[]), Some(1.0));
 }
+
+#[tokio::test]
+async fn every_row_of_a_64_row_exchange_joins_by_id_and_row_and_a_one_row_exchange_by_id() {
+    let (_dir, path) = temp_dir();
+    let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    let start = current_bucket();
+    service.record(&exchange_observation("fraud", "req-64", 64), start).await.unwrap();
+    service.record(&exchange_observation("fraud", "req-1", 1), start).await.unwrap();
+    // Ids of the wrong shape name nothing: a one-row exchange has no `:0`, a batch no bare id.
+    let wrong = ["req-1:0", "req-64", "req-64:64", "req-64:01"].map(String::from);
+    let outcome = ingest(&service, &labels_body(&wrong), at(start, 1)).await;
+    assert_eq!((outcome.accepted, outcome.unmatched), (0, 4));
+
+    let mut ids = row_ids("req-64", 64);
+    ids.push("req-1".into());
+    let outcome = ingest(&service, &labels_body(&ids), at(start, 1)).await;
+    assert_eq!((outcome.accepted, outcome.unmatched), (65, 0));
+    let again = ingest(&service, &labels_body(&ids), at(start, 2)).await;
+    assert_eq!((again.accepted, again.unmatched), (0, 65), "a row takes one label");
+    assert!(metrics_text(&service).contains("mltap_label_rows_recorded_total 65"));
+
+    let due = service.due(after_horizon(start)).await.unwrap();
+    let fraud = due.iter().find(|d| d.model == "fraud").unwrap();
+    assert_eq!(value(&fraud.points, "labeled_fraction", &[]), Some(1.0));
+    // Every label is `fraud`; rows predict fraud when p > 0.5: rows 5, 6, 7 of every 8.
+    assert_eq!(value(&fraud.points, "label_count", &[("class_name", "fraud")]), Some(65.0));
+    let cell = |predicted: &str| {
+        value(&fraud.points, "confusion_count", &[("actual_class", "fraud"), ("class_name", predicted)])
+    };
+    assert_eq!((cell("fraud"), cell("legit")), (Some(24.0), Some(41.0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tasks_racing_for_the_same_ids_join_each_row_once() {
+    let (_dir, path) = temp_dir();
+    let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    let start = current_bucket();
+    for exchange in 0..8 {
+        service.record(&exchange_observation("fraud", &format!("race-{exchange}"), 64), start).await.unwrap();
+    }
+    let ids: Vec<String> = (0..8).flat_map(|exchange| row_ids(&format!("race-{exchange}"), 64)).collect();
+    let tasks: Vec<_> = (0..2)
+        .map(|task| {
+            let service = service.clone();
+            // Each task posts every id, in batches of 16, in its own order.
+            let mut ids = ids.clone();
+            if task == 1 {
+                ids.reverse();
+            }
+            tokio::spawn(async move {
+                let (mut accepted, mut unmatched) = (0, 0);
+                for chunk in ids.chunks(16) {
+                    let outcome = ingest(&service, &labels_body(chunk), SystemTime::now()).await;
+                    accepted += outcome.accepted;
+                    unmatched += outcome.unmatched;
+                }
+                (accepted, unmatched)
+            })
+        })
+        .collect();
+    let (mut accepted, mut unmatched) = (0, 0);
+    for task in tasks {
+        let (a, u) = task.await.unwrap();
+        accepted += a;
+        unmatched += u;
+    }
+    assert_eq!((accepted, unmatched), (512, 512), "each of the 512 rows joined exactly one of its two labels");
+    service.due(SystemTime::now()).await.unwrap();
+    assert!(metrics_text(&service).contains("mltap_label_store_pending_rows 0"));
+}
+
+#[tokio::test]
+async fn expiry_drops_whole_exchanges_and_keeps_the_pending_count_exact() {
+    let (_dir, path) = temp_dir();
+    let mut settings = settings(&path, LabelsStoreConfig::Embedded);
+    settings.labels.late_window_seconds = 60;
+    let service = service(settings).await;
+    let now = current_bucket();
+    // An older bucket whose rows expire first, and the current one.
+    let old = now - WIDTH as i64;
+    service.record(&exchange_observation("fraud", "old", 64), old).await.unwrap();
+    service.record(&exchange_observation("fraud", "new", 64), now).await.unwrap();
+    let outcome = ingest(&service, &labels_body(&row_ids("old", 4)), at(now, 1)).await;
+    assert_eq!(outcome.accepted, 4);
+    service.due(at(now, 1)).await.unwrap();
+    assert!(metrics_text(&service).contains("mltap_label_store_pending_rows 124"));
+
+    // Past the old bucket's expiry, before the new one's.
+    let between = at(old, (WIDTH + HORIZON + 60) as i64);
+    service.due(between).await.unwrap();
+    assert!(metrics_text(&service).contains("mltap_label_store_pending_rows 64"), "{}", metrics_text(&service));
+    let outcome = ingest(&service, r#"[{"id": "old:10", "label": 1}, {"id": "new:10", "label": 1}]"#, between).await;
+    assert_eq!((outcome.accepted, outcome.unmatched), (1, 1));
+}
+
+#[tokio::test]
+async fn a_store_file_of_the_per_row_format_is_converted_and_its_rows_still_join() {
+    use mltap::labels::record::{PendingRow, StreamMeta};
+    let (_dir, path) = temp_dir();
+    let start = current_bucket();
+    let meta = StreamMeta {
+        model: "fraud".into(),
+        version: Some(3),
+        signature: "serving_default".into(),
+        class_names: vec!["legit".into(), "fraud".into()],
+    };
+    let expires_ms = (start + (WIDTH + HORIZON + 3600) as i64) * 1000;
+    {
+        // What the per-row format (1) wrote: one entry per row id, and its expiry index.
+        let rows: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("rows");
+        let expiry: redb::TableDefinition<(i64, &[u8]), ()> = redb::TableDefinition::new("row_expiry");
+        let streams: redb::TableDefinition<u64, &str> = redb::TableDefinition::new("streams");
+        let db = redb::Database::create(path.join(mltap::labels::service::EMBEDDED_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut rows = txn.open_table(rows).unwrap();
+            let mut expiry = txn.open_table(expiry).unwrap();
+            for (row, p) in [(0, 0.75f32), (1, 0.25)] {
+                let id = format!("old-req:{row}");
+                let pending = PendingRow {
+                    stream: meta.id(),
+                    bucket_start: start,
+                    expires_ms,
+                    predicted: u16::from(p > 0.5),
+                    probabilities: vec![1.0 - p, p],
+                };
+                rows.insert(id.as_bytes(), pending.encode().as_slice()).unwrap();
+                expiry.insert((expires_ms, id.as_bytes()), ()).unwrap();
+            }
+            let json = serde_json::to_string(&meta).unwrap();
+            txn.open_table(streams).unwrap().insert(meta.id(), json.as_str()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    service.due(at(start, 1)).await.unwrap();
+    assert!(metrics_text(&service).contains("mltap_label_store_pending_rows 2"));
+    let body = r#"[{"id": "old-req:0", "label": "fraud"}, {"id": "old-req:1", "label": "fraud"}, {"id": "old-req:0", "label": 0}]"#;
+    let outcome = ingest(&service, body, at(start, 1)).await;
+    assert_eq!((outcome.accepted, outcome.unmatched), (2, 1));
+    let due = service.due(after_horizon(start)).await.unwrap();
+    let fraud = due.iter().find(|d| d.model == "fraud").expect("the converted rows' bucket");
+    assert_close(value(&fraud.points, "accuracy", &[]), 0.5, "accuracy");
+}
+
+#[tokio::test]
+async fn an_unreadable_or_newer_store_file_is_set_aside_and_the_store_starts_empty() {
+    let (_dir, path) = temp_dir();
+    let file = path.join(mltap::labels::service::EMBEDDED_FILE);
+    let set_aside = || {
+        std::fs::read_dir(&path)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("labels.redb.unusable-"))
+            .count()
+    };
+    std::fs::write(&file, b"not a label store").unwrap();
+    let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    assert_eq!(set_aside(), 1);
+    let start = current_bucket();
+    service.record(&fraud_observation("fraud"), start).await.unwrap();
+    assert_eq!(ingest(&service, FRAUD_LABELS, SystemTime::now()).await.accepted, 7);
+    drop(service);
+
+    // A file written by a later format is not guessed at either.
+    {
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        let db = redb::Database::create(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(meta).unwrap().insert("format", 99).unwrap();
+        txn.commit().unwrap();
+    }
+    let service = labels_support::service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    assert_eq!(set_aside(), 2);
+    service.record(&fraud_observation("fraud"), start).await.unwrap();
+    assert_eq!(ingest(&service, FRAUD_LABELS, SystemTime::now()).await.accepted, 7);
+}
+
+#[tokio::test]
+async fn a_rejected_label_for_the_last_waiting_row_leaves_it_for_a_correct_one() {
+    let (_dir, path) = temp_dir();
+    let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    let start = current_bucket();
+    service.record(&exchange_observation("fraud", "solo", 1), start).await.unwrap();
+    service.record(&exchange_observation("fraud", "pair", 2), start).await.unwrap();
+    assert_eq!(ingest(&service, r#"[{"id": "pair:0", "label": 1}]"#, SystemTime::now()).await.accepted, 1);
+    let (entries, _) = parse_body(br#"[{"id": "solo", "label": 7}, {"id": "pair:1", "label": "spam"}]"#).unwrap();
+    let outcome = service.ingest(entries, SystemTime::now()).await.unwrap();
+    assert_eq!((outcome.accepted, outcome.rejected.len()), (0, 2));
+    let outcome =
+        ingest(&service, r#"[{"id": "solo", "label": 1}, {"id": "pair:1", "label": 0}]"#, SystemTime::now()).await;
+    assert_eq!((outcome.accepted, outcome.unmatched), (2, 0));
+}

@@ -121,3 +121,79 @@ async fn labels_get_503_when_redis_is_gone() {
     assert_eq!(status, 503, "{answer}");
     assert!(answer["error"].as_str().unwrap().starts_with("label store unavailable: redis label store"), "{answer}");
 }
+
+/// Two replicas post the labels of every row of four 64-row exchanges and a one-row
+/// exchange at once: each row joins exactly one of its two labels, and a label the
+/// store refused leaves its row for a correct one.
+async fn replicas_race_for_every_row(store: LabelsStoreConfig) {
+    let (_dir_a, path_a) = temp_dir();
+    let (_dir_b, path_b) = temp_dir();
+    let a = service(settings(&path_a, store.clone())).await;
+    let b = service(settings(&path_b, store)).await;
+    let start = current_bucket();
+    for exchange in 0..4 {
+        a.record(&exchange_observation("fraud", &format!("race-{exchange}"), 64), start).await.unwrap();
+    }
+    a.record(&exchange_observation("fraud", "solo", 1), start).await.unwrap();
+    a.record(&exchange_observation("fraud", "pair", 2), start).await.unwrap();
+    a.flush().await.unwrap();
+
+    // Invalid labels for the last waiting row of `solo` and of `pair` are refused
+    // after the join, and leave both rows in place.
+    let pair_0 = b.ingest(parse_body(br#"[{"id": "pair:0", "label": 1}]"#).unwrap().0, at(start, 1));
+    assert_eq!(pair_0.await.unwrap().accepted, 1);
+    let (invalid, _) = parse_body(br#"[{"id": "solo", "label": 7}, {"id": "pair:1", "label": "spam"}]"#).unwrap();
+    let refused = b.ingest(invalid, at(start, 1)).await.unwrap();
+    assert_eq!((refused.accepted, refused.rejected.len()), (0, 2));
+
+    let mut ids: Vec<String> = (0..4).flat_map(|exchange| row_ids(&format!("race-{exchange}"), 64)).collect();
+    ids.extend(["solo".to_string(), "pair:1".to_string()]);
+    let body = labels_body(&ids);
+    let (to_a, _) = parse_body(body.as_bytes()).unwrap();
+    let (to_b, _) = parse_body(body.as_bytes()).unwrap();
+    let now = at(start, 1);
+    let (from_a, from_b) = tokio::join!(a.ingest(to_a, now), b.ingest(to_b, now));
+    let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
+    assert_eq!(from_a.accepted + from_b.accepted, 258, "{from_a:?} {from_b:?}");
+    assert_eq!(from_a.unmatched + from_b.unmatched, 258, "{from_a:?} {from_b:?}");
+    let (again, _) = parse_body(body.as_bytes()).unwrap();
+    assert_eq!(a.ingest(again, now).await.unwrap().accepted, 0, "every row is taken");
+
+    let emitted = both_due(&a, &b, after_horizon(start)).await;
+    let fraud = emitted.iter().find(|d| d.model == "fraud").expect("the bucket is emitted");
+    assert_eq!(value(&fraud.points, "label_count", &[("class_name", "fraud")]), Some(259.0));
+    assert_eq!(value(&fraud.points, "labeled_fraction", &[]), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_over_one_redis_racing_for_every_row_join_each_once() {
+    let redis = RedisServer::start(false);
+    replicas_race_for_every_row(LabelsStoreConfig::Redis(redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_over_a_redis_cluster_racing_for_every_row_join_each_once() {
+    let cluster = RedisCluster::start();
+    replicas_race_for_every_row(LabelsStoreConfig::RedisCluster(cluster.urls())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_row_exchange_is_one_redis_key_until_its_rows_are_taken() {
+    let redis = RedisServer::start(false);
+    let (_dir, path) = temp_dir();
+    let replica = service(settings(&path, LabelsStoreConfig::Redis(redis.url()))).await;
+    let start = current_bucket();
+    replica.record(&exchange_observation("fraud", "one-key", 64), start).await.unwrap();
+    replica.flush().await.unwrap();
+    // The exchange's record, the stream, the bucket's aggregate and the due index.
+    assert_eq!(redis.dbsize(), 4);
+    assert!(redis.exists("mltap:lx:one-key"));
+    let mut ids = row_ids("one-key", 64);
+    let last = ids.pop().unwrap();
+    let outcome = replica.ingest(parse_body(labels_body(&ids).as_bytes()).unwrap().0, at(start, 1));
+    assert_eq!(outcome.await.unwrap().accepted, 63);
+    assert!(redis.exists("mltap:lx:one-key"), "one row still waits");
+    let outcome = replica.ingest(parse_body(labels_body(&[last]).as_bytes()).unwrap().0, at(start, 1));
+    assert_eq!(outcome.await.unwrap().accepted, 1);
+    assert!(!redis.exists("mltap:lx:one-key"), "a record whose rows are all taken is deleted");
+}

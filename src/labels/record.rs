@@ -1,13 +1,20 @@
-//! What the join store keeps per prediction row and per stream, and how it is encoded.
+//! What the join store keeps per exchange, per prediction row and per stream, and how
+//! it is encoded.
 //!
-//! A pending row is a fixed little-endian record of `29 + 4k` bytes (k classes): the
-//! stream is interned as a 64-bit hash whose metadata (names, classes) is stored once
-//! per stream. This module never holds raw features: only what label metrics need.
+//! The store keeps one *exchange record* per captured exchange, keyed by its request
+//! id and holding every row (`ExchangeRecord`): recording costs one write per
+//! exchange, not one per row. A label `ID:ROW` finds row ROW of the record `ID`; a
+//! label `ID` finds the single row of a one-row record (`RowRef::candidates`). Each
+//! record carries a bitmap of the rows already taken by a label, so a row joins one
+//! label only. The stream is interned as a 64-bit hash whose metadata (names,
+//! classes) is stored once per stream. This module never holds raw features: only
+//! what label metrics need.
 
 use crate::tfserving::StreamKey;
 use serde::{Deserialize, Serialize};
 
-/// Format byte of an encoded row, so a future layout can be told apart on disk.
+/// Format byte of an encoded row (the per-row layout of format 1, which the embedded
+/// store converts when it opens a file written with it).
 const ROW_FORMAT: u8 = 1;
 /// Header bytes before the probabilities.
 const ROW_HEADER: usize = 1 + 8 + 8 + 8 + 2 + 2;
@@ -144,9 +151,327 @@ impl PendingRow {
     }
 }
 
+/// Format byte of an exchange record, so a future layout can be told apart on disk.
+pub const EXCHANGE_FORMAT: u8 = 2;
+/// Bytes of an exchange record before its taken-row bitmap: format, flags, classes
+/// (u16), rows (u32), stream, bucket start, expiry (8 bytes each), little-endian.
+pub const EXCHANGE_HEADER: usize = 32;
+/// Flag: the record's rows are addressed `ID:ROW` (the exchange had several rows);
+/// without it the record has one row, addressed `ID`.
+const FLAG_SUFFIXED: u8 = 1;
+
+/// Where a label id points: a row of the exchange record stored under `key`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowRef {
+    /// The record's key: the exchange's request id, or a row's own id.
+    pub key: String,
+    /// The row within the record.
+    pub row: u32,
+    /// Whether the label id carried the `:ROW` suffix: a suffixed id only matches a
+    /// record of a several-row exchange, an unsuffixed one only a one-row record.
+    pub suffixed: bool,
+}
+
+impl RowRef {
+    /// The rows a label id may name, in the order they are tried. `P:N` (N a row
+    /// number as the proxy writes it: decimal, no leading zero) is first row N of the
+    /// several-row exchange `P`, then the one-row record `P:N` (a request id or an id
+    /// feature that happens to end in `:N`); any other id names a one-row record.
+    pub fn candidates(id: &str) -> (RowRef, Option<RowRef>) {
+        let whole = RowRef { key: id.to_string(), row: 0, suffixed: false };
+        let Some((prefix, digits)) = id.rsplit_once(':') else { return (whole, None) };
+        let canonical = !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (digits == "0" || !digits.starts_with('0'));
+        match digits.parse::<u32>() {
+            Ok(row) if canonical => (RowRef { key: prefix.to_string(), row, suffixed: true }, Some(whole)),
+            _ => (whole, None),
+        }
+    }
+}
+
+/// Bytes of one row in an exchange record: predicted class and k probabilities.
+fn row_bytes(classes: usize) -> usize {
+    2 + 4 * classes
+}
+
+/// Bytes of the taken-row bitmap of `rows` rows.
+fn bitmap_bytes(rows: usize) -> usize {
+    rows.div_ceil(8)
+}
+
+/// Position and mask of a row's bit in the bitmap, in the bit order of Redis
+/// `SETBIT` (bit 0 is the high bit of the first byte), so Redis can flip it in place.
+fn taken_bit(row: usize) -> (usize, u8) {
+    (EXCHANGE_HEADER + row / 8, 0x80 >> (row % 8))
+}
+
+/// Builds an exchange record row by row.
+#[derive(Debug)]
+pub struct ExchangeWriter {
+    /// The record being written; its length is final from the start.
+    bytes: Vec<u8>,
+    /// Rows written so far.
+    written: usize,
+    /// Classes per row.
+    classes: usize,
+}
+
+impl ExchangeWriter {
+    /// A record of `rows` rows of `classes` classes. `suffixed`: the rows are
+    /// addressed `KEY:ROW` (the exchange had several rows).
+    pub fn new(stream: u64, bucket_start: i64, expires_ms: i64, suffixed: bool, classes: usize, rows: usize) -> Self {
+        let len = EXCHANGE_HEADER + bitmap_bytes(rows) + rows * row_bytes(classes);
+        let mut bytes = Vec::with_capacity(len);
+        bytes.push(EXCHANGE_FORMAT);
+        bytes.push(if suffixed { FLAG_SUFFIXED } else { 0 });
+        bytes.extend_from_slice(&(classes as u16).to_le_bytes());
+        bytes.extend_from_slice(&(rows as u32).to_le_bytes());
+        bytes.extend_from_slice(&stream.to_le_bytes());
+        bytes.extend_from_slice(&bucket_start.to_le_bytes());
+        bytes.extend_from_slice(&expires_ms.to_le_bytes());
+        bytes.resize(EXCHANGE_HEADER + bitmap_bytes(rows), 0);
+        ExchangeWriter { bytes, written: 0, classes }
+    }
+
+    /// Appends the next row (`probabilities` has the record's class count).
+    pub fn push_row(&mut self, predicted: u16, probabilities: &[f64]) {
+        debug_assert_eq!(probabilities.len(), self.classes);
+        self.bytes.extend_from_slice(&predicted.to_le_bytes());
+        for p in probabilities {
+            self.bytes.extend_from_slice(&(*p as f32).to_le_bytes());
+        }
+        self.written += 1;
+    }
+
+    /// Marks a row as not joinable through this record (its id is another's, or too
+    /// long to be posted).
+    pub fn mark_taken(&mut self, row: usize) {
+        let (at, mask) = taken_bit(row);
+        self.bytes[at] |= mask;
+    }
+
+    /// The encoded record.
+    pub fn finish(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// A checked view of an encoded exchange record.
+#[derive(Debug, Clone, Copy)]
+pub struct ExchangeRecord<'a> {
+    bytes: &'a [u8],
+    rows: usize,
+    classes: usize,
+}
+
+impl<'a> ExchangeRecord<'a> {
+    /// Checks the layout; None for bytes that are not a record of this format.
+    pub fn parse(bytes: &'a [u8]) -> Option<ExchangeRecord<'a>> {
+        let header = RecordHeader::parse(bytes)?;
+        let (rows, classes) = (header.rows, header.classes);
+        if bytes.len() != EXCHANGE_HEADER + bitmap_bytes(rows) + rows * row_bytes(classes) {
+            return None;
+        }
+        Some(ExchangeRecord { bytes, rows, classes })
+    }
+
+    fn header(&self) -> RecordHeader {
+        RecordHeader::parse(self.bytes).unwrap_or_default()
+    }
+
+    /// Rows in the record.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether the rows are addressed `KEY:ROW`.
+    pub fn suffixed(&self) -> bool {
+        self.bytes[1] & FLAG_SUFFIXED != 0
+    }
+
+    /// When the store may forget the record, epoch ms.
+    pub fn expires_ms(&self) -> i64 {
+        self.header().expires_ms
+    }
+
+    /// Whether a row was taken by a label (or was never joinable through the record).
+    pub fn is_taken(&self, row: usize) -> bool {
+        let (at, mask) = taken_bit(row);
+        self.bytes[at] & mask != 0
+    }
+
+    /// Rows still waiting for a label.
+    pub fn untaken(&self) -> usize {
+        let bitmap = &self.bytes[EXCHANGE_HEADER..EXCHANGE_HEADER + bitmap_bytes(self.rows)];
+        // Padding bits past the last row are never set.
+        self.rows - bitmap.iter().map(|b| b.count_ones() as usize).sum::<usize>()
+    }
+
+    /// The rows still waiting for a label, in row order.
+    pub fn untaken_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.rows).filter(|r| !self.is_taken(*r))
+    }
+
+    /// The bytes of one row (predicted class and probabilities).
+    pub fn row_bytes(&self, row: usize) -> &'a [u8] {
+        let len = row_bytes(self.classes);
+        let at = EXCHANGE_HEADER + bitmap_bytes(self.rows) + row * len;
+        &self.bytes[at..at + len]
+    }
+
+    /// One row as label metrics see it; None past the last row.
+    pub fn row(&self, row: usize) -> Option<PendingRow> {
+        if row >= self.rows {
+            return None;
+        }
+        PendingRow::from_record_parts(&self.bytes[..EXCHANGE_HEADER], self.row_bytes(row))
+    }
+}
+
+/// Sets or clears a row's taken bit in an encoded record (checked by the caller).
+pub fn set_taken(bytes: &mut [u8], row: usize, taken: bool) {
+    let (at, mask) = taken_bit(row);
+    if taken {
+        bytes[at] |= mask;
+    } else {
+        bytes[at] &= !mask;
+    }
+}
+
+/// The fixed header of an exchange record.
+#[derive(Debug, Clone, Copy, Default)]
+struct RecordHeader {
+    classes: usize,
+    rows: usize,
+    stream: u64,
+    bucket_start: i64,
+    expires_ms: i64,
+}
+
+impl RecordHeader {
+    fn parse(bytes: &[u8]) -> Option<RecordHeader> {
+        let head = bytes.get(..EXCHANGE_HEADER)?;
+        if head[0] != EXCHANGE_FORMAT {
+            return None;
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap_or_default());
+        let classes = usize::from(u16::from_le_bytes([head[2], head[3]]));
+        let rows = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        if classes == 0 || rows == 0 {
+            return None;
+        }
+        Some(RecordHeader {
+            classes,
+            rows,
+            stream: u64_at(8),
+            bucket_start: u64_at(16) as i64,
+            expires_ms: u64_at(24) as i64,
+        })
+    }
+}
+
+impl PendingRow {
+    /// A row from a record's header and the bytes of that row (what the Redis take
+    /// script returns); None when they do not fit together.
+    pub fn from_record_parts(header: &[u8], row: &[u8]) -> Option<PendingRow> {
+        let header = RecordHeader::parse(header)?;
+        if row.len() != row_bytes(header.classes) {
+            return None;
+        }
+        let predicted = u16::from_le_bytes([row[0], row[1]]);
+        if usize::from(predicted) >= header.classes {
+            return None;
+        }
+        let probabilities =
+            row[2..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>();
+        Some(PendingRow {
+            stream: header.stream,
+            bucket_start: header.bucket_start,
+            expires_ms: header.expires_ms,
+            predicted,
+            probabilities,
+        })
+    }
+
+    /// A record holding this row alone at `row` (the rows before it marked taken), to
+    /// put back a row whose record is gone when a label for it proved invalid.
+    pub fn to_record(&self, row: usize, suffixed: bool) -> Vec<u8> {
+        let classes = self.probabilities.len();
+        let mut writer =
+            ExchangeWriter::new(self.stream, self.bucket_start, self.expires_ms, suffixed, classes, row + 1);
+        let filler = vec![0.0; classes];
+        for r in 0..row {
+            writer.push_row(0, &filler);
+            writer.mark_taken(r);
+        }
+        let probabilities: Vec<f64> = self.probabilities.iter().map(|p| f64::from(*p)).collect();
+        writer.push_row(self.predicted, &probabilities);
+        writer.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exchange_records_round_trip_every_row_and_track_taken_rows() {
+        let mut writer = ExchangeWriter::new(7, 1_700_000_040, 1_700_007_300_000, true, 3, 10);
+        for r in 0..10u16 {
+            writer.push_row(r % 3, &[0.125, 0.25 + f64::from(r) / 64.0, 0.625 - f64::from(r) / 64.0]);
+        }
+        writer.mark_taken(9);
+        let mut bytes = writer.finish();
+        assert_eq!(bytes.len(), EXCHANGE_HEADER + 2 + 10 * (2 + 12));
+        let record = ExchangeRecord::parse(&bytes).unwrap();
+        assert!(record.suffixed());
+        assert_eq!((record.rows(), record.untaken(), record.expires_ms()), (10, 9, 1_700_007_300_000));
+        let row = record.row(4).unwrap();
+        assert_eq!((row.stream, row.bucket_start, row.predicted), (7, 1_700_000_040, 1));
+        assert_eq!(row.probabilities, vec![0.125, 0.3125, 0.5625]);
+        assert_eq!(PendingRow::from_record_parts(&bytes[..EXCHANGE_HEADER], record.row_bytes(4)), Some(row));
+        assert!(record.row(10).is_none());
+        set_taken(&mut bytes, 0, true);
+        set_taken(&mut bytes, 9, false);
+        let record = ExchangeRecord::parse(&bytes).unwrap();
+        assert!(record.is_taken(0) && !record.is_taken(9));
+        assert_eq!(record.untaken_rows().collect::<Vec<_>>(), (1..10).collect::<Vec<_>>());
+        // Bit order of Redis SETBIT: row 0 is the high bit of the bitmap's first byte.
+        assert_eq!(bytes[EXCHANGE_HEADER], 0x80);
+        assert!(ExchangeRecord::parse(&bytes[..bytes.len() - 1]).is_none());
+        assert!(ExchangeRecord::parse(b"garbage").is_none());
+        let mut old_format = bytes.clone();
+        old_format[0] = ROW_FORMAT;
+        assert!(ExchangeRecord::parse(&old_format).is_none());
+    }
+
+    #[test]
+    fn a_row_put_back_alone_keeps_its_address_and_values() {
+        let row = PendingRow {
+            stream: 3,
+            bucket_start: 60,
+            expires_ms: 9_000,
+            predicted: 1,
+            probabilities: vec![0.25, 0.75],
+        };
+        let bytes = row.to_record(5, true);
+        let record = ExchangeRecord::parse(&bytes).unwrap();
+        assert_eq!((record.rows(), record.untaken(), record.suffixed()), (6, 1, true));
+        assert_eq!(record.row(5), Some(row));
+    }
+
+    #[test]
+    fn label_ids_name_a_row_of_an_exchange_then_a_one_row_record() {
+        let suffixed = |key: &str, row| RowRef { key: key.into(), row, suffixed: true };
+        let whole = |key: &str| RowRef { key: key.into(), row: 0, suffixed: false };
+        assert_eq!(RowRef::candidates("req-1:63"), (suffixed("req-1", 63), Some(whole("req-1:63"))));
+        assert_eq!(RowRef::candidates("a:b:0"), (suffixed("a:b", 0), Some(whole("a:b:0"))));
+        assert_eq!(RowRef::candidates(":2"), (suffixed("", 2), Some(whole(":2"))));
+        for id in ["req-1", "req:01", "req:", "req:x1", "req:99999999999", "req:+1"] {
+            assert_eq!(RowRef::candidates(id), (whole(id), None), "{id}");
+        }
+    }
 
     #[test]
     fn rows_round_trip_through_their_binary_layout() {

@@ -11,13 +11,13 @@
 
 use super::aggregate::{Aggregate, BucketDelta, F_LATE, F_UNMATCHED};
 use super::metrics;
-use super::record::{BucketId, PendingRow, StreamMeta, MAX_CLASSES};
+use super::record::{BucketId, ExchangeWriter, StreamMeta, MAX_CLASSES};
 use super::store::embedded::EmbeddedStore;
 use super::store::redis::RedisStore;
 use super::store::{BucketUpdate, LabelStore, RecordBatch, StoreError};
 use super::{LabelsConfig, LabelsStoreConfig};
 use crate::sinks::Point;
-use crate::tfserving::{ModelConfig, Observation};
+use crate::tfserving::{ModelConfig, Observation, Probabilities, StreamKey};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -103,9 +103,28 @@ pub struct IngestOutcome {
 #[derive(Debug, Clone)]
 pub struct PreparedRecord {
     /// The stream's metadata, written once per process.
-    meta: StreamMeta,
+    meta: Arc<StreamMeta>,
     /// The rows and their bucket.
     batch: RecordBatch,
+}
+
+impl PreparedRecord {
+    /// Rows a label can join through the record.
+    pub fn rows(&self) -> u64 {
+        self.batch.rows
+    }
+}
+
+/// A stream's metadata as last prepared, with what it was built from, so preparing
+/// an observation of a known stream allocates nothing for it.
+#[derive(Debug)]
+struct PreparedStream {
+    /// Class names the observation carried (None: configured or `class_<i>`).
+    carried_names: Option<Vec<String>>,
+    /// Classes of the observation.
+    classes: usize,
+    /// The metadata built from them.
+    meta: Arc<StreamMeta>,
 }
 
 /// The label points of one model and bucket, ready to append to that bucket's file.
@@ -158,6 +177,9 @@ pub struct LabelService {
     /// Stream metadata already written to the store by this process (or read from
     /// it): avoids a store write per observation and a read per label.
     streams: Mutex<HashMap<u64, Arc<StreamMeta>>>,
+    /// The metadata `prepare` built last per stream, reused while the observation's
+    /// classes are the same: `prepare` runs once per exchange on the worker's thread.
+    prepared_streams: Mutex<HashMap<StreamKey, PreparedStream>>,
     /// Models whose name may attribute an unmatched label: configured or recorded.
     known_models: Mutex<HashSet<String>>,
     /// Process-local counters for `/metrics`.
@@ -197,6 +219,7 @@ impl LabelService {
             store,
             settings,
             streams: Mutex::new(HashMap::new()),
+            prepared_streams: Mutex::new(HashMap::new()),
             known_models: Mutex::new(known_models),
             counters: Counters::default(),
             store_counts_seen: Mutex::new((stats.evictions, stats.failed_rows)),
@@ -245,15 +268,14 @@ impl LabelService {
     }
 
     /// Writes a stream's metadata to the store unless this process already did.
-    async fn ensure_stream(&self, meta: StreamMeta) -> Result<Arc<StreamMeta>, StoreError> {
+    async fn ensure_stream(&self, meta: Arc<StreamMeta>) -> Result<Arc<StreamMeta>, StoreError> {
         let id = meta.id();
         if let Some(known) = self.streams.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
-            if known.class_names == meta.class_names {
+            if Arc::ptr_eq(known, &meta) || known.class_names == meta.class_names {
                 return Ok(known.clone());
             }
         }
-        self.store.put_stream(meta.clone()).await?;
-        let meta = Arc::new(meta);
+        self.store.put_stream(StreamMeta::clone(&meta)).await?;
         self.streams.lock().unwrap_or_else(|e| e.into_inner()).insert(id, meta.clone());
         Ok(meta)
     }
@@ -280,8 +302,14 @@ impl LabelService {
     }
 
     /// The synchronous half of `record`: what the store will keep of an observation,
-    /// a few dozen bytes per row. A worker that must not wait for the store can
-    /// prepare on its loop and spawn `record_prepared` without cloning the observation.
+    /// one record for the exchange (a few bytes per row). A worker that must not wait
+    /// for the store can prepare on its loop and hand the result to `record_prepared`
+    /// or `record_all` without cloning the observation.
+    ///
+    /// The record is keyed by the request id and holds every row, so a label `ID:ROW`
+    /// (or `ID` for a one-row exchange) finds its row; rows that have their own id (id
+    /// feature) get a one-row record each under that id. Rows whose id would be empty
+    /// or longer than `MAX_ID_BYTES` are not joinable, as labels cannot name them.
     pub fn prepare(&self, observation: &Observation, bucket_start: i64) -> Option<PreparedRecord> {
         let probabilities = observation.probabilities.as_ref()?;
         let classes = probabilities.classes;
@@ -292,50 +320,105 @@ impl LabelService {
         if expires_ms <= epoch_ms(SystemTime::now()) {
             return None;
         }
-        let configured = self.settings.models.get(&observation.stream.model).and_then(|m| m.class_names.as_ref());
-        let names = (0..classes)
-            .map(|i| match (&probabilities.class_names, configured.and_then(|c| c.get(i))) {
-                (None, Some(name)) => name.clone(),
-                _ => probabilities.class_name(i),
-            })
-            .collect();
-        let meta = StreamMeta::of(&observation.stream, names);
+        let meta = self.prepared_stream(&observation.stream, probabilities);
         let stream = meta.id();
-        let mut rows = Vec::with_capacity(observation.rows);
-        for row in 0..observation.rows.min(probabilities.rows()) {
-            let id = observation.row_id(row);
+        let rows = observation.rows.min(probabilities.rows());
+        let own_ids = observation.row_ids.as_deref().unwrap_or_default();
+        let suffixed = observation.rows > 1;
+        let request_id = &observation.request_id;
+        // Whether the label id of a row without its own id can be posted.
+        let addressable = |row: usize| {
+            if suffixed {
+                request_id.len() + 1 + decimal_digits(row) <= MAX_ID_BYTES
+            } else {
+                !request_id.is_empty() && request_id.len() <= MAX_ID_BYTES
+            }
+        };
+        let by_request = (own_ids.len()..rows).filter(|row| addressable(*row)).count();
+        let mut records = Vec::with_capacity(1);
+        let mut joinable = 0;
+        if by_request > 0 {
+            let mut writer = ExchangeWriter::new(stream, bucket_start, expires_ms, suffixed, classes, rows);
+            for row in 0..rows {
+                writer.push_row(probabilities.predicted_class(row) as u16, probabilities.row(row));
+                if row < own_ids.len() || !addressable(row) {
+                    writer.mark_taken(row);
+                }
+            }
+            records.push((request_id.clone(), writer.finish()));
+            joinable += by_request;
+        }
+        for (row, id) in own_ids.iter().enumerate().take(rows) {
             if id.is_empty() || id.len() > MAX_ID_BYTES {
                 continue;
             }
-            let pending = PendingRow {
-                stream,
-                bucket_start,
-                expires_ms,
-                predicted: probabilities.predicted_class(row) as u16,
-                probabilities: probabilities.row(row).iter().map(|p| *p as f32).collect(),
-            };
-            rows.push((id, pending.encode(), expires_ms));
+            let mut writer = ExchangeWriter::new(stream, bucket_start, expires_ms, false, classes, 1);
+            writer.push_row(probabilities.predicted_class(row) as u16, probabilities.row(row));
+            records.push((id.clone(), writer.finish()));
+            joinable += 1;
         }
-        if rows.is_empty() {
+        if joinable == 0 {
             return None;
         }
         let batch = RecordBatch {
             bucket: BucketId { stream, start: bucket_start },
             due_ms: self.due_ms(bucket_start),
             retain_until_ms: self.retain_ms(bucket_start),
-            rows,
+            expires_ms,
+            rows: joinable as u64,
+            records,
         };
         Some(PreparedRecord { meta, batch })
     }
 
+    /// The metadata of an observation's stream, built once per stream and classes.
+    fn prepared_stream(&self, stream: &StreamKey, probabilities: &Probabilities) -> Arc<StreamMeta> {
+        let classes = probabilities.classes;
+        let mut prepared = self.prepared_streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = prepared.get(stream) {
+            if known.classes == classes && known.carried_names == probabilities.class_names {
+                return known.meta.clone();
+            }
+        }
+        let configured = self.settings.models.get(&stream.model).and_then(|m| m.class_names.as_ref());
+        let names = (0..classes)
+            .map(|i| match (&probabilities.class_names, configured.and_then(|c| c.get(i))) {
+                (None, Some(name)) => name.clone(),
+                _ => probabilities.class_name(i),
+            })
+            .collect();
+        let meta = Arc::new(StreamMeta::of(stream, names));
+        let entry = PreparedStream { carried_names: probabilities.class_names.clone(), classes, meta: meta.clone() };
+        prepared.insert(stream.clone(), entry);
+        meta
+    }
+
     /// The asynchronous half of `record`: writes prepared rows to the store.
     pub async fn record_prepared(&self, prepared: PreparedRecord) -> Result<(), StoreError> {
-        let model = prepared.meta.model.clone();
-        self.ensure_stream(prepared.meta).await?;
-        let n = prepared.batch.rows.len() as u64;
-        self.store.record(prepared.batch).await?;
-        self.known_models.lock().unwrap_or_else(|e| e.into_inner()).insert(model);
-        self.counters.recorded.inc_by(n);
+        self.record_all(vec![prepared]).await
+    }
+
+    /// Writes many prepared observations to the store at once (one transaction or
+    /// round trip for all of them where the store allows).
+    pub async fn record_all(&self, prepared: Vec<PreparedRecord>) -> Result<(), StoreError> {
+        let mut rows = 0;
+        let mut batches = Vec::with_capacity(prepared.len());
+        let mut last_stream: Option<Arc<StreamMeta>> = None;
+        for record in prepared {
+            if !last_stream.as_ref().is_some_and(|last| Arc::ptr_eq(last, &record.meta)) {
+                let model = record.meta.model.clone();
+                self.ensure_stream(record.meta.clone()).await?;
+                self.known_models.lock().unwrap_or_else(|e| e.into_inner()).insert(model);
+                last_stream = Some(record.meta);
+            }
+            rows += record.batch.rows;
+            batches.push(record.batch);
+        }
+        if batches.is_empty() {
+            return Ok(());
+        }
+        self.store.record(batches).await?;
+        self.counters.recorded.inc_by(rows);
         Ok(())
     }
 
@@ -358,8 +441,8 @@ impl LabelService {
         let mut deltas: BTreeMap<BucketId, (u64, BucketDelta)> = BTreeMap::new();
         let mut restore = Vec::new();
         let mut unmatched_by_model: BTreeMap<String, i64> = BTreeMap::new();
-        for (entry, bytes) in entries.into_iter().zip(taken) {
-            let Some(row) = bytes.as_deref().and_then(PendingRow::decode) else {
+        for (entry, taken) in entries.into_iter().zip(taken) {
+            let Some(taken) = taken else {
                 let model = match &entry.model {
                     Some(m) if self.known_models.lock().unwrap_or_else(|e| e.into_inner()).contains(m) => m.clone(),
                     _ => UNKNOWN_MODEL.to_string(),
@@ -368,6 +451,7 @@ impl LabelService {
                 outcome.unmatched += 1;
                 continue;
             };
+            let row = &taken.row;
             let meta = self.stream(row.stream).await?;
             let names = meta.as_ref().map(|m| m.class_names.as_slice()).unwrap_or_default();
             match resolve(&entry.label, row.probabilities.len(), names) {
@@ -375,11 +459,11 @@ impl LabelService {
                     let start = if self.arrival_mode() { arrival } else { row.bucket_start };
                     let slot = deltas.entry(BucketId { stream: row.stream, start }).or_default();
                     slot.0 += 1;
-                    slot.1.add_label(&row, actual);
+                    slot.1.add_label(row, actual);
                     outcome.accepted += 1;
                 }
                 Err(error) => {
-                    restore.push((entry.id, bytes.unwrap_or_default(), row.expires_ms));
+                    restore.push(taken);
                     outcome.rejected.push(Rejected { index: entry.index, error });
                 }
             }
@@ -416,7 +500,7 @@ impl LabelService {
             counters.push(self.counter_update(stream, arrival, F_LATE, n));
         }
         for (model, n) in unmatched_by_model {
-            let meta = self.ensure_stream(StreamMeta::unmatched(&model)).await?;
+            let meta = self.ensure_stream(Arc::new(StreamMeta::unmatched(&model))).await?;
             counters.push(self.counter_update(meta.id(), arrival, F_UNMATCHED, n));
         }
         if !counters.is_empty() {
@@ -508,6 +592,11 @@ impl LabelService {
             c.pending.clone(),
         );
     }
+}
+
+/// Digits of a row number in decimal (the length of its `:ROW` suffix, less one).
+fn decimal_digits(row: usize) -> usize {
+    row.checked_ilog10().unwrap_or(0) as usize + 1
 }
 
 /// Resolves a posted label to a class index of a prediction with `classes` classes.

@@ -226,6 +226,11 @@ impl RedisServer {
         cli(self.port, &["DBSIZE"]).and_then(|out| out.trim().parse().ok()).unwrap_or(0)
     }
 
+    /// Whether this server holds `key`.
+    pub fn exists(&self, key: &str) -> bool {
+        cli(self.port, &["EXISTS", key]).is_some_and(|out| out.trim() == "1")
+    }
+
     /// Bytes Redis uses for data (`used_memory`).
     pub fn used_memory(&self) -> u64 {
         let info = cli(self.port, &["INFO", "memory"]).unwrap_or_default();
@@ -353,4 +358,36 @@ pub fn assert_fraud_metrics(points: &[Point]) {
         let expected = if counters.contains(&p.what()) { "counter" } else { "gauge" };
         assert_eq!(p.property("target_type"), Some(expected), "{}", p.what());
     }
+}
+
+/// One binary exchange of `rows` rows (positive-class probability `(row % 8) / 8`),
+/// whose rows are labeled `request_id:<row>` (or `request_id` for one row).
+pub fn exchange_observation(model: &str, request_id: &str, rows: usize) -> Observation {
+    let rows: Vec<Vec<f64>> = (0..rows)
+        .map(|row| {
+            let p = (row % 8) as f64 / 8.0;
+            vec![1.0 - p, p]
+        })
+        .collect();
+    observation(model, request_id, &rows, Some(&["legit", "fraud"]))
+}
+
+/// A label body giving class 1 to each of these ids.
+pub fn labels_body(ids: &[String]) -> String {
+    let entries: Vec<String> = ids.iter().map(|id| format!("{{\"id\": \"{id}\", \"label\": 1}}")).collect();
+    format!("[{}]", entries.join(","))
+}
+
+/// The ids of every row of an exchange of `rows` rows (`rows` > 1).
+pub fn row_ids(request_id: &str, rows: usize) -> Vec<String> {
+    (0..rows).map(|row| format!("{request_id}:{row}")).collect()
+}
+
+/// The text of a service's `/metrics` counters and gauges.
+pub fn metrics_text(service: &LabelService) -> String {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
+    service.register_metrics(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
 }

@@ -1,28 +1,43 @@
 //! The embedded join store: one redb file under the output dir, for a single
 //! replica. It survives restarts (a prediction before a restart joins a label after
-//! it), drops rows once they expire, and holds at most `max_pending_rows` rows,
-//! evicting those closest to expiry first and counting them.
+//! it), drops rows once they expire, and holds at most `max_pending_rows` rows
+//! waiting for a label, evicting those closest to expiry first and counting them.
+//!
+//! Prediction rows are kept as one record per exchange (`record::ExchangeRecord`),
+//! keyed by its request id, with a bitmap of the rows already taken: recording costs
+//! one insert per exchange, and expiry drops whole exchanges. Records are buffered
+//! and written many per transaction.
 //!
 //! redb is synchronous, so every operation runs on the blocking pool. Writes commit
 //! without fsync (`Durability::None`: an fsync per observation would cap recording
 //! at a few hundred per second); `maintain`, called with every `due` tick, and
 //! closing the store commit durably. A crash loses at most the writes since the last
 //! tick, never the file.
+//!
+//! The file carries its format (`meta.format`). A file of the per-row format 1 is
+//! converted on open (each row becomes a one-row record under its own id, so it still
+//! joins); a file of a newer format, or one redb cannot read, is renamed aside with a
+//! warning and the store starts empty.
 
-use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats};
+use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
 use crate::labels::aggregate::{apply_delta, BucketDelta, F_AUC_LEN, F_CLAIMED, F_PREDICTED};
-use crate::labels::record::{BucketId, PendingRow, StreamMeta};
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
-use std::collections::BTreeMap;
+use crate::labels::record::{set_taken, BucketId, ExchangeRecord, PendingRow, RowRef, StreamMeta};
+use redb::{Database, DatabaseError, Durability, ReadableTable, StorageError, TableDefinition, WriteTransaction};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Pending rows: id -> encoded `PendingRow`. Ids are keyed as bytes: `&str` keys
-/// are checked for UTF-8 on every comparison, a measurable share of a label's cost.
-const ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rows");
-/// Expiry order of the rows: (expires_ms, id); also the eviction order.
-const EXPIRY: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("row_expiry");
+/// Pending exchanges: key (request id, or a row's own id) -> encoded
+/// `ExchangeRecord`. Keys are bytes: `&str` keys are checked for UTF-8 on every
+/// comparison, a measurable share of a label's cost.
+const EXCHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("exchanges");
+/// Expiry order of the exchanges: (expires_ms, key); also the eviction order.
+const EXPIRY: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("exchange_expiry");
+/// Format 1's pending rows (id -> per-row record), converted when such a file opens.
+const LEGACY_ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rows");
+/// Format 1's expiry index of its rows.
+const LEGACY_EXPIRY: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("row_expiry");
 /// Stream metadata: stream id -> JSON `StreamMeta`.
 const STREAMS: TableDefinition<u64, &str> = TableDefinition::new("streams");
 /// Bucket aggregates: bucket key -> JSON map of fields.
@@ -33,14 +48,24 @@ const DUE: TableDefinition<(i64, &str), ()> = TableDefinition::new("bucket_due")
 const AUC: TableDefinition<(&str, u64), &str> = TableDefinition::new("bucket_auc");
 /// Retention index of the buckets: (retain_until_ms, bucket key).
 const RETAIN: TableDefinition<(i64, &str), ()> = TableDefinition::new("bucket_retain");
-/// Counters that must survive restarts: name -> value.
+/// Counters that must survive restarts, and the file's format: name -> value.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The file layout this code writes (`meta.format`): 2 is one record per exchange.
+/// Files without it are of format 1 (one record per row).
+const FORMAT: u64 = 2;
+/// `meta` key of the format.
+const META_FORMAT: &str = "format";
+/// `meta` key of the rows waiting for a label, kept with the records they count.
+const META_PENDING: &str = "pending_rows";
+/// `meta` key of the evictions since the file was created.
+const META_EVICTIONS: &str = "evictions";
 /// redb's page cache. Its default (1 GiB) fills up under sustained recording and
 /// would alone exceed mltap's memory budget. Leaves are read back through the OS
 /// page cache; label ingestion measured as fast with 4 MiB as with 1 GiB.
 const CACHE_BYTES: usize = 4 << 20;
-/// Buffered rows that trigger a write of the buffer.
-const FLUSH_ROWS: usize = 4096;
+/// Buffered rows that trigger a write of the buffer: a few hundred 64-row exchanges
+/// per transaction, so a commit's fixed cost is shared by many of them.
+const FLUSH_ROWS: usize = 16_384;
 /// Field of a bucket holding how long it is kept, epoch ms.
 const F_RETAIN: &str = "rt";
 
@@ -59,51 +84,37 @@ struct Inner {
     max_rows: u64,
     /// Entries per bucket in the exact AUC list.
     auc_cap: usize,
-    /// Pending rows after the last write, for the gauge.
+    /// Rows waiting for a label after the last write, for the gauge.
     pending: AtomicU64,
     /// Evictions since the file was created.
     evictions: AtomicU64,
-    /// Recorded rows not yet written: one transaction per observation would cost
-    /// more than the observation's whole processing, so rows are written in batches,
-    /// at the latest by the next write of any kind (a label, a tick).
+    /// Recorded exchanges not yet written: one transaction per observation would cost
+    /// more than the observation's whole processing, so records are written in
+    /// batches, at the latest by the next write of any kind (a label, a tick).
     buffer: std::sync::Mutex<Vec<RecordBatch>>,
     /// Rows in `buffer`.
     buffered_rows: AtomicUsize,
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store file, creating its directory.
+    /// Opens (or creates) the store file, creating its directory. A file that cannot
+    /// be read as a label store (not redb, damaged, or a newer format) is renamed
+    /// aside with a warning, and the store starts empty.
     pub fn open(path: &Path, max_rows: u64, auc_cap: usize) -> Result<EmbeddedStore, StoreError> {
         let fail = |detail: String| StoreError::Embedded { path: path.display().to_string(), detail };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its directory: {e}")))?;
         }
-        let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(|e| fail(e.to_string()))?;
-        let inner = Inner {
-            db,
-            path: path.to_path_buf(),
-            max_rows,
-            auc_cap,
-            pending: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
-            buffer: std::sync::Mutex::new(Vec::new()),
-            buffered_rows: AtomicUsize::new(0),
+        let inner = match Inner::open(path, max_rows, auc_cap)? {
+            Opened::Ready(inner) => inner,
+            Opened::Unusable(reason) => {
+                set_aside(path, &reason)?;
+                match Inner::open(path, max_rows, auc_cap)? {
+                    Opened::Ready(inner) => inner,
+                    Opened::Unusable(reason) => return Err(fail(reason)),
+                }
+            }
         };
-        // Create the tables up front so readers never meet a missing table.
-        inner.write(Durability::Immediate, |txn| {
-            txn.open_table(ROWS)?;
-            txn.open_table(EXPIRY)?;
-            txn.open_table(STREAMS)?;
-            txn.open_table(BUCKETS)?;
-            txn.open_table(DUE)?;
-            txn.open_table(AUC)?;
-            txn.open_table(RETAIN)?;
-            let meta = txn.open_table(META)?;
-            let evictions = meta.get("evictions")?.map(|v| v.value()).unwrap_or(0);
-            inner.evictions.store(evictions, Ordering::Relaxed);
-            inner.pending.store(txn.open_table(ROWS)?.len()?, Ordering::Relaxed);
-            Ok(())
-        })?;
         Ok(EmbeddedStore { inner: Arc::new(inner) })
     }
 
@@ -171,6 +182,220 @@ fn keep_until(
     Ok(())
 }
 
+/// What opening the file gave.
+enum Opened {
+    /// A store in the current format (converted if it was of format 1).
+    Ready(Inner),
+    /// A file this version cannot use, and why.
+    Unusable(String),
+}
+
+/// Renames an unusable store file aside (`labels.redb.unusable-<epoch ns>`), so the
+/// store can start empty without destroying what an operator may want to inspect.
+fn set_aside(path: &Path, reason: &str) -> Result<(), StoreError> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".unusable-{nanos}"));
+    let aside = PathBuf::from(aside);
+    std::fs::rename(path, &aside).map_err(|e| StoreError::Embedded {
+        path: path.display().to_string(),
+        detail: format!("{reason}; it cannot be set aside either: {e}"),
+    })?;
+    tracing::warn!(
+        message = "Label store file unusable; set aside, starting with an empty store.",
+        path = %path.display(),
+        set_aside_as = %aside.display(),
+        reason,
+    );
+    Ok(())
+}
+
+/// Epoch ms now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The pending-row tables of one write transaction, with the running count of rows
+/// waiting for a label (stored in `meta` by `close`, so it always matches the file).
+struct Rows<'t> {
+    exchanges: redb::Table<'t, &'static [u8], &'static [u8]>,
+    expiry: redb::Table<'t, (i64, &'static [u8]), ()>,
+    meta: redb::Table<'t, &'static str, u64>,
+    /// Rows waiting for a label.
+    pending: u64,
+}
+
+/// A record a batch of labels took out of the table (None: there was none), to put
+/// back by `write_back` unless all its rows are taken.
+struct Touched {
+    bytes: Option<Vec<u8>>,
+}
+
+impl<'t> Rows<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Rows<'t>, DbError> {
+        let meta = txn.open_table(META)?;
+        let pending = meta.get(META_PENDING)?.map(|v| v.value()).unwrap_or(0);
+        Ok(Rows { exchanges: txn.open_table(EXCHANGES)?, expiry: txn.open_table(EXPIRY)?, meta, pending })
+    }
+
+    /// Stores a record under `key`, replacing (and uncounting) a record of the same
+    /// key: a request id reused by a later exchange names that exchange's rows.
+    fn put(&mut self, key: &[u8], bytes: &[u8]) -> Result<(), DbError> {
+        let Some(record) = ExchangeRecord::parse(bytes) else { return Ok(()) };
+        let (expires_ms, untaken) = (record.expires_ms(), record.untaken() as u64);
+        let replaced = self.exchanges.insert(key, bytes)?.map(|old| old.value().to_vec());
+        if let Some(old) = replaced.as_deref().and_then(ExchangeRecord::parse) {
+            self.expiry.remove((old.expires_ms(), key))?;
+            self.pending = self.pending.saturating_sub(old.untaken() as u64);
+        }
+        self.expiry.insert((expires_ms, key), ())?;
+        self.pending += untaken;
+        Ok(())
+    }
+
+    /// Removes a record and its expiry entry, uncounting its waiting rows.
+    fn remove(&mut self, key: &[u8]) -> Result<(), DbError> {
+        let removed = self.exchanges.remove(key)?.map(|old| old.value().to_vec());
+        if let Some(old) = removed.as_deref().and_then(ExchangeRecord::parse) {
+            self.expiry.remove((old.expires_ms(), key))?;
+            self.pending = self.pending.saturating_sub(old.untaken() as u64);
+        }
+        Ok(())
+    }
+
+    /// Evicts rows closest to expiry until at most `max_rows` wait (whole exchanges,
+    /// and the first rows of the last one); returns how many were evicted.
+    fn evict(&mut self, max_rows: u64) -> Result<u64, DbError> {
+        let mut evicted = 0;
+        while self.pending > max_rows {
+            let first = self.expiry.first()?.map(|(k, _)| {
+                let (expires_ms, key) = k.value();
+                (expires_ms, key.to_vec())
+            });
+            let Some((expires_ms, key)) = first else {
+                // Nothing left to evict: the count had drifted from the records.
+                self.pending = 0;
+                break;
+            };
+            let bytes = self.exchanges.get(key.as_slice())?.map(|v| v.value().to_vec());
+            let Some(mut bytes) = bytes else {
+                self.expiry.remove((expires_ms, key.as_slice()))?;
+                continue;
+            };
+            let Some(record) = ExchangeRecord::parse(&bytes) else {
+                self.exchanges.remove(key.as_slice())?;
+                self.expiry.remove((expires_ms, key.as_slice()))?;
+                continue;
+            };
+            let excess = self.pending - max_rows;
+            let untaken = record.untaken() as u64;
+            if untaken <= excess {
+                self.remove(&key)?;
+                evicted += untaken;
+            } else {
+                let first_rows: Vec<usize> = record.untaken_rows().take(excess as usize).collect();
+                for row in first_rows {
+                    set_taken(&mut bytes, row, true);
+                }
+                self.exchanges.insert(key.as_slice(), bytes.as_slice())?;
+                self.pending -= excess;
+                evicted += excess;
+            }
+        }
+        Ok(evicted)
+    }
+
+    /// Takes one row for a label, through the records this transaction touched.
+    fn take_row(
+        &mut self,
+        touched: &mut HashMap<Vec<u8>, Touched>,
+        at: &RowRef,
+        now_ms: i64,
+    ) -> Result<Option<TakenRow>, DbError> {
+        let key = at.key.as_bytes();
+        if !touched.contains_key(key) {
+            // Removed rather than read: a one-row record, the most common, is then
+            // gone in one step once taken, as a row was before records held exchanges.
+            let bytes = self.exchanges.remove(key)?.map(|v| v.value().to_vec());
+            touched.insert(key.to_vec(), Touched { bytes });
+        }
+        let Some(entry) = touched.get_mut(key) else { return Ok(None) };
+        let Some(bytes) = entry.bytes.as_mut() else { return Ok(None) };
+        let Some(record) = ExchangeRecord::parse(bytes) else { return Ok(None) };
+        let row = at.row as usize;
+        if record.suffixed() != at.suffixed
+            || row >= record.rows()
+            || record.is_taken(row)
+            || record.expires_ms() <= now_ms
+        {
+            return Ok(None);
+        }
+        let Some(pending) = record.row(row) else { return Ok(None) };
+        set_taken(bytes, row, true);
+        self.pending = self.pending.saturating_sub(1);
+        Ok(Some(TakenRow { at: at.clone(), row: pending }))
+    }
+
+    /// Puts back the records a batch of labels took out; a record whose rows are all
+    /// taken stays out, with its expiry entry (nothing can join it any more).
+    fn write_back(&mut self, touched: HashMap<Vec<u8>, Touched>) -> Result<(), DbError> {
+        for (key, entry) in touched {
+            let Some(bytes) = entry.bytes else { continue };
+            match ExchangeRecord::parse(&bytes) {
+                Some(record) if record.untaken() == 0 => {
+                    self.expiry.remove((record.expires_ms(), key.as_slice()))?;
+                }
+                _ => {
+                    self.exchanges.insert(key.as_slice(), bytes.as_slice())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the count and publishes it to the gauge.
+    fn close(mut self, gauge: &AtomicU64) -> Result<(), DbError> {
+        self.meta.insert(META_PENDING, self.pending)?;
+        gauge.store(self.pending, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The file's format: None for a new file or one of format 1 (which had no `meta`
+/// entry for it).
+fn read_format(db: &Database) -> Result<Option<u64>, DbError> {
+    let txn = db.begin_read()?;
+    let meta = match txn.open_table(META) {
+        Ok(meta) => meta,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(meta.get(META_FORMAT)?.map(|v| v.value()))
+}
+
+/// Converts format 1's per-row records into one-row records under the same ids (a
+/// label `ID:ROW` finds them through the second of `RowRef::candidates`), skipping
+/// expired rows, and removes format 1's tables. Streams from one table to the other,
+/// so a full file converts without holding its rows in memory.
+fn convert_rows(txn: &WriteTransaction, rows: &mut Rows<'_>, now_ms: i64) -> Result<u64, DbError> {
+    let mut converted = 0;
+    {
+        let legacy = txn.open_table(LEGACY_ROWS)?;
+        for entry in legacy.iter()? {
+            let (id, bytes) = entry?;
+            let Some(row) = PendingRow::decode(bytes.value()) else { continue };
+            if row.expires_ms <= now_ms {
+                continue;
+            }
+            rows.put(id.value(), &row.to_record(0, false))?;
+            converted += 1;
+        }
+    }
+    txn.delete_table(LEGACY_ROWS)?;
+    txn.delete_table(LEGACY_EXPIRY)?;
+    Ok(converted)
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Makes the non-durable commits since the last tick durable on a clean stop.
@@ -181,6 +406,61 @@ impl Drop for Inner {
 }
 
 impl Inner {
+    /// Opens the file and brings it to the current format.
+    fn open(path: &Path, max_rows: u64, auc_cap: usize) -> Result<Opened, StoreError> {
+        let fail = |detail: String| StoreError::Embedded { path: path.display().to_string(), detail };
+        let db = match redb::Builder::new().set_cache_size(CACHE_BYTES).create(path) {
+            Ok(db) => db,
+            Err(e @ (DatabaseError::UpgradeRequired(_) | DatabaseError::Storage(StorageError::Corrupted(_)))) => {
+                return Ok(Opened::Unusable(format!("not a readable label store: {e}")))
+            }
+            Err(DatabaseError::Storage(StorageError::Io(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Ok(Opened::Unusable(format!("not a redb file: {e}")))
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let format = read_format(&db).map_err(|DbError(detail)| fail(detail))?;
+        if let Some(newer) = format.filter(|f| *f > FORMAT) {
+            return Ok(Opened::Unusable(format!("written in format {newer}; this version reads up to {FORMAT}")));
+        }
+        let inner = Inner {
+            db,
+            path: path.to_path_buf(),
+            max_rows,
+            auc_cap,
+            pending: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            buffer: std::sync::Mutex::new(Vec::new()),
+            buffered_rows: AtomicUsize::new(0),
+        };
+        // Create the tables up front so readers never meet a missing table.
+        inner.write(Durability::Immediate, |txn| {
+            txn.open_table(STREAMS)?;
+            txn.open_table(BUCKETS)?;
+            txn.open_table(DUE)?;
+            txn.open_table(AUC)?;
+            txn.open_table(RETAIN)?;
+            let mut rows = Rows::open(txn)?;
+            let mut evictions = rows.meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0);
+            if format.is_none() {
+                let converted = convert_rows(txn, &mut rows, now_ms())?;
+                if converted > 0 {
+                    tracing::info!(
+                        message = "Label store converted from the per-row format.",
+                        path = %inner.path.display(),
+                        rows = converted
+                    );
+                }
+                evictions += rows.evict(inner.max_rows)?;
+                rows.meta.insert(META_EVICTIONS, evictions)?;
+                rows.meta.insert(META_FORMAT, FORMAT)?;
+            }
+            inner.evictions.store(evictions, Ordering::Relaxed);
+            rows.close(&inner.pending)
+        })?;
+        Ok(Opened::Ready(inner))
+    }
+
     fn write<T>(
         &self,
         durability: Durability,
@@ -202,39 +482,28 @@ impl Inner {
         std::mem::take(&mut *buffer)
     }
 
-    /// Writes buffered rows inside a transaction: every write transaction starts with
-    /// it, so a label always sees the predictions recorded before it was posted.
+    /// Writes buffered records inside a transaction: every write transaction starts
+    /// with it, so a label always sees the predictions recorded before it was posted.
     fn write_records(&self, txn: &WriteTransaction, batches: Vec<RecordBatch>) -> Result<(), DbError> {
         if batches.is_empty() {
             return Ok(());
         }
-        let mut rows = txn.open_table(ROWS)?;
-        let mut expiry = txn.open_table(EXPIRY)?;
         let mut per_bucket: BTreeMap<BucketId, (i64, i64, i64)> = BTreeMap::new();
-        for batch in &batches {
-            for (id, bytes, expires_ms) in &batch.rows {
-                let replaced =
-                    rows.insert(id.as_bytes(), bytes.as_slice())?.and_then(|old| PendingRow::decode(old.value()));
-                if let Some(old) = replaced {
-                    expiry.remove((old.expires_ms, id.as_bytes()))?;
+        {
+            let mut rows = Rows::open(txn)?;
+            for batch in &batches {
+                for (key, bytes) in &batch.records {
+                    rows.put(key.as_bytes(), bytes)?;
                 }
-                expiry.insert((*expires_ms, id.as_bytes()), ())?;
+                let slot = per_bucket.entry(batch.bucket).or_insert((0, batch.due_ms, batch.retain_until_ms));
+                slot.0 += batch.rows as i64;
             }
-            let slot = per_bucket.entry(batch.bucket).or_insert((0, batch.due_ms, batch.retain_until_ms));
-            slot.0 += batch.rows.len() as i64;
-        }
-        let mut evicted = 0;
-        while rows.len()? > self.max_rows {
-            let Some((key, _)) = expiry.pop_first()? else { break };
-            let (_, id) = key.value();
-            rows.remove(id)?;
-            evicted += 1;
-        }
-        self.pending.store(rows.len()?, Ordering::Relaxed);
-        if evicted > 0 {
-            let mut meta = txn.open_table(META)?;
-            let total = self.evictions.fetch_add(evicted, Ordering::Relaxed) + evicted;
-            meta.insert("evictions", total)?;
+            let evicted = rows.evict(self.max_rows)?;
+            if evicted > 0 {
+                let total = self.evictions.fetch_add(evicted, Ordering::Relaxed) + evicted;
+                rows.meta.insert(META_EVICTIONS, total)?;
+            }
+            rows.close(&self.pending)?;
         }
         let mut buckets = txn.open_table(BUCKETS)?;
         let mut due = txn.open_table(DUE)?;
@@ -253,39 +522,54 @@ impl Inner {
         Ok(())
     }
 
-    fn take(&self, ids: Vec<String>, now_ms: i64) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    fn take(&self, ids: Vec<String>, now_ms: i64) -> Result<Vec<Option<TakenRow>>, StoreError> {
         self.write(Durability::None, |txn| {
-            let mut rows = txn.open_table(ROWS)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
+            let mut rows = Rows::open(txn)?;
+            // The labels of one batch often share exchanges: each record is read and
+            // written once per batch.
+            let mut touched = HashMap::new();
             let mut out = Vec::with_capacity(ids.len());
             for id in &ids {
-                let bytes = rows.remove(id.as_bytes())?.map(|v| v.value().to_vec());
-                let row = bytes.as_deref().and_then(PendingRow::decode);
-                if let Some(row) = &row {
-                    expiry.remove((row.expires_ms, id.as_bytes()))?;
+                let (first, fallback) = RowRef::candidates(id);
+                let mut taken = rows.take_row(&mut touched, &first, now_ms)?;
+                if let (None, Some(fallback)) = (&taken, fallback) {
+                    taken = rows.take_row(&mut touched, &fallback, now_ms)?;
                 }
-                out.push(match row {
-                    Some(row) if row.expires_ms > now_ms => bytes,
-                    _ => None,
-                });
+                out.push(taken);
             }
-            self.pending.store(rows.len()?, Ordering::Relaxed);
+            rows.write_back(touched)?;
+            rows.close(&self.pending)?;
             Ok(out)
         })
     }
 
-    fn restore(&self, restored: Vec<(String, Vec<u8>, i64)>) -> Result<(), StoreError> {
+    fn restore(&self, restored: Vec<TakenRow>) -> Result<(), StoreError> {
         self.write(Durability::None, |txn| {
-            let mut rows = txn.open_table(ROWS)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
-            for (id, bytes, expires_ms) in &restored {
-                if rows.get(id.as_bytes())?.is_none() {
-                    rows.insert(id.as_bytes(), bytes.as_slice())?;
-                    expiry.insert((*expires_ms, id.as_bytes()), ())?;
+            let mut rows = Rows::open(txn)?;
+            for taken in &restored {
+                let key = taken.at.key.as_bytes();
+                let row = taken.at.row as usize;
+                let current = rows.exchanges.get(key)?.map(|v| v.value().to_vec());
+                match current {
+                    Some(mut bytes) => {
+                        let Some(record) = ExchangeRecord::parse(&bytes) else { continue };
+                        // Only into the record it came from: a later exchange under the
+                        // same id has replaced it otherwise, and the row is gone.
+                        let same = record.suffixed() == taken.at.suffixed
+                            && row < record.rows()
+                            && record.is_taken(row)
+                            && record.row(row).as_ref() == Some(&taken.row);
+                        if same {
+                            set_taken(&mut bytes, row, false);
+                            rows.exchanges.insert(key, bytes.as_slice())?;
+                            rows.pending += 1;
+                        }
+                    }
+                    // Its record was dropped once all its rows were taken.
+                    None => rows.put(key, &taken.row.to_record(row, taken.at.suffixed))?,
                 }
             }
-            self.pending.store(rows.len()?, Ordering::Relaxed);
-            Ok(())
+            rows.close(&self.pending)
         })
     }
 
@@ -357,22 +641,27 @@ impl Inner {
 
     fn maintain(&self, now_ms: i64) -> Result<(), StoreError> {
         self.write(Durability::Immediate, |txn| {
-            let mut rows = txn.open_table(ROWS)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
-            let mut expired = Vec::new();
-            for entry in expiry.iter()? {
-                let (key, _) = entry?;
-                let (expires_ms, id) = key.value();
-                if expires_ms > now_ms {
-                    break;
+            {
+                let mut rows = Rows::open(txn)?;
+                let mut expired = Vec::new();
+                for entry in rows.expiry.iter()? {
+                    let (key, _) = entry?;
+                    let (expires_ms, id) = key.value();
+                    if expires_ms > now_ms {
+                        break;
+                    }
+                    expired.push((expires_ms, id.to_vec()));
                 }
-                expired.push((expires_ms, id.to_vec()));
+                // Whole exchanges expire together: one delete per exchange.
+                for (expires_ms, key) in &expired {
+                    rows.expiry.remove((*expires_ms, key.as_slice()))?;
+                    let removed = rows.exchanges.remove(key.as_slice())?.map(|v| v.value().to_vec());
+                    if let Some(record) = removed.as_deref().and_then(ExchangeRecord::parse) {
+                        rows.pending = rows.pending.saturating_sub(record.untaken() as u64);
+                    }
+                }
+                rows.close(&self.pending)?;
             }
-            for (expires_ms, id) in &expired {
-                expiry.remove((*expires_ms, id.as_slice()))?;
-                rows.remove(id.as_slice())?;
-            }
-            self.pending.store(rows.len()?, Ordering::Relaxed);
             let mut retain = txn.open_table(RETAIN)?;
             let mut stale = Vec::new();
             for entry in retain.iter()? {
@@ -416,9 +705,9 @@ impl LabelStore for EmbeddedStore {
         })
     }
 
-    fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()> {
-        let rows = batch.rows.len();
-        self.inner.buffer.lock().unwrap_or_else(|e| e.into_inner()).push(batch);
+    fn record(&self, batches: Vec<RecordBatch>) -> StoreFuture<'_, ()> {
+        let rows = batches.iter().map(|b| b.records.len().max(b.rows as usize)).sum::<usize>();
+        self.inner.buffer.lock().unwrap_or_else(|e| e.into_inner()).extend(batches);
         if self.inner.buffered_rows.fetch_add(rows, Ordering::Relaxed) + rows < FLUSH_ROWS {
             return Box::pin(async { Ok(()) });
         }
@@ -432,11 +721,11 @@ impl LabelStore for EmbeddedStore {
         self.run(|inner| inner.write(Durability::None, |_| Ok(())))
     }
 
-    fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>> {
+    fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<TakenRow>>> {
         self.run(move |inner| inner.take(ids, now_ms))
     }
 
-    fn restore(&self, rows: Vec<(String, Vec<u8>, i64)>) -> StoreFuture<'_, ()> {
+    fn restore(&self, rows: Vec<TakenRow>) -> StoreFuture<'_, ()> {
         self.run(move |inner| inner.restore(rows))
     }
 

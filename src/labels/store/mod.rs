@@ -1,6 +1,6 @@
-//! The join store behind one trait: pending prediction rows by id, per-stream
-//! metadata, per-bucket label aggregates, and the due index from which buckets are
-//! claimed for emission.
+//! The join store behind one trait: pending prediction rows (one record per
+//! exchange, see `record`), per-stream metadata, per-bucket label aggregates, and the
+//! due index from which buckets are claimed for emission.
 //!
 //! `embedded` keeps everything in one redb file under the output dir (one replica);
 //! `redis` keeps it in Redis or a Redis Cluster, where aggregate updates are Lua
@@ -12,7 +12,7 @@ pub mod embedded;
 pub mod redis;
 
 use super::aggregate::BucketDelta;
-use super::record::{BucketId, StreamMeta};
+use super::record::{BucketId, PendingRow, RowRef, StreamMeta};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -38,8 +38,22 @@ pub struct RecordBatch {
     pub due_ms: i64,
     /// Until when the bucket's aggregate is kept (to recognise late labels), epoch ms.
     pub retain_until_ms: i64,
-    /// `(id, encoded PendingRow, expires_ms)`.
-    pub rows: Vec<(String, Vec<u8>, i64)>,
+    /// When the records may be forgotten, epoch ms.
+    pub expires_ms: i64,
+    /// Rows a label can join through the records (added to the bucket's count).
+    pub rows: u64,
+    /// `(key, encoded ExchangeRecord)`: one record for the exchange, keyed by its
+    /// request id, plus one one-row record per row that has its own id (id feature).
+    pub records: Vec<(String, Vec<u8>)>,
+}
+
+/// A row taken for a label: where it was, and what label metrics need of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TakenRow {
+    /// The record and row it was taken from (to put it back, see `restore`).
+    pub at: RowRef,
+    /// The prediction.
+    pub row: PendingRow,
 }
 
 /// What one batch of labels adds to one bucket.
@@ -87,16 +101,17 @@ pub trait LabelStore: Send + Sync + 'static {
     fn put_stream(&self, meta: StreamMeta) -> StoreFuture<'_, ()>;
     /// A stream's metadata, if known.
     fn stream(&self, id: u64) -> StoreFuture<'_, Option<StreamMeta>>;
-    /// Stores pending rows, counts them in their bucket and indexes the bucket. The
-    /// write may happen after the call returns (see `flush`).
-    fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()>;
+    /// Stores exchange records, counts their rows in their bucket and indexes the
+    /// bucket. The write may happen after the call returns (see `flush`).
+    fn record(&self, batches: Vec<RecordBatch>) -> StoreFuture<'_, ()>;
     /// Returns once every row recorded before the call is written.
     fn flush(&self) -> StoreFuture<'_, ()>;
-    /// Removes and returns the rows of these ids, atomically per id: of concurrent
-    /// takers, exactly one gets a row. Expired rows come back as None.
-    fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>>;
+    /// Takes the rows these label ids name (`RowRef::candidates`), atomically per
+    /// row: of concurrent takers, exactly one gets a row, and a row is taken once.
+    /// Unknown, already taken and expired rows come back as None.
+    fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<TakenRow>>>;
     /// Puts back rows taken for labels that turned out invalid.
-    fn restore(&self, rows: Vec<(String, Vec<u8>, i64)>) -> StoreFuture<'_, ()>;
+    fn restore(&self, rows: Vec<TakenRow>) -> StoreFuture<'_, ()>;
     /// Adds deltas to buckets, each atomically; returns, per update, whether it was
     /// applied (false: refused because the bucket is due or claimed).
     fn apply(&self, updates: Vec<BucketUpdate>, now_ms: i64) -> StoreFuture<'_, Vec<bool>>;

@@ -3,8 +3,11 @@
 //! (`redis://host:port/db`) or a Redis Cluster (several node addresses).
 //!
 //! Layout, under a configurable prefix `P`:
-//! - `P:lp:<id>`: a pending row (binary `PendingRow`), expiring at its `expires_ms`;
-//!   taken with `GETDEL`, so of concurrent replicas exactly one joins a label.
+//! - `P:lx:<key>`: a pending exchange (binary `ExchangeRecord`: every row of the
+//!   exchange, keyed by its request id), expiring at its `expires_ms`. A label takes
+//!   a row with the take script, which sets the row's bit in the record's bitmap with
+//!   `SETBIT` (so of concurrent replicas exactly one joins a label) and returns the
+//!   row; a record whose rows are all taken is deleted.
 //! - `P:ls:<stream hex>`: a stream's metadata (JSON).
 //! - `P:lb:{<stream hex>:<start>}` (hash) and `P:la:{...}` (list): a bucket's
 //!   aggregate fields and exact AUC entries. The braces are a Redis Cluster hash tag,
@@ -17,13 +20,14 @@
 //! Recorded rows are written behind the worker's back by one task, which batches
 //! whatever queued up meanwhile; `flush` waits for them (every label batch and tick
 //! flushes first, so a replica always sees its own predictions; another replica sees
-//! them one round trip later). Writes are batched: one pipeline per call on a single Redis, concurrent commands
-//! (pipelined per node by the client) on a cluster, where a pipeline must stay in
-//! one slot. This store never scans keys.
+//! them one round trip later). Writes are batched: one pipeline per call on a single
+//! Redis, concurrent commands (pipelined per node by the client) on a cluster, where a
+//! pipeline must stay in one slot; on a single Redis the take script handles a whole
+//! batch of labels in one call. This store never scans keys.
 
-use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats};
+use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
 use crate::labels::aggregate::{F_CLAIMED, F_PREDICTED};
-use crate::labels::record::{BucketId, StreamMeta};
+use crate::labels::record::{BucketId, PendingRow, RowRef, StreamMeta};
 use futures_util::future::try_join_all;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -31,7 +35,71 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Takes rows from exchange records. KEYS: records; ARGV, per key: row, `1` if the
+/// label id was suffixed (`ID:ROW`) else `0`. Returns, per key, nil or the record's
+/// 32-byte header and the row's bytes. The layout is `record::ExchangeRecord`'s:
+/// format byte 2, flags (bit 0: suffixed), classes (u16 LE), rows (u32 LE), then 24
+/// bytes, the taken bitmap (bit `row` after the header, in `SETBIT` order), the rows.
+/// One `GET` reads the record; a one-row record is then deleted (like `GETDEL`), a
+/// row of a larger one is marked with `SETBIT`, and the record deleted once every
+/// row is taken.
+const TAKE_LUA: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local row = tonumber(ARGV[2 * i - 1])
+  local taken = false
+  local record = redis.call('GET', key)
+  if record and #record > 32 and string.byte(record, 1) == 2
+      and tostring(string.byte(record, 2) % 2) == ARGV[2 * i] then
+    local classes = string.byte(record, 3) + 256 * string.byte(record, 4)
+    local rows = string.byte(record, 5) + 256 * string.byte(record, 6) + 65536 * string.byte(record, 7)
+      + 16777216 * string.byte(record, 8)
+    local bitmap = math.floor((rows + 7) / 8)
+    local mask = 2 ^ (7 - row % 8)
+    local bits = string.byte(record, 33 + math.floor(row / 8))
+    if row < rows and bits and math.floor(bits / mask) % 2 == 0 then
+      local width = 2 + 4 * classes
+      local at = 32 + bitmap + row * width
+      taken = {string.sub(record, 1, 32), string.sub(record, at + 1, at + width)}
+      if rows == 1 then
+        redis.call('DEL', key)
+      else
+        redis.call('SETBIT', key, 256 + row, 1)
+        if redis.call('BITCOUNT', key, 32, 31 + bitmap) == rows then
+          redis.call('DEL', key)
+        end
+      end
+    end
+  end
+  out[i] = taken
+end
+return out
+"#;
+
+/// Puts back rows taken for invalid labels. KEYS: records; ARGV, per key: row, the
+/// row alone as a record (`PendingRow::to_record`), its expiry (epoch ms). The bit is
+/// cleared in the record it came from (same flags, stream, bucket and expiry); a
+/// record dropped once all its rows were taken is put back holding that row alone.
+const RESTORE_LUA: &str = r#"
+for i, key in ipairs(KEYS) do
+  local row = tonumber(ARGV[3 * i - 2])
+  local alone = ARGV[3 * i - 1]
+  local head = redis.call('GETRANGE', key, 0, 31)
+  if #head == 0 then
+    redis.call('SET', key, alone, 'PXAT', ARGV[3 * i])
+  elseif #head == 32 and string.sub(head, 1, 2) == string.sub(alone, 1, 2)
+      and string.sub(head, 9, 32) == string.sub(alone, 9, 32) then
+    local rows = string.byte(head, 5) + 256 * string.byte(head, 6) + 65536 * string.byte(head, 7)
+      + 16777216 * string.byte(head, 8)
+    if row < rows then
+      redis.call('SETBIT', key, 256 + row, 0)
+    end
+  end
+end
+return 1
+"#;
 
 /// Adds a delta to a bucket unless it is claimed or due. KEYS: hash, AUC list.
 /// ARGV: now, due, retain_until, refuse (0/1), auc_cap, n_ints, (field, incr)...,
@@ -81,10 +149,13 @@ return {fields, auc}
 /// How long a connection attempt or a reply may take: a Redis that hangs must turn
 /// label posts into 503s, not into requests that never end.
 const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Record batches waiting for the writer task before `record` waits for room.
-const WRITER_QUEUE: usize = 4096;
-/// Rows the writer task puts in one round trip at most.
-const WRITER_CHUNK_ROWS: usize = 4096;
+/// Records waiting for the writer task before `record` waits for room: a bound on
+/// the memory of rows not yet in Redis (a few MiB of 64-row exchanges).
+const WRITER_QUEUE_RECORDS: usize = 8192;
+/// Records the writer task puts in one round trip at most.
+const WRITER_CHUNK_RECORDS: usize = 1024;
+/// Rows one take script call handles at most on a single Redis.
+const TAKE_CALL_KEYS: usize = 1000;
 /// Buckets claimed per `claim_due` call at most; the rest wait for the next tick.
 const CLAIM_BATCH: isize = 1000;
 
@@ -101,9 +172,12 @@ enum Connection {
 pub struct RedisStore {
     /// Connection, keys and scripts, shared with the writer task.
     shared: Arc<Shared>,
-    /// Recorded rows on their way to the writer task; bounded, so a Redis that cannot
-    /// keep up slows `record` down rather than growing memory.
-    writer: mpsc::Sender<RecordBatch>,
+    /// Recorded rows on their way to the writer task, each with its share of
+    /// `writer_room`.
+    writer: mpsc::UnboundedSender<(Vec<RecordBatch>, OwnedSemaphorePermit)>,
+    /// Records the writer queue may still take: a Redis that cannot keep up slows
+    /// `record` down rather than growing memory.
+    writer_room: Arc<Semaphore>,
 }
 
 /// What the store's calls and its writer task share.
@@ -118,6 +192,10 @@ struct Shared {
     apply_script: Script,
     /// `CLAIM_LUA`, for its SHA.
     claim_script: Script,
+    /// `TAKE_LUA`, for its SHA.
+    take_script: Script,
+    /// `RESTORE_LUA`, for its SHA.
+    restore_script: Script,
     /// Record batches handed to the writer (counted before they are sent).
     queued: AtomicU64,
     /// Record batches the writer has finished with (written or failed).
@@ -159,46 +237,55 @@ impl RedisStore {
             auc_cap,
             apply_script: Script::new(APPLY_LUA),
             claim_script: Script::new(CLAIM_LUA),
+            take_script: Script::new(TAKE_LUA),
+            restore_script: Script::new(RESTORE_LUA),
             queued: AtomicU64::new(0),
             written: AtomicU64::new(0),
             progress: Notify::new(),
             failed_rows: AtomicU64::new(0),
         });
-        let (writer, batches) = mpsc::channel(WRITER_QUEUE);
+        let (writer, batches) = mpsc::unbounded_channel();
         tokio::spawn(write_behind(shared.clone(), batches));
-        Ok(RedisStore { shared, writer })
+        Ok(RedisStore { shared, writer, writer_room: Arc::new(Semaphore::new(WRITER_QUEUE_RECORDS)) })
     }
 }
 
 /// Writes recorded rows as they come, taking whatever has queued up meanwhile into
 /// the same round trip, so a busy worker gets large pipelines and an idle one gets
 /// its rows written at once. Ends when the store is dropped.
-async fn write_behind(shared: Arc<Shared>, mut batches: mpsc::Receiver<RecordBatch>) {
-    while let Some(first) = batches.recv().await {
-        let mut rows = first.rows.len();
+async fn write_behind(
+    shared: Arc<Shared>,
+    mut queued: mpsc::UnboundedReceiver<(Vec<RecordBatch>, OwnedSemaphorePermit)>,
+) {
+    while let Some(first) = queued.recv().await {
+        let mut records = first.0.iter().map(|b| b.records.len()).sum::<usize>();
         let mut chunk = vec![first];
-        while rows < WRITER_CHUNK_ROWS {
-            match batches.try_recv() {
-                Ok(batch) => {
-                    rows += batch.rows.len();
-                    chunk.push(batch);
+        while records < WRITER_CHUNK_RECORDS {
+            match queued.try_recv() {
+                Ok(more) => {
+                    records += more.0.iter().map(|b| b.records.len()).sum::<usize>();
+                    chunk.push(more);
                 }
                 Err(_) => break,
             }
         }
         let count = chunk.len() as u64;
-        if let Err(error) = shared.write_records(chunk).await {
-            shared.failed_rows.fetch_add(rows as u64, Ordering::Relaxed);
+        let (batches, permits): (Vec<Vec<RecordBatch>>, Vec<OwnedSemaphorePermit>) = chunk.into_iter().unzip();
+        let batches: Vec<RecordBatch> = batches.into_iter().flatten().collect();
+        let rows = batches.iter().map(|b| b.rows).sum::<u64>();
+        if let Err(error) = shared.write_records(batches).await {
+            shared.failed_rows.fetch_add(rows, Ordering::Relaxed);
             tracing::warn!(message = "Prediction rows not written to the label store.", rows, %error);
         }
+        drop(permits);
         shared.written.fetch_add(count, Ordering::Release);
         shared.progress.notify_waiters();
     }
 }
 
 impl Shared {
-    fn row_key(&self, id: &str) -> String {
-        format!("{}:lp:{id}", self.prefix)
+    fn record_key(&self, key: &str) -> String {
+        format!("{}:lx:{key}", self.prefix)
     }
 
     fn stream_key(&self, id: u64) -> String {
@@ -271,25 +358,67 @@ impl Shared {
         }
     }
 
-    /// Writes record batches: rows, their buckets' counts and the due index.
+    /// Writes record batches: one `SET` per exchange record, then per bucket its
+    /// count of rows, its retention and its due index entry.
     async fn write_records(&self, batches: Vec<RecordBatch>) -> Result<(), StoreError> {
         let mut cmds = Vec::new();
+        let mut per_bucket: BTreeMap<BucketId, (u64, i64, i64)> = BTreeMap::new();
         for batch in &batches {
-            let (hash, _) = self.bucket_keys(&batch.bucket);
-            for (id, bytes, expires_ms) in &batch.rows {
+            for (key, bytes) in &batch.records {
                 let mut cmd = redis::cmd("SET");
-                cmd.arg(self.row_key(id)).arg(bytes.as_slice()).arg("PXAT").arg(*expires_ms);
+                cmd.arg(self.record_key(key)).arg(bytes.as_slice()).arg("PXAT").arg(batch.expires_ms);
                 cmds.push(cmd);
             }
+            let slot = per_bucket.entry(batch.bucket).or_insert((0, batch.due_ms, batch.retain_until_ms));
+            slot.0 += batch.rows;
+            slot.2 = slot.2.max(batch.retain_until_ms);
+        }
+        for (bucket, (rows, due_ms, retain_until_ms)) in per_bucket {
+            let (hash, _) = self.bucket_keys(&bucket);
             let mut count = redis::cmd("HINCRBY");
-            count.arg(&hash).arg(F_PREDICTED).arg(batch.rows.len());
+            count.arg(&hash).arg(F_PREDICTED).arg(rows);
             let mut keep = redis::cmd("PEXPIREAT");
-            keep.arg(&hash).arg(batch.retain_until_ms);
+            keep.arg(&hash).arg(retain_until_ms);
             let mut index = redis::cmd("ZADD");
-            index.arg(self.index_key()).arg("NX").arg(batch.due_ms).arg(batch.bucket.key());
+            index.arg(self.index_key()).arg("NX").arg(due_ms).arg(bucket.key());
             cmds.extend([count, keep, index]);
         }
         self.query_all::<redis::Value>(cmds).await.map(drop)
+    }
+
+    /// Takes the rows at `refs`, exactly once each across replicas: one script call
+    /// for all of them on a single Redis, one per record on a cluster (a script's keys
+    /// must share a slot).
+    async fn take_rows(&self, refs: &[&RowRef]) -> Result<Vec<Option<PendingRow>>, StoreError> {
+        if refs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let args_of = |at: &RowRef| [arg(at.row), arg(u8::from(at.suffixed))];
+        let replies: Vec<Option<(Vec<u8>, Vec<u8>)>> = match &self.connection {
+            Connection::Single(_) => {
+                // Bounded calls, so a large label body does not hold Redis for long.
+                let calls = refs.chunks(TAKE_CALL_KEYS).map(|chunk| async move {
+                    let keys: Vec<String> = chunk.iter().map(|at| self.record_key(&at.key)).collect();
+                    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                    let args: Vec<Vec<u8>> = chunk.iter().flat_map(|at| args_of(at)).collect();
+                    self.eval::<Vec<Option<(Vec<u8>, Vec<u8>)>>>(&self.take_script, TAKE_LUA, &keys, &args).await
+                });
+                try_join_all(calls).await?.into_iter().flatten().collect()
+            }
+            Connection::Cluster(_) => {
+                let calls = refs.iter().map(|at| async move {
+                    let key = self.record_key(&at.key);
+                    let mut reply: Vec<Option<(Vec<u8>, Vec<u8>)>> =
+                        self.eval(&self.take_script, TAKE_LUA, &[&key], &args_of(at)).await?;
+                    Ok::<_, StoreError>(reply.pop().flatten())
+                });
+                try_join_all(calls).await?
+            }
+        };
+        Ok(replies
+            .into_iter()
+            .map(|reply| reply.and_then(|(header, row)| PendingRow::from_record_parts(&header, &row)))
+            .collect())
     }
 }
 
@@ -318,13 +447,16 @@ impl LabelStore for RedisStore {
         })
     }
 
-    fn record(&self, batch: RecordBatch) -> StoreFuture<'_, ()> {
+    fn record(&self, batches: Vec<RecordBatch>) -> StoreFuture<'_, ()> {
         Box::pin(async move {
+            let records = batches.iter().map(|b| b.records.len()).sum::<usize>().clamp(1, WRITER_QUEUE_RECORDS);
+            let stopped = || StoreError::Redis("the label store's writer has stopped".into());
+            let room = self.writer_room.clone().acquire_many_owned(records as u32).await.map_err(|_| stopped())?;
             // Counted before it is sent, so `flush` never returns while it is in flight.
             self.shared.queued.fetch_add(1, Ordering::AcqRel);
-            if self.writer.send(batch).await.is_err() {
+            if self.writer.send((batches, room)).is_err() {
                 self.shared.written.fetch_add(1, Ordering::Release);
-                return Err(StoreError::Redis("the label store's writer has stopped".into()));
+                return Err(stopped());
             }
             Ok(())
         })
@@ -345,43 +477,58 @@ impl LabelStore for RedisStore {
         })
     }
 
-    fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<Vec<u8>>>> {
+    fn take(&self, ids: Vec<String>, now_ms: i64) -> StoreFuture<'_, Vec<Option<TakenRow>>> {
         let s = &*self.shared;
         Box::pin(async move {
-            let cmds = ids
-                .iter()
-                .map(|id| {
-                    let mut cmd = redis::cmd("GETDEL");
-                    cmd.arg(s.row_key(id));
-                    cmd
-                })
-                .collect();
-            let rows: Vec<Option<Vec<u8>>> = s.query_all(cmds).await?;
+            let candidates: Vec<(RowRef, Option<RowRef>)> = ids.iter().map(|id| RowRef::candidates(id)).collect();
             // Redis expires lazily to the millisecond; a row read just past its expiry
             // is treated as expired, as the embedded store does.
-            Ok(rows
+            let live = |row: Option<PendingRow>| row.filter(|r| r.expires_ms > now_ms);
+            let first: Vec<&RowRef> = candidates.iter().map(|(first, _)| first).collect();
+            let mut taken: Vec<Option<TakenRow>> = s
+                .take_rows(&first)
+                .await?
                 .into_iter()
-                .map(|row| {
-                    row.filter(|bytes| {
-                        crate::labels::record::PendingRow::decode(bytes).is_some_and(|r| r.expires_ms > now_ms)
-                    })
-                })
-                .collect())
+                .zip(&first)
+                .map(|(row, at)| live(row).map(|row| TakenRow { at: (*at).clone(), row }))
+                .collect();
+            // Ids that may also name a one-row record, where the first reading missed.
+            let retry: Vec<usize> =
+                (0..taken.len()).filter(|i| taken[*i].is_none() && candidates[*i].1.is_some()).collect();
+            let second: Vec<&RowRef> = retry.iter().filter_map(|i| candidates[*i].1.as_ref()).collect();
+            for ((i, row), at) in retry.iter().zip(s.take_rows(&second).await?).zip(&second) {
+                taken[*i] = live(row).map(|row| TakenRow { at: (*at).clone(), row });
+            }
+            Ok(taken)
         })
     }
 
-    fn restore(&self, rows: Vec<(String, Vec<u8>, i64)>) -> StoreFuture<'_, ()> {
+    fn restore(&self, rows: Vec<TakenRow>) -> StoreFuture<'_, ()> {
         let s = &*self.shared;
         Box::pin(async move {
-            let cmds = rows
-                .iter()
-                .map(|(id, bytes, expires_ms)| {
-                    let mut cmd = redis::cmd("SET");
-                    cmd.arg(s.row_key(id)).arg(bytes.as_slice()).arg("NX").arg("PXAT").arg(*expires_ms);
-                    cmd
-                })
-                .collect();
-            s.query_all::<redis::Value>(cmds).await.map(drop)
+            let args_of = |taken: &TakenRow| {
+                vec![
+                    arg(taken.at.row),
+                    taken.row.to_record(taken.at.row as usize, taken.at.suffixed),
+                    arg(taken.row.expires_ms),
+                ]
+            };
+            let keys: Vec<String> = rows.iter().map(|t| s.record_key(&t.at.key)).collect();
+            match &s.connection {
+                Connection::Single(_) if !rows.is_empty() => {
+                    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                    let args: Vec<Vec<u8>> = rows.iter().flat_map(args_of).collect();
+                    s.eval::<redis::Value>(&s.restore_script, RESTORE_LUA, &keys, &args).await.map(drop)
+                }
+                Connection::Single(_) => Ok(()),
+                Connection::Cluster(_) => {
+                    let calls = rows.iter().zip(&keys).map(|(taken, key)| async move {
+                        let args = args_of(taken);
+                        s.eval::<redis::Value>(&s.restore_script, RESTORE_LUA, &[key.as_str()], &args).await
+                    });
+                    try_join_all(calls).await.map(drop)
+                }
+            }
         })
     }
 
