@@ -164,7 +164,7 @@ async fn emit_due(labels: &LabelService, files: &FileSink, history: Option<&Hist
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LabelsStoreConfig;
+    use crate::labels::LabelsStoreConfig;
     use crate::labels::{LabelSettings, LabelsConfig};
     use crate::tfserving::{FeatureColumn, FeatureValues, InferenceMethod, Probabilities, StreamKey};
 
