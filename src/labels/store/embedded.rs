@@ -525,8 +525,8 @@ impl Inner {
     fn take(&self, ids: Vec<String>, now_ms: i64) -> Result<Vec<Option<TakenRow>>, StoreError> {
         self.write(Durability::None, |txn| {
             let mut rows = Rows::open(txn)?;
-            // The labels of one batch often share exchanges: each record is read and
-            // written once per batch.
+            // The labels of one batch often share exchanges: each record is taken
+            // out and put back once per batch.
             let mut touched = HashMap::new();
             let mut out = Vec::with_capacity(ids.len());
             for id in &ids {

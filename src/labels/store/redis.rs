@@ -3,11 +3,13 @@
 //! (`redis://host:port/db`) or a Redis Cluster (several node addresses).
 //!
 //! Layout, under a configurable prefix `P`:
-//! - `P:lx:<key>`: a pending exchange (binary `ExchangeRecord`: every row of the
-//!   exchange, keyed by its request id), expiring at its `expires_ms`. A label takes
-//!   a row with the take script, which sets the row's bit in the record's bitmap with
-//!   `SETBIT` (so of concurrent replicas exactly one joins a label) and returns the
-//!   row; a record whose rows are all taken is deleted.
+//! - `P:lx:<key>`: a pending exchange of several rows (binary `ExchangeRecord`,
+//!   keyed by its request id), expiring at its `expires_ms`. A label takes a row with
+//!   the take script, which sets the row's bit in the record's bitmap with `SETBIT`
+//!   (so of concurrent replicas exactly one joins a label) and returns the row; a
+//!   record whose rows are all taken is deleted.
+//! - `P:l1:<id>`: a one-row record (a one-row exchange, or a row with its own id),
+//!   taken whole with `GETDEL`.
 //! - `P:ls:<stream hex>`: a stream's metadata (JSON).
 //! - `P:lb:{<stream hex>:<start>}` (hash) and `P:la:{...}` (list): a bucket's
 //!   aggregate fields and exact AUC entries. The braces are a Redis Cluster hash tag,
@@ -27,7 +29,7 @@
 
 use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
 use crate::labels::aggregate::{F_CLAIMED, F_PREDICTED};
-use crate::labels::record::{BucketId, PendingRow, RowRef, StreamMeta};
+use crate::labels::record::{BucketId, ExchangeRecord, PendingRow, RowRef, StreamMeta};
 use futures_util::future::try_join_all;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -284,8 +286,11 @@ async fn write_behind(
 }
 
 impl Shared {
-    fn record_key(&self, key: &str) -> String {
-        format!("{}:lx:{key}", self.prefix)
+    /// The key of a record: `lx` for an exchange of several rows (rows taken by the
+    /// take script), `l1` for a one-row record (taken whole with `GETDEL`).
+    fn record_key(&self, key: &str, suffixed: bool) -> String {
+        let kind = if suffixed { "lx" } else { "l1" };
+        format!("{}:{kind}:{key}", self.prefix)
     }
 
     fn stream_key(&self, id: u64) -> String {
@@ -365,8 +370,9 @@ impl Shared {
         let mut per_bucket: BTreeMap<BucketId, (u64, i64, i64)> = BTreeMap::new();
         for batch in &batches {
             for (key, bytes) in &batch.records {
+                let suffixed = ExchangeRecord::parse(bytes).is_some_and(|r| r.suffixed());
                 let mut cmd = redis::cmd("SET");
-                cmd.arg(self.record_key(key)).arg(bytes.as_slice()).arg("PXAT").arg(batch.expires_ms);
+                cmd.arg(self.record_key(key, suffixed)).arg(bytes.as_slice()).arg("PXAT").arg(batch.expires_ms);
                 cmds.push(cmd);
             }
             let slot = per_bucket.entry(batch.bucket).or_insert((0, batch.due_ms, batch.retain_until_ms));
@@ -386,28 +392,45 @@ impl Shared {
         self.query_all::<redis::Value>(cmds).await.map(drop)
     }
 
-    /// Takes the rows at `refs`, exactly once each across replicas: one script call
-    /// for all of them on a single Redis, one per record on a cluster (a script's keys
-    /// must share a slot).
+    /// Takes the rows at `refs`, exactly once each across replicas: one-row records
+    /// with `GETDEL`; rows of larger exchanges with the take script, one call for all
+    /// of them on a single Redis, one per record on a cluster (a script's keys must
+    /// share a slot).
     async fn take_rows(&self, refs: &[&RowRef]) -> Result<Vec<Option<PendingRow>>, StoreError> {
-        if refs.is_empty() {
-            return Ok(Vec::new());
+        let mut out: Vec<Option<PendingRow>> = vec![None; refs.len()];
+        let (whole, of_exchanges): (Vec<usize>, Vec<usize>) = (0..refs.len()).partition(|i| !refs[*i].suffixed);
+        let cmds = whole
+            .iter()
+            .map(|i| {
+                let mut cmd = redis::cmd("GETDEL");
+                cmd.arg(self.record_key(&refs[*i].key, false));
+                cmd
+            })
+            .collect();
+        let records: Vec<Option<Vec<u8>>> = self.query_all(cmds).await?;
+        for (i, bytes) in whole.iter().zip(records) {
+            let record = bytes.as_deref().and_then(ExchangeRecord::parse);
+            out[*i] = record.filter(|r| !r.suffixed() && !r.is_taken(0)).and_then(|r| r.row(0));
+        }
+        if of_exchanges.is_empty() {
+            return Ok(out);
         }
         let args_of = |at: &RowRef| [arg(at.row), arg(u8::from(at.suffixed))];
         let replies: Vec<Option<(Vec<u8>, Vec<u8>)>> = match &self.connection {
             Connection::Single(_) => {
                 // Bounded calls, so a large label body does not hold Redis for long.
-                let calls = refs.chunks(TAKE_CALL_KEYS).map(|chunk| async move {
-                    let keys: Vec<String> = chunk.iter().map(|at| self.record_key(&at.key)).collect();
+                let calls = of_exchanges.chunks(TAKE_CALL_KEYS).map(|chunk| async move {
+                    let keys: Vec<String> = chunk.iter().map(|i| self.record_key(&refs[*i].key, true)).collect();
                     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                    let args: Vec<Vec<u8>> = chunk.iter().flat_map(|at| args_of(at)).collect();
+                    let args: Vec<Vec<u8>> = chunk.iter().flat_map(|i| args_of(refs[*i])).collect();
                     self.eval::<Vec<Option<(Vec<u8>, Vec<u8>)>>>(&self.take_script, TAKE_LUA, &keys, &args).await
                 });
                 try_join_all(calls).await?.into_iter().flatten().collect()
             }
             Connection::Cluster(_) => {
-                let calls = refs.iter().map(|at| async move {
-                    let key = self.record_key(&at.key);
+                let calls = of_exchanges.iter().map(|i| async move {
+                    let at = refs[*i];
+                    let key = self.record_key(&at.key, true);
                     let mut reply: Vec<Option<(Vec<u8>, Vec<u8>)>> =
                         self.eval(&self.take_script, TAKE_LUA, &[&key], &args_of(at)).await?;
                     Ok::<_, StoreError>(reply.pop().flatten())
@@ -415,10 +438,10 @@ impl Shared {
                 try_join_all(calls).await?
             }
         };
-        Ok(replies
-            .into_iter()
-            .map(|reply| reply.and_then(|(header, row)| PendingRow::from_record_parts(&header, &row)))
-            .collect())
+        for (i, reply) in of_exchanges.iter().zip(replies) {
+            out[*i] = reply.and_then(|(header, row)| PendingRow::from_record_parts(&header, &row));
+        }
+        Ok(out)
     }
 }
 
@@ -506,23 +529,33 @@ impl LabelStore for RedisStore {
     fn restore(&self, rows: Vec<TakenRow>) -> StoreFuture<'_, ()> {
         let s = &*self.shared;
         Box::pin(async move {
-            let args_of = |taken: &TakenRow| {
-                vec![
-                    arg(taken.at.row),
-                    taken.row.to_record(taken.at.row as usize, taken.at.suffixed),
-                    arg(taken.row.expires_ms),
-                ]
-            };
-            let keys: Vec<String> = rows.iter().map(|t| s.record_key(&t.at.key)).collect();
+            let alone = |taken: &TakenRow| taken.row.to_record(taken.at.row as usize, taken.at.suffixed);
+            // A one-row record was deleted when taken: it is put back whole.
+            let (whole, of_exchanges): (Vec<&TakenRow>, Vec<&TakenRow>) = rows.iter().partition(|t| !t.at.suffixed);
+            let cmds = whole
+                .iter()
+                .map(|taken| {
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(s.record_key(&taken.at.key, false))
+                        .arg(alone(taken))
+                        .arg("NX")
+                        .arg("PXAT")
+                        .arg(taken.row.expires_ms);
+                    cmd
+                })
+                .collect();
+            s.query_all::<redis::Value>(cmds).await?;
+            let args_of = |taken: &TakenRow| vec![arg(taken.at.row), alone(taken), arg(taken.row.expires_ms)];
+            let keys: Vec<String> = of_exchanges.iter().map(|t| s.record_key(&t.at.key, true)).collect();
             match &s.connection {
-                Connection::Single(_) if !rows.is_empty() => {
+                Connection::Single(_) if !of_exchanges.is_empty() => {
                     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                    let args: Vec<Vec<u8>> = rows.iter().flat_map(args_of).collect();
+                    let args: Vec<Vec<u8>> = of_exchanges.iter().flat_map(|t| args_of(t)).collect();
                     s.eval::<redis::Value>(&s.restore_script, RESTORE_LUA, &keys, &args).await.map(drop)
                 }
                 Connection::Single(_) => Ok(()),
                 Connection::Cluster(_) => {
-                    let calls = rows.iter().zip(&keys).map(|(taken, key)| async move {
+                    let calls = of_exchanges.iter().zip(&keys).map(|(taken, key)| async move {
                         let args = args_of(taken);
                         s.eval::<redis::Value>(&s.restore_script, RESTORE_LUA, &[key.as_str()], &args).await
                     });
