@@ -164,8 +164,9 @@ pub async fn run(
     let (sender, receiver) = crate::capture::queue(&config.capture);
     registry.register_collector(Box::new(CaptureCollector { stats: sender.stats().clone() }));
     let metrics = ProxyMetrics::register(&mut registry);
+    let exchange_logs = crate::request_log::RunningLogs::start(&config, &mut registry)?;
     // Built before any thread starts so that a bad upstream stops start-up cleanly.
-    let first = Proxy::new(&config, sender.clone(), metrics.clone())?;
+    let first = Proxy::new(&config, sender.clone(), metrics.clone())?.with_exchange_logs(exchange_logs.logs.clone());
     let readiness =
         first.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
     let worker = crate::worker::spawn(config.clone(), receiver, &mut registry);
@@ -219,7 +220,9 @@ pub async fn run(
     for index in 0..threads {
         let proxy = match proxy.take() {
             Some(first) => first,
-            None => Proxy::new(&config, sender.clone(), metrics.clone())?,
+            None => {
+                Proxy::new(&config, sender.clone(), metrics.clone())?.with_exchange_logs(exchange_logs.logs.clone())
+            }
         };
         let listeners = (
             crate::proxy::listen::for_thread(&grpc, index).map_err(runtime_error)?,
@@ -250,6 +253,7 @@ pub async fn run(
         }
         worker.finish().await;
         label_link.finish().await;
+        exchange_logs.finish().await;
     })
     .await;
     if let Some(delivery) = delivery {

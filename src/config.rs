@@ -188,6 +188,8 @@ pub struct ModelConfig {
     pub categorical_features: Vec<String>,
     /// An input feature whose per-row value is the id labels refer to.
     pub id_feature: Option<String>,
+    /// This model's share of exchanges in the request log, instead of `request_log.sampling_rate`.
+    pub request_log_sampling_rate: Option<f64>,
 }
 
 /// The validated configuration of `serve` (and of the proxy inside `demo`).
@@ -216,6 +218,10 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     /// TLS towards `https://` upstreams and on mltap's own listeners.
     pub tls: crate::proxy::tls::TlsConfig,
+    /// Sampled PredictionLog TFRecord files of inference exchanges.
+    pub request_log: crate::request_log::RequestLogConfig,
+    /// One JSON line per exchange.
+    pub access_log: crate::request_log::AccessLogConfig,
 }
 
 /// The TOML file: the flat keys as strings (parsed with the same rules as flags) and
@@ -249,6 +255,10 @@ struct FileConfig {
     models: BTreeMap<String, ModelConfig>,
     #[serde(default)]
     tls: crate::proxy::tls::TlsConfig,
+    #[serde(default)]
+    request_log: crate::request_log::RequestLogConfig,
+    #[serde(default)]
+    access_log: crate::request_log::AccessLogConfig,
 }
 
 /// A raw value with the place it came from, for error messages.
@@ -336,6 +346,8 @@ impl Config {
             anodot: file.anodot,
             models: file.models,
             tls: file.tls,
+            request_log: file.request_log,
+            access_log: file.access_log,
         };
         config.validate(&file_name)?;
         Ok(config)
@@ -364,6 +376,13 @@ impl Config {
                     ));
                 }
             }
+            if let Some(rate) = model.request_log_sampling_rate.filter(|r| !(0.0..=1.0).contains(r)) {
+                return Err(ConfigError::new(
+                    format!("models.{name}.request_log_sampling_rate"),
+                    file_name,
+                    format!("{rate} is not between 0 and 1"),
+                ));
+            }
         }
         self.monitor
             .validate()
@@ -375,6 +394,12 @@ impl Config {
             .validate()
             .map_err(|(key, problem)| ConfigError::new(format!("anodot.{key}"), file_name, problem))?;
         self.tls.validate().map_err(|(key, problem)| ConfigError::new(format!("tls.{key}"), file_name, problem))?;
+        self.request_log
+            .validate()
+            .map_err(|(key, problem)| ConfigError::new(format!("request_log.{key}"), file_name, problem))?;
+        self.access_log
+            .validate()
+            .map_err(|(key, problem)| ConfigError::new(format!("access_log.{key}"), file_name, problem))?;
         Ok(())
     }
 

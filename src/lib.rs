@@ -18,6 +18,7 @@ pub mod demo;
 pub mod labels;
 pub mod monitor;
 pub mod proxy;
+pub mod request_log;
 pub mod send;
 pub mod sinks;
 pub mod tfserving;

@@ -25,12 +25,14 @@ pub(super) type ResetStream = Box<dyn std::error::Error + Send + Sync>;
 
 pub(super) async fn handle(
     shared: Arc<ProxyShared>,
+    peer: std::net::SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ResetStream> {
     let started_at = SystemTime::now();
     let (mut parts, body) = request.into_parts();
     let route = RouteKind::grpc(parts.uri.path());
     let capture = route.captured();
+    let logs_all = shared.logs.access_on();
     let (request_id, generated) = shared.request_id(&parts.headers, capture);
     strip_hop_by_hop_h2(&mut parts.headers);
     let deadline = parts
@@ -43,16 +45,17 @@ pub(super) async fn handle(
         RecordStart {
             route,
             capture,
-            path: if capture { parts.uri.path().to_string() } else { String::new() },
-            request_id: if capture { request_id.clone() } else { String::new() },
+            path: if capture || logs_all { parts.uri.path().to_string() } else { String::new() },
+            request_id: if capture || logs_all { request_id.clone() } else { String::new() },
             request_id_generated: generated,
             request_encoding: header_text(&parts.headers, "grpc-encoding"),
             started_at,
+            client: Some(peer),
         },
     );
     parts.uri = shared.grpc_upstream.uri_for(&parts.uri);
     parts.version = http::Version::HTTP_2;
-    let tap = capture.then(|| Tap::new(record.clone(), Side::Request));
+    let tap = record.captures().then(|| Tap::new(record.clone(), Side::Request));
     let upstream_request = Request::from_parts(parts, TeeBody::new(body, tap));
 
     let answer = tokio::time::timeout(deadline, shared.grpc_client.request(upstream_request)).await;

@@ -112,6 +112,8 @@ pub struct ProxyShared {
     /// Where copies of inference exchanges go; `offer` never waits.
     pub(crate) capture: CaptureSender,
     pub(crate) metrics: ProxyMetrics,
+    /// The request log's sampling and hand-over, and the access log's.
+    pub(crate) logs: crate::request_log::ExchangeLogs,
     /// Generates ids for requests that carry none.
     request_ids: request_id::RequestIds,
     /// Header (gRPC metadata key) carrying the request id.
@@ -226,6 +228,7 @@ impl Proxy {
             shared: Arc::new(ProxyShared {
                 capture,
                 metrics,
+                logs: crate::request_log::ExchangeLogs::default(),
                 request_ids: request_id::RequestIds::default(),
                 request_id_header: config.request_id_header.clone(),
                 return_request_id: config.capture.return_request_id,
@@ -238,17 +241,27 @@ impl Proxy {
         })
     }
 
+    /// Hands exchanges to the request and access logs too (both off by default).
+    pub fn with_exchange_logs(mut self, logs: crate::request_log::ExchangeLogs) -> Proxy {
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => shared.logs = logs,
+            // Only a proxy shared already could get here; it keeps its logs.
+            None => warn!(message = "Exchange logs not attached: the proxy is already serving."),
+        }
+        self
+    }
+
     /// Serves the REST listener until `stop` turns true, then stops accepting, lets
     /// in-flight exchanges finish and returns when every connection is closed.
     pub async fn serve_rest(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.keep_alive(true).auto_date_header(false).timer(TokioTimer::new());
         let shared = self.shared.clone();
-        accept_loop(listener, self.rest_tls.clone().map(TlsAcceptor::from), stop, move |io, stop| {
+        accept_loop(listener, self.rest_tls.clone().map(TlsAcceptor::from), stop, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
-                let service = hyper::service::service_fn(move |request| rest::handle(shared.clone(), request));
+                let service = hyper::service::service_fn(move |request| rest::handle(shared.clone(), peer, request));
                 let connection = builder.serve_connection(io, service);
                 run_connection(connection, stop, |c| c.graceful_shutdown()).await;
             }
@@ -268,11 +281,11 @@ impl Proxy {
             .max_send_buf_size(H2_MAX_SEND_BUF)
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
         let shared = self.shared.clone();
-        accept_loop(listener, self.grpc_tls.clone().map(TlsAcceptor::from), stop, move |io, stop| {
+        accept_loop(listener, self.grpc_tls.clone().map(TlsAcceptor::from), stop, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
-                let service = hyper::service::service_fn(move |request| grpc::handle(shared.clone(), request));
+                let service = hyper::service::service_fn(move |request| grpc::handle(shared.clone(), peer, request));
                 let connection = builder.serve_connection(io, service);
                 run_connection(connection, stop, |c| c.graceful_shutdown()).await;
             }
@@ -294,7 +307,7 @@ impl Proxy {
 /// a clone of `open`; the channel closes when the last one ends.
 async fn accept_loop<F, Fut>(listener: TcpListener, tls: Option<TlsAcceptor>, mut stop: watch::Receiver<bool>, serve: F)
 where
-    F: Fn(TokioIo<ClientStream>, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
+    F: Fn(TokioIo<ClientStream>, watch::Receiver<bool>, std::net::SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -335,7 +348,7 @@ where
                             }
                         }
                     };
-                    serve(TokioIo::new(stream), stop).await;
+                    serve(TokioIo::new(stream), stop, peer).await;
                     drop(open);
                 });
             }
