@@ -38,15 +38,19 @@ async fn model_server() -> ModelServer {
 }
 
 /// Every record of every file with `suffix` under `dir`, each file's CRCs checked.
-fn records_in(dir: &Path, suffix: &str) -> Vec<PredictionLog> {
+fn raw_records_in(dir: &Path, suffix: &str) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for path in files_in(dir, suffix) {
         let bytes = std::fs::read(&path).unwrap();
         let records = tfrecord::read(&bytes);
         assert_eq!(records.tail, tfrecord::Tail::Clean, "{} reads whole", path.display());
-        out.extend(records.records.iter().map(|r| PredictionLog::decode(*r).expect("a PredictionLog")));
+        out.extend(records.records.iter().map(|r| r.to_vec()));
     }
     out
+}
+
+fn records_in(dir: &Path, suffix: &str) -> Vec<PredictionLog> {
+    raw_records_in(dir, suffix).iter().map(|r| PredictionLog::decode(&r[..]).expect("a PredictionLog")).collect()
 }
 
 fn files_in(dir: &Path, suffix: &str) -> Vec<PathBuf> {
@@ -105,9 +109,13 @@ async fn grpc_and_rest_calls_are_logged_as_they_were_exchanged_and_read_back_wit
     let mut config = config(&format!("http://{}", server.grpc_addr), &format!("http://{}", server.rest_addr));
     config.request_log.sampling_rate = 1.0;
     config.request_log.flush_interval = Duration::from_millis(200);
-    let access_path = config.output_dir.join("access.log");
+    let access_dir = tempfile::tempdir().unwrap();
+    let access_path = access_dir.path().join("access.log");
     config.access_log.path = Some(access_path.display().to_string());
-    let requests_dir = mltap::request_log::request_dir(&config);
+    // Outside the output dir, which the test instance removes when it stops.
+    let requests_dir = tempfile::tempdir().unwrap();
+    config.request_log.dir = Some(requests_dir.path().to_path_buf());
+    let requests_dir = requests_dir.path();
     let mltap = Mltap::start(config).await;
     let churn = LinearModel::churn();
 
@@ -125,19 +133,23 @@ async fn grpc_and_rest_calls_are_logged_as_they_were_exchanged_and_read_back_wit
     .into_inner();
 
     // gRPC Classify with the typed client.
-    let example = |age: f32| Example {
-        features: Some(Features {
-            feature: [(
-                "age".to_string(),
-                Feature {
-                    kind: Some(mltap::tfserving::proto::tensorflow::feature::Kind::FloatList(
-                        mltap::tfserving::proto::tensorflow::FloatList { value: vec![age] },
-                    )),
-                },
-            )]
-            .into_iter()
-            .collect(),
-        }),
+    let example = |row: &Row| {
+        use mltap::tfserving::proto::tensorflow::{feature::Kind, BytesList, FloatList};
+        let mut feature: std::collections::HashMap<String, Feature> = churn
+            .numeric
+            .iter()
+            .zip(&row.numeric)
+            .map(|(input, value)| {
+                (
+                    input.name.to_string(),
+                    Feature { kind: Some(Kind::FloatList(FloatList { value: vec![*value as f32] })) },
+                )
+            })
+            .collect();
+        let country =
+            Feature { kind: Some(Kind::BytesList(BytesList { value: vec![row.category.clone().into_bytes()] })) };
+        feature.insert(churn.categorical.to_string(), country);
+        Example { features: Some(Features { feature }) }
     };
     let classify = ClassificationRequest {
         model_spec: Some(ModelSpec {
@@ -146,7 +158,7 @@ async fn grpc_and_rest_calls_are_logged_as_they_were_exchanged_and_read_back_wit
             signature_name: "classification".into(),
         }),
         input: Some(Input {
-            kind: Some(input::Kind::ExampleList(ExampleList { examples: vec![example(30.0), example(60.0)] })),
+            kind: Some(input::Kind::ExampleList(ExampleList { examples: rows().iter().map(example).collect() })),
         }),
     };
     let classified = PredictionServiceClient::new(grpc.clone()).classify(classify.clone()).await.unwrap().into_inner();
@@ -195,9 +207,8 @@ async fn grpc_and_rest_calls_are_logged_as_they_were_exchanged_and_read_back_wit
         }
     }
     // The gRPC messages are embedded unchanged: the record holds the very bytes.
-    let grpc_record = logs
-        .iter()
-        .map(|l| l.encode_to_vec())
+    let grpc_record = raw_records_in(requests_dir, ".tfrecord")
+        .into_iter()
         .find(|r| r.windows(sent.len()).any(|w| w == &sent[..]))
         .expect("the sent request's bytes are in a record");
     assert!(grpc_record.windows(received.len()).any(|w| w == &received[..]), "and the received response's");
@@ -257,7 +268,10 @@ async fn sampling_keeps_a_binomially_plausible_share_with_exact_counts_and_per_m
     config.request_log.sampling_rate = 0.1;
     config.request_log.flush_interval = Duration::from_millis(200);
     config.models.entry("fraud".into()).or_default().request_log_sampling_rate = Some(1.0);
-    let requests_dir = mltap::request_log::request_dir(&config);
+    // Outside the output dir, which the test instance removes when it stops.
+    let requests_dir = tempfile::tempdir().unwrap();
+    config.request_log.dir = Some(requests_dir.path().to_path_buf());
+    let requests_dir = requests_dir.path();
     let mltap = Mltap::start(config).await;
     let (churn, fraud) = (LinearModel::churn(), LinearModel::fraud());
     const CHURN_CALLS: u64 = 2000;
