@@ -36,7 +36,7 @@ impl Instance {
             &config,
             format!(
                 "grpc_listen = \"127.0.0.1:{grpc}\"\nrest_listen = \"127.0.0.1:{rest}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-                 grpc_upstream = \"http://{}\"\nrest_upstream = \"http://{}\"\noutput_dir = \"{}\"\nlog = \"warn\"\n\
+                 grpc_upstream = \"http://{}\"\nrest_upstream = \"http://{}\"\noutput_dir = \"{}\"\nlog = \"error\"\n\
                  [request_log]\nsampling_rate = 1.0\nflush_interval = \"100ms\"\n",
                 server.grpc_addr,
                 server.rest_addr,
@@ -106,7 +106,20 @@ fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     out
 }
 
-async fn terminate(mut child: Child) {
+/// A running `mltap serve`, killed if the test ends without stopping it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+async fn terminate(running: Running) {
+    let child = &mut { running }.0;
     let pid = child.id() as libc::pid_t;
     // SAFETY: signalling a child process this test started and still owns.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -129,7 +142,7 @@ async fn model_server() -> ModelServer {
 async fn after_kill_9_no_closed_file_is_corrupt_and_the_torn_tail_is_cut_at_the_next_start() {
     let server = model_server().await;
     let instance = Instance::new(&server);
-    let mut child = instance.command().spawn().unwrap();
+    let mut running = Running(instance.command().spawn().unwrap());
     instance.wait_ready().await;
     for _ in 0..100 {
         assert_eq!(instance.predict(4).await, 200);
@@ -155,8 +168,8 @@ async fn after_kill_9_no_closed_file_is_corrupt_and_the_torn_tail_is_cut_at_the_
         }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    running.0.kill().unwrap();
+    running.0.wait().unwrap();
     let _ = traffic.await;
 
     let dir = instance.requests_dir();
@@ -180,7 +193,7 @@ async fn after_kill_9_no_closed_file_is_corrupt_and_the_torn_tail_is_cut_at_the_
     assert!(matches!(tfrecord::read(&bytes).tail, Tail::Torn { offset } if offset == whole));
 
     // The next start closes it, cut to its last whole record.
-    let child = instance.command().spawn().unwrap();
+    let child = Running(instance.command().spawn().unwrap());
     instance.wait_ready().await;
     assert!(files(&dir, ".tfrecord.open").is_empty());
     let mut total = 0;
@@ -216,11 +229,12 @@ async fn a_full_disk_drops_and_counts_records_while_every_call_is_answered() {
             Ok(())
         });
     }
-    let child = command.spawn().unwrap();
+    let child = Running(command.spawn().unwrap());
     instance.wait_ready().await;
-    const CALLS: u64 = 500;
+    // About 8 KB a record: well past the limit.
+    const CALLS: u64 = 600;
     for _ in 0..CALLS {
-        assert_eq!(instance.predict(32).await, 200, "the proxy answers whatever the disk does");
+        assert_eq!(instance.predict(128).await, 200, "the proxy answers whatever the disk does");
     }
     let (mut logged, mut failed) = (0, 0);
     for _ in 0..100 {
