@@ -463,6 +463,9 @@ impl CaptureSender {
         }
     }
 
+    // The refused exchange comes back by value to go down the count lane: boxing it
+    // would allocate on the hot path for nothing.
+    #[allow(clippy::result_large_err)]
     fn offer_sampled(&self, exchange: Exchange) -> Result<(), Exchange> {
         let bytes = exchange.captured_bytes();
         let before = self.stats.depth_bytes.fetch_add(bytes, Ordering::AcqRel);

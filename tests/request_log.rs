@@ -180,12 +180,12 @@ async fn grpc_and_rest_calls_are_logged_as_they_were_exchanged_and_read_back_wit
 
     // Readable while mltap runs: the open file holds the records once flushed.
     wait_for_logged(&mltap, 3).await;
-    assert_eq!(records_in(&requests_dir, ".tfrecord.open").len(), 3, "flushed within a couple of seconds");
+    assert_eq!(records_in(requests_dir, ".tfrecord.open").len(), 3, "flushed within a couple of seconds");
     assert_eq!(outcome(&mltap, "not_sampled").await, 0);
     mltap.stop().await;
 
-    assert!(files_in(&requests_dir, ".tfrecord.open").is_empty(), "closed files take their final name");
-    let logs = records_in(&requests_dir, ".tfrecord");
+    assert!(files_in(requests_dir, ".tfrecord.open").is_empty(), "closed files take their final name");
+    let logs = records_in(requests_dir, ".tfrecord");
     assert_eq!(logs.len(), 3);
 
     let (mut predict_grpc, mut predict_rest, mut classify_log) = (None, None, None);
@@ -312,7 +312,7 @@ async fn sampling_keeps_a_binomially_plausible_share_with_exact_counts_and_per_m
     assert_eq!(logged + not_sampled, CHURN_CALLS + FRAUD_CALLS, "every exchange has exactly one outcome");
     mltap.stop().await;
 
-    let logs = records_in(&requests_dir, ".tfrecord");
+    let logs = records_in(requests_dir, ".tfrecord");
     assert_eq!(logs.len() as u64, logged);
     let of_model = |name: &str| {
         logs.iter().filter(|l| l.log_metadata.as_ref().unwrap().model_spec.as_ref().unwrap().name == name).count()

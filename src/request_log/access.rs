@@ -170,11 +170,14 @@ impl AccessLane {
     }
 }
 
+/// The proxy's side of a started access log, and its writer thread.
+pub(super) type Started = (Arc<AccessLane>, std::thread::JoinHandle<()>);
+
 /// Starts the access log when the configuration has a path.
 pub(super) fn start(
     config: &AccessLogConfig,
     registry: &mut prometheus_client::registry::Registry,
-) -> Result<Option<(Arc<AccessLane>, std::thread::JoinHandle<()>)>, ConfigError> {
+) -> Result<Option<Started>, ConfigError> {
     let Some(path) = config.path.clone() else { return Ok(None) };
     let stats = Arc::new(AccessLogStats::default());
     let output = if path == "-" {
@@ -393,6 +396,6 @@ mod tests {
             }
         }
         assert!(!dir.path().join("access.log.3").exists());
-        assert!(lines < 40 && lines >= 6, "older files are deleted past max_files: {lines}");
+        assert!((6..40).contains(&lines), "older files are deleted past max_files: {lines}");
     }
 }

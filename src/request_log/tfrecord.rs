@@ -100,11 +100,11 @@ mod tests {
 
     #[test]
     fn the_masked_crc_matches_tensorflow() {
-        // TensorFlow's own test vectors (tsl/lib/hash/crc32c_test.cc): crc32c of 32
-        // zero bytes is 0x8a9136aa, and Mask(crc) = ((crc >> 15) | (crc << 17)) + 0xa282ead8.
+        // The iSCSI test vector TensorFlow's crc32c tests use: crc32c of 32 zero bytes
+        // is 0x8a9136aa; TFRecord's mask is ((crc >> 15) | (crc << 17)) + 0xa282ead8.
         assert_eq!(crc32c::crc32c(&[0u8; 32]), 0x8a91_36aa);
         let crc: u32 = 0x8a91_36aa;
-        assert_eq!(masked_crc32c(&[0u8; 32]), ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8));
+        assert_eq!(masked_crc32c(&[0u8; 32]), crc.rotate_right(15).wrapping_add(0xa282_ead8));
     }
 
     #[test]
