@@ -6,7 +6,8 @@
 //! `capture` carries exchanges over a bounded queue, `tfserving` decodes them into
 //! observations, `monitor` aggregates them into buckets, `labels` joins ground truth,
 //! `sinks` writes and delivers Anodot points, `admin` serves health, metrics, labels
-//! and the dashboard, and `config` holds the one typed configuration.
+//! and the dashboard, `request_log` keeps the sampled PredictionLog files and the
+//! access log, and `config` holds the one typed configuration.
 #![forbid(unsafe_code)]
 
 pub mod admin;
