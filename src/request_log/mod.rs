@@ -17,6 +17,7 @@
 pub mod access;
 pub mod convert;
 pub mod tfrecord;
+pub mod upload;
 pub mod writer;
 
 use crate::capture::Exchange;
@@ -64,6 +65,8 @@ pub struct RequestLogConfig {
     /// Records reach the open file within this long.
     #[serde(deserialize_with = "duration")]
     pub flush_interval: Duration,
+    /// `s3://bucket/prefix`: closed files are uploaded there, then deleted locally.
+    pub upload: Option<String>,
 }
 
 impl Default for RequestLogConfig {
@@ -76,6 +79,7 @@ impl Default for RequestLogConfig {
             max_total_bytes: 1 << 30,
             buffer_bytes: 16 << 20,
             flush_interval: Duration::from_secs(1),
+            upload: None,
         }
     }
 }
@@ -95,6 +99,9 @@ impl RequestLogConfig {
         }
         if self.buffer_bytes == 0 {
             return bad("buffer_bytes", "must be positive".into());
+        }
+        if let Some(url) = &self.upload {
+            upload::UploadTarget::parse(url).map_err(|problem| ("upload".to_string(), problem))?;
         }
         Ok(())
     }
@@ -150,6 +157,13 @@ pub struct RequestLogStats {
     pub files_deleted: AtomicU64,
     /// Bytes of exchanges waiting for the writer.
     pub queued_bytes: AtomicUsize,
+    /// Closed files accepted by the object store (then deleted locally).
+    pub uploaded_files: AtomicU64,
+    pub uploaded_bytes: AtomicU64,
+    /// Upload attempts that failed (each is retried).
+    pub upload_failures: AtomicU64,
+    /// Files deleted (by the total cap) before they could be uploaded.
+    pub upload_lost: AtomicU64,
 }
 
 /// The request log's side of the proxy: the sampling draw and the channel.
@@ -238,6 +252,8 @@ pub fn request_dir(config: &crate::config::Config) -> PathBuf {
 pub struct RunningLogs {
     pub logs: ExchangeLogs,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Uploads closed files; ends once the writer has closed its last file.
+    uploader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningLogs {
@@ -250,6 +266,7 @@ impl RunningLogs {
     ) -> Result<RunningLogs, ConfigError> {
         let mut logs = ExchangeLogs::default();
         let mut threads = Vec::new();
+        let mut uploader = None;
         let rates = SamplingRates {
             default: config.request_log.sampling_rate,
             per_model: config
@@ -279,6 +296,20 @@ impl RunningLogs {
                 ));
                 (runtime, cache)
             });
+            let closed_files = match &config.request_log.upload {
+                Some(url) => {
+                    let bad = |problem: String| ConfigError::new("request_log.upload", "", problem);
+                    let target = upload::UploadTarget::parse(url).map_err(bad)?;
+                    if tokio::runtime::Handle::try_current().is_err() {
+                        return Err(bad("uploads need mltap's runtime".into()));
+                    }
+                    let (sender, task) =
+                        upload::spawn(target, settings.dir.clone(), request_stats.clone()).map_err(bad)?;
+                    uploader = Some(task);
+                    Some(sender)
+                }
+                None => None,
+            };
             let lane = RequestLane {
                 proxy_rate: rates.proxy_rate(),
                 buffer_bytes: config.request_log.buffer_bytes,
@@ -291,7 +322,7 @@ impl RunningLogs {
                 proxy_rate: lane.proxy_rate,
                 flush_interval: config.request_log.flush_interval,
                 stats: request_stats.clone(),
-                files: writer::RequestFiles::open(settings, request_stats.clone()),
+                files: writer::RequestFiles::open(settings, request_stats.clone(), closed_files),
                 schemas,
                 waited: HashSet::new(),
             };
@@ -307,13 +338,13 @@ impl RunningLogs {
             logs.access = Some(lane);
             threads.push(thread);
         }
-        Ok(RunningLogs { logs, threads })
+        Ok(RunningLogs { logs, threads, uploader })
     }
 
     /// Waits for the writers to close their files, once every proxy has let go of
     /// its `ExchangeLogs` (their channels close then).
     pub async fn finish(self) {
-        let RunningLogs { logs, threads } = self;
+        let RunningLogs { logs, threads, uploader } = self;
         drop(logs);
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {
@@ -321,6 +352,9 @@ impl RunningLogs {
             }
         })
         .await;
+        if let Some(uploader) = uploader {
+            let _ = uploader.await;
+        }
     }
 }
 
@@ -454,6 +488,18 @@ impl Collector for RequestLogCollector {
                 "request_log_files_deleted",
                 "Closed request log files deleted to stay under request_log.max_total_bytes",
                 load(&s.files_deleted),
+            ),
+            (
+                "request_log_uploaded_files",
+                "Closed request log files uploaded (then deleted locally)",
+                load(&s.uploaded_files),
+            ),
+            ("request_log_uploaded_bytes", "Bytes of request log files uploaded", load(&s.uploaded_bytes)),
+            ("request_log_upload_failures", "Failed upload attempts (each one is retried)", load(&s.upload_failures)),
+            (
+                "request_log_upload_lost",
+                "Closed request log files deleted by the total size cap before they were uploaded",
+                load(&s.upload_lost),
             ),
         ];
         for (name, help, value) in counters {

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
 /// Suffix of a file still being written.
@@ -88,12 +89,19 @@ pub struct RequestFiles {
     sequence: u64,
     /// When failed writes were last reported.
     last_warning: Option<Instant>,
+    /// Where closed files are announced for upload, when they are uploaded.
+    closed_files: Option<UnboundedSender<PathBuf>>,
 }
 
 impl RequestFiles {
     /// Takes over `settings.dir`: closes files a crash left open (cut to their last
     /// whole record) and counts the closed files already there against the cap.
-    pub fn open(settings: FileSettings, stats: Arc<RequestLogStats>) -> RequestFiles {
+    /// Closed files (these and later ones) are sent to `closed_files` when given.
+    pub fn open(
+        settings: FileSettings,
+        stats: Arc<RequestLogStats>,
+        closed_files: Option<UnboundedSender<PathBuf>>,
+    ) -> RequestFiles {
         let mut files = RequestFiles {
             settings,
             stats,
@@ -102,6 +110,7 @@ impl RequestFiles {
             closed_bytes: 0,
             sequence: 0,
             last_warning: None,
+            closed_files,
         };
         files.recover();
         files.enforce_cap();
@@ -135,6 +144,7 @@ impl RequestFiles {
         }
         found.sort();
         for (_, path, bytes) in found {
+            self.announce(&path);
             self.closed_bytes += bytes;
             self.closed.push_back(ClosedFile { path, bytes });
         }
@@ -279,6 +289,7 @@ impl RequestFiles {
         match std::fs::rename(&file.path, &closed) {
             Ok(()) => {
                 self.stats.files_closed.fetch_add(1, Ordering::Relaxed);
+                self.announce(&closed);
                 self.closed_bytes += file.good_len;
                 self.closed.push_back(ClosedFile { path: closed, bytes: file.good_len });
             }
@@ -300,6 +311,12 @@ impl RequestFiles {
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                 Err(error) => self.warn_failed("an old request log file cannot be deleted", &error),
             }
+        }
+    }
+
+    fn announce(&self, closed: &Path) {
+        if let Some(uploads) = &self.closed_files {
+            let _ = uploads.send(closed.to_path_buf());
         }
     }
 
@@ -385,7 +402,7 @@ mod tests {
     fn a_file_rotates_by_size_and_takes_its_closed_name() {
         let dir = tempfile::tempdir().unwrap();
         let stats = Arc::new(RequestLogStats::default());
-        let mut files = RequestFiles::open(settings(dir.path()), stats.clone());
+        let mut files = RequestFiles::open(settings(dir.path()), stats.clone(), None);
         for _ in 0..10 {
             files.append("m", &[1u8; 184]); // 200 bytes framed: five per file
         }
@@ -412,7 +429,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stats = Arc::new(RequestLogStats::default());
         let mut files =
-            RequestFiles::open(FileSettings { max_total_bytes: 2500, ..settings(dir.path()) }, stats.clone());
+            RequestFiles::open(FileSettings { max_total_bytes: 2500, ..settings(dir.path()) }, stats.clone(), None);
         let mut first = Vec::new();
         for i in 0..30u8 {
             files.append("m", &[i; 184]);
@@ -443,7 +460,7 @@ mod tests {
         let whole = bytes.len();
         tfrecord::frame_into(&mut bytes, b"torn by a crash");
         std::fs::write(model.join(format!("x{OPEN_SUFFIX}")), &bytes[..bytes.len() - 3]).unwrap();
-        let _files = RequestFiles::open(settings(dir.path()), Arc::new(RequestLogStats::default()));
+        let _files = RequestFiles::open(settings(dir.path()), Arc::new(RequestLogStats::default()), None);
         let closed = std::fs::read(model.join(format!("x{CLOSED_SUFFIX}"))).unwrap();
         assert_eq!(closed.len(), whole);
         assert_eq!(tfrecord::read(&closed).tail, tfrecord::Tail::Clean);
