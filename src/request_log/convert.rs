@@ -421,7 +421,7 @@ fn tensor(value: &Value, declared: Option<DType>) -> Result<TensorProto, String>
     let mut shape = Vec::new();
     let mut values = Vec::new();
     flatten(value, &mut shape, &mut values)?;
-    if shape.iter().product::<i64>() != values.len() as i64 {
+    if shape.iter().try_fold(1i64, |n, &d| n.checked_mul(d)) != Some(values.len() as i64) {
         return Err("a tensor's lists differ in depth".into());
     }
     let leaves: Vec<Leaf> = values.into_iter().map(leaf).collect::<Result<_, _>>()?;
