@@ -30,7 +30,7 @@ WRK_CONNECTIONS=${WRK_CONNECTIONS:-64}
 H2_CONNECTIONS=${H2_CONNECTIONS:-4}
 H2_STREAMS=${H2_STREAMS:-32}
 BACKEND_THREADS=${BACKEND_THREADS:-1}
-FIX=$SHARED/fixtures/tfserving
+FIX=${MLTAP_FIXTURES:-$ROOT/tests/fixtures/tfserving}
 BENCH_TARGET=${MLTAP_BENCH_TARGET:-${XDG_CACHE_HOME:-$HOME/.cache}/mltap-bench}
 
 W=$(mktemp -d)
@@ -94,7 +94,8 @@ nginx -p "$W/nginx" -c "$W/nginx/nginx.conf" -e "$W/nginx/error.log" &
 NGINX_PID=$!
 PIDS="$PIDS $NGINX_PID"
 
-# mltap with capture on (every Predict/Classify/Regress is copied to the worker).
+# mltap with capture on (every Predict/Classify/Regress is copied to the worker, or
+# counted only when the worker sheds statistics under load).
 "$ROOT/target/release/mltap" serve --grpc-listen "127.0.0.1:$M_GRPC" --rest-listen "127.0.0.1:$M_REST" \
   --admin-listen "127.0.0.1:$M_ADMIN" --grpc-upstream "http://127.0.0.1:$B_GRPC" \
   --rest-upstream "http://127.0.0.1:$B_REST" --output-dir "$W/mltap-out" --log warn 2> "$W/mltap.log" &
@@ -195,6 +196,50 @@ for proto in grpc rest; do
     "$proto" "$(median ${RPS[${proto}_mltap]})" "$(median ${RPS[${proto}_nginx]})" "$(median ${P99[${proto}_mltap]})" \
     "$(median ${P99[${proto}_nginx]})" "$(median ${CPU[${proto}_mltap]})" "$(median ${CPU[${proto}_nginx]})"
 done
+
+# Latency at a fixed moderate load (LATENCY_CONNECTIONS connections for REST,
+# one connection with LATENCY_STREAMS streams for gRPC), far below saturation: p50 and
+# p99 of nginx and mltap, measured alternately in the same rounds.
+LATENCY_CONNECTIONS=${LATENCY_CONNECTIONS:-4}
+LATENCY_STREAMS=${LATENCY_STREAMS:-4}
+declare -A LAT50 LAT99
+latency_rest() { # name port
+  local out
+  out=$(wrk -t 1 -c "$LATENCY_CONNECTIONS" -d "${DURATION}s" --latency -s "$W/post.lua" "http://127.0.0.1:$2$REST_PATH")
+  to_us() { awk -v q="$1" '$1 == q {v=$2; if (v ~ /us$/) {sub(/us$/,"",v)} else if (v ~ /ms$/) {sub(/ms$/,"",v); v=v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); v=v*1000000}; print v}'; }
+  LAT50[rest_$1]="${LAT50[rest_$1]:-} $(to_us 50% <<<"$out")"
+  LAT99[rest_$1]="${LAT99[rest_$1]:-} $(to_us 99% <<<"$out")"
+}
+latency_grpc() { # name port
+  local stats
+  rm -f "$W/h2lat.log"
+  h2load -D "$DURATION" -c 1 -m "$LATENCY_STREAMS" -t 1 -H 'content-type: application/grpc' -H 'te: trailers' \
+    -d "$W/grpc.req" --log-file="$W/h2lat.log" "http://127.0.0.1:$2/tensorflow.serving.PredictionService/Predict" >/dev/null
+  stats=$(python3 - "$W/h2lat.log" <<'PY'
+import sys
+ok = sorted(int(l.split()[2]) for l in open(sys.argv[1]) if l.strip() and l.split()[1] == "200")
+q = lambda p: ok[min(len(ok) - 1, int(len(ok) * p))] if ok else float("nan")
+print(q(0.5), q(0.99))
+PY
+)
+  read -r p50 p99 <<<"$stats"
+  LAT50[grpc_$1]="${LAT50[grpc_$1]:-} $p50"
+  LAT99[grpc_$1]="${LAT99[grpc_$1]:-} $p99"
+}
+for round in $(seq "$ROUNDS"); do
+  for name in nginx mltap; do
+    case $name in nginx) rp=$N_REST gp=$N_GRPC ;; mltap) rp=$M_REST gp=$M_GRPC ;; esac
+    latency_rest $name "$rp"
+    latency_grpc $name "$gp"
+  done
+done
+echo
+echo "latency at a moderate load (REST $LATENCY_CONNECTIONS connections, gRPC 1 connection x $LATENCY_STREAMS streams; median of $ROUNDS rounds):"
+for proto in grpc rest; do
+  # shellcheck disable=SC2086
+  python3 -c "import sys; a,b,c,d=map(float,sys.argv[2:]); print(f'{sys.argv[1]}: p50 mltap {c:.0f} us vs nginx {a:.0f} us (+{c-a:.0f}); p99 mltap {d:.0f} us vs nginx {b:.0f} us (+{d-b:.0f}); target: within +100 us')" \
+    "$proto" "$(median ${LAT50[${proto}_nginx]})" "$(median ${LAT99[${proto}_nginx]})" "$(median ${LAT50[${proto}_mltap]})" "$(median ${LAT99[${proto}_mltap]})"
+done
 echo
 echo "mltap capture (from /metrics):"
-curl -s "http://127.0.0.1:$M_ADMIN/metrics" | grep -E '^mltap_(capture_(dropped|skipped_oversize|enqueued)_total|worker_exchanges_received_total)' || true
+curl -s "http://127.0.0.1:$M_ADMIN/metrics" | grep -E '^mltap_(capture_(dropped|skipped_oversize|enqueued|count_enqueued|uncounted)_total|worker_exchanges_received_total)' || true

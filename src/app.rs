@@ -12,15 +12,17 @@
 use crate::admin::capture_metrics::CaptureCollector;
 use crate::admin::history::History;
 use crate::admin::{AdminRoute, AdminServer, ReadinessTarget};
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::labels::endpoint::LabelsRoute;
 use crate::labels::link::LabelLink;
 use crate::labels::{LabelService, LabelSettings};
 use crate::monitor::ClosedBucket;
-use crate::proxy::{Proxy, ProxyMetrics};
-use crate::sinks::delivery::{Delivery, DeliverySettings};
+use crate::proxy::{Proxy, ProxyMetrics, ProxySettings};
+use crate::request_log::{LogSettings, RunningLogs};
+use crate::sinks::anodot::{Delivery, DeliverySettings};
 use crate::sinks::files::FileSink;
-use crate::worker::BucketListener;
+use crate::units::ConfigError;
+use crate::worker::{BucketListener, WorkerSettings};
 use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -85,6 +87,83 @@ async fn bind(key: &str, address: SocketAddr) -> Result<TcpListener, ConfigError
     TcpListener::bind(address)
         .await
         .map_err(|error| ConfigError::new(key, "", format!("cannot listen on {address}: {error}")))
+}
+
+// What each component takes from the whole configuration.
+
+impl From<&Config> for ProxySettings {
+    fn from(config: &Config) -> ProxySettings {
+        ProxySettings {
+            grpc_upstream: config.grpc_upstream.clone(),
+            rest_upstream: config.rest_upstream.clone(),
+            upstream_timeout: config.upstream_timeout,
+            request_id_header: config.request_id_header.clone(),
+            return_request_id: config.capture.return_request_id,
+            tls: config.tls.clone(),
+        }
+    }
+}
+
+impl From<&Config> for WorkerSettings {
+    fn from(config: &Config) -> WorkerSettings {
+        WorkerSettings {
+            bucket: config.bucket,
+            output_dir: config.output_dir.clone(),
+            grpc_upstream: config.grpc_upstream.clone(),
+            rest_upstream: config.rest_upstream.clone(),
+            monitor: config.monitor.clone(),
+            models: config.models.clone(),
+            references: config.references.clone(),
+        }
+    }
+}
+
+impl From<&Config> for LogSettings {
+    fn from(config: &Config) -> LogSettings {
+        LogSettings {
+            request_log: config.request_log.clone(),
+            access_log: config.access_log.clone(),
+            model_rates: config
+                .models
+                .iter()
+                .filter_map(|(name, model)| model.request_log_sampling_rate.map(|rate| (name.clone(), rate)))
+                .collect(),
+            output_dir: config.output_dir.clone(),
+            grpc_upstream: config.grpc_upstream.clone(),
+            rest_upstream: config.rest_upstream.clone(),
+        }
+    }
+}
+
+impl From<&Config> for LabelSettings {
+    fn from(config: &Config) -> LabelSettings {
+        LabelSettings {
+            bucket: config.bucket,
+            horizon: config.label_horizon,
+            output_dir: config.output_dir.clone(),
+            store: config.labels_store.clone(),
+            labels: config.labels.clone(),
+            models: config.models.clone(),
+        }
+    }
+}
+
+/// Structured logs on stderr, filtered by `filter` (e.g. `info`, `mltap=debug`); a
+/// filter that does not parse logs at `info`.
+pub fn init_logging(filter: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Delivery to Anodot, or None when no `anodot_url` is configured; its secrets come
+/// from the process environment.
+fn delivery_settings(config: &Config) -> Result<Option<DeliverySettings>, ConfigError> {
+    let Some(url) = &config.anodot_url else { return Ok(None) };
+    DeliverySettings::resolve(url, config.anodot.clone(), config.bucket, config.label_horizon, |name| {
+        std::env::var(name).ok()
+    })
+    .map(Some)
 }
 
 /// Runs mltap until SIGTERM or SIGINT, then shuts down gracefully.
@@ -164,12 +243,14 @@ pub async fn run(
     let (sender, receiver) = crate::capture::queue(&config.capture);
     registry.register_collector(Box::new(CaptureCollector { stats: sender.stats().clone() }));
     let metrics = ProxyMetrics::register(&mut registry);
-    let exchange_logs = crate::request_log::RunningLogs::start(&config, &mut registry)?;
+    let exchange_logs = RunningLogs::start(&LogSettings::from(config.as_ref()), &mut registry)?;
+    let proxy_settings = ProxySettings::from(config.as_ref());
     // Built before any thread starts so that a bad upstream stops start-up cleanly.
-    let first = Proxy::new(&config, sender.clone(), metrics.clone())?.with_exchange_logs(exchange_logs.logs.clone());
+    let first =
+        Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?.with_exchange_logs(exchange_logs.logs.clone());
     let readiness =
         first.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
-    let worker = crate::worker::spawn(config.clone(), receiver, &mut registry);
+    let worker = crate::worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
 
     // The dashboard's history starts from the files of earlier runs.
     let history = Arc::new(History::default());
@@ -182,7 +263,7 @@ pub async fn run(
     }
     worker.add_bucket_listener(Arc::new(HistoryFeed(history.clone())));
 
-    let labels = LabelService::open(LabelSettings::from_config(&config))
+    let labels = LabelService::open(LabelSettings::from(config.as_ref()))
         .await
         .map_err(|e| ConfigError::new("labels_store", "", format!("the label store cannot be opened: {e}")))?;
     labels.register_metrics(&mut registry);
@@ -195,7 +276,7 @@ pub async fn run(
         Some(history.clone()),
         &mut registry,
     );
-    let delivery = match DeliverySettings::from_config(&config)? {
+    let delivery = match delivery_settings(&config)? {
         Some(settings) => Some(
             Delivery::spawn(settings, &config.output_dir, &mut registry)
                 .map_err(|e| ServeError::Runtime(format!("Anodot delivery cannot start: {e}")))?,
@@ -220,9 +301,8 @@ pub async fn run(
     for index in 0..threads {
         let proxy = match proxy.take() {
             Some(first) => first,
-            None => {
-                Proxy::new(&config, sender.clone(), metrics.clone())?.with_exchange_logs(exchange_logs.logs.clone())
-            }
+            None => Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?
+                .with_exchange_logs(exchange_logs.logs.clone()),
         };
         let listeners = (
             crate::proxy::listen::for_thread(&grpc, index).map_err(runtime_error)?,

@@ -14,6 +14,7 @@
 //!
 //! `CaptureSender::submit` and `offer` never wait. This module never parses a payload.
 
+use crate::units::MIB;
 use bytes::Bytes;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -373,7 +374,7 @@ pub struct CaptureReceiver {
 }
 
 /// Creates the bounded capture queue.
-pub fn queue(config: &crate::config::CaptureConfig) -> (CaptureSender, CaptureReceiver) {
+pub fn queue(config: &CaptureConfig) -> (CaptureSender, CaptureReceiver) {
     let capacity = config.queue_exchanges.max(1);
     let (tx, rx) = mpsc::channel(capacity);
     let (count_tx, count_rx) = mpsc::channel(capacity.max(COUNT_LANE_EXCHANGES));
@@ -436,52 +437,56 @@ impl CaptureSender {
 
     /// Hands over a finished exchange without waiting: a sampled one to the sampled
     /// lane when it has room, else (and any other) as a count record to the count lane.
+    /// A sampled exchange that finds no room is shed from statistics and counted so.
     pub fn submit(&self, exchange: Exchange) {
-        let exchange = if exchange.sampled() {
+        let record = if exchange.sampled() {
             match self.offer_sampled(exchange) {
-                Ok(()) => return,
-                Err(exchange) => exchange.into_count_record(),
+                None => return,
+                Some(refused) => {
+                    self.shed();
+                    refused.into_count_record()
+                }
             }
         } else {
             exchange
         };
-        if exchange.bodies == Bodies::ResponseOnly || exchange.bodies == Bodies::Full {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        self.offer_count(exchange);
+        self.offer_count(record);
+    }
+
+    /// Counts an exchange shed from statistics when it started (`sample` said no).
+    pub fn shed(&self) {
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Puts an exchange on the sampled lane without waiting; drops and counts it when
     /// full (drop-newest; it is not counted elsewhere). Returns whether it was queued.
     pub fn offer(&self, exchange: Exchange) -> bool {
         match self.offer_sampled(exchange) {
-            Ok(()) => true,
-            Err(_) => {
+            None => true,
+            Some(_) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 false
             }
         }
     }
 
-    // The refused exchange comes back by value to go down the count lane: boxing it
-    // would allocate on the hot path for nothing.
-    #[allow(clippy::result_large_err)]
-    fn offer_sampled(&self, exchange: Exchange) -> Result<(), Exchange> {
+    /// Queues an exchange on the sampled lane; gives it back when the lane is full.
+    fn offer_sampled(&self, exchange: Exchange) -> Option<Exchange> {
         let bytes = exchange.captured_bytes();
         let before = self.stats.depth_bytes.fetch_add(bytes, Ordering::AcqRel);
         if before + bytes > self.max_sampled_bytes {
             self.stats.depth_bytes.fetch_sub(bytes, Ordering::AcqRel);
-            return Err(exchange);
+            return Some(exchange);
         }
         match self.tx.try_send(exchange) {
             Ok(()) => {
                 self.stats.depth.fetch_add(1, Ordering::AcqRel);
                 self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                None
             }
             Err(error) => {
                 self.stats.depth_bytes.fetch_sub(bytes, Ordering::AcqRel);
-                Err(error.into_inner())
+                Some(error.into_inner())
             }
         }
     }
@@ -580,10 +585,52 @@ impl CaptureReceiver {
     }
 }
 
+/// Bounds of the capture tap and its queue (`[capture]`).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Exchanges the queue holds before it drops the newest.
+    pub queue_exchanges: usize,
+    /// Bytes of captured bodies the queue holds before it drops the newest.
+    pub queue_bytes: usize,
+    /// Bytes kept per exchange (request + response); larger exchanges are skipped.
+    pub max_exchange_bytes: usize,
+    /// Return a generated request id to the client in the request-id header.
+    pub return_request_id: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            queue_exchanges: 10_000,
+            // Together with the worker's small hand-offs, these bound what monitoring
+            // adds to mltap's memory whatever the traffic (< 100 MiB RSS in all).
+            queue_bytes: 16 * MIB,
+            max_exchange_bytes: 8 * MIB,
+            return_request_id: false,
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// Checks the section; the error names the key within it.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.queue_exchanges == 0 {
+            return Err(("queue_exchanges".into(), "must be at least 1".into()));
+        }
+        if self.max_exchange_bytes == 0 || self.queue_bytes < self.max_exchange_bytes {
+            return Err((
+                "queue_bytes".into(),
+                "must be at least capture.max_exchange_bytes, which must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CaptureConfig;
 
     fn exchange(body: usize) -> Exchange {
         Exchange {

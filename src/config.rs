@@ -1,195 +1,52 @@
-//! The one typed configuration of mltap, built once at start from (highest first)
+//! The one typed configuration of mltap, composed once at start from (highest first)
 //! command-line flags, `MLTAP_<KEY>` environment variables, the TOML file given with
 //! `--config`, and built-in defaults, then validated. Nothing downstream reads a
 //! string key again: a bad value stops start-up here with one line naming the key.
 //!
-//! The flat keys are the `serve` flags of DESIGN.md. Sections (`[capture]`,
-//! `[monitor]`, `[labels]`, `[anodot]`, `[models.NAME]`) hold settings that have no
-//! flag; each section's type lives beside the component it configures.
+//! The flat keys are the `serve` flags (the command line itself is `cli`'s). Sections
+//! (`[capture]`, `[monitor]`, `[labels]`, `[anodot]`, `[tls]`, `[request_log]`,
+//! `[access_log]`, `[models.NAME]`) hold
+//! settings that have no flag; each section's type and its validation live beside the
+//! component it configures, and durations, sizes and `ConfigError` in `units`. This
+//! module only composes them; `app` hands each component what it takes from the whole.
 
-use clap::{Args, Parser, Subcommand};
+use crate::monitor::{MonitorConfig, ReferenceSet};
+use crate::proxy::tls::TlsConfig;
+use crate::request_log::{AccessLogConfig, RequestLogConfig};
+use crate::sinks::AnodotConfig;
+use crate::units::parse_duration;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// The command line.
-#[derive(Debug, Parser)]
-#[command(name = "mltap", version, about = "Transparent monitoring proxy for TensorFlow Serving")]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
+pub use crate::capture::CaptureConfig;
+pub use crate::labels::{LabelsConfig, LabelsStoreConfig};
+pub use crate::tfserving::ModelConfig;
+pub use crate::units::ConfigError;
 
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the proxy and its monitoring worker.
-    Serve(ServeArgs),
-    /// Run a self-contained demonstration: model server, proxy, traffic and labels.
-    Demo(DemoArgs),
-    /// Upload stored Anodot files to Anodot (token from ANODOT_TOKEN).
-    Send(SendArgs),
-}
-
-/// `serve` flags. Every flag is optional here so that the file and the defaults can
-/// fill in what the command line leaves out; `Config::load` applies the precedence.
-#[derive(Debug, Clone, Default, Args)]
-pub struct ServeArgs {
-    /// TOML configuration file.
-    #[arg(long, env = "MLTAP_CONFIG", value_name = "FILE")]
+/// The flat keys as given on the command line or in `MLTAP_<KEY>` environment
+/// variables (the command line folds the two), before the file and the defaults fill
+/// in what they leave out. `Config::load` applies the precedence. Each field is the
+/// key of its name, as written (`cli::ServeArgs` documents them); None when not given.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// The TOML configuration file (`--config`).
     pub config: Option<PathBuf>,
-    /// gRPC listener (h2c) [default: 0.0.0.0:8500]
-    #[arg(long, env = "MLTAP_GRPC_LISTEN", value_name = "ADDR")]
     pub grpc_listen: Option<String>,
-    /// REST listener (HTTP/1.1) [default: 0.0.0.0:8501]
-    #[arg(long, env = "MLTAP_REST_LISTEN", value_name = "ADDR")]
     pub rest_listen: Option<String>,
-    /// TF Serving gRPC port [default: http://127.0.0.1:9500]
-    #[arg(long, env = "MLTAP_GRPC_UPSTREAM", value_name = "URL")]
     pub grpc_upstream: Option<String>,
-    /// TF Serving REST port [default: http://127.0.0.1:9501]
-    #[arg(long, env = "MLTAP_REST_UPSTREAM", value_name = "URL")]
     pub rest_upstream: Option<String>,
-    /// Admin server: /metrics, /healthz, /readyz, /v1/labels, dashboard [default: 0.0.0.0:9090]
-    #[arg(long, env = "MLTAP_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Bucket width, e.g. 2s, 5m, 1h [default: 60s]
-    #[arg(long, env = "MLTAP_BUCKET", value_name = "DURATION")]
     pub bucket: Option<String>,
-    /// Anodot JSON files and local state [default: ./mltap-out]
-    #[arg(long, env = "MLTAP_OUTPUT_DIR", value_name = "DIR")]
     pub output_dir: Option<String>,
-    /// Label join store: redis://host:port/db (comma-separated nodes for a cluster) [default: embedded file in the output dir]
-    #[arg(long, env = "MLTAP_LABELS_STORE", value_name = "URL")]
     pub labels_store: Option<String>,
-    /// How long a bucket waits for its labels before its label metrics are emitted [default: 1h]
-    #[arg(long, env = "MLTAP_LABEL_HORIZON", value_name = "DURATION")]
     pub label_horizon: Option<String>,
-    /// Anodot metrics endpoint; token from ANODOT_TOKEN
-    #[arg(long, env = "MLTAP_ANODOT_URL", value_name = "URL")]
     pub anodot_url: Option<String>,
-    /// Header (or gRPC metadata key) carrying the request id [default: x-request-id]
-    #[arg(long, env = "MLTAP_REQUEST_ID_HEADER", value_name = "NAME")]
     pub request_id_header: Option<String>,
-    /// Log filter, e.g. info, debug, mltap=debug [default: info]
-    #[arg(long, env = "MLTAP_LOG", value_name = "FILTER")]
     pub log: Option<String>,
-}
-
-/// `demo` flags: its own duration plus every `serve` flag.
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// How long to run; runs until Ctrl-C when absent.
-    #[arg(long = "for", value_name = "DURATION")]
-    pub run_for: Option<String>,
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
-/// `send` arguments.
-#[derive(Debug, Clone, Args)]
-pub struct SendArgs {
-    /// Directory of stored Anodot files (an output dir or its `anodot/` folder).
-    pub dir: PathBuf,
-    /// Anodot metrics endpoint.
-    #[arg(long, env = "MLTAP_ANODOT_URL", value_name = "URL")]
-    pub anodot_url: String,
-    /// Metric protocol: 2.0, or 3.0 (stream schemas and watermarks; access key from ANODOT_ACCESS_KEY).
-    #[arg(long, value_name = "VERSION", default_value = "2.0")]
-    pub protocol: String,
-    /// Points per second sent at most.
-    #[arg(long, value_name = "N", default_value_t = 2000)]
-    pub points_per_second: u32,
-    /// Stop when Anodot keeps failing this long; a later run resumes where this one stopped.
-    #[arg(long, value_name = "DURATION", default_value = "10m")]
-    pub give_up_after: String,
-}
-
-/// A configuration problem, reported as one line naming the key; exit code 2.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The configuration key (`bucket`, `models.iris.threshold`, ...) at fault.
-    pub key: String,
-    /// Where the bad value came from (`--bucket`, `MLTAP_BUCKET`, `mltap.toml`).
-    pub source: String,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-impl ConfigError {
-    pub fn new(key: impl Into<String>, source: impl Into<String>, problem: impl Into<String>) -> Self {
-        ConfigError { key: key.into(), source: source.into(), problem: problem.into() }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.source.is_empty() {
-            write!(f, "configuration key `{}`: {}", self.key, self.problem)
-        } else {
-            write!(f, "configuration key `{}` (from {}): {}", self.key, self.source, self.problem)
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// Where the join store for labels lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LabelsStoreConfig {
-    /// An embedded file under the output dir (single replica).
-    Embedded,
-    /// One Redis server, `redis://host:port/db`.
-    Redis(String),
-    /// A Redis Cluster, given by several node addresses.
-    RedisCluster(Vec<String>),
-}
-
-/// Bounds of the capture tap and its queue (`[capture]`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CaptureConfig {
-    /// Exchanges the queue holds before it drops the newest.
-    pub queue_exchanges: usize,
-    /// Bytes of captured bodies the queue holds before it drops the newest.
-    pub queue_bytes: usize,
-    /// Bytes kept per exchange (request + response); larger exchanges are skipped.
-    pub max_exchange_bytes: usize,
-    /// Return a generated request id to the client in the request-id header.
-    pub return_request_id: bool,
-}
-
-impl Default for CaptureConfig {
-    fn default() -> Self {
-        CaptureConfig {
-            queue_exchanges: 10_000,
-            // Together with the worker's small hand-offs, these bound what monitoring
-            // adds to mltap's memory whatever the traffic (< 100 MiB RSS in all).
-            queue_bytes: 16 << 20,
-            max_exchange_bytes: 8 << 20,
-            return_request_id: false,
-        }
-    }
-}
-
-/// Per-model overrides (`[models.NAME]`), for what the payload cannot say.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// The output holding the class probabilities.
-    pub probabilities_output: Option<String>,
-    /// Class names, by class index.
-    pub class_names: Option<Vec<String>>,
-    /// Binary sigmoid models predict class 1 when p > threshold.
-    pub threshold: Option<f64>,
-    /// Features to treat as categorical even when numeric.
-    pub categorical_features: Vec<String>,
-    /// An input feature whose per-row value is the id labels refer to.
-    pub id_feature: Option<String>,
-    /// This model's share of exchanges in the request log, instead of `request_log.sampling_rate`.
-    pub request_log_sampling_rate: Option<f64>,
 }
 
 /// The validated configuration of `serve` (and of the proxy inside `demo`).
@@ -212,16 +69,19 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub log: String,
     pub capture: CaptureConfig,
-    pub monitor: crate::monitor::MonitorConfig,
-    pub labels: crate::labels::LabelsConfig,
-    pub anodot: crate::sinks::AnodotConfig,
+    pub monitor: MonitorConfig,
+    pub labels: LabelsConfig,
+    pub anodot: AnodotConfig,
     pub models: BTreeMap<String, ModelConfig>,
     /// TLS towards `https://` upstreams and on mltap's own listeners.
-    pub tls: crate::proxy::tls::TlsConfig,
+    pub tls: TlsConfig,
     /// Sampled PredictionLog TFRecord files of inference exchanges.
-    pub request_log: crate::request_log::RequestLogConfig,
+    pub request_log: RequestLogConfig,
     /// One JSON line per exchange.
-    pub access_log: crate::request_log::AccessLogConfig,
+    pub access_log: AccessLogConfig,
+    /// The drift references of `monitor.reference_file`, read once here (where a bad
+    /// file stops start-up) and shared by every aggregation thread.
+    pub references: Arc<ReferenceSet>,
 }
 
 /// The TOML file: the flat keys as strings (parsed with the same rules as flags) and
@@ -246,19 +106,19 @@ struct FileConfig {
     #[serde(default)]
     capture: CaptureConfig,
     #[serde(default)]
-    monitor: crate::monitor::MonitorConfig,
+    monitor: MonitorConfig,
     #[serde(default)]
-    labels: crate::labels::LabelsConfig,
+    labels: LabelsConfig,
     #[serde(default)]
-    anodot: crate::sinks::AnodotConfig,
+    anodot: AnodotConfig,
     #[serde(default)]
     models: BTreeMap<String, ModelConfig>,
     #[serde(default)]
-    tls: crate::proxy::tls::TlsConfig,
+    tls: TlsConfig,
     #[serde(default)]
-    request_log: crate::request_log::RequestLogConfig,
+    request_log: RequestLogConfig,
     #[serde(default)]
-    access_log: crate::request_log::AccessLogConfig,
+    access_log: AccessLogConfig,
 }
 
 /// A raw value with the place it came from, for error messages.
@@ -270,14 +130,15 @@ struct Raw<'a> {
 
 impl Config {
     /// Builds and validates the configuration from flags, env (already folded into
-    /// `args` by clap) and the optional file.
-    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+    /// the flags by the command line) and the optional file.
+    pub fn load(flags: impl Into<Flags>) -> Result<Config, ConfigError> {
+        let args = &flags.into();
         let file_name = args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        // Flags and env come through clap; clap does not say which of the two it was.
+        // Flags and env come folded by the command line, which does not say which it was.
         let pick = |key: &'static str, flag: &Option<String>, from_file: &Option<String>, default: &'static str| {
             let flag_source = format!("--{} or MLTAP_{}", key.replace('_', "-"), key.to_uppercase());
             match (flag, from_file) {
@@ -348,64 +209,38 @@ impl Config {
             tls: file.tls,
             request_log: file.request_log,
             access_log: file.access_log,
+            references: Arc::default(),
         };
-        config.validate(&file_name)?;
-        Ok(config)
+        let references = config.validate(&file_name)?;
+        Ok(Config { references: Arc::new(references), ..config })
     }
 
-    /// Checks that cross keys or sections.
-    fn validate(&self, file_name: &str) -> Result<(), ConfigError> {
-        let c = &self.capture;
-        if c.queue_exchanges == 0 {
-            return Err(ConfigError::new("capture.queue_exchanges", file_name, "must be at least 1"));
-        }
-        if c.max_exchange_bytes == 0 || c.queue_bytes < c.max_exchange_bytes {
-            return Err(ConfigError::new(
-                "capture.queue_bytes",
-                file_name,
-                "must be at least capture.max_exchange_bytes, which must be positive",
-            ));
-        }
+    /// Checks every section, naming the full key at fault, and reads the reference
+    /// file (the one time it is read).
+    fn validate(&self, file_name: &str) -> Result<ReferenceSet, ConfigError> {
+        self.capture.validate().map_err(ConfigError::in_section("capture", file_name))?;
         for (name, model) in &self.models {
-            if let Some(t) = model.threshold {
-                if !(t > 0.0 && t < 1.0) {
-                    return Err(ConfigError::new(
-                        format!("models.{name}.threshold"),
-                        file_name,
-                        format!("{t} is not strictly between 0 and 1"),
-                    ));
-                }
-            }
-            if let Some(rate) = model.request_log_sampling_rate.filter(|r| !(0.0..=1.0).contains(r)) {
-                return Err(ConfigError::new(
-                    format!("models.{name}.request_log_sampling_rate"),
-                    file_name,
-                    format!("{rate} is not between 0 and 1"),
-                ));
-            }
+            model.validate().map_err(ConfigError::in_section(&format!("models.{name}"), file_name))?;
         }
-        self.monitor
-            .validate()
-            .map_err(|(key, problem)| ConfigError::new(format!("monitor.{key}"), file_name, problem))?;
-        self.labels
-            .validate()
-            .map_err(|(key, problem)| ConfigError::new(format!("labels.{key}"), file_name, problem))?;
-        self.anodot
-            .validate()
-            .map_err(|(key, problem)| ConfigError::new(format!("anodot.{key}"), file_name, problem))?;
-        self.tls.validate().map_err(|(key, problem)| ConfigError::new(format!("tls.{key}"), file_name, problem))?;
-        self.request_log
-            .validate()
-            .map_err(|(key, problem)| ConfigError::new(format!("request_log.{key}"), file_name, problem))?;
-        self.access_log
-            .validate()
-            .map_err(|(key, problem)| ConfigError::new(format!("access_log.{key}"), file_name, problem))?;
-        Ok(())
+        self.monitor.validate().map_err(ConfigError::in_section("monitor", file_name))?;
+        let references = self.monitor.load_references().map_err(ConfigError::in_section("monitor", file_name))?;
+        self.labels.validate().map_err(ConfigError::in_section("labels", file_name))?;
+        self.anodot.validate().map_err(ConfigError::in_section("anodot", file_name))?;
+        self.tls.validate().map_err(ConfigError::in_section("tls", file_name))?;
+        self.request_log.validate().map_err(ConfigError::in_section("request_log", file_name))?;
+        self.access_log.validate().map_err(ConfigError::in_section("access_log", file_name))?;
+        Ok(references)
     }
 
     /// The overrides of one model, or the defaults.
     pub fn model(&self, name: &str) -> ModelConfig {
         self.models.get(name).cloned().unwrap_or_default()
+    }
+}
+
+impl From<&Flags> for Flags {
+    fn from(flags: &Flags) -> Flags {
+        flags.clone()
     }
 }
 
@@ -441,16 +276,6 @@ fn parse_addr((key, value, source): (&'static str, String, String)) -> Result<So
     })
 }
 
-/// Parses a duration such as `2s`, `500ms`, `5m`, `1h`, rejecting zero.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(value.trim())
-        .map_err(|e| format!("`{value}` is not a duration ({e}; expected e.g. 2s, 5m, 1h)"))?;
-    if d.is_zero() {
-        return Err(format!("`{value}` must be longer than zero"));
-    }
-    Ok(d)
-}
-
 fn parse_positive_duration((key, value, source): (&'static str, String, String)) -> Result<Duration, ConfigError> {
     parse_duration(&value).map_err(|problem| ConfigError::new(key, source, problem))
 }
@@ -470,36 +295,20 @@ fn parse_http_url(raw: Raw<'_>) -> Result<String, ConfigError> {
 }
 
 fn parse_labels_store(raw: Raw<'_>) -> Result<LabelsStoreConfig, ConfigError> {
-    let bad = |problem: String| ConfigError::new(raw.key, raw.source.clone(), problem);
-    let value = raw.value.trim();
-    if value.is_empty() || value == "embedded" {
-        return Ok(LabelsStoreConfig::Embedded);
-    }
-    let nodes: Vec<String> = value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-    for node in &nodes {
-        let uri: http::Uri = node.parse().map_err(|e| bad(format!("`{node}` is not a URL ({e})")))?;
-        if !matches!(uri.scheme_str(), Some("redis") | Some("rediss")) || uri.authority().is_none() {
-            return Err(bad(format!("`{node}` must be redis://host:port/db, or `embedded`")));
-        }
-    }
-    Ok(if nodes.len() == 1 {
-        LabelsStoreConfig::Redis(nodes.into_iter().next().unwrap_or_default())
-    } else {
-        LabelsStoreConfig::RedisCluster(nodes)
-    })
+    LabelsStoreConfig::parse(raw.value).map_err(|problem| ConfigError::new(raw.key, raw.source, problem))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn args() -> ServeArgs {
-        ServeArgs::default()
+    fn args() -> Flags {
+        Flags::default()
     }
 
     #[test]
     fn defaults_match_the_design() {
-        let c = Config::load(&args()).unwrap();
+        let c = Config::load(args()).unwrap();
         assert_eq!(c.grpc_listen, "0.0.0.0:8500".parse().unwrap());
         assert_eq!(c.rest_listen, "0.0.0.0:8501".parse().unwrap());
         assert_eq!(c.admin_listen, "0.0.0.0:9090".parse().unwrap());
@@ -515,7 +324,7 @@ mod tests {
 
     #[test]
     fn a_bad_duration_names_the_key_and_its_source() {
-        let a = ServeArgs { bucket: Some("soon".into()), ..args() };
+        let a = Flags { bucket: Some("soon".into()), ..args() };
         let e = Config::load(&a).unwrap_err();
         assert_eq!(e.key, "bucket");
         assert!(e.to_string().contains("--bucket"), "{e}");
@@ -527,7 +336,7 @@ mod tests {
         let path = dir.path().join("mltap.toml");
         std::fs::write(&path, "bucket = \"5m\"\nrest_listen = \"127.0.0.1:1\"\n[models.iris]\nthreshold = 0.7\n")
             .unwrap();
-        let a = ServeArgs { config: Some(path), rest_listen: Some("127.0.0.1:2".into()), ..args() };
+        let a = Flags { config: Some(path), rest_listen: Some("127.0.0.1:2".into()), ..args() };
         let c = Config::load(&a).unwrap();
         assert_eq!(c.bucket, Duration::from_secs(300));
         assert_eq!(c.rest_listen, "127.0.0.1:2".parse().unwrap());
@@ -539,18 +348,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mltap.toml");
         std::fs::write(&path, "buckett = \"5m\"\n").unwrap();
-        let e = Config::load(&ServeArgs { config: Some(path), ..args() }).unwrap_err();
+        let e = Config::load(Flags { config: Some(path), ..args() }).unwrap_err();
         assert_eq!(e.key, "buckett", "{e}");
     }
 
     #[test]
     fn malformed_urls_are_rejected() {
-        let e = Config::load(&ServeArgs { grpc_upstream: Some("127.0.0.1:9500".into()), ..args() }).unwrap_err();
+        let e = Config::load(Flags { grpc_upstream: Some("127.0.0.1:9500".into()), ..args() }).unwrap_err();
         assert_eq!(e.key, "grpc_upstream");
-        let e = Config::load(&ServeArgs { labels_store: Some("http://x".into()), ..args() }).unwrap_err();
+        let e = Config::load(Flags { labels_store: Some("http://x".into()), ..args() }).unwrap_err();
         assert_eq!(e.key, "labels_store");
-        let c = Config::load(&ServeArgs { labels_store: Some("redis://a:1,redis://b:2,redis://c:3".into()), ..args() })
-            .unwrap();
+        let c =
+            Config::load(Flags { labels_store: Some("redis://a:1,redis://b:2,redis://c:3".into()), ..args() }).unwrap();
         assert!(matches!(c.labels_store, LabelsStoreConfig::RedisCluster(ref n) if n.len() == 3));
     }
 
@@ -559,7 +368,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mltap.toml");
         std::fs::write(&path, "[models.m]\nthreshold = 1.5\n").unwrap();
-        let e = Config::load(&ServeArgs { config: Some(path), ..args() }).unwrap_err();
+        let e = Config::load(Flags { config: Some(path), ..args() }).unwrap_err();
         assert_eq!(e.key, "models.m.threshold");
+    }
+
+    #[test]
+    fn the_labels_section_is_read_from_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mltap.toml");
+        std::fs::write(&path, "[labels]\nmax_body_bytes = 0\n").unwrap();
+        let args = Flags { config: Some(path.clone()), ..Default::default() };
+        assert_eq!(Config::load(&args).unwrap_err().key, "labels.max_body_bytes");
+        std::fs::write(&path, "[labels]\ntoken_env = \"LABELS_TOKEN\"\nattribute_to_arrival = true\n").unwrap();
+        let config = Config::load(&args).unwrap();
+        assert!(config.labels.attribute_to_arrival);
+        assert_eq!(config.labels.max_body_bytes, 10 << 20);
+    }
+
+    #[test]
+    fn the_reference_file_is_read_once_at_load_and_a_bad_one_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config_path, reference_path) = (dir.path().join("mltap.toml"), dir.path().join("ref.json"));
+        std::fs::write(&config_path, format!("[monitor]\nreference_file = {:?}\n", reference_path)).unwrap();
+        std::fs::write(&reference_path, "[]").unwrap();
+        let args = Flags { config: Some(config_path), ..Default::default() };
+        let config = Config::load(&args).unwrap();
+        assert_eq!(*config.references, ReferenceSet::default());
+        // Copies of the configuration share what load read: the file is not read again.
+        std::fs::write(&reference_path, "not json").unwrap();
+        assert!(Arc::ptr_eq(&config.clone().references, &config.references));
+        let e = Config::load(&args).unwrap_err();
+        assert_eq!(e.key, "monitor.reference_file");
+        assert!(e.to_string().contains("is not JSON"), "{e}");
     }
 }

@@ -1,11 +1,11 @@
-//! The `mltap` command: `serve`, `demo` and `send` (DESIGN.md, "Command line").
+//! The `mltap` command: `serve`, `demo` and `send` (README.md; parsing and dispatch in `cli`).
 
 use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
-    let cli = mltap::config::Cli::parse();
+    let cli = mltap::cli::Cli::parse();
     mltap::cli::run(cli)
 }
 

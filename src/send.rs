@@ -14,11 +14,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{parse_duration, SendArgs};
-use crate::sinks::anodot_api::redacted;
-use crate::sinks::anodot_spool;
-use crate::sinks::delivery::{DeliveryMetrics, DeliverySettings, Engine, Persistence, Progress};
-use crate::sinks::{AnodotConfig, AnodotProtocol};
+use crate::sinks::anodot::api::redacted;
+use crate::sinks::anodot::spool;
+use crate::sinks::anodot::{
+    AnodotConfig, AnodotProtocol, DeliveryMetrics, DeliverySettings, Engine, Persistence, Progress,
+};
+use crate::units::parse_duration;
 
 /// Exit code when the arguments or the environment are wrong.
 const EXIT_USAGE: u8 = 2;
@@ -26,6 +27,25 @@ const EXIT_USAGE: u8 = 2;
 const DEFAULT_BUCKET: Duration = Duration::from_secs(60);
 /// Label horizon assumed for the 3.0 labels stream (the `serve` default).
 const DEFAULT_LABEL_HORIZON: Duration = Duration::from_secs(3600);
+
+/// `send` arguments (`mltap send --help`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SendArgs {
+    /// Directory of stored Anodot files (an output dir or its `anodot/` folder).
+    pub dir: PathBuf,
+    /// Anodot metrics endpoint.
+    #[arg(long, env = "MLTAP_ANODOT_URL", value_name = "URL")]
+    pub anodot_url: String,
+    /// Metric protocol: 2.0, or 3.0 (stream schemas and watermarks; access key from ANODOT_ACCESS_KEY).
+    #[arg(long, value_name = "VERSION", default_value = "2.0")]
+    pub protocol: String,
+    /// Points per second sent at most.
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    pub points_per_second: u32,
+    /// Stop when Anodot keeps failing this long; a later run resumes where this one stopped.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub give_up_after: String,
+}
 
 /// Where the spool and the cursor are for a DIR argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +72,6 @@ impl SendDirs {
 /// Runs `mltap send`; exit 0 when every point is delivered, 1 when some were refused
 /// or could not be sent, 2 for bad arguments.
 pub fn run(args: &SendArgs) -> ExitCode {
-    crate::cli::init_logging(&std::env::var("MLTAP_LOG").unwrap_or_else(|_| "warn".to_string()));
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -80,7 +99,7 @@ async fn send(args: &SendArgs) -> ExitCode {
         Err(e) => return usage(format!("--give-up-after: {e}")),
     };
     let dirs = SendDirs::for_dir(&args.dir);
-    let files = match anodot_spool::list(&dirs.spool) {
+    let files = match spool::list(&dirs.spool) {
         Ok(f) => f,
         Err(e) => return usage(format!("cannot list {}: {e}", dirs.spool.display())),
     };
@@ -171,7 +190,7 @@ async fn send(args: &SendArgs) -> ExitCode {
 }
 
 /// The smallest gap between two bucket starts of one model, or one minute.
-fn infer_bucket(files: &[anodot_spool::SpoolFile]) -> Duration {
+fn infer_bucket(files: &[spool::SpoolFile]) -> Duration {
     let mut best: Option<i64> = None;
     let mut last: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
     for f in files {

@@ -24,16 +24,17 @@
 //! `ObservationListener` sees every decoded observation with the start of its bucket.
 
 use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
-use crate::config::Config;
-use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, ReferenceSet};
+use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet, GLOBAL_MODEL};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
-use crate::tfserving::{DecodeLimits, Decoder, Observation, SchemaCache, SchemaSource};
+use crate::tfserving::{DecodeLimits, Decoder, ModelConfig, Observation, SchemaCache, SchemaSource};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, RwLock};
@@ -150,6 +151,42 @@ struct Decoded {
     to_listeners: bool,
 }
 
+/// What the worker takes from the configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Bucket width.
+    pub bucket: Duration,
+    /// Where the Anodot files and the learned references are written.
+    pub output_dir: PathBuf,
+    /// TF Serving's gRPC port, asked for the signatures that name unnamed REST inputs.
+    pub grpc_upstream: http::Uri,
+    /// TF Serving's REST port, asked when the gRPC port cannot answer.
+    pub rest_upstream: http::Uri,
+    /// The `[monitor]` section: engine limits and thread counts.
+    pub monitor: MonitorConfig,
+    /// The `[models.NAME]` overrides, for decoding and categorical features.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// The drift references of `monitor.reference_file`, read once at start.
+    pub references: Arc<ReferenceSet>,
+}
+
+impl WorkerSettings {
+    /// The engine's options, with the engine started now.
+    fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            bucket: self.bucket,
+            monitor: self.monitor.clone(),
+            output_dir: Some(self.output_dir.clone()),
+            categorical_features: self
+                .models
+                .iter()
+                .map(|(name, m)| (name.clone(), m.categorical_features.iter().cloned().collect()))
+                .collect(),
+            started_at: SystemTime::now(),
+        }
+    }
+}
+
 /// The running worker.
 #[derive(Debug)]
 pub struct WorkerHandle {
@@ -162,13 +199,13 @@ pub struct WorkerHandle {
 }
 
 /// Starts the worker on its own threads; registers its gauges and counters.
-pub fn spawn(config: Arc<Config>, receiver: CaptureReceiver, registry: &mut Registry) -> WorkerHandle {
+pub fn spawn(config: WorkerSettings, receiver: CaptureReceiver, registry: &mut Registry) -> WorkerHandle {
     spawn_with(config, receiver, registry, Hooks::default())
 }
 
 /// `spawn` with listeners attached from the first exchange on.
 pub fn spawn_with(
-    config: Arc<Config>,
+    config: WorkerSettings,
     receiver: CaptureReceiver,
     registry: &mut Registry,
     hooks: Hooks,
@@ -216,18 +253,11 @@ pub fn spawn_with(
     }
     drop(to_shards);
 
-    let mut options = EngineOptions::from_config(&config);
+    let mut options = config.engine_options();
     options.monitor.max_streams = options.monitor.max_streams.div_ceil(shards);
-    let references = match &options.monitor.reference_file {
-        Some(path) => ReferenceSet::load(path).unwrap_or_else(|error| {
-            tracing::error!(message = "Cannot read the drift reference file; learning references instead.", %error);
-            ReferenceSet::default()
-        }),
-        None => ReferenceSet::default(),
-    };
     for (i, input) in shard_inputs.into_iter().enumerate() {
         let monitor = MonitorThread {
-            engine: Engine::with_references(options.clone(), references.clone()),
+            engine: Engine::with_references(options.clone(), config.references.clone()),
             files: FileSink::new(&config.output_dir),
             gauges: gauges.clone(),
             hooks: hooks.clone(),
@@ -477,7 +507,10 @@ impl MonitorThread {
                         start = bucket.start);
                 }
             };
-            self.gauges.update(&bucket);
+            // The global pseudo-model's facts are on /metrics as the capture counters.
+            if bucket.model != GLOBAL_MODEL {
+                self.gauges.update(&bucket.model, bucket.start, &bucket.points);
+            }
             self.hooks.closed(&bucket);
         }
     }

@@ -8,7 +8,7 @@ mod support;
 use bytes::Bytes;
 use mltap::capture::{Bodies, CallMethod, CaptureReceiver, ErrorOrigin, Exchange, Protocol, RouteKind};
 use mltap::config::Config;
-use mltap::proxy::{Proxy, ProxyMetrics};
+use mltap::proxy::{Proxy, ProxyMetrics, ProxySettings};
 use mltap::tfserving::Decoder;
 use std::time::{Duration, SystemTime};
 use support::fake_tfserving::{grpc_fixtures, rest_fixtures, FakeTfServing};
@@ -23,7 +23,7 @@ async fn tapped(grpc: &str, rest: &str) -> (String, String, CaptureReceiver, wat
     let config: Config = config(grpc, rest);
     let (sender, receiver) = mltap::capture::queue(&config.capture);
     let mut registry = prometheus_client::registry::Registry::default();
-    let proxy = Proxy::new(&config, sender, ProxyMetrics::register(&mut registry)).unwrap();
+    let proxy = Proxy::new(&ProxySettings::from(&config), sender, ProxyMetrics::register(&mut registry)).unwrap();
     let (g, r) = (TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap());
     let urls = (format!("http://{}", g.local_addr().unwrap()), format!("http://{}", r.local_addr().unwrap()));
     let (stop, stopped) = watch::channel(false);

@@ -21,8 +21,17 @@ const PAST_BUCKETS: u64 = 90;
 /// Label metrics arrive this many buckets after their predictions.
 const LABEL_DELAY: u64 = 5;
 
+/// `MLTAP_CHROMIUM`, else `chromium` (or `chromium-browser`) on `PATH`.
 fn chromium() -> PathBuf {
-    std::env::var_os("MLTAP_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+    if let Some(path) = std::env::var_os("MLTAP_CHROMIUM") {
+        return PathBuf::from(path);
+    }
+    let dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    ["chromium", "chromium-browser"]
+        .iter()
+        .flat_map(|name| dirs.iter().map(move |dir| dir.join(name)))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from("chromium"))
 }
 
 /// Installs playwright-core from the lockfile when it is not there yet; once per
@@ -58,7 +67,7 @@ fn require_browser_tools() -> PathBuf {
     let chromium = chromium();
     assert!(
         chromium.exists(),
-        "Chromium is required by the dashboard browser test and was not found at {}: install it with \
+        "Chromium is required by the dashboard browser test and was not found ({}): install it with \
          `apt-get install -y chromium` (or point MLTAP_CHROMIUM at it)",
         chromium.display()
     );

@@ -233,7 +233,7 @@ proptest! {
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
         case in prop::sample::select(vec!["batch64x16", "estimator_multi_input", "classify", "regress", "half_val_field"]),
     ) {
-        let Some(dir) = fixtures() else { return Ok(()) };
+        let dir = fixtures();
         let method = match case { "classify" => "Classify", "regress" => "Regress", _ => "Predict" };
         let mut request = std::fs::read(dir.join(format!("grpc/{case}.request.pb"))).unwrap();
         let mut response = std::fs::read(dir.join(format!("grpc/{case}.response.pb"))).unwrap();
@@ -299,12 +299,12 @@ fn json_like() -> impl Strategy<Value = String> {
     prop::collection::vec(prop::sample::select(tokens), 0..40).prop_map(|t| t.concat())
 }
 
-fn fixtures() -> Option<std::path::PathBuf> {
-    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    [manifest.join("../shared/fixtures/tfserving"), manifest.join("../../shared/fixtures/tfserving")]
-        .into_iter()
-        .chain(std::env::var("MLTAP_FIXTURES").ok().map(Into::into))
-        .find(|p| p.join("grpc").is_dir())
+/// The TF Serving fixtures in this repository (or `MLTAP_FIXTURES`).
+fn fixtures() -> std::path::PathBuf {
+    match std::env::var_os("MLTAP_FIXTURES") {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tfserving"),
+    }
 }
 
 fn exchange(protocol: Protocol, path: &str, request: &[u8], response: &[u8], chunk: usize) -> Exchange {

@@ -5,10 +5,10 @@
 mod delivery_support;
 
 use delivery_support::{identity, points, wait_until, write_spool, FakeAnodot, Reply};
-use mltap::sinks::delivery::{
-    Delivery, DeliveryError, DeliveryMetrics, DeliverySettings, Engine, PassReport, Persistence, Totals,
+use mltap::sinks::anodot::{
+    AnodotConfig, AnodotProtocol, Delivery, DeliveryError, DeliveryMetrics, DeliverySettings, Engine, PassReport,
+    Persistence, Totals,
 };
-use mltap::sinks::{AnodotConfig, AnodotProtocol};
 use serde_json::json;
 use std::collections::HashSet;
 use std::path::Path;
@@ -383,7 +383,7 @@ fn protocol_30_creates_schemas_then_posts_samples_and_one_watermark_per_stream()
 
 #[test]
 fn the_bearer_token_is_refreshed_before_it_expires() {
-    use mltap::sinks::anodot_api::{AnodotClient, Endpoints, Secret};
+    use mltap::sinks::anodot::api::{AnodotClient, Endpoints, Secret};
     let server = FakeAnodot::start();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let client = AnodotClient::new(

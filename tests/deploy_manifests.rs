@@ -3,7 +3,8 @@
 //! already use and TF Serving on the default upstream ports, probe the admin port's
 //! health endpoints, and take the Anodot token from a secret.
 
-use mltap::config::{Config, ServeArgs};
+use mltap::cli::ServeArgs;
+use mltap::config::Config;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use yaml_rust2::{Yaml, YamlLoader};
@@ -84,7 +85,7 @@ fn the_kubernetes_manifest_runs_tf_serving_behind_mltap_on_the_default_ports() {
     let token = &env_value(mltap, "ANODOT_TOKEN")["valueFrom"]["secretKeyRef"];
     let secret = kind("Secret").find(|s| s["metadata"]["name"].as_str() == token["name"].as_str()).expect("the Secret");
     assert!(!secret["stringData"][token["key"].as_str().unwrap()].is_badvalue());
-    assert_eq!(token["key"].as_str(), Some(mltap::sinks::delivery::TOKEN_ENV));
+    assert_eq!(token["key"].as_str(), Some(mltap::sinks::anodot::TOKEN_ENV));
 
     // Services reach mltap's ports only, never TF Serving's.
     let mut exposed = BTreeSet::new();

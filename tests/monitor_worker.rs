@@ -5,10 +5,11 @@
 
 use bytes::Bytes;
 use mltap::capture::{self, Exchange, Protocol};
-use mltap::config::{CaptureConfig, Config, ServeArgs};
+use mltap::cli::ServeArgs;
+use mltap::config::{CaptureConfig, Config};
 use mltap::monitor::ClosedBucket;
 use mltap::tfserving::Observation;
-use mltap::worker::{self, BucketListener, ObservationListener};
+use mltap::worker::{self, BucketListener, ObservationListener, WorkerSettings};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -72,7 +73,7 @@ async fn finish_drains_the_queue_and_every_exchange_is_counted_in_the_files() {
     let config = Arc::new(config(dir.path()));
     let (sender, receiver) = capture::queue(&config.capture);
     let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
-    let handle = worker::spawn(config, receiver, &mut registry);
+    let handle = worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
     let recorder = Arc::new(Recorder::default());
     handle.add_bucket_listener(recorder.clone());
     for _ in 0..50 {
@@ -105,7 +106,7 @@ async fn exchanges_dropped_by_a_full_queue_are_reported_as_capture_dropped() {
         sender.offer(exchange());
     }
     let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
-    let handle = worker::spawn(config, receiver, &mut registry);
+    let handle = worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
     drop(sender);
     handle.finish().await;
     let points = all_points(dir.path());
@@ -126,12 +127,7 @@ impl ObservationListener for Observations {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observation_listeners_get_each_decoded_observation_with_its_bucket_start() {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tfserving/rest");
-    let fixtures = if fixtures.is_dir() {
-        fixtures
-    } else {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tfserving/rest")
-    };
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tfserving/rest");
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config(dir.path()));
     let (sender, receiver) = capture::queue(&config.capture);
@@ -139,7 +135,7 @@ async fn observation_listeners_get_each_decoded_observation_with_its_bucket_star
     let listener = Arc::new(Observations::default());
     let hooks = worker::Hooks::default();
     hooks.add_observation_listener(listener.clone());
-    let handle = worker::spawn_with(config, receiver, &mut registry, hooks);
+    let handle = worker::spawn_with(WorkerSettings::from(config.as_ref()), receiver, &mut registry, hooks);
     let started_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_123);
     let mut e = exchange();
     e.started_at = started_at;
@@ -161,12 +157,7 @@ async fn observation_listeners_get_each_decoded_observation_with_its_bucket_star
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_model_is_aggregated_whatever_the_number_of_aggregation_threads() {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tfserving/rest");
-    let fixtures = if fixtures.is_dir() {
-        fixtures
-    } else {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tfserving/rest")
-    };
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tfserving/rest");
     for threads in [1, 3] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(dir.path());
@@ -175,7 +166,7 @@ async fn every_model_is_aggregated_whatever_the_number_of_aggregation_threads() 
         let config = Arc::new(config);
         let (sender, receiver) = capture::queue(&config.capture);
         let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
-        let handle = worker::spawn(config, receiver, &mut registry);
+        let handle = worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
         let case = |name: &str, path: &str| {
             let mut e = exchange();
             e.path = path.to_string();

@@ -6,7 +6,7 @@ mod support;
 use bytes::Bytes;
 use mltap::capture::{CaptureReceiver, Protocol};
 use mltap::config::Config;
-use mltap::proxy::{Proxy, ProxyMetrics};
+use mltap::proxy::{Proxy, ProxyMetrics, ProxySettings};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use support::fake_tfserving::{grpc_fixtures, rest_fixtures, FakeTfServing};
@@ -30,7 +30,7 @@ async fn tapped(fake: &FakeTfServing, adjust: impl FnOnce(&mut Config)) -> Tappe
     let (sender, receiver) = mltap::capture::queue(&config.capture);
     let stats = sender.stats().clone();
     let mut registry = prometheus_client::registry::Registry::default();
-    let proxy = Proxy::new(&config, sender, ProxyMetrics::register(&mut registry)).unwrap();
+    let proxy = Proxy::new(&ProxySettings::from(&config), sender, ProxyMetrics::register(&mut registry)).unwrap();
     let (grpc, rest) =
         (TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap());
     let urls = (format!("http://{}", grpc.local_addr().unwrap()), format!("http://{}", rest.local_addr().unwrap()));

@@ -109,7 +109,7 @@ fn load_config(
 ) -> Result<mltap::config::Config, mltap::config::ConfigError> {
     let path = dir.join("mltap.toml");
     std::fs::write(&path, format!("grpc_upstream = \"{grpc}\"\nrest_upstream = \"{rest}\"\n\n[tls]\n{tls}")).unwrap();
-    mltap::config::Config::load(&mltap::config::ServeArgs {
+    mltap::config::Config::load(&mltap::cli::ServeArgs {
         config: Some(path),
         output_dir: Some(dir.join("out").display().to_string()),
         ..Default::default()

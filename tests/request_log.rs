@@ -327,3 +327,65 @@ async fn sampling_keeps_a_binomially_plausible_share_with_exact_counts_and_per_m
     }
     server.shutdown().await;
 }
+
+/// The access log's lines at `path` once `count` of them are there.
+async fn access_lines(path: &Path, count: usize) -> Vec<Value> {
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if lines.len() >= count {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {count} access log lines in {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_inference_rest_calls_through_the_relay_have_their_client_and_byte_counts_in_the_access_log() {
+    let server = model_server().await;
+    // An http:// REST upstream: `mltap serve` relays REST (the default path).
+    let mut config = config(&format!("http://{}", server.grpc_addr), &format!("http://{}", server.rest_addr));
+    let access_dir = tempfile::tempdir().unwrap();
+    let access_path = access_dir.path().join("access.log");
+    config.access_log.path = Some(access_path.display().to_string());
+    let mltap = Mltap::start(config).await;
+
+    let metadata = client()
+        .get(format!("{}/v1/models/churn/metadata", mltap.rest_url()))
+        .header("x-request-id", "metadata-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metadata.status(), 200);
+    let metadata_body = metadata.bytes().await.unwrap();
+    // A body sent to a path that is not an inference call is counted all the same.
+    let sent = br#"{"not": "an inference call"}"#;
+    let other = client()
+        .post(format!("{}/v1/models/churn/versions/1/labels", mltap.rest_url()))
+        .header("x-request-id", "other-1")
+        .body(&sent[..])
+        .send()
+        .await
+        .unwrap();
+    let other_status = other.status().as_u16();
+    let other_body = other.bytes().await.unwrap();
+
+    let lines = access_lines(&access_path, 2).await;
+    let metadata_line = lines.iter().find(|l| l["request_id"] == "metadata-1").expect("the metadata line");
+    assert_eq!(metadata_line["method"], "metadata");
+    assert_eq!(metadata_line["path"], "/v1/models/churn/metadata");
+    assert_eq!(metadata_line["status"], 200);
+    assert_eq!(metadata_line["request_bytes"], 0);
+    assert_eq!(metadata_line["response_bytes"], metadata_body.len() as u64);
+    assert!(metadata_body.len() > 0);
+    assert!(metadata_line["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{metadata_line}");
+    let other_line = lines.iter().find(|l| l["request_id"] == "other-1").expect("the other call's line");
+    assert_eq!(other_line["path"], "/v1/models/churn/versions/1/labels");
+    assert_eq!(other_line["status"], other_status);
+    assert_eq!(other_line["request_bytes"], sent.len() as u64);
+    assert_eq!(other_line["response_bytes"], other_body.len() as u64);
+    assert!(other_line["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{other_line}");
+    mltap.stop().await;
+    server.shutdown().await;
+}

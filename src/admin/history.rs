@@ -8,16 +8,13 @@
 //! and a slow subscriber loses updates instead of holding back the worker). Memory is
 //! bounded twice: a number of buckets per model and a total number of points.
 
+use crate::catalog::Dimension;
 use crate::sinks::Point;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, watch};
-
-/// Properties that identify a point's stream rather than its series: they are either
-/// the model itself (the history is keyed by it), Anodot bookkeeping, or the type.
-const NON_LABEL_PROPERTIES: [&str; 4] = ["what", "target_type", "model", "ver"];
 
 /// How many updates a live subscriber may fall behind before it is told it lagged.
 const UPDATE_CHANNEL_CAPACITY: usize = 256;
@@ -41,26 +38,72 @@ impl Default for HistoryConfig {
     }
 }
 
-/// Identifies one time series within a model: the metric name and its other
-/// properties (version, signature, then the metric's dimensions) in point order.
+/// Identifies one time series within a model: the metric name and its dimensions but
+/// the model (the history is keyed by it), in point order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SeriesKey {
     /// The metric name (`what`).
     pub what: String,
-    /// Remaining properties, without `what`, `target_type`, `model` and `ver`.
-    pub labels: Vec<(String, String)>,
+    /// Version, signature, then the metric's own dimensions.
+    pub labels: Vec<(LabelKey, String)>,
+}
+
+/// The key of a series label: one of mltap's dimensions, or a property of a point
+/// that mltap does not declare (a file written by another version).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LabelKey {
+    Dim(Dimension),
+    Other(String),
+}
+
+impl LabelKey {
+    /// The property key, as in the files and the API.
+    pub fn as_str(&self) -> &str {
+        match self {
+            LabelKey::Dim(d) => d.key(),
+            LabelKey::Other(k) => k,
+        }
+    }
+
+    /// The label a query names by its property key.
+    pub fn parse(key: &str) -> LabelKey {
+        Dimension::from_key(key).map_or_else(|| LabelKey::Other(key.to_string()), LabelKey::Dim)
+    }
+}
+
+/// By property key, so that series come out in the same order whatever their keys' kind.
+impl Ord for LabelKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for LabelKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl SeriesKey {
     fn of(point: &Point) -> SeriesKey {
-        let labels =
-            point.properties().iter().filter(|(k, _)| !NON_LABEL_PROPERTIES.contains(&k.as_str())).cloned().collect();
+        let labels = point
+            .dimensions()
+            .filter(|(dim, _, _)| *dim != Some(Dimension::Model))
+            .map(|(dim, key, value)| {
+                (dim.map_or_else(|| LabelKey::Other(key.to_string()), LabelKey::Dim), value.to_string())
+            })
+            .collect();
         SeriesKey { what: point.what().to_string(), labels }
     }
 
     /// The value of one label.
-    pub fn label(&self, key: &str) -> Option<&str> {
+    pub fn label(&self, key: &LabelKey) -> Option<&str> {
         self.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// The value of one of mltap's dimensions.
+    pub fn dim(&self, dim: Dimension) -> Option<&str> {
+        self.label(&LabelKey::Dim(dim))
     }
 }
 
@@ -441,6 +484,8 @@ impl History {
             since = since.max(latest.saturating_sub(last.max(0)));
         }
         let until = query.until.unwrap_or(i64::MAX);
+        let filters: Vec<(LabelKey, &Vec<String>)> =
+            query.filters.iter().map(|(k, allowed)| (LabelKey::parse(k), allowed)).collect();
         let buckets: Vec<i64> =
             if since <= until { history.buckets.range(since..=until).map(|(&t, _)| t).collect() } else { Vec::new() };
         let series = history
@@ -448,13 +493,13 @@ impl History {
             .iter()
             .filter(|(key, _)| query.what.is_empty() || query.what.contains(&key.what))
             .filter(|(key, _)| {
-                query.filters.iter().all(|(k, allowed)| key.label(k).is_some_and(|v| allowed.iter().any(|a| a == v)))
+                filters.iter().all(|(k, allowed)| key.label(k).is_some_and(|v| allowed.iter().any(|a| a == v)))
             })
             .filter_map(|(key, s)| {
                 let values: Vec<Option<f64>> = buckets.iter().map(|&t| s.value_at(t)).collect();
                 values.iter().any(Option::is_some).then(|| SeriesValues {
                     what: key.what.clone(),
-                    labels: key.labels.clone(),
+                    labels: key.labels.iter().map(|(k, v)| (k.as_str().to_string(), v.clone())).collect(),
                     values,
                 })
             })
@@ -475,18 +520,18 @@ fn summarize(name: &str, h: &ModelHistory) -> ModelSummary {
     let mut metrics = BTreeSet::new();
     for key in h.series.keys() {
         let stream = StreamSummary {
-            version: key.label("version").map(str::to_string),
-            signature: key.label("signature").map(str::to_string),
+            version: key.dim(Dimension::Version).map(str::to_string),
+            signature: key.dim(Dimension::Signature).map(str::to_string),
         };
         // Points counted before decoding (capture drops) know no stream: they are not
         // one of their own.
         if stream.version.is_some() || stream.signature.is_some() {
             streams.insert(stream);
         }
-        if let Some(f) = key.label("feat_name") {
+        if let Some(f) = key.dim(Dimension::FeatName) {
             features.insert(NaturalOrder(f.to_string()));
         }
-        if let Some(c) = key.label("class_name") {
+        if let Some(c) = key.dim(Dimension::ClassName) {
             classes.insert(NaturalOrder(c.to_string()));
         }
         metrics.insert(key.what.clone());

@@ -40,7 +40,7 @@ pub async fn start(config: Config) -> Result<RunningMltap, ExitCode> {
         Ok(listeners) => listeners,
         Err(error) => {
             eprintln!("mltap: {error}");
-            return Err(ExitCode::from(crate::cli::EXIT_CONFIG));
+            return Err(ExitCode::from(crate::units::EXIT_CONFIG));
         }
     };
     let address =

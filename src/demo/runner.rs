@@ -10,7 +10,8 @@ use super::labels::{self, LabelPolicy, LabelStats};
 use super::model::demo_models;
 use super::server::ModelServer;
 use super::traffic::{self, Targets, TrafficPlan, TrafficStats};
-use crate::config::{parse_duration, Config, DemoArgs, ModelConfig};
+use crate::config::{Config, Flags, ModelConfig};
+use crate::units::{format_duration, parse_duration, EXIT_CONFIG};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,9 +36,9 @@ pub const OPEN_ENDED_DRIFT_AT: Duration = Duration::from_secs(60);
 pub const DEMO_REQUESTS_PER_SECOND: f64 = 20.0;
 
 /// Runs the demo on a runtime of its own; for the command line.
-pub fn run_blocking(args: DemoArgs) -> ExitCode {
+pub fn run_blocking(run_for: Option<&str>, serve: Flags) -> ExitCode {
     match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(runtime) => runtime.block_on(run(args)),
+        Ok(runtime) => runtime.block_on(run(run_for, serve)),
         Err(error) => {
             eprintln!("mltap demo: cannot start the async runtime: {error}");
             ExitCode::from(1)
@@ -47,7 +48,7 @@ pub fn run_blocking(args: DemoArgs) -> ExitCode {
 
 fn config_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("mltap: {message}");
-    ExitCode::from(crate::cli::EXIT_CONFIG)
+    ExitCode::from(EXIT_CONFIG)
 }
 
 /// The address a `--grpc-upstream`/`--rest-upstream` URL asks the model server to
@@ -63,15 +64,15 @@ fn upstream_bind(key: &str, url: Option<&str>) -> Result<SocketAddr, String> {
     })
 }
 
-/// Runs the demo until `--for` has passed or Ctrl-C.
-pub async fn run(args: DemoArgs) -> ExitCode {
-    let run_for = match args.run_for.as_deref().map(parse_duration).transpose() {
+/// Runs the demo until `run_for` (`--for`) has passed or Ctrl-C, with mltap
+/// configured by the `serve` flags.
+pub async fn run(run_for: Option<&str>, mut serve: Flags) -> ExitCode {
+    let run_for = match run_for.map(parse_duration).transpose() {
         Ok(d) => d,
         Err(problem) => return config_error(format!("configuration key `for` (from --for): {problem}")),
     };
     let drift_at = run_for.map(|d| d / 2).unwrap_or(OPEN_ENDED_DRIFT_AT);
 
-    let mut serve = args.serve.clone();
     let grpc_bind = match upstream_bind("grpc_upstream", serve.grpc_upstream.as_deref()) {
         Ok(a) => a,
         Err(e) => return config_error(e),
@@ -116,7 +117,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             entry.request_log_sampling_rate.get_or_insert(1.0);
         }
     }
-    crate::cli::init_logging(&config.log);
+    crate::app::init_logging(&config.log);
 
     let mltap = match super::mltap::start(config.clone()).await {
         Ok(running) => running,
@@ -251,7 +252,7 @@ fn print_banner(
     println!("  files           {}/MODEL/*.json (one per {:?} bucket and model)", files.display(), config.bucket);
     println!(
         "  request log     {}/MODEL/*.tfrecord (tensorflow.serving.PredictionLog; docs/request-log.md)",
-        crate::request_log::request_dir(config).display()
+        crate::request_log::request_dir(&config.request_log, &config.output_dir).display()
     );
     println!("  mltap           gRPC {}   REST http://{}   (clients call these)", addresses.grpc, addresses.rest);
     println!("  model server    gRPC {}   REST http://{}", model_server.grpc_addr, model_server.rest_addr);
@@ -262,12 +263,12 @@ fn print_banner(
     match run_for {
         Some(d) => println!(
             "Sending ~{DEMO_REQUESTS_PER_SECOND} requests/s (gRPC and REST) for {}; inputs drift after {}. Labels follow 1-5 s later.",
-            humantime::format_duration(d),
-            humantime::format_duration(drift_at)
+            format_duration(d),
+            format_duration(drift_at)
         ),
         None => println!(
             "Sending ~{DEMO_REQUESTS_PER_SECOND} requests/s (gRPC and REST) until Ctrl-C; inputs drift after {}. Labels follow 1-5 s later.",
-            humantime::format_duration(drift_at)
+            format_duration(drift_at)
         ),
     }
     println!();

@@ -8,25 +8,22 @@
 
 use super::aggregate::Aggregate;
 use super::record::StreamMeta;
-use crate::sinks::{Point, TargetType};
+use crate::catalog::{self, Sample, ScopeValues};
+use crate::sinks::Point;
 
 /// Builds the points of one bucket. `arrival_mode` buckets hold labels by arrival, so
 /// their labeled fraction (labels over predictions of the same bucket) means nothing
 /// and is omitted.
 pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mode: bool) -> Vec<Point> {
-    let mut out = Vec::new();
-    let point = |what: &str, target: TargetType, value: f64, dims: &[(&str, &str)]| {
-        let mut b = Point::builder(what, target, bucket_start, value)
-            .with("model", &meta.model)
-            .with_opt("version", meta.version.map(|v| v.to_string()));
-        if !meta.signature.is_empty() {
-            b = b.with("signature", &meta.signature);
-        }
-        for (k, v) in dims {
-            b = b.with(k, v);
-        }
-        b.finish()
+    use catalog::Dimension::{ActualClass, ClassName};
+    let version = meta.version.map(|v| v.to_string());
+    let scope = ScopeValues {
+        model: Some(&meta.model),
+        version: version.as_deref(),
+        signature: (!meta.signature.is_empty()).then_some(meta.signature.as_str()),
     };
+    let mut out = Vec::new();
+    let mut push = |sample: Sample<'_>| out.extend(Point::from_sample(&sample, &scope, bucket_start));
     let classes = meta.class_names.len().max(agg.confusion.keys().map(|(a, p)| a.max(p) + 1).max().unwrap_or(0));
     let name = |i: usize| meta.class_names.get(i).cloned().unwrap_or_else(|| format!("class_{i}"));
 
@@ -34,7 +31,7 @@ pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mod
         let n = agg.labeled as f64;
         let cell = |a: usize, p: usize| agg.confusion.get(&(a, p)).copied().unwrap_or(0);
         let correct: u64 = (0..classes).map(|i| cell(i, i)).sum();
-        out.extend(point("accuracy", TargetType::Gauge, correct as f64 / n, &[]));
+        push(catalog::ACCURACY.sample(correct as f64 / n));
 
         let mut f1s = Vec::new();
         let mut weighted = 0.0;
@@ -46,55 +43,57 @@ pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mod
             // Saturating: a store edited by hand must not make emission panic.
             let (fp, fn_) = (predicted.saturating_sub(tp), support.saturating_sub(tp));
             let tn = agg.labeled.saturating_sub(tp + fp + fn_);
-            let dims = [("class_name", class.as_str())];
-            out.extend(point("accuracy", TargetType::Gauge, (tp + tn) as f64 / n, &dims));
+            push(catalog::ACCURACY.sample((tp + tn) as f64 / n).with(ClassName, &class));
             if predicted > 0 {
-                out.extend(point("precision", TargetType::Gauge, tp as f64 / predicted as f64, &dims));
+                push(catalog::PRECISION.sample(tp as f64 / predicted as f64).with(ClassName, &class));
             }
             if support > 0 {
-                out.extend(point("recall", TargetType::Gauge, tp as f64 / support as f64, &dims));
+                push(catalog::RECALL.sample(tp as f64 / support as f64).with(ClassName, &class));
             }
             let f1_denominator = 2 * tp + fp + fn_;
             if f1_denominator > 0 {
                 let f1 = 2.0 * tp as f64 / f1_denominator as f64;
-                out.extend(point("f1", TargetType::Gauge, f1, &dims));
+                push(catalog::F1.sample(f1).with(ClassName, &class));
                 f1s.push(f1);
                 weighted += f1 * support as f64;
             }
         }
         if !f1s.is_empty() {
-            out.extend(point("macro_f1", TargetType::Gauge, f1s.iter().sum::<f64>() / f1s.len() as f64, &[]));
-            out.extend(point("weighted_f1", TargetType::Gauge, weighted / n, &[]));
+            push(catalog::MACRO_F1.sample(f1s.iter().sum::<f64>() / f1s.len() as f64));
+            push(catalog::WEIGHTED_F1.sample(weighted / n));
         }
-        out.extend(point("log_loss", TargetType::Gauge, agg.log_loss_sum / n, &[]));
-        out.extend(point("brier_score", TargetType::Gauge, agg.brier_sum / n, &[]));
+        push(catalog::LOG_LOSS.sample(agg.log_loss_sum / n));
+        push(catalog::BRIER_SCORE.sample(agg.brier_sum / n));
         if classes == 2 {
             if let Some(auc) = roc_auc(agg) {
-                out.extend(point("roc_auc", TargetType::Gauge, auc, &[]));
+                push(catalog::ROC_AUC.sample(auc));
             }
         }
         for ((a, p), count) in &agg.confusion {
             if *count > 0 {
                 let (actual, predicted) = (name(*a), name(*p));
-                let dims = [("actual_class", actual.as_str()), ("class_name", predicted.as_str())];
-                out.extend(point("confusion_count", TargetType::Counter, *count as f64, &dims));
+                push(
+                    catalog::CONFUSION_COUNT
+                        .sample(*count as f64)
+                        .with(ActualClass, &actual)
+                        .with(ClassName, &predicted),
+                );
             }
         }
         for i in 0..classes {
             let count: u64 = (0..classes).map(|p| cell(i, p)).sum();
-            let class = name(i);
-            out.extend(point("label_count", TargetType::Counter, count as f64, &[("class_name", class.as_str())]));
+            push(catalog::LABEL_COUNT.sample(count as f64).with(ClassName, &name(i)));
         }
     }
     if !arrival_mode && agg.predicted_rows > 0 {
         let fraction = agg.labeled as f64 / agg.predicted_rows as f64;
-        out.extend(point("labeled_fraction", TargetType::Gauge, fraction, &[]));
+        push(catalog::LABELED_FRACTION.sample(fraction));
     }
     if agg.late > 0 {
-        out.extend(point("label_late_count", TargetType::Counter, agg.late as f64, &[]));
+        push(catalog::LABEL_LATE_COUNT.sample(agg.late as f64));
     }
     if agg.unmatched > 0 {
-        out.extend(point("label_unmatched_count", TargetType::Counter, agg.unmatched as f64, &[]));
+        push(catalog::LABEL_UNMATCHED_COUNT.sample(agg.unmatched as f64));
     }
     out
 }

@@ -19,11 +19,46 @@ pub mod record;
 pub mod service;
 pub mod store;
 
+use crate::units::MIB;
 use serde::Deserialize;
 
 pub use endpoint::LabelsRoute;
 pub use service::{DueBucket, IngestOutcome, LabelError, LabelService, LabelSettings, PreparedRecord, Rejected};
 pub use store::StoreError;
+
+/// Where the join store for labels lives (`labels_store`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelsStoreConfig {
+    /// An embedded file under the output dir (single replica).
+    Embedded,
+    /// One Redis server, `redis://host:port/db`.
+    Redis(String),
+    /// A Redis Cluster, given by several node addresses.
+    RedisCluster(Vec<String>),
+}
+
+impl LabelsStoreConfig {
+    /// Reads `embedded` (or nothing), one `redis://host:port/db` URL, or several
+    /// comma-separated node URLs of a Redis Cluster.
+    pub fn parse(value: &str) -> Result<LabelsStoreConfig, String> {
+        let value = value.trim();
+        if value.is_empty() || value == "embedded" {
+            return Ok(LabelsStoreConfig::Embedded);
+        }
+        let nodes: Vec<String> = value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        for node in &nodes {
+            let uri: http::Uri = node.parse().map_err(|e| format!("`{node}` is not a URL ({e})"))?;
+            if !matches!(uri.scheme_str(), Some("redis") | Some("rediss")) || uri.authority().is_none() {
+                return Err(format!("`{node}` must be redis://host:port/db, or `embedded`"));
+            }
+        }
+        Ok(if nodes.len() == 1 {
+            LabelsStoreConfig::Redis(nodes.into_iter().next().unwrap_or_default())
+        } else {
+            LabelsStoreConfig::RedisCluster(nodes)
+        })
+    }
+}
 
 /// Settings of label ingestion (`[labels]`); the store and horizon are flat keys.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -57,7 +92,7 @@ impl Default for LabelsConfig {
     fn default() -> Self {
         LabelsConfig {
             token_env: None,
-            max_body_bytes: 10 << 20,
+            max_body_bytes: 10 * MIB,
             max_pending_rows: 2_000_000,
             attribute_to_arrival: false,
             late_window_seconds: 3600,
@@ -111,15 +146,12 @@ mod tests {
     }
 
     #[test]
-    fn the_labels_section_is_read_from_the_config_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mltap.toml");
-        std::fs::write(&path, "[labels]\nmax_body_bytes = 0\n").unwrap();
-        let args = crate::config::ServeArgs { config: Some(path.clone()), ..Default::default() };
-        assert_eq!(crate::config::Config::load(&args).unwrap_err().key, "labels.max_body_bytes");
-        std::fs::write(&path, "[labels]\ntoken_env = \"LABELS_TOKEN\"\nattribute_to_arrival = true\n").unwrap();
-        let config = crate::config::Config::load(&args).unwrap();
-        assert!(config.labels.attribute_to_arrival);
-        assert_eq!(config.labels.max_body_bytes, 10 << 20);
+    fn the_store_is_embedded_one_redis_or_a_cluster() {
+        assert_eq!(LabelsStoreConfig::parse(""), Ok(LabelsStoreConfig::Embedded));
+        assert_eq!(LabelsStoreConfig::parse("embedded"), Ok(LabelsStoreConfig::Embedded));
+        assert_eq!(LabelsStoreConfig::parse("redis://a:1/0"), Ok(LabelsStoreConfig::Redis("redis://a:1/0".into())));
+        let cluster = LabelsStoreConfig::parse("redis://a:1, redis://b:2").unwrap();
+        assert_eq!(cluster, LabelsStoreConfig::RedisCluster(vec!["redis://a:1".into(), "redis://b:2".into()]));
+        assert!(LabelsStoreConfig::parse("http://x").unwrap_err().contains("must be redis://"));
     }
 }

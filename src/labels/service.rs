@@ -15,10 +15,9 @@ use super::record::{BucketId, PendingRow, StreamMeta, MAX_CLASSES};
 use super::store::embedded::EmbeddedStore;
 use super::store::redis::RedisStore;
 use super::store::{BucketUpdate, LabelStore, RecordBatch, StoreError};
-use super::LabelsConfig;
-use crate::config::{Config, LabelsStoreConfig, ModelConfig};
+use super::{LabelsConfig, LabelsStoreConfig};
 use crate::sinks::Point;
-use crate::tfserving::Observation;
+use crate::tfserving::{ModelConfig, Observation};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -54,19 +53,6 @@ pub struct LabelSettings {
     /// Configured models: their class names resolve labels given by name, and their
     /// names are accepted to attribute unmatched labels.
     pub models: BTreeMap<String, ModelConfig>,
-}
-
-impl LabelSettings {
-    pub fn from_config(config: &Config) -> Self {
-        LabelSettings {
-            bucket: config.bucket,
-            horizon: config.label_horizon,
-            output_dir: config.output_dir.clone(),
-            store: config.labels_store.clone(),
-            labels: config.labels.clone(),
-            models: config.models.clone(),
-        }
-    }
 }
 
 /// A label as posted, checked for shape but not yet joined.

@@ -4,13 +4,13 @@
 //! A bucket only aggregates; deciding when it opens and closes, which reference it
 //! compares to and where late observations go is the engine's job.
 
+use crate::catalog::{self, Sample, ScopeValues};
 use crate::monitor::drift;
 use crate::monitor::estimate::ExpectedConfusion;
 use crate::monitor::reference::{Reference, ReferenceBuilder, OTHER_CATEGORY};
 use crate::monitor::stats::{CategoryCounts, FastMap, IntegerCounts, Summary};
 use crate::monitor::MonitorConfig;
-use crate::sinks::anodot::PointBuilder;
-use crate::sinks::{Point, TargetType};
+use crate::sinks::Point;
 use crate::tfserving::{FeatureValues, Observation, Probabilities, StreamKey};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -309,70 +309,66 @@ impl StreamBucket {
     /// The points of this bucket, in a stable order: counts, outputs, estimates,
     /// prediction drift, then features by name.
     pub fn points(&mut self, key: &StreamKey, ctx: EmitContext<'_>) -> Vec<Point> {
+        use catalog::Dimension::{Category, ClassName, FeatName, Method, Stat};
         let EmitContext { known_features, class_names, reference, late_dropped, config } = ctx;
         let ts = self.start;
-        let base = |what: &str, t: TargetType, value: f64| -> PointBuilder {
-            Point::builder(what, t, ts, value)
-                .with("model", &key.model)
-                .with_opt("version", key.version.map(|v| v.to_string()))
-                .with("signature", &key.signature)
-        };
+        let version = key.version.map(|v| v.to_string());
+        let scope =
+            ScopeValues { model: Some(&key.model), version: version.as_deref(), signature: Some(&key.signature) };
         let mut out = Vec::new();
-        let mut push = |b: PointBuilder| {
-            if let Some(p) = b.finish() {
+        let mut push = |sample: Sample<'_>| {
+            if let Some(p) = Point::from_sample(&sample, &scope, ts) {
                 out.push(p);
             }
         };
-        push(base("buffer_count", TargetType::Counter, self.rows as f64));
-        push(base("late_dropped", TargetType::Counter, late_dropped as f64));
+        push(catalog::BUFFER_COUNT.sample(self.rows as f64));
+        push(catalog::LATE_DROPPED.sample(late_dropped as f64));
         if self.sampling.observations > 0 {
             let fraction = self.sampling.sampled_observations as f64 / self.sampling.observations as f64;
-            push(base("sampled_fraction", TargetType::Gauge, fraction));
+            push(catalog::SAMPLED_FRACTION.sample(fraction));
         }
         if self.feature_limit_dropped > 0 {
-            push(base("feature_limit_dropped", TargetType::Counter, self.feature_limit_dropped as f64));
+            push(catalog::FEATURE_LIMIT_DROPPED.sample(self.feature_limit_dropped as f64));
         }
         if self.class_count_mismatch > 0 {
-            push(base("class_count_mismatch", TargetType::Counter, self.class_count_mismatch as f64));
+            push(catalog::CLASS_COUNT_MISMATCH.sample(self.class_count_mismatch as f64));
         }
         if let Some(classes) = &self.classes {
             let rows = classes.confusion.rows();
             for (c, name) in classes.names.iter().enumerate() {
                 let count = classes.confusion.predicted[c];
-                push(base("prediction_count", TargetType::Counter, count as f64).with("class_name", name));
+                push(catalog::PREDICTION_COUNT.sample(count as f64).with(ClassName, name));
                 if rows > 0 {
-                    push(
-                        base("prediction_freq", TargetType::Gauge, count as f64 / rows as f64).with("class_name", name),
-                    );
+                    push(catalog::PREDICTION_FREQ.sample(count as f64 / rows as f64).with(ClassName, name));
                 }
             }
-            for (what, summary) in [
-                ("max_prediction_proba", &classes.max_proba),
-                ("spread12_prediction_proba", &classes.spread12),
-                ("prediction_entropy", &classes.entropy),
+            for (metric, summary) in [
+                (&catalog::MAX_PREDICTION_PROBA, &classes.max_proba),
+                (&catalog::SPREAD12_PREDICTION_PROBA, &classes.spread12),
+                (&catalog::PREDICTION_ENTROPY, &classes.entropy),
             ] {
                 for (stat, v) in summary.stats() {
-                    push(base(what, TargetType::Gauge, v).with("stat", stat));
+                    push(metric.sample(v).with(Stat, stat));
                 }
             }
             if rows > 0 {
                 for (c, name) in classes.names.iter().enumerate() {
                     let mean = classes.confusion.actual[c] / rows as f64;
-                    push(base("class_proba_mean", TargetType::Gauge, mean).with("class_name", name));
+                    push(catalog::CLASS_PROBA_MEAN.sample(mean).with(ClassName, name));
                 }
             }
             let estimates = classes.confusion.estimates();
             if let Some(a) = estimates.accuracy {
-                push(base("estimated_accuracy", TargetType::Gauge, a));
+                push(catalog::ESTIMATED_ACCURACY.sample(a));
             }
             for (c, name) in classes.names.iter().enumerate() {
-                for (what, v) in [
-                    ("estimated_precision", estimates.precision[c]),
-                    ("estimated_recall", estimates.recall[c]),
-                    ("estimated_f1", estimates.f1[c]),
+                for (metric, v) in [
+                    (&catalog::ESTIMATED_PRECISION, estimates.precision[c]),
+                    (&catalog::ESTIMATED_RECALL, estimates.recall[c]),
+                    (&catalog::ESTIMATED_F1, estimates.f1[c]),
                 ] {
                     if let Some(v) = v {
-                        push(base(what, TargetType::Gauge, v).with("class_name", name));
+                        push(metric.sample(v).with(ClassName, name));
                     }
                 }
             }
@@ -380,25 +376,17 @@ impl StreamBucket {
                 (reference.and_then(|r| r.classes.as_ref()), drift::frequencies(&classes.confusion.predicted))
             {
                 if r.frequencies.len() == current.len() {
-                    push(
-                        base("prediction_drift", TargetType::Gauge, drift::psi(&r.frequencies, &current))
-                            .with("method", "psi"),
-                    );
-                    push(
-                        base("prediction_drift", TargetType::Gauge, drift::js(&r.frequencies, &current))
-                            .with("method", "js"),
-                    );
-                    push(
-                        base("prediction_drift", TargetType::Gauge, drift::linf(&r.frequencies, &current))
-                            .with("method", "linf"),
-                    );
+                    let drift = &catalog::PREDICTION_DRIFT;
+                    push(drift.sample(drift::psi(&r.frequencies, &current)).with(Method, "psi"));
+                    push(drift.sample(drift::js(&r.frequencies, &current)).with(Method, "js"));
+                    push(drift.sample(drift::linf(&r.frequencies, &current)).with(Method, "linf"));
                 }
             }
         } else if self.rows == 0 {
             // A heartbeat: the stream's classes, if known, are reported with 0 rows.
             if let Some(names) = class_names {
                 for name in names {
-                    push(base("prediction_count", TargetType::Counter, 0.0).with("class_name", name));
+                    push(catalog::PREDICTION_COUNT.sample(0.0).with(ClassName, name));
                 }
             }
         }
@@ -406,83 +394,56 @@ impl StreamBucket {
             let Some(feature) = self.features.get_mut(name.as_str()) else {
                 let rows = self.sampling.sampled_rows;
                 if rows > 0 {
-                    push(base("feature_missing_count", TargetType::Counter, rows as f64).with("feat_name", name));
+                    push(catalog::FEATURE_MISSING_COUNT.sample(rows as f64).with(FeatName, name));
                 }
                 continue;
             };
-            push(base("feature_missing_count", TargetType::Counter, feature.missing as f64).with("feat_name", name));
+            push(catalog::FEATURE_MISSING_COUNT.sample(feature.missing as f64).with(FeatName, name));
+            let category_freq = |value: f64| catalog::FEATURE_CATEGORY_FREQ.sample(value).with(FeatName, name);
             if let Some(numeric) = &mut feature.numeric {
                 for (stat, v) in numeric.summary.stats() {
-                    push(base("feature_value", TargetType::Gauge, v).with("feat_name", name).with("stat", stat));
+                    push(catalog::FEATURE_VALUE.sample(v).with(FeatName, name).with(Stat, stat));
                 }
                 if let Some(ints) = &mut numeric.integers {
-                    push(base("feature_distinct_estimate", TargetType::Gauge, ints.distinct()).with("feat_name", name));
+                    push(catalog::FEATURE_DISTINCT_ESTIMATE.sample(ints.distinct()).with(FeatName, name));
                     let total = numeric.summary.count();
                     if let Some(few) = ints.few(config.integer_categorical_max_distinct) {
                         let top = few.len().min(config.top_k);
                         let rest: u64 = few.iter().skip(top).map(|(_, c)| c).sum();
                         for (value, count) in &few[..top] {
-                            push(
-                                base("feature_category_freq", TargetType::Gauge, *count as f64 / total as f64)
-                                    .with("feat_name", name)
-                                    .with("category", value.to_string()),
-                            );
+                            let category = value.to_string();
+                            push(category_freq(*count as f64 / total as f64).with(Category, &category));
                         }
                         if rest > 0 {
-                            push(
-                                base("feature_category_freq", TargetType::Gauge, rest as f64 / total as f64)
-                                    .with("feat_name", name)
-                                    .with("category", OTHER_CATEGORY),
-                            );
+                            push(category_freq(rest as f64 / total as f64).with(Category, OTHER_CATEGORY));
                         }
                     }
                 }
                 if let (Some(bins), Some(r)) = (&numeric.bins, reference.and_then(|r| r.numeric.get(name.as_str()))) {
                     if let Some(current) = drift::frequencies(bins) {
-                        push(
-                            base("feature_drift", TargetType::Gauge, drift::psi(&r.frequencies, &current))
-                                .with("feat_name", name)
-                                .with("method", "psi"),
-                        );
-                        push(
-                            base("feature_drift", TargetType::Gauge, drift::js(&r.frequencies, &current))
-                                .with("feat_name", name)
-                                .with("method", "js"),
-                        );
+                        let drift = |value: f64| catalog::FEATURE_DRIFT.sample(value).with(FeatName, name);
+                        push(drift(drift::psi(&r.frequencies, &current)).with(Method, "psi"));
+                        push(drift(drift::js(&r.frequencies, &current)).with(Method, "js"));
                     }
                 }
             }
             if let Some(counts) = &mut feature.categorical {
                 let total = counts.total();
-                push(base("feature_distinct_estimate", TargetType::Gauge, counts.distinct()).with("feat_name", name));
+                push(catalog::FEATURE_DISTINCT_ESTIMATE.sample(counts.distinct()).with(FeatName, name));
                 if counts.untracked() > 0 {
-                    push(
-                        base("category_limit_dropped", TargetType::Counter, counts.untracked() as f64)
-                            .with("feat_name", name),
-                    );
+                    push(catalog::CATEGORY_LIMIT_DROPPED.sample(counts.untracked() as f64).with(FeatName, name));
                 }
                 if total > 0 {
                     let (top, rest) = counts.top_k(config.top_k);
                     for (category, count) in &top {
-                        push(
-                            base("feature_category_freq", TargetType::Gauge, *count as f64 / total as f64)
-                                .with("feat_name", name)
-                                .with("category", category),
-                        );
+                        push(category_freq(*count as f64 / total as f64).with(Category, category));
                     }
                     if rest > 0 {
-                        push(
-                            base("feature_category_freq", TargetType::Gauge, rest as f64 / total as f64)
-                                .with("feat_name", name)
-                                .with("category", OTHER_CATEGORY),
-                        );
+                        push(category_freq(rest as f64 / total as f64).with(Category, OTHER_CATEGORY));
                     }
                     if let Some(r) = reference.and_then(|r| r.categorical.get(name.as_str())) {
-                        push(
-                            base("feature_drift", TargetType::Gauge, categorical_linf(r, counts))
-                                .with("feat_name", name)
-                                .with("method", "linf"),
-                        );
+                        let linf = categorical_linf(r, counts);
+                        push(catalog::FEATURE_DRIFT.sample(linf).with(FeatName, name).with(Method, "linf"));
                     }
                 }
             }

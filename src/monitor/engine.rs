@@ -7,13 +7,12 @@
 //! reads the clock itself (callers pass `now`), so tests drive time explicitly.
 
 use crate::capture::{CallMethod, ErrorOrigin, Exchange};
-use crate::config::Config;
+use crate::catalog::{self, Sample, ScopeValues};
 use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
 use crate::monitor::reference::{reference_path, Reference, ReferenceBuilder, ReferenceSet};
 use crate::monitor::stats::Summary;
 use crate::monitor::MonitorConfig;
-use crate::sinks::anodot::PointBuilder;
-use crate::sinks::{Point, TargetType};
+use crate::sinks::Point;
 use crate::tfserving::{Decoded, Observation, StreamKey};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -99,23 +98,6 @@ pub struct EngineOptions {
     pub started_at: SystemTime,
 }
 
-impl EngineOptions {
-    /// Options from the validated configuration.
-    pub fn from_config(config: &Config) -> Self {
-        EngineOptions {
-            bucket: config.bucket,
-            monitor: config.monitor.clone(),
-            output_dir: Some(config.output_dir.clone()),
-            categorical_features: config
-                .models
-                .iter()
-                .map(|(name, m)| (name.clone(), m.categorical_features.iter().cloned().collect()))
-                .collect(),
-            started_at: SystemTime::now(),
-        }
-    }
-}
-
 /// Where a stream's drift reference stands.
 #[derive(Debug)]
 enum ReferenceState {
@@ -179,8 +161,8 @@ pub struct Engine {
     categorical_features: BTreeMap<String, BTreeSet<String>>,
     /// Engine start, epoch seconds.
     started_at: i64,
-    /// References from `monitor.reference_file`.
-    reference_set: ReferenceSet,
+    /// References from `monitor.reference_file`, read once and shared by every engine.
+    reference_set: Arc<ReferenceSet>,
     streams: BTreeMap<StreamKey, Stream>,
     models: BTreeMap<String, ModelState>,
     /// Observations seen, to detect features an observation lacks.
@@ -199,11 +181,11 @@ impl Engine {
             Some(path) => ReferenceSet::load(path)?,
             None => ReferenceSet::default(),
         };
-        Ok(Engine::with_references(options, reference_set))
+        Ok(Engine::with_references(options, Arc::new(reference_set)))
     }
 
     /// A new engine with already loaded references (`monitor.reference_file` unread).
-    pub fn with_references(options: EngineOptions, reference_set: ReferenceSet) -> Engine {
+    pub fn with_references(options: EngineOptions, reference_set: Arc<ReferenceSet>) -> Engine {
         Engine {
             width: options.bucket.as_secs().max(1) as i64,
             grace: options.monitor.grace_seconds as i64,
@@ -515,45 +497,34 @@ impl ModelBucket {
     }
 
     fn points(&self, model: &str, start: i64) -> Vec<Point> {
-        let global = model == GLOBAL_MODEL;
-        let base = |what: &str, t: TargetType, value: f64| -> PointBuilder {
-            let b = Point::builder(what, t, start, value);
-            if global {
-                b
-            } else {
-                b.with("model", model)
-            }
-        };
+        use catalog::Dimension::{Method, Origin, Reason, Stat, Status};
+        let scope = ScopeValues { model: (model != GLOBAL_MODEL).then_some(model), ..ScopeValues::default() };
         let mut out = Vec::new();
-        let mut push = |b: PointBuilder| {
-            if let Some(p) = b.finish() {
-                out.push(p);
-            }
-        };
+        let mut push = |sample: Sample<'_>| out.extend(Point::from_sample(&sample, &scope, start));
         if let Some(dropped) = self.capture_dropped {
-            push(base("capture_dropped", TargetType::Counter, dropped as f64));
+            push(catalog::CAPTURE_DROPPED.sample(dropped as f64));
         }
         for ((method, status, origin), count) in &self.requests {
-            push(
-                base("request_count", TargetType::Counter, *count as f64)
-                    .with("method", method.as_str())
-                    .with("status", status)
-                    .with_opt("origin", origin.map(ErrorOrigin::as_str)),
-            );
+            let sample =
+                catalog::REQUEST_COUNT.sample(*count as f64).with(Method, method.as_str()).with(Status, status);
+            push(match origin {
+                Some(origin) => sample.with(Origin, origin.as_str()),
+                None => sample,
+            });
         }
         for (stat, q) in [("q50", 0.5), ("q90", 0.9), ("q99", 0.99)] {
             if let Some(v) = self.latency.quantile(q) {
-                push(base("upstream_latency_ms", TargetType::Gauge, v).with("stat", stat));
+                push(catalog::UPSTREAM_LATENCY_MS.sample(v).with(Stat, stat));
             }
         }
         if let Some(v) = self.latency.max() {
-            push(base("upstream_latency_ms", TargetType::Gauge, v).with("stat", "max"));
+            push(catalog::UPSTREAM_LATENCY_MS.sample(v).with(Stat, "max"));
         }
         for (reason, count) in &self.decode_errors {
-            push(base("decode_errors", TargetType::Counter, *count as f64).with("reason", reason));
+            push(catalog::DECODE_ERRORS.sample(*count as f64).with(Reason, reason));
         }
         if self.stream_limit_dropped > 0 {
-            push(base("stream_limit_dropped", TargetType::Counter, self.stream_limit_dropped as f64));
+            push(catalog::STREAM_LIMIT_DROPPED.sample(self.stream_limit_dropped as f64));
         }
         out
     }

@@ -9,6 +9,9 @@
 //! Memory is bounded by configuration whatever the traffic: streams, features per
 //! stream and categories per feature have limits (counted when hit), quantiles come
 //! from fixed-size DDSketches and distinct counts from HyperLogLog.
+//!
+//! Every metric mltap emits (the label metrics included) is declared once in the
+//! crate's `catalog`, which producers name and sinks render from.
 
 pub mod bucket;
 pub mod drift;
@@ -123,11 +126,17 @@ impl MonitorConfig {
             if !path.is_file() {
                 return Err(("reference_file".into(), format!("{} is not a readable file", path.display())));
             }
-            if let Err(e) = ReferenceSet::load(path) {
-                return Err(("reference_file".into(), e));
-            }
         }
         Ok(())
+    }
+
+    /// Reads and checks `reference_file` (no references when it is unset). Start-up
+    /// reads it once and shares the result with every aggregation thread.
+    pub fn load_references(&self) -> Result<ReferenceSet, (String, String)> {
+        match &self.reference_file {
+            Some(path) => ReferenceSet::load(path).map_err(|e| ("reference_file".to_string(), e)),
+            None => Ok(ReferenceSet::default()),
+        }
     }
 }
 
@@ -148,5 +157,16 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().0, "quantile_relative_accuracy");
         let c = MonitorConfig { reference_file: Some("/nonexistent/ref.json".into()), ..MonitorConfig::default() };
         assert_eq!(c.validate().unwrap_err().0, "reference_file");
+    }
+
+    #[test]
+    fn a_reference_file_that_is_not_a_reference_export_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ref.json");
+        std::fs::write(&path, "{\"not\": \"a reference\"}").unwrap();
+        let c = MonitorConfig { reference_file: Some(path), ..MonitorConfig::default() };
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.load_references().unwrap_err().0, "reference_file");
+        assert_eq!(MonitorConfig::default().load_references(), Ok(ReferenceSet::default()));
     }
 }

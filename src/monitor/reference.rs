@@ -8,9 +8,10 @@
 //! JSON is the export format accepted by `monitor.reference_file`. This module never
 //! changes a frozen reference.
 
+use crate::atomic_file;
 use crate::monitor::drift;
 use crate::monitor::stats::{CategoryCounts, FastMap, Reservoir};
-use crate::sinks::files::{fs_safe_name, write_atomic};
+use crate::sinks::files::fs_safe_name;
 use crate::tfserving::StreamKey;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -115,7 +116,7 @@ impl Reference {
     /// Writes this reference atomically.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        write_atomic(path, &json)
+        atomic_file::write(path, &json)
     }
 }
 

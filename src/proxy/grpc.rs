@@ -33,7 +33,8 @@ pub(super) async fn handle(
     let route = RouteKind::grpc(parts.uri.path());
     let capture = route.captured();
     let logs_all = shared.logs.access_on();
-    let (request_id, generated) = shared.request_id(&parts.headers, capture);
+    let (request_id, generated) = shared.request_id(&parts.headers, capture, logs_all);
+    let returned_id = shared.id_to_return(&request_id, generated);
     strip_hop_by_hop_h2(&mut parts.headers);
     let deadline = parts
         .headers
@@ -46,7 +47,7 @@ pub(super) async fn handle(
             route,
             capture,
             path: if capture || logs_all { parts.uri.path().to_string() } else { String::new() },
-            request_id: if capture || logs_all { request_id.clone() } else { String::new() },
+            request_id,
             request_id_generated: generated,
             request_encoding: header_text(&parts.headers, "grpc-encoding"),
             started_at,
@@ -92,7 +93,7 @@ pub(super) async fn handle(
             trailers_only(&record, DEADLINE_EXCEEDED, &message)
         }
     };
-    shared.return_generated_id(response.headers_mut(), &request_id, generated);
+    shared.return_id(response.headers_mut(), returned_id);
     Ok(response)
 }
 

@@ -31,6 +31,27 @@ pub fn strip_hop_by_hop_h2(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a field is connection-specific by its name alone (the byte-level rule the
+/// REST relay applies to raw header lines): `Connection`, `Keep-Alive`,
+/// `Proxy-Connection`, `TE`, `Transfer-Encoding` and `Upgrade`. Fields that
+/// `Connection` lists are found with `connection_lists`.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    [b"connection".as_slice(), b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"]
+        .iter()
+        .any(|hop| name.eq_ignore_ascii_case(hop))
+}
+
+/// Whether one of the `Connection` field values lists `name` among its
+/// comma-separated tokens (case-insensitive, optional whitespace around tokens).
+pub fn connection_lists<'a>(connection_values: impl IntoIterator<Item = &'a [u8]>, name: &[u8]) -> bool {
+    connection_values.into_iter().any(|value| has_token(value, name))
+}
+
+/// Whether a comma-separated field value holds `token` (case-insensitive).
+pub fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
 /// Removes `Connection` and the fields its values list (comma-separated tokens).
 fn strip_connection_listed(headers: &mut HeaderMap) {
     if !headers.contains_key(header::CONNECTION) {
@@ -78,6 +99,21 @@ mod tests {
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    #[test]
+    fn raw_field_names_follow_the_same_rules() {
+        for name in ["Connection", "keep-alive", "Proxy-Connection", "TE", "transfer-encoding", "UPGRADE"] {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in ["content-length", "host", "x-request-id", "trailer", "tes"] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        let values = [b"keep-alive".as_slice(), b" X-Secret ,Upgrade"];
+        assert!(connection_lists(values, b"x-secret"));
+        assert!(connection_lists(values, b"upgrade"));
+        assert!(!connection_lists(values, b"x-secret-2"));
+        assert!(!has_token(b"closed", b"close"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod grpc;
 pub mod headers;
 pub mod listen;
 pub mod metrics;
+mod relay;
 pub mod request_id;
 mod rest;
 pub mod tee;
@@ -17,7 +18,7 @@ pub mod tls;
 
 use crate::capture::CaptureSender;
 pub use crate::capture::RouteKind;
-use crate::config::{Config, ConfigError};
+use crate::units::ConfigError;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -106,6 +107,23 @@ impl Upstream {
     }
 }
 
+/// What the proxy takes from the configuration.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// TF Serving's gRPC port (`http://` or `https://`).
+    pub grpc_upstream: http::Uri,
+    /// TF Serving's REST port (`http://` or `https://`).
+    pub rest_upstream: http::Uri,
+    /// Deadline for the upstream's response head when the client sets none.
+    pub upstream_timeout: Duration,
+    /// Header (gRPC metadata key) carrying the request id.
+    pub request_id_header: http::HeaderName,
+    /// Return a generated request id to the client (`capture.return_request_id`).
+    pub return_request_id: bool,
+    /// TLS towards `https://` upstreams and on the listeners (`[tls]`).
+    pub tls: tls::TlsConfig,
+}
+
 /// State shared by every connection of both listeners.
 #[derive(Debug)]
 pub struct ProxyShared {
@@ -133,23 +151,28 @@ pub struct ProxyShared {
 impl ProxyShared {
     /// The client's request id, or a generated one when the exchange needs an id
     /// (captured, or ids are returned). Returns the id and whether it was generated.
-    fn request_id(&self, headers: &http::HeaderMap, needed: bool) -> (String, bool) {
-        if let Some(id) = headers.get(&self.request_id_header).and_then(|v| v.to_str().ok()) {
-            return (id.to_string(), false);
-        }
-        if needed || self.return_request_id {
-            (self.request_ids.generate(), true)
-        } else {
-            (String::new(), false)
+    /// A client's id is only copied when the exchange is captured or the access log
+    /// is on (`logged`): it is never returned, so an exchange that is neither
+    /// allocates nothing for it.
+    fn request_id(&self, headers: &http::HeaderMap, needed: bool, logged: bool) -> (String, bool) {
+        match headers.get(&self.request_id_header).and_then(|v| v.to_str().ok()) {
+            Some(id) if needed || logged => (id.to_string(), false),
+            Some(_) => (String::new(), false),
+            None if needed || self.return_request_id => (self.request_ids.generate(), true),
+            None => (String::new(), false),
         }
     }
 
-    /// Adds a generated request id to a response when the configuration asks for it.
-    fn return_generated_id(&self, headers: &mut http::HeaderMap, id: &str, generated: bool) {
-        if generated && self.return_request_id {
-            if let Ok(value) = http::HeaderValue::from_str(id) {
-                headers.insert(self.request_id_header.clone(), value);
-            }
+    /// The header value that returns a generated request id to the client, when the
+    /// configuration asks for it; taken before the id moves into the exchange record.
+    fn id_to_return(&self, id: &str, generated: bool) -> Option<http::HeaderValue> {
+        (generated && self.return_request_id).then(|| http::HeaderValue::from_str(id).ok()).flatten()
+    }
+
+    /// Adds the generated request id (`id_to_return`) to a response.
+    fn return_id(&self, headers: &mut http::HeaderMap, value: Option<http::HeaderValue>) {
+        if let Some(value) = value {
+            headers.insert(self.request_id_header.clone(), value);
         }
     }
 
@@ -158,14 +181,21 @@ impl ProxyShared {
         capture: CaptureSender,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Arc<ProxyShared> {
-        let config = Config::load(&crate::config::ServeArgs::default()).expect("default config");
-        Proxy::new(&config, capture, ProxyMetrics::register(registry)).expect("default proxy").shared
+        let settings = ProxySettings {
+            grpc_upstream: http::Uri::from_static("http://127.0.0.1:9500"),
+            rest_upstream: http::Uri::from_static("http://127.0.0.1:9501"),
+            upstream_timeout: Duration::from_secs(60),
+            request_id_header: http::HeaderName::from_static("x-request-id"),
+            return_request_id: false,
+            tls: tls::TlsConfig::default(),
+        };
+        Proxy::new(&settings, capture, ProxyMetrics::register(registry)).expect("default proxy").shared
     }
 }
 
 /// A connector for `http://` and `https://` upstreams; TLS offers only `alpn`, so
 /// that an HTTPS upstream settles on the protocol its listener is meant to speak.
-fn connector(config: &Config, alpn: &[u8], key: &str) -> Result<HttpsConnector<HttpConnector>, ConfigError> {
+fn connector(config: &ProxySettings, alpn: &[u8], key: &str) -> Result<HttpsConnector<HttpConnector>, ConfigError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
@@ -185,7 +215,7 @@ fn connector(config: &Config, alpn: &[u8], key: &str) -> Result<HttpsConnector<H
 }
 
 /// The TLS configuration of a listener offering `alpn`, when the listeners speak TLS.
-fn acceptor(config: &Config, alpn: &[u8]) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+fn acceptor(config: &ProxySettings, alpn: &[u8]) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
     let server =
         config.tls.server_config(alpn).map_err(|(key, problem)| ConfigError::new(format!("tls.{key}"), "", problem))?;
     Ok(server.map(Arc::new))
@@ -199,13 +229,16 @@ pub struct Proxy {
     rest_tls: Option<Arc<rustls::ServerConfig>>,
     /// TLS of the gRPC listener (ALPN h2), when configured.
     grpc_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The REST relay and its upstream pool; `None` for an `https://` REST upstream,
+    /// which the hyper path serves.
+    rest_relay: Option<relay::Relay>,
 }
 
 impl Proxy {
     /// Builds the upstream clients. Several proxies (one per serving thread) may share
     /// one capture queue and one set of metrics. Fails when an upstream URL cannot be
     /// served or a TLS file is unusable, naming its key.
-    pub fn new(config: &Config, capture: CaptureSender, metrics: ProxyMetrics) -> Result<Proxy, ConfigError> {
+    pub fn new(config: &ProxySettings, capture: CaptureSender, metrics: ProxyMetrics) -> Result<Proxy, ConfigError> {
         let rest_upstream = Upstream::new("rest_upstream", &config.rest_upstream)?;
         let grpc_upstream = Upstream::new("grpc_upstream", &config.grpc_upstream)?;
         let rest_client = Client::builder(TokioExecutor::new())
@@ -222,31 +255,39 @@ impl Proxy {
             .http2_max_send_buf_size(H2_MAX_SEND_BUF)
             .timer(TokioTimer::new())
             .build(connector(config, tls::ALPN_H2, "grpc_upstream")?);
+        let shared = Arc::new(ProxyShared {
+            capture,
+            metrics,
+            logs: crate::request_log::ExchangeLogs::default(),
+            request_ids: request_id::RequestIds::default(),
+            request_id_header: config.request_id_header.clone(),
+            return_request_id: config.return_request_id,
+            upstream_timeout: config.upstream_timeout,
+            rest_upstream,
+            grpc_upstream,
+            rest_client,
+            grpc_client,
+        });
         Ok(Proxy {
             rest_tls: acceptor(config, tls::ALPN_HTTP1)?,
             grpc_tls: acceptor(config, tls::ALPN_H2)?,
-            shared: Arc::new(ProxyShared {
-                capture,
-                metrics,
-                logs: crate::request_log::ExchangeLogs::default(),
-                request_ids: request_id::RequestIds::default(),
-                request_id_header: config.request_id_header.clone(),
-                return_request_id: config.capture.return_request_id,
-                upstream_timeout: config.upstream_timeout,
-                rest_upstream,
-                grpc_upstream,
-                rest_client,
-                grpc_client,
-            }),
+            rest_relay: relay::Relay::for_rest_upstream(shared.clone()),
+            shared,
         })
     }
 
     /// Hands exchanges to the request and access logs too (both off by default).
     pub fn with_exchange_logs(mut self, logs: crate::request_log::ExchangeLogs) -> Proxy {
+        // The relay holds the shared state too: it lets go of it, then is built
+        // again around the state with the logs.
+        let relayed = self.rest_relay.take().is_some();
         match Arc::get_mut(&mut self.shared) {
             Some(shared) => shared.logs = logs,
             // Only a proxy shared already could get here; it keeps its logs.
             None => warn!(message = "Exchange logs not attached: the proxy is already serving."),
+        }
+        if relayed {
+            self.rest_relay = relay::Relay::for_rest_upstream(self.shared.clone());
         }
         self
     }
@@ -254,10 +295,16 @@ impl Proxy {
     /// Serves the REST listener until `stop` turns true, then stops accepting, lets
     /// in-flight exchanges finish and returns when every connection is closed.
     pub async fn serve_rest(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let tls = self.rest_tls.clone().map(TlsAcceptor::from);
+        if let Some(relay) = &self.rest_relay {
+            let relay = relay.stopping_on(stop.clone());
+            accept_loop(listener, tls, stop, move |io, _, peer| relay.clone().serve(io.into_inner(), peer)).await;
+            return;
+        }
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.keep_alive(true).auto_date_header(false).timer(TokioTimer::new());
         let shared = self.shared.clone();
-        accept_loop(listener, self.rest_tls.clone().map(TlsAcceptor::from), stop, move |io, stop, peer| {
+        accept_loop(listener, tls, stop, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {

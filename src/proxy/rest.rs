@@ -1,7 +1,9 @@
-//! The REST path: one HTTP/1.1 request forwarded to TF Serving's REST port, its
-//! response streamed back with only the hop-by-hop fields removed. When TF Serving
-//! cannot be reached mltap answers for it, in its error shape `{"error": "..."}`:
-//! 502 when the connection fails, 504 when the response head does not come in time.
+//! The REST path through hyper, used for `https://` upstreams (cleartext upstreams
+//! go through the relay, `super::relay`): one HTTP/1.1 request forwarded to TF
+//! Serving's REST port, its response streamed back with only the hop-by-hop fields
+//! removed. When TF Serving cannot be reached mltap answers for it, in its error
+//! shape `{"error": "..."}`: 502 when the connection fails, 504 when the response
+//! head does not come in time. Both paths take those answers from here.
 
 use super::headers::strip_hop_by_hop;
 use super::tee::{ExchangeRecord, RecordStart, Side, Tap, TeeBody};
@@ -25,7 +27,8 @@ pub(super) async fn handle(
     let route = RouteKind::rest(&parts.method, parts.uri.path());
     let capture = route.captured();
     let logs_all = shared.logs.access_on();
-    let (request_id, generated) = shared.request_id(&parts.headers, capture);
+    let (request_id, generated) = shared.request_id(&parts.headers, capture, logs_all);
+    let returned_id = shared.id_to_return(&request_id, generated);
     strip_hop_by_hop(&mut parts.headers);
     let record = ExchangeRecord::new(
         shared.clone(),
@@ -33,7 +36,7 @@ pub(super) async fn handle(
             route,
             capture,
             path: if capture || logs_all { parts.uri.path().to_string() } else { String::new() },
-            request_id: if capture || logs_all { request_id.clone() } else { String::new() },
+            request_id,
             request_id_generated: generated,
             request_encoding: header_text(&parts.headers, header::CONTENT_ENCODING),
             started_at,
@@ -55,30 +58,42 @@ pub(super) async fn handle(
             Response::from_parts(parts, ResponseBody::Upstream { body: TeeBody::new(body, Some(tap)) })
         }
         Ok(Err(error)) => {
-            let message =
-                format!("upstream {} (TF Serving REST) failed: {}", shared.rest_upstream.shown, error_chain(&error));
-            warn!(message = "REST upstream failed.", upstream = %shared.rest_upstream.shown, error = %error_chain(&error));
+            let message = upstream_failed(&shared, &error_chain(&error));
             local_error(&record, StatusCode::BAD_GATEWAY, &message)
         }
-        Err(_) => {
-            let message = format!(
-                "upstream {} (TF Serving REST) did not answer within {:?}",
-                shared.rest_upstream.shown, shared.upstream_timeout
-            );
-            warn!(message = "REST upstream timed out.", upstream = %shared.rest_upstream.shown);
-            local_error(&record, StatusCode::GATEWAY_TIMEOUT, &message)
-        }
+        Err(_) => local_error(&record, StatusCode::GATEWAY_TIMEOUT, &upstream_timed_out(&shared)),
     };
-    shared.return_generated_id(response.headers_mut(), &request_id, generated);
+    shared.return_id(response.headers_mut(), returned_id);
     Ok(response)
+}
+
+/// The message of the 502 answered when TF Serving's REST port fails; logged too.
+pub(super) fn upstream_failed(shared: &ProxyShared, cause: &str) -> String {
+    warn!(message = "REST upstream failed.", upstream = %shared.rest_upstream.shown, error = %cause);
+    format!("upstream {} (TF Serving REST) failed: {cause}", shared.rest_upstream.shown)
+}
+
+/// The message of the 504 answered when the response head does not come in time.
+pub(super) fn upstream_timed_out(shared: &ProxyShared) -> String {
+    warn!(message = "REST upstream timed out.", upstream = %shared.rest_upstream.shown);
+    format!(
+        "upstream {} (TF Serving REST) did not answer within {:?}",
+        shared.rest_upstream.shown, shared.upstream_timeout
+    )
+}
+
+/// Notes mltap's own answer on the record and returns its body, TF Serving's error
+/// shape `{"error": "..."}` (sent as `application/json`).
+pub(super) fn record_local_error(record: &ExchangeRecord, status: StatusCode, message: &str) -> String {
+    record.upstream_finished();
+    record.failed(ErrorOrigin::Mltap);
+    record.response_head(status.as_u16(), None, None);
+    serde_json::json!({ "error": message }).to_string()
 }
 
 /// A TF-Serving-shaped error answered by mltap itself.
 fn local_error(record: &ExchangeRecord, status: StatusCode, message: &str) -> Response<ResponseBody> {
-    record.upstream_finished();
-    record.failed(ErrorOrigin::Mltap);
-    record.response_head(status.as_u16(), None, None);
-    let body = serde_json::json!({ "error": message }).to_string();
+    let body = record_local_error(record, status, message);
     let mut response = Response::new(ResponseBody::local(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));

@@ -171,12 +171,12 @@ impl ExchangeRecord {
         true
     }
 
-    fn status_label(&self, observed: &Observed) -> String {
+    fn status_label(&self, observed: &Observed) -> std::borrow::Cow<'static, str> {
         match self.route.protocol {
-            Protocol::Rest => observed.status.to_string(),
+            Protocol::Rest => super::metrics::status_text(i64::from(observed.status)),
             Protocol::Grpc => match observed.grpc_status {
-                Some(code) => code.to_string(),
-                None => "none".to_string(),
+                Some(code) => super::metrics::status_text(i64::from(code)),
+                None => std::borrow::Cow::Borrowed("none"),
             },
         }
     }
@@ -250,6 +250,9 @@ impl Drop for ExchangeRecord {
         }
         let (request_cut, response_cut) =
             (self.request_cut.load(Ordering::Relaxed), self.response_cut.load(Ordering::Relaxed));
+        if !self.sampled {
+            self.shared.capture.shed();
+        }
         if request_cut || response_cut {
             self.shared.capture.skip_oversize();
         }
@@ -379,6 +382,13 @@ impl Tap {
         }
     }
 
+    /// Copies a chunk that passes through a buffer the caller reuses (the REST relay).
+    pub(super) fn copy(&mut self, data: &[u8]) {
+        if self.record.capture && !data.is_empty() && self.record.reserve(data.len()) {
+            self.chunks.push(Bytes::copy_from_slice(data));
+        }
+    }
+
     fn trailers(&mut self, trailers: &http::HeaderMap) {
         if self.side == Side::Response {
             if let Some(code) = super::grpc_status_of(trailers) {
@@ -388,7 +398,7 @@ impl Tap {
     }
 
     /// Hands this side's copy to the record, once.
-    fn deposit(&mut self, complete: bool) {
+    pub(super) fn deposit(&mut self, complete: bool) {
         if self.done {
             return;
         }
@@ -513,7 +523,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CaptureConfig;
+    use crate::capture::CaptureConfig;
     use http_body_util::{BodyExt, Full, StreamBody};
 
     fn shared(config: CaptureConfig) -> (Arc<ProxyShared>, crate::capture::CaptureReceiver) {

@@ -4,7 +4,7 @@
 
 use super::convert;
 use crate::capture::{CallMethod, ErrorOrigin, Protocol};
-use crate::config::ConfigError;
+use crate::units::ConfigError;
 use bytes::Bytes;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};

@@ -21,13 +21,13 @@ pub mod upload;
 pub mod writer;
 
 use crate::capture::Exchange;
-use crate::config::ConfigError;
 use crate::tfserving::{SchemaCache, SchemaKey, SchemaSource};
+use crate::units::ConfigError;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -56,14 +56,14 @@ pub struct RequestLogConfig {
     /// A file is closed (and a new one opened) before it passes this size.
     pub max_file_bytes: u64,
     /// A file is closed once it has been open this long.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::deserialize_duration")]
     pub max_file_age: Duration,
     /// All files together stay under this; the oldest closed files are deleted first.
     pub max_total_bytes: u64,
     /// Bytes of exchanges waiting for the writer at most; past it records are dropped.
     pub buffer_bytes: usize,
     /// Records reach the open file within this long.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::units::deserialize_duration")]
     pub flush_interval: Duration,
     /// `s3://bucket/prefix`: closed files are uploaded there, then deleted locally.
     pub upload: Option<String>,
@@ -105,12 +105,6 @@ impl RequestLogConfig {
         }
         Ok(())
     }
-}
-
-/// Reads a duration written as `2s`, `500ms`, `10m`.
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    crate::config::parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 /// The sampling rate of each model: the section's, or the model's override.
@@ -242,9 +236,31 @@ impl ExchangeLogs {
     }
 }
 
-/// Where the request log's files go for a configuration.
-pub fn request_dir(config: &crate::config::Config) -> PathBuf {
-    config.request_log.dir.clone().unwrap_or_else(|| config.output_dir.join("requests"))
+/// What the logs take from the configuration (`app` builds it).
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub request_log: RequestLogConfig,
+    pub access_log: AccessLogConfig,
+    /// `[models.NAME] request_log_sampling_rate`, for the models that set it.
+    pub model_rates: BTreeMap<String, f64>,
+    /// `OUTPUT_DIR`: the request log's files go under `requests/` when
+    /// `request_log.dir` is unset.
+    pub output_dir: PathBuf,
+    /// Where signatures are fetched to type REST bodies' tensors.
+    pub grpc_upstream: http::Uri,
+    pub rest_upstream: http::Uri,
+}
+
+impl LogSettings {
+    /// Where the request log's files go.
+    pub fn request_dir(&self) -> PathBuf {
+        request_dir(&self.request_log, &self.output_dir)
+    }
+}
+
+/// Where the request log's files go: `request_log.dir`, or `OUTPUT_DIR/requests`.
+pub fn request_dir(config: &RequestLogConfig, output_dir: &std::path::Path) -> PathBuf {
+    config.dir.clone().unwrap_or_else(|| output_dir.join("requests"))
 }
 
 /// The running logs: the handle the proxy holds and the threads behind it.
@@ -261,42 +277,36 @@ impl RunningLogs {
     /// Must run inside a tokio runtime when the request log is on (it fetches
     /// signatures for REST bodies on it).
     pub fn start(
-        config: &crate::config::Config,
+        settings: &LogSettings,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<RunningLogs, ConfigError> {
         let mut logs = ExchangeLogs::default();
         let mut threads = Vec::new();
         let mut uploader = None;
-        let rates = SamplingRates {
-            default: config.request_log.sampling_rate,
-            per_model: config
-                .models
-                .iter()
-                .filter_map(|(name, model)| model.request_log_sampling_rate.map(|r| (name.clone(), r)))
-                .collect(),
-        };
+        let config = &settings.request_log;
+        let rates = SamplingRates { default: config.sampling_rate, per_model: settings.model_rates.clone() };
         let request_stats = Arc::new(RequestLogStats::default());
         if rates.proxy_rate() > 0.0 {
             let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE_EXCHANGES);
-            let settings = writer::FileSettings {
-                dir: request_dir(config),
-                max_file_bytes: config.request_log.max_file_bytes,
-                max_file_age: config.request_log.max_file_age,
-                max_total_bytes: config.request_log.max_total_bytes,
+            let files = writer::FileSettings {
+                dir: settings.request_dir(),
+                max_file_bytes: config.max_file_bytes,
+                max_file_age: config.max_file_age,
+                max_total_bytes: config.max_total_bytes,
             };
-            std::fs::create_dir_all(&settings.dir).map_err(|e| {
-                ConfigError::new("request_log.dir", "", format!("cannot create {}: {e}", settings.dir.display()))
+            std::fs::create_dir_all(&files.dir).map_err(|e| {
+                ConfigError::new("request_log.dir", "", format!("cannot create {}: {e}", files.dir.display()))
             })?;
             let schemas = tokio::runtime::Handle::try_current().ok().map(|runtime| {
                 let _entered = runtime.enter();
                 let cache = SchemaCache::spawn(SchemaSource::new(
-                    Some(config.grpc_upstream.clone()),
-                    Some(config.rest_upstream.clone()),
+                    Some(settings.grpc_upstream.clone()),
+                    Some(settings.rest_upstream.clone()),
                     SCHEMA_WAIT,
                 ));
                 (runtime, cache)
             });
-            let closed_files = match &config.request_log.upload {
+            let closed_files = match &config.upload {
                 Some(url) => {
                     let bad = |problem: String| ConfigError::new("request_log.upload", "", problem);
                     let target = upload::UploadTarget::parse(url).map_err(bad)?;
@@ -304,7 +314,7 @@ impl RunningLogs {
                         return Err(bad("uploads need mltap's runtime".into()));
                     }
                     let (sender, task) =
-                        upload::spawn(target, settings.dir.clone(), request_stats.clone()).map_err(bad)?;
+                        upload::spawn(target, files.dir.clone(), request_stats.clone()).map_err(bad)?;
                     uploader = Some(task);
                     Some(sender)
                 }
@@ -312,7 +322,7 @@ impl RunningLogs {
             };
             let lane = RequestLane {
                 proxy_rate: rates.proxy_rate(),
-                buffer_bytes: config.request_log.buffer_bytes,
+                buffer_bytes: config.buffer_bytes,
                 sender,
                 stats: request_stats.clone(),
                 warning: RateLimitedWarning::default(),
@@ -320,9 +330,9 @@ impl RunningLogs {
             let worker = RequestWriter {
                 rates,
                 proxy_rate: lane.proxy_rate,
-                flush_interval: config.request_log.flush_interval,
+                flush_interval: config.flush_interval,
                 stats: request_stats.clone(),
-                files: writer::RequestFiles::open(settings, request_stats.clone(), closed_files),
+                files: writer::RequestFiles::open(files, request_stats.clone(), closed_files),
                 schemas,
                 waited: HashSet::new(),
             };
@@ -334,7 +344,7 @@ impl RunningLogs {
             logs.requests = Some(Arc::new(lane));
         }
         registry.register_collector(Box::new(RequestLogCollector { stats: request_stats }));
-        if let Some((lane, thread)) = access::start(&config.access_log, registry)? {
+        if let Some((lane, thread)) = access::start(&settings.access_log, registry)? {
             logs.access = Some(lane);
             threads.push(thread);
         }

@@ -2,24 +2,21 @@
 //! `OUTPUT_DIR/anodot/MODEL/YYYYMMDDTHHMMSSZ.json` (bucket start, UTC), each a JSON
 //! array of points.
 //!
-//! Every write is atomic (a temporary file in the same directory, then a rename), so
-//! a reader or an uploader never sees half a file. When the file already exists
-//! (label metrics computed later for the same bucket, or a restart inside a bucket),
-//! the new points are merged in: the existing points first, the new ones appended.
-//! Writers in this process are serialized so that merges never lose points. This
-//! module never decides what a point means.
+//! Every write is atomic (`atomic_file`: a temporary file in the same directory, then a
+//! rename), so a reader or an uploader never sees half a file. When the file already
+//! exists (label metrics computed later for the same bucket, or a restart inside a
+//! bucket), the new points are merged in: the existing points first, the new ones
+//! appended. Writers in this process are serialized so that merges never lose points.
+//! This module never decides what a point means.
 
+use crate::atomic_file;
 use crate::sinks::Point;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Serializes read-merge-write cycles of this process (the monitor and the label
 /// metrics may write the same bucket's file).
 static MERGE_LOCK: Mutex<()> = Mutex::new(());
-/// Makes temporary file names unique within the process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Writes the Anodot files of closed buckets under `OUTPUT_DIR/anodot/`.
 #[derive(Debug, Clone)]
@@ -64,28 +61,9 @@ impl FileSink {
         };
         all.extend_from_slice(points);
         let json = serde_json::to_vec(&all).map_err(std::io::Error::other)?;
-        write_atomic(&path, &json)?;
+        atomic_file::write(&path, &json)?;
         Ok(path)
     }
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file beside it, flushed to disk,
-/// then renamed over it. Creates the parent directories.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| std::io::Error::other(format!("{} has no parent", path.display())))?;
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let temp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
-    let result = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
 }
 
 /// A model or signature name made safe as one path component: characters other than

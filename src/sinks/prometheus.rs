@@ -2,14 +2,17 @@
 //! model, exposed as gauges `model_<what>` (`mltap_model_<what>` in the app's
 //! registry, whose prefix is `mltap`) on `/metrics` by a prometheus-client `Collector`.
 //!
-//! Label cardinality is bounded: only the labels `model`, `version`, `signature`,
-//! `class`, `feature`, `stat`, `method` and `reason` are kept (they map Anodot's
-//! properties of the same meaning), points with an unbounded dimension (`category`)
-//! are left to the Anodot files, the global pseudo-model's points are left to the
-//! capture counters, and a model's series are replaced (not accumulated) at each
-//! bucket, with a hard cap on the total. This sink never decides what a metric means.
+//! The metric catalogue (`catalog`) decides what is shown: a metric's family,
+//! or that it is not exposed (metrics with an unbounded dimension such as `category`
+//! are left to the Anodot files), and each dimension's label (`class_name` → `class`,
+//! `feat_name` → `feature`, ...). Label cardinality is bounded: the global
+//! pseudo-model's points are left to the capture counters (the worker does not hand
+//! them here), and a model's series are
+//! replaced (not accumulated) at each bucket, with a hard cap on the total. This sink
+//! never decides what a metric means.
 
-use crate::monitor::{ClosedBucket, GLOBAL_MODEL};
+use crate::catalog::{self, MetricDef};
+use crate::sinks::Point;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -21,30 +24,24 @@ use std::sync::{Arc, Mutex};
 /// counted in `mltap_model_series_dropped`).
 pub const MAX_SERIES: usize = 20_000;
 
-/// Anodot property → Prometheus label, for the properties that are exposed.
-const LABELS: [(&str, &str); 8] = [
-    ("model", "model"),
-    ("version", "version"),
-    ("signature", "signature"),
-    ("class_name", "class"),
-    ("feat_name", "feature"),
-    ("stat", "stat"),
-    ("method", "method"),
-    ("reason", "reason"),
-];
-
-/// Properties with unbounded values: points carrying them are not exposed.
-const UNBOUNDED: [&str; 2] = ["category", "actual_class"];
-
 type Labels = Vec<(&'static str, String)>;
+
+/// The values of one metric's family.
+#[derive(Debug)]
+struct Family {
+    /// The metric, for the family's help text.
+    metric: &'static MetricDef,
+    /// Each series' labels and value.
+    series: Vec<(Labels, f64)>,
+}
 
 /// One model's last closed bucket, ready to encode.
 #[derive(Debug, Default)]
 struct ModelSeries {
     /// Bucket start, epoch seconds.
     start: i64,
-    /// Per metric name, its labelled values.
-    metrics: BTreeMap<String, Vec<(Labels, f64)>>,
+    /// Per Prometheus family name, its values.
+    metrics: BTreeMap<&'static str, Family>,
     /// Series in `metrics`.
     len: usize,
 }
@@ -72,44 +69,48 @@ impl ModelGauges {
         registry.register_collector(Box::new(self.clone()));
     }
 
-    /// Shows a closed bucket: replaces the model's series when the bucket is newer,
-    /// adds to them when it is the same bucket (points merged later), ignores older.
-    pub fn update(&self, bucket: &ClosedBucket) {
-        if bucket.model == GLOBAL_MODEL {
-            return;
-        }
+    /// Shows the points of a model's closed bucket (starting at `start`): replaces the
+    /// model's series when the bucket is newer, adds to them when it is the same bucket
+    /// (points merged later), ignores older.
+    pub fn update(&self, model: &str, start: i64, points: &[Point]) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let others: usize = state.models.iter().filter(|(m, _)| **m != bucket.model).map(|(_, s)| s.len).sum();
-        let current = state.models.entry(bucket.model.clone()).or_default();
-        if bucket.start < current.start {
+        let others: usize = state.models.iter().filter(|(m, _)| **m != model).map(|(_, s)| s.len).sum();
+        let current = state.models.entry(model.to_string()).or_default();
+        if start < current.start {
             return;
         }
-        if bucket.start > current.start {
-            *current = ModelSeries { start: bucket.start, ..ModelSeries::default() };
+        if start > current.start {
+            *current = ModelSeries { start, ..ModelSeries::default() };
         }
         let mut dropped = 0;
-        for point in &bucket.points {
-            if point.properties().iter().any(|(k, _)| UNBOUNDED.contains(&k.as_str())) {
+        for point in points {
+            let Some((metric, family)) = point.metric().and_then(|m| Some((m, m.prometheus?))) else {
                 continue;
-            }
+            };
             if others + current.len >= MAX_SERIES {
                 dropped += 1;
                 continue;
             }
-            let labels: Labels = LABELS
-                .iter()
-                .filter_map(|(property, label)| point.property(property).map(|v| (*label, v.to_string())))
+            let labels: Labels = metric
+                .all_dims()
+                .filter_map(|dim| Some((dim.prometheus_label()?, point.dim(dim)?.to_string())))
                 .collect();
-            current.metrics.entry(point.what().to_string()).or_default().push((labels, point.value));
+            current
+                .metrics
+                .entry(family)
+                .or_insert_with(|| Family { metric, series: Vec::new() })
+                .series
+                .push((labels, point.value));
             current.len += 1;
         }
         state.dropped += dropped;
     }
 
-    /// The exposed value of one series, for tests and the dashboard.
+    /// The exposed value of one series of metric `what`, for tests and the dashboard.
     pub fn value(&self, what: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let family = catalog::find(what).and_then(|m: &MetricDef| m.prometheus)?;
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.models.values().filter_map(|m| m.metrics.get(what)).flatten().find_map(|(l, v)| {
+        state.models.values().filter_map(|m| m.metrics.get(family)).flat_map(|f| &f.series).find_map(|(l, v)| {
             let matches = labels.iter().all(|(k, want)| l.iter().any(|(lk, lv)| lk == k && lv == want));
             matches.then_some(*v)
         })
@@ -119,17 +120,18 @@ impl ModelGauges {
 impl Collector for ModelGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by_name: BTreeMap<&str, Vec<(&Labels, f64)>> = BTreeMap::new();
+        let mut by_family: BTreeMap<&str, Vec<&Family>> = BTreeMap::new();
         for series in state.models.values() {
-            for (what, values) in &series.metrics {
-                by_name.entry(what.as_str()).or_default().extend(values.iter().map(|(l, v)| (l, *v)));
+            for (name, family) in &series.metrics {
+                by_family.entry(name).or_default().push(family);
             }
         }
-        for (what, values) in by_name {
-            let name = format!("model_{what}");
-            let help = format!("{what} of the last closed bucket (see docs/metrics.md)");
+        for (family, of_models) in by_family {
+            let Some(metric) = of_models.first().map(|f| f.metric) else { continue };
+            let values = of_models.iter().flat_map(|f| &f.series).map(|(l, v)| (l, *v));
+            let help = format!("{}: {}, of the last closed bucket (see docs/metrics.md)", metric.name, metric.help);
             let mut metric =
-                encoder.encode_descriptor(&name, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
+                encoder.encode_descriptor(family, &help, None, prometheus_client::metrics::MetricType::Gauge)?;
             for (labels, value) in values {
                 let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
@@ -161,10 +163,10 @@ impl Collector for ModelGauges {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sinks::{Point, TargetType};
+    use crate::sinks::TargetType;
 
-    fn bucket(start: i64, value: f64) -> ClosedBucket {
-        let points = vec![
+    fn bucket(start: i64, value: f64) -> Vec<Point> {
+        vec![
             Point::builder("feature_value", TargetType::Gauge, start, value)
                 .with("model", "iris")
                 .with("version", "2")
@@ -179,8 +181,7 @@ mod tests {
                 .with("category", "paris")
                 .finish()
                 .unwrap(),
-        ];
-        ClosedBucket { model: "iris".into(), start, points }
+        ]
     }
 
     fn scrape(gauges: &ModelGauges) -> String {
@@ -194,9 +195,9 @@ mod tests {
     #[test]
     fn the_last_closed_bucket_is_exposed_with_bounded_labels() {
         let gauges = ModelGauges::new();
-        gauges.update(&bucket(100, 1.5));
-        gauges.update(&bucket(160, 2.5));
-        gauges.update(&bucket(40, 9.0));
+        gauges.update("iris", 100, &bucket(100, 1.5));
+        gauges.update("iris", 160, &bucket(160, 2.5));
+        gauges.update("iris", 40, &bucket(40, 9.0));
         let text = scrape(&gauges);
         assert!(
             text.contains(
@@ -207,5 +208,30 @@ mod tests {
         assert!(!text.contains("category"), "{text}");
         assert!(text.contains(r#"mltap_model_bucket_start_seconds{model="iris"} 160"#), "{text}");
         assert_eq!(gauges.value("feature_value", &[("stat", "mean")]), Some(2.5));
+    }
+
+    #[test]
+    fn families_and_labels_come_from_the_catalogue() {
+        use crate::catalog::{Dimension, ScopeValues, CONFUSION_COUNT, REQUEST_COUNT};
+        let scope = ScopeValues { model: Some("iris"), ..ScopeValues::default() };
+        let sample =
+            |status| REQUEST_COUNT.sample(1.0).with(Dimension::Method, "predict").with(Dimension::Status, status);
+        let points = vec![
+            Point::from_sample(&sample("200"), &scope, 60).unwrap(),
+            Point::from_sample(&sample("404"), &scope, 60).unwrap(),
+            Point::from_sample(
+                &CONFUSION_COUNT.sample(2.0).with(Dimension::ActualClass, "a").with(Dimension::ClassName, "b"),
+                &scope,
+                60,
+            )
+            .unwrap(),
+            Point::builder("not_declared", TargetType::Gauge, 60, 1.0).with("model", "iris").finish().unwrap(),
+        ];
+        let gauges = ModelGauges::new();
+        gauges.update("iris", 60, &points);
+        let text = scrape(&gauges);
+        assert!(text.contains(r#"mltap_model_request_count{model="iris",method="predict",status="404"} 1"#), "{text}");
+        assert!(text.contains("# HELP mltap_model_request_count request_count: exchanges"), "{text}");
+        assert!(!text.contains("confusion") && !text.contains("not_declared"), "{text}");
     }
 }

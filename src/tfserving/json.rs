@@ -233,20 +233,7 @@ impl<'a> Json<'a> {
         let mut mantissa: u64 = 0;
         let mut significant = 0usize;
         let int_start = j;
-        while let Some(&c) = b.get(j) {
-            if !c.is_ascii_digit() {
-                break;
-            }
-            if significant < 19 {
-                mantissa = mantissa * 10 + u64::from(c - b'0');
-                if mantissa != 0 {
-                    significant += 1;
-                }
-            } else {
-                significant += 1;
-            }
-            j += 1;
-        }
+        (j, _) = accumulate_digits(b, j, &mut mantissa, &mut significant);
         let int_digits = j - int_start;
         if int_digits == 0 {
             self.i = start;
@@ -258,21 +245,7 @@ impl<'a> Json<'a> {
             is_float = true;
             j += 1;
             let frac_start = j;
-            while let Some(&c) = b.get(j) {
-                if !c.is_ascii_digit() {
-                    break;
-                }
-                if significant < 19 {
-                    mantissa = mantissa * 10 + u64::from(c - b'0');
-                    if mantissa != 0 {
-                        significant += 1;
-                    }
-                    fraction_digits += 1;
-                } else {
-                    significant += 1;
-                }
-                j += 1;
-            }
+            (j, fraction_digits) = accumulate_digits(b, j, &mut mantissa, &mut significant);
             if j == frac_start {
                 self.i = j;
                 return Err(self.error("expected digits after the decimal point"));
@@ -544,6 +517,30 @@ impl<'a> Json<'a> {
             }
         }
     }
+}
+
+/// Accumulates the ASCII digits from `j` into `mantissa`, keeping the first 19
+/// significant ones (a u64 holds them exactly) and only counting the rest. Returns the
+/// index after the digits and how many of them were kept in the mantissa.
+#[inline(always)]
+fn accumulate_digits(b: &[u8], mut j: usize, mantissa: &mut u64, significant: &mut usize) -> (usize, usize) {
+    let mut kept = 0;
+    while let Some(&c) = b.get(j) {
+        if !c.is_ascii_digit() {
+            break;
+        }
+        if *significant < 19 {
+            *mantissa = *mantissa * 10 + u64::from(c - b'0');
+            if *mantissa != 0 {
+                *significant += 1;
+            }
+            kept += 1;
+        } else {
+            *significant += 1;
+        }
+        j += 1;
+    }
+    (j, kept)
 }
 
 /// Decodes base64 as TF Serving accepts it: standard or URL-safe alphabet, padded or not.

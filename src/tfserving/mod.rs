@@ -13,9 +13,8 @@
 //!
 //! ```ignore
 //! // inside the tokio runtime (the signature fetcher is a task on it):
-//! let decoder = Decoder::new(config.models.clone())
-//!     .with_limits(DecodeLimits::default())
-//!     .with_schemas(SchemaCache::spawn(SchemaSource::new(Some(grpc_upstream), Some(rest_upstream), timeout)));
+//! let source = SchemaSource::new(Some(grpc_upstream), Some(rest_upstream), Duration::from_secs(5));
+//! let decoder = Decoder::new(models).with_schemas(SchemaCache::spawn(source));
 //! // per exchange, on a worker thread (synchronous, never waits on the network):
 //! let decoded = decoder.decode(&exchange);
 //! for e in &decoded.errors { /* decode_errors{reason = e.reason} += 1 */ }
@@ -24,6 +23,7 @@
 pub mod call;
 pub mod grpc;
 pub mod json;
+pub mod model_config;
 pub mod observe;
 pub mod proto;
 pub mod rest;
@@ -31,6 +31,7 @@ pub mod schema;
 pub mod tensor;
 
 pub use call::{Call, CallDecoded, Inputs, Outputs, TaskResult};
+pub use model_config::ModelConfig;
 pub use schema::{ModelSchema, SchemaCache, SchemaKey, SchemaSource, SignatureSchema};
 pub use tensor::{DType, NamedTensor, Tensor, TensorValues};
 
@@ -303,10 +304,8 @@ pub mod reason {
     ];
 }
 
-/// Bounds on what decoding one exchange may allocate (a `[decode]` config section
-/// can carry them).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// Bounds on what decoding one exchange may allocate.
+#[derive(Debug, Clone, PartialEq)]
 pub struct DecodeLimits {
     /// Tensor elements (values, strings, example features) decoded per exchange.
     pub max_elements: usize,
@@ -374,7 +373,7 @@ pub struct Decoded {
 pub struct Decoder {
     /// Per-model overrides: probabilities output, class names, threshold, categorical
     /// features, id feature.
-    models: std::collections::BTreeMap<String, crate::config::ModelConfig>,
+    models: std::collections::BTreeMap<String, ModelConfig>,
     /// Allocation bounds per exchange.
     limits: DecodeLimits,
     /// Model signatures, to name unnamed REST tensors; None names them `input`.
@@ -384,7 +383,7 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn new(models: std::collections::BTreeMap<String, crate::config::ModelConfig>) -> Self {
+    pub fn new(models: std::collections::BTreeMap<String, ModelConfig>) -> Self {
         Decoder { models, ..Decoder::default() }
     }
 

@@ -25,12 +25,12 @@
 use super::call::{Call, ExampleFeatures, Inputs, Outputs};
 use super::schema::SignatureSchema;
 use super::tensor::{NamedTensor, Tensor, TensorValues};
+use super::ModelConfig;
 use super::{
     reason, DecodeError, DecodeLimits, FeatureColumn, FeatureValues, InferenceMethod, Observation, Probabilities,
     StreamKey,
 };
 use crate::capture::Exchange;
-use crate::config::ModelConfig;
 use base64::Engine;
 use std::collections::BTreeMap;
 

@@ -152,14 +152,17 @@ pub async fn service(settings: LabelSettings) -> Arc<LabelService> {
     LabelService::open(settings).await.unwrap()
 }
 
-const REDIS_SERVER: &str = "/usr/bin/redis-server";
-const REDIS_CLI: &str = "/usr/bin/redis-cli";
-
-fn require(binary: &str) {
-    assert!(
-        Path::new(binary).exists(),
-        "{binary} is missing: these tests need a real Redis (Debian package `redis-server`)"
-    );
+/// A Redis tool found on `PATH`; a missing one fails the test (never skips it) with
+/// how to install it.
+fn redis_tool(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} is not on PATH: these tests need a real Redis (Debian package `redis-server`)")
+        })
 }
 
 /// A loopback port that is free now (and, when `bus` is set, whose cluster bus port
@@ -186,10 +189,9 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start(cluster: bool) -> RedisServer {
-        require(REDIS_SERVER);
         let dir = tempfile::tempdir().unwrap();
         let port = free_port(cluster);
-        let mut command = Command::new(REDIS_SERVER);
+        let mut command = Command::new(redis_tool("redis-server"));
         command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -239,7 +241,7 @@ impl Drop for RedisServer {
 }
 
 fn cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new(REDIS_CLI)
+    let out = Command::new(redis_tool("redis-cli"))
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stderr(Stdio::null())
@@ -255,10 +257,9 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        require(REDIS_CLI);
         let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start(true)).collect();
         let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let out = Command::new(REDIS_CLI)
+        let out = Command::new(redis_tool("redis-cli"))
             .arg("--cluster")
             .arg("create")
             .args(&addresses)

@@ -2,7 +2,8 @@
 //! upstreams, through the same `app::run` that `mltap serve` uses.
 
 use mltap::app::{Listeners, ServeError};
-use mltap::config::{Config, ServeArgs};
+use mltap::cli::ServeArgs;
+use mltap::config::Config;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;

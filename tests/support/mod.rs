@@ -9,17 +9,11 @@ pub mod raw_codec;
 
 use std::path::PathBuf;
 
-/// The shared TF Serving fixtures: `MLTAP_FIXTURES`, else `../shared/fixtures/tfserving`
-/// relative to the repository (or to the directory holding its worktree).
+/// The TF Serving fixtures (real encodings; see their README): `MLTAP_FIXTURES`, else
+/// the copy in this repository, `tests/fixtures/tfserving`.
 pub fn fixtures_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("MLTAP_FIXTURES") {
-        return PathBuf::from(dir);
+    match std::env::var_os("MLTAP_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tfserving"),
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for candidate in [root.join("../shared/fixtures/tfserving"), root.join("../../shared/fixtures/tfserving")] {
-        if candidate.is_dir() {
-            return candidate;
-        }
-    }
-    panic!("TF Serving fixtures not found: set MLTAP_FIXTURES or place them at ../shared/fixtures/tfserving");
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::retry::Failure;
 use super::AnodotProtocol;
 
 /// Anodot error codes that mean "slow down", not "bad data": API call rate exceeded
@@ -69,11 +70,10 @@ pub enum PostOutcome {
     /// Anodot refused the request as malformed (4xx). With indexed errors, the other
     /// points may be sent again without them; otherwise the whole request is refused.
     Refused { rejected: Vec<Rejection>, whole_request: bool },
-    /// Transient: 5xx, 408, 429, a timeout, a connection failure or a rate-limit code.
-    Retry { reason: String, retry_after: Option<Duration> },
-    /// Needs an operator: the token is refused or the endpoint does not exist. Sending
-    /// again unchanged cannot succeed, and dropping the points would lose them.
-    Halt { reason: String },
+    /// Anodot did not answer for the points: transient (5xx, 408, 429, a timeout, a
+    /// connection failure or a rate-limit code), or needing an operator (the token is
+    /// refused or the endpoint does not exist).
+    Failed(Failure),
 }
 
 /// Failure of a schema or access-token call (3.0).
@@ -123,27 +123,36 @@ pub fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) 
         errors.iter().map(|e| format!("{} {}", e.code, e.description)).collect::<Vec<_>>().join("; ")
     };
     if errors.iter().any(|e| RATE_LIMIT_CODES.contains(&e.code)) {
-        return PostOutcome::Retry { reason: format!("Anodot rate limit: {}", described(&errors)), retry_after };
+        return PostOutcome::Failed(Failure::Transient {
+            reason: format!("Anodot rate limit: {}", described(&errors)),
+            retry_after,
+        });
     }
     if errors.iter().any(|e| e.code == TOKEN_NOT_ACTIVE) {
-        return PostOutcome::Halt { reason: format!("Anodot token is not active: {}", described(&errors)) };
+        return PostOutcome::Failed(Failure::Halt {
+            reason: format!("Anodot token is not active: {}", described(&errors)),
+        });
     }
     if status.is_success() {
         // Anodot answers JSON (or nothing). Anything else means the URL reaches some
         // other server, and counting the points as delivered would lose them.
         let blank = body.iter().all(u8::is_ascii_whitespace);
         if !blank && serde_json::from_slice::<Value>(body).is_err() {
-            return PostOutcome::Halt {
+            return PostOutcome::Failed(Failure::Halt {
                 reason: format!("HTTP {status} with an answer that is not Anodot's (not JSON); check the URL"),
-            };
+            });
         }
         return PostOutcome::Answered { rejected: errors };
     }
     let excerpt = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
     match status.as_u16() {
-        408 | 429 | 500..=599 => PostOutcome::Retry { reason: format!("HTTP {status}"), retry_after },
-        401 | 403 => PostOutcome::Halt { reason: format!("HTTP {status}: Anodot refused the token") },
-        404 | 405 => PostOutcome::Halt { reason: format!("HTTP {status}: no Anodot metrics endpoint at this URL") },
+        408 | 429 | 500..=599 => {
+            PostOutcome::Failed(Failure::Transient { reason: format!("HTTP {status}"), retry_after })
+        }
+        401 | 403 => PostOutcome::Failed(Failure::Halt { reason: format!("HTTP {status}: Anodot refused the token") }),
+        404 | 405 => PostOutcome::Failed(Failure::Halt {
+            reason: format!("HTTP {status}: no Anodot metrics endpoint at this URL"),
+        }),
         _ => {
             let indexed = errors.iter().any(|e| e.index.is_some());
             let mut rejected = errors;
@@ -294,10 +303,6 @@ impl AnodotClient {
         })
     }
 
-    pub fn endpoints(&self) -> &Endpoints {
-        &self.endpoints
-    }
-
     /// Posts a JSON array of points.
     pub async fn post_points(&self, protocol: AnodotProtocol, body: Vec<u8>) -> PostOutcome {
         self.post(&self.endpoints.metrics, protocol, body).await
@@ -320,13 +325,13 @@ impl AnodotClient {
             .await;
         let response = match sent {
             Ok(r) => r,
-            Err(e) => return PostOutcome::Retry { reason: transport_error(e), retry_after: None },
+            Err(e) => return PostOutcome::Failed(Failure::Transient { reason: transport_error(e), retry_after: None }),
         };
         let status = response.status();
         let retry_after = retry_after(response.headers());
         match response.bytes().await {
             Ok(body) => classify(status, &scrub(&body, self.token.expose()), retry_after),
-            Err(e) => PostOutcome::Retry { reason: transport_error(e), retry_after },
+            Err(e) => PostOutcome::Failed(Failure::Transient { reason: transport_error(e), retry_after }),
         }
     }
 
@@ -500,18 +505,24 @@ mod tests {
         let ok = StatusCode::OK;
         for code in RATE_LIMIT_CODES {
             let body = format!(r#"{{"errors":[{{"error":{code},"description":"slow down"}}]}}"#);
-            assert!(matches!(classify(ok, body.as_bytes(), None), PostOutcome::Retry { .. }), "{code}");
+            assert!(
+                matches!(classify(ok, body.as_bytes(), None), PostOutcome::Failed(Failure::Transient { .. })),
+                "{code}"
+            );
         }
-        assert!(matches!(classify(StatusCode::TOO_MANY_REQUESTS, b"", None), PostOutcome::Retry { .. }));
-        assert!(matches!(classify(StatusCode::BAD_GATEWAY, b"", None), PostOutcome::Retry { .. }));
-        assert!(matches!(classify(StatusCode::UNAUTHORIZED, b"", None), PostOutcome::Halt { .. }));
+        assert!(matches!(
+            classify(StatusCode::TOO_MANY_REQUESTS, b"", None),
+            PostOutcome::Failed(Failure::Transient { .. })
+        ));
+        assert!(matches!(classify(StatusCode::BAD_GATEWAY, b"", None), PostOutcome::Failed(Failure::Transient { .. })));
+        assert!(matches!(classify(StatusCode::UNAUTHORIZED, b"", None), PostOutcome::Failed(Failure::Halt { .. })));
         assert!(matches!(
             classify(ok, br#"{"errors":[{"error":2001,"description":"Token is not active"}]}"#, None),
-            PostOutcome::Halt { .. }
+            PostOutcome::Failed(Failure::Halt { .. })
         ));
         assert_eq!(classify(ok, br#"{"errors":[]}"#, None), PostOutcome::Answered { rejected: vec![] });
         assert_eq!(classify(ok, b"", None), PostOutcome::Answered { rejected: vec![] });
-        assert!(matches!(classify(ok, b"<html>welcome</html>", None), PostOutcome::Halt { .. }));
+        assert!(matches!(classify(ok, b"<html>welcome</html>", None), PostOutcome::Failed(Failure::Halt { .. })));
         assert!(matches!(
             classify(StatusCode::BAD_REQUEST, b"nope", None),
             PostOutcome::Refused { whole_request: true, .. }

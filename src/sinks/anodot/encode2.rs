@@ -1,7 +1,13 @@
 //! Anodot 2.0 metric points and Anodot's property rules: at most 20 properties,
 //! keys of at most 50 and values of at most 150 characters, `.`, `=` and space in
 //! values replaced by `_`, and finite values only. A `Point` that exists obeys them.
+//!
+//! Producers' typed samples become points here (`Point::from_sample`): the catalogue
+//! (`catalog`) gives the name, the target type and the property keys. A point
+//! remembers its catalogue entry and where each dimension sits, so that the other
+//! sinks read it by type, not by property name.
 
+use crate::catalog::{self, Dimension, Kind, MetricDef, Sample, ScopeValues};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 /// Anodot's aggregation hint: counters are summed, gauges averaged.
@@ -12,6 +18,15 @@ pub enum TargetType {
 }
 
 impl TargetType {
+    /// Anodot's hint for a catalogue kind: statistics are gauges.
+    pub const fn of(kind: Kind) -> TargetType {
+        if kind.is_counter() {
+            TargetType::Counter
+        } else {
+            TargetType::Gauge
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TargetType::Gauge => "gauge",
@@ -33,13 +48,23 @@ pub const MAX_VALUE_CHARS: usize = 150;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Point {
     properties: Vec<(String, String)>,
+    /// The catalogue's entry for `what`; None for a metric mltap does not declare (a
+    /// file of another version, a test's made-up point).
+    metric: Option<&'static MetricDef>,
+    /// Per dimension (by `Dimension::index`), 1 + its position in `properties`, or 0
+    /// when the point does not carry it.
+    dim_slots: DimSlots,
     /// Bucket start, epoch seconds.
     pub timestamp: i64,
     /// A finite number.
     pub value: f64,
 }
 
-/// Builds a point; `finish` checks the value and appends `ver`.
+type DimSlots = [u8; Dimension::COUNT];
+
+/// Builds a point of any name and properties, for points that do not come from the
+/// catalogue (tests, tools); `finish` checks the value and appends `ver`. mltap's own
+/// producers use `Point::from_sample`.
 #[derive(Debug, Clone)]
 pub struct PointBuilder {
     properties: Vec<(String, String)>,
@@ -53,6 +78,50 @@ impl Point {
         let mut b = PointBuilder { properties: Vec::with_capacity(8), timestamp, value };
         b = b.with("what", what).with("target_type", target_type.as_str());
         b
+    }
+
+    /// Renders a typed sample of a bucket of `scope` starting at `timestamp`: `what`,
+    /// `target_type`, the scope's dimensions, the sample's, `ver`. None when the value
+    /// is not finite (never emitted).
+    pub fn from_sample(sample: &Sample<'_>, scope: &ScopeValues<'_>, timestamp: i64) -> Option<Point> {
+        if !sample.value.is_finite() {
+            return None;
+        }
+        let metric = sample.metric;
+        let mut properties = Vec::with_capacity(6 + sample.dims().len());
+        properties.push(("what".to_string(), metric.name.to_string()));
+        properties.push(("target_type".to_string(), TargetType::of(metric.kind).as_str().to_string()));
+        let mut dim_slots = [0u8; Dimension::COUNT];
+        for (dim, value) in
+            scope.dims().filter(|(d, _)| metric.scope.dims().contains(d)).chain(sample.dims().iter().copied())
+        {
+            properties.push((dim.key().to_string(), sanitize_value(value)));
+            dim_slots[dim.index()] = properties.len() as u8;
+        }
+        properties.push(("ver".to_string(), "1".to_string()));
+        Some(Point { properties, metric: Some(metric), dim_slots, timestamp, value: sample.value })
+    }
+
+    /// The catalogue's entry for this point's metric.
+    pub fn metric(&self) -> Option<&'static MetricDef> {
+        self.metric
+    }
+
+    /// The value of one of mltap's dimensions, when the point carries it.
+    pub fn dim(&self, dim: Dimension) -> Option<&str> {
+        match self.dim_slots[dim.index()] {
+            0 => None,
+            slot => self.properties.get(usize::from(slot) - 1).map(|(_, v)| v.as_str()),
+        }
+    }
+
+    /// The properties that are dimensions (all but `what`, `target_type` and `ver`),
+    /// in order, each with its typed dimension when it is one of mltap's.
+    pub fn dimensions(&self) -> impl Iterator<Item = (Option<Dimension>, &str, &str)> {
+        self.properties.iter().enumerate().filter(|(_, (k, _))| !is_bookkeeping(k)).map(|(i, (k, v))| {
+            let dim = Dimension::ALL.into_iter().find(|d| usize::from(self.dim_slots[d.index()]) == i + 1);
+            (dim, k.as_str(), v.as_str())
+        })
     }
 
     /// The properties in order.
@@ -97,8 +166,30 @@ impl PointBuilder {
             return None;
         }
         self.properties.push(("ver".to_string(), "1".to_string()));
-        Some(Point { properties: self.properties, timestamp: self.timestamp, value: self.value })
+        Some(Point::typed(self.properties, self.timestamp, self.value))
     }
+}
+
+impl Point {
+    /// A point from properties in file order, with its catalogue entry and dimension
+    /// slots resolved from the property keys: the one place names are read back.
+    fn typed(properties: Vec<(String, String)>, timestamp: i64, value: f64) -> Point {
+        let what = properties.iter().find(|(k, _)| k == "what").map(|(_, v)| v.as_str()).unwrap_or_default();
+        let metric = catalog::find(what);
+        let mut dim_slots = [0u8; Dimension::COUNT];
+        for (i, (k, _)) in properties.iter().enumerate().take(usize::from(u8::MAX)) {
+            if let Some(d) = Dimension::from_key(k) {
+                dim_slots[d.index()] = (i + 1) as u8;
+            }
+        }
+        Point { properties, metric, dim_slots, timestamp, value }
+    }
+}
+
+/// Properties of the 2.0 format itself rather than dimensions: the metric name, its
+/// aggregation hint and the metric version.
+fn is_bookkeeping(key: &str) -> bool {
+    matches!(key, "what" | "target_type" | "ver")
 }
 
 fn sanitize_key(key: &str) -> String {
@@ -171,7 +262,7 @@ impl<'de> serde::Deserialize<'de> for Point {
                 (k, v)
             })
             .collect();
-        Ok(Point { properties, timestamp: wire.timestamp, value: wire.value })
+        Ok(Point::typed(properties, wire.timestamp, wire.value))
     }
 }
 
@@ -194,6 +285,39 @@ mod tests {
         );
         let back: Point = serde_json::from_str(&json).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn a_sample_renders_as_the_same_point_as_its_spelled_out_properties() {
+        use crate::catalog::{Dimension, FEATURE_VALUE, REQUEST_COUNT};
+        let scope = ScopeValues { model: Some("iris"), version: Some("2"), signature: Some("serving default") };
+        let sample = FEATURE_VALUE.sample(1.5).with(Dimension::FeatName, "petal.length").with(Dimension::Stat, "q50");
+        let typed = Point::from_sample(&sample, &scope, 60).unwrap();
+        let spelled = Point::builder("feature_value", TargetType::Gauge, 60, 1.5)
+            .with("model", "iris")
+            .with("version", "2")
+            .with("signature", "serving default")
+            .with("feat_name", "petal.length")
+            .with("stat", "q50")
+            .finish()
+            .unwrap();
+        assert_eq!(serde_json::to_string(&typed).unwrap(), serde_json::to_string(&spelled).unwrap());
+        assert_eq!(typed, spelled);
+        assert_eq!(typed.metric(), Some(&FEATURE_VALUE));
+        assert_eq!(typed.dim(Dimension::FeatName), Some("petal_length"));
+        assert_eq!(typed.dim(Dimension::Signature), Some("serving_default"));
+        assert_eq!(typed.dim(Dimension::Method), None);
+        let back: Point = serde_json::from_str(&serde_json::to_string(&typed).unwrap()).unwrap();
+        assert_eq!(back.dim(Dimension::Stat), Some("q50"));
+        assert_eq!(back.metric(), Some(&FEATURE_VALUE));
+
+        // A model-level metric drops the stream's version and signature.
+        let sample = REQUEST_COUNT.sample(3.0).with(Dimension::Method, "predict").with(Dimension::Status, "200");
+        let p = Point::from_sample(&sample, &scope, 60).unwrap();
+        let keys: Vec<&str> = p.properties().iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["what", "target_type", "model", "method", "status", "ver"]);
+        assert_eq!(p.property("target_type"), Some("counter"));
+        assert!(Point::from_sample(&REQUEST_COUNT.sample(f64::NAN), &scope, 60).is_none());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use super::Point;
+use crate::atomic_file;
 
 /// Journal lines after which the journal is folded into the snapshot.
 const COMPACT_AFTER_LINES: usize = 512;
@@ -129,7 +130,7 @@ pub struct FileCursor {
     /// File size when last read: a different size means the file grew.
     #[serde(rename = "s", default)]
     pub size: u64,
-    /// 3.0 watermarks posted for this bucket (bit flags of `anodot_v3::Stream`).
+    /// 3.0 watermarks posted for this bucket (bit flags of `anodot::encode3::Stream`).
     #[serde(rename = "w", default)]
     pub watermarks: u8,
 }
@@ -250,7 +251,7 @@ impl Cursor {
     fn compact(&mut self) -> io::Result<()> {
         let snapshot = Snapshot { version: 1, files: self.files.clone() };
         let bytes = serde_json::to_vec(&snapshot).map_err(io::Error::other)?;
-        write_atomically(&self.dir.join("cursor.json"), &bytes)?;
+        atomic_file::write(&self.dir.join("cursor.json"), &bytes)?;
         let journal_path = self.dir.join("cursor.journal");
         self.journal = OpenOptions::new().create(true).write(true).truncate(true).open(&journal_path)?;
         self.journal.sync_all()?;
@@ -302,7 +303,7 @@ impl CursorLock {
                 }
             }
         }
-        write_atomically(&path, ours.to_string().as_bytes())?;
+        atomic_file::write(&path, ours.to_string().as_bytes())?;
         held.push(dir.clone());
         Ok(CursorLock { path, dir })
     }
@@ -323,22 +324,6 @@ fn apply(files: &mut BTreeMap<String, FileCursor>, line: JournalLine) {
     for key in line.forget {
         files.remove(&key);
     }
-}
-
-/// Temp file, fsync, rename, fsync of the directory.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("cursor")));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
