@@ -344,6 +344,18 @@ impl Tap {
     }
 
     fn data(&mut self, data: &Bytes) {
+        self.take(data, || keep(data));
+    }
+
+    /// Copies a chunk that passes through a buffer the caller reuses (the REST relay),
+    /// by the same rules as `data`.
+    pub(super) fn copy(&mut self, data: &[u8]) {
+        self.take(data, || Bytes::copy_from_slice(data));
+    }
+
+    /// Counts a chunk and keeps what the exchange needs of it: a prefix for a count
+    /// record, the whole chunk (`owned`) for a sampled or logged one, within the cap.
+    fn take(&mut self, data: &[u8], owned: impl FnOnce() -> Bytes) {
         self.seen += data.len() as u64;
         if !self.record.capture || data.is_empty() || self.stopped {
             return;
@@ -358,7 +370,7 @@ impl Tap {
             return;
         }
         if self.record.reserve(data.len()) {
-            self.chunks.push(keep(data));
+            self.chunks.push(owned());
             self.bytes += data.len();
             return;
         }
@@ -379,13 +391,6 @@ impl Tap {
                 self.bytes = 0;
                 self.record.response_cut.store(true, Ordering::Relaxed);
             }
-        }
-    }
-
-    /// Copies a chunk that passes through a buffer the caller reuses (the REST relay).
-    pub(super) fn copy(&mut self, data: &[u8]) {
-        if self.record.capture && !data.is_empty() && self.record.reserve(data.len()) {
-            self.chunks.push(Bytes::copy_from_slice(data));
         }
     }
 
