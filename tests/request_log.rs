@@ -378,7 +378,7 @@ async fn non_inference_rest_calls_through_the_relay_have_their_client_and_byte_c
     assert_eq!(metadata_line["status"], 200);
     assert_eq!(metadata_line["request_bytes"], 0);
     assert_eq!(metadata_line["response_bytes"], metadata_body.len() as u64);
-    assert!(metadata_body.len() > 0);
+    assert!(!metadata_body.is_empty());
     assert!(metadata_line["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{metadata_line}");
     let other_line = lines.iter().find(|l| l["request_id"] == "other-1").expect("the other call's line");
     assert_eq!(other_line["path"], "/v1/models/churn/versions/1/labels");
