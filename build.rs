@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tensorflow_serving/apis/prediction_service.proto",
         "proto/tensorflow_serving/apis/model_service.proto",
         "proto/tensorflow/core/example/example.proto",
+        "proto/tensorflow_serving/apis/prediction_log.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()

@@ -18,6 +18,7 @@ use crate::labels::link::LabelLink;
 use crate::labels::{LabelService, LabelSettings};
 use crate::monitor::ClosedBucket;
 use crate::proxy::{Proxy, ProxyMetrics, ProxySettings};
+use crate::request_log::{LogSettings, RunningLogs};
 use crate::sinks::anodot::{Delivery, DeliverySettings};
 use crate::sinks::files::FileSink;
 use crate::units::ConfigError;
@@ -113,6 +114,23 @@ impl From<&Config> for WorkerSettings {
             monitor: config.monitor.clone(),
             models: config.models.clone(),
             references: config.references.clone(),
+        }
+    }
+}
+
+impl From<&Config> for LogSettings {
+    fn from(config: &Config) -> LogSettings {
+        LogSettings {
+            request_log: config.request_log.clone(),
+            access_log: config.access_log.clone(),
+            model_rates: config
+                .models
+                .iter()
+                .filter_map(|(name, model)| model.request_log_sampling_rate.map(|rate| (name.clone(), rate)))
+                .collect(),
+            output_dir: config.output_dir.clone(),
+            grpc_upstream: config.grpc_upstream.clone(),
+            rest_upstream: config.rest_upstream.clone(),
         }
     }
 }
@@ -225,9 +243,11 @@ pub async fn run(
     let (sender, receiver) = crate::capture::queue(&config.capture);
     registry.register_collector(Box::new(CaptureCollector { stats: sender.stats().clone() }));
     let metrics = ProxyMetrics::register(&mut registry);
+    let exchange_logs = RunningLogs::start(&LogSettings::from(config.as_ref()), &mut registry)?;
     let proxy_settings = ProxySettings::from(config.as_ref());
     // Built before any thread starts so that a bad upstream stops start-up cleanly.
-    let first = Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?;
+    let first =
+        Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?.with_exchange_logs(exchange_logs.logs.clone());
     let readiness =
         first.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
     let worker = crate::worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
@@ -281,7 +301,8 @@ pub async fn run(
     for index in 0..threads {
         let proxy = match proxy.take() {
             Some(first) => first,
-            None => Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?,
+            None => Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?
+                .with_exchange_logs(exchange_logs.logs.clone()),
         };
         let listeners = (
             crate::proxy::listen::for_thread(&grpc, index).map_err(runtime_error)?,
@@ -312,6 +333,7 @@ pub async fn run(
         }
         worker.finish().await;
         label_link.finish().await;
+        exchange_logs.finish().await;
     })
     .await;
     if let Some(delivery) = delivery {

@@ -4,13 +4,15 @@
 //! string key again: a bad value stops start-up here with one line naming the key.
 //!
 //! The flat keys are the `serve` flags (the command line itself is `cli`'s). Sections
-//! (`[capture]`, `[monitor]`, `[labels]`, `[anodot]`, `[tls]`, `[models.NAME]`) hold
+//! (`[capture]`, `[monitor]`, `[labels]`, `[anodot]`, `[tls]`, `[request_log]`,
+//! `[access_log]`, `[models.NAME]`) hold
 //! settings that have no flag; each section's type and its validation live beside the
 //! component it configures, and durations, sizes and `ConfigError` in `units`. This
 //! module only composes them; `app` hands each component what it takes from the whole.
 
 use crate::monitor::{MonitorConfig, ReferenceSet};
 use crate::proxy::tls::TlsConfig;
+use crate::request_log::{AccessLogConfig, RequestLogConfig};
 use crate::sinks::AnodotConfig;
 use crate::units::parse_duration;
 use serde::Deserialize;
@@ -73,6 +75,10 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     /// TLS towards `https://` upstreams and on mltap's own listeners.
     pub tls: TlsConfig,
+    /// Sampled PredictionLog TFRecord files of inference exchanges.
+    pub request_log: RequestLogConfig,
+    /// One JSON line per exchange.
+    pub access_log: AccessLogConfig,
     /// The drift references of `monitor.reference_file`, read once here (where a bad
     /// file stops start-up) and shared by every aggregation thread.
     pub references: Arc<ReferenceSet>,
@@ -109,6 +115,10 @@ struct FileConfig {
     models: BTreeMap<String, ModelConfig>,
     #[serde(default)]
     tls: TlsConfig,
+    #[serde(default)]
+    request_log: RequestLogConfig,
+    #[serde(default)]
+    access_log: AccessLogConfig,
 }
 
 /// A raw value with the place it came from, for error messages.
@@ -197,6 +207,8 @@ impl Config {
             anodot: file.anodot,
             models: file.models,
             tls: file.tls,
+            request_log: file.request_log,
+            access_log: file.access_log,
             references: Arc::default(),
         };
         let references = config.validate(&file_name)?;
@@ -215,6 +227,8 @@ impl Config {
         self.labels.validate().map_err(ConfigError::in_section("labels", file_name))?;
         self.anodot.validate().map_err(ConfigError::in_section("anodot", file_name))?;
         self.tls.validate().map_err(ConfigError::in_section("tls", file_name))?;
+        self.request_log.validate().map_err(ConfigError::in_section("request_log", file_name))?;
+        self.access_log.validate().map_err(ConfigError::in_section("access_log", file_name))?;
         Ok(references)
     }
 

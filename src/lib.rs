@@ -6,10 +6,12 @@
 //! exchanges over a bounded queue, `tfserving` decodes them into observations,
 //! `monitor` aggregates them into buckets, `labels` joins ground truth, `sinks`
 //! writes and delivers Anodot points, `admin` serves health, metrics, labels and the
-//! dashboard. `catalog` declares every metric once for producers and sinks. `units` is the leaf every section type uses (durations, sizes, the
-//! configuration error), `config` composes the sections into the one typed
-//! configuration, `app` wires the components and `cli` runs the commands. Modules
-//! import each other without cycles, in the order of docs/architecture.md.
+//! dashboard, `request_log` keeps the sampled PredictionLog files and the access log.
+//! `catalog` declares every metric once for producers and sinks. `units` is the leaf
+//! every section type uses (durations, sizes, the configuration error), `config`
+//! composes the sections into the one typed configuration, `app` wires the components
+//! and `cli` runs the commands. Modules import each other without cycles, in the order
+//! of docs/architecture.md.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -23,6 +25,7 @@ pub mod demo;
 pub mod labels;
 pub mod monitor;
 pub mod proxy;
+pub mod request_log;
 pub mod send;
 pub mod sinks;
 pub mod tfserving;

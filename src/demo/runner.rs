@@ -112,6 +112,10 @@ pub async fn run(run_for: Option<&str>, mut serve: Flags) -> ExitCode {
     for model in demo_models() {
         let entry = config.models.entry(model.name.to_string()).or_insert_with(ModelConfig::default);
         entry.class_names.get_or_insert_with(|| model.class_names.iter().map(|c| c.to_string()).collect());
+        // The demo keeps every call in the request log unless the configuration says otherwise.
+        if config.request_log.sampling_rate == 0.0 {
+            entry.request_log_sampling_rate.get_or_insert(1.0);
+        }
     }
     crate::app::init_logging(&config.log);
 
@@ -246,6 +250,10 @@ fn print_banner(
     println!("  metrics         http://{}/metrics", addresses.admin);
     println!("  labels          POST http://{}/v1/labels", addresses.admin);
     println!("  files           {}/MODEL/*.json (one per {:?} bucket and model)", files.display(), config.bucket);
+    println!(
+        "  request log     {}/MODEL/*.tfrecord (tensorflow.serving.PredictionLog; docs/request-log.md)",
+        crate::request_log::request_dir(&config.request_log, &config.output_dir).display()
+    );
     println!("  mltap           gRPC {}   REST http://{}   (clients call these)", addresses.grpc, addresses.rest);
     println!("  model server    gRPC {}   REST http://{}", model_server.grpc_addr, model_server.rest_addr);
     println!("  models          churn (3 classes: stay, downgrade, churn), fraud (binary)");

@@ -25,13 +25,15 @@ pub(super) type ResetStream = Box<dyn std::error::Error + Send + Sync>;
 
 pub(super) async fn handle(
     shared: Arc<ProxyShared>,
+    peer: std::net::SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, ResetStream> {
     let started_at = SystemTime::now();
     let (mut parts, body) = request.into_parts();
     let route = RouteKind::grpc(parts.uri.path());
     let capture = route.captured();
-    let (request_id, generated) = shared.request_id(&parts.headers, capture);
+    let logs_all = shared.logs.access_on();
+    let (request_id, generated) = shared.request_id(&parts.headers, capture, logs_all);
     let returned_id = shared.id_to_return(&request_id, generated);
     strip_hop_by_hop_h2(&mut parts.headers);
     let deadline = parts
@@ -44,16 +46,17 @@ pub(super) async fn handle(
         RecordStart {
             route,
             capture,
-            path: if capture { parts.uri.path().to_string() } else { String::new() },
+            path: if capture || logs_all { parts.uri.path().to_string() } else { String::new() },
             request_id,
             request_id_generated: generated,
             request_encoding: header_text(&parts.headers, "grpc-encoding"),
             started_at,
+            client: Some(peer),
         },
     );
     parts.uri = shared.grpc_upstream.uri_for(&parts.uri);
     parts.version = http::Version::HTTP_2;
-    let tap = capture.then(|| Tap::new(record.clone(), Side::Request));
+    let tap = record.captures().then(|| Tap::new(record.clone(), Side::Request));
     let upstream_request = Request::from_parts(parts, TeeBody::new(body, tap));
 
     let answer = tokio::time::timeout(deadline, shared.grpc_client.request(upstream_request)).await;

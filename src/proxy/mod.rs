@@ -130,6 +130,8 @@ pub struct ProxyShared {
     /// Where copies of inference exchanges go; `offer` never waits.
     pub(crate) capture: CaptureSender,
     pub(crate) metrics: ProxyMetrics,
+    /// The request log's sampling and hand-over, and the access log's.
+    pub(crate) logs: crate::request_log::ExchangeLogs,
     /// Generates ids for requests that carry none.
     request_ids: request_id::RequestIds,
     /// Header (gRPC metadata key) carrying the request id.
@@ -149,11 +151,12 @@ pub struct ProxyShared {
 impl ProxyShared {
     /// The client's request id, or a generated one when the exchange needs an id
     /// (captured, or ids are returned). Returns the id and whether it was generated.
-    /// A client's id is only copied when the exchange is captured: it is never
-    /// returned, so an exchange that is not captured allocates nothing for it.
-    fn request_id(&self, headers: &http::HeaderMap, needed: bool) -> (String, bool) {
+    /// A client's id is only copied when the exchange is captured or the access log
+    /// is on (`logged`): it is never returned, so an exchange that is neither
+    /// allocates nothing for it.
+    fn request_id(&self, headers: &http::HeaderMap, needed: bool, logged: bool) -> (String, bool) {
         match headers.get(&self.request_id_header).and_then(|v| v.to_str().ok()) {
-            Some(id) if needed => (id.to_string(), false),
+            Some(id) if needed || logged => (id.to_string(), false),
             Some(_) => (String::new(), false),
             None if needed || self.return_request_id => (self.request_ids.generate(), true),
             None => (String::new(), false),
@@ -255,6 +258,7 @@ impl Proxy {
         let shared = Arc::new(ProxyShared {
             capture,
             metrics,
+            logs: crate::request_log::ExchangeLogs::default(),
             request_ids: request_id::RequestIds::default(),
             request_id_header: config.request_id_header.clone(),
             return_request_id: config.return_request_id,
@@ -272,23 +276,39 @@ impl Proxy {
         })
     }
 
+    /// Hands exchanges to the request and access logs too (both off by default).
+    pub fn with_exchange_logs(mut self, logs: crate::request_log::ExchangeLogs) -> Proxy {
+        // The relay holds the shared state too: it lets go of it, then is built
+        // again around the state with the logs.
+        let relayed = self.rest_relay.take().is_some();
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => shared.logs = logs,
+            // Only a proxy shared already could get here; it keeps its logs.
+            None => warn!(message = "Exchange logs not attached: the proxy is already serving."),
+        }
+        if relayed {
+            self.rest_relay = relay::Relay::for_rest_upstream(self.shared.clone());
+        }
+        self
+    }
+
     /// Serves the REST listener until `stop` turns true, then stops accepting, lets
     /// in-flight exchanges finish and returns when every connection is closed.
     pub async fn serve_rest(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
         let tls = self.rest_tls.clone().map(TlsAcceptor::from);
         if let Some(relay) = &self.rest_relay {
             let relay = relay.stopping_on(stop.clone());
-            accept_loop(listener, tls, stop, move |io, _| relay.clone().serve(io.into_inner())).await;
+            accept_loop(listener, tls, stop, move |io, _, peer| relay.clone().serve(io.into_inner(), peer)).await;
             return;
         }
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.keep_alive(true).auto_date_header(false).timer(TokioTimer::new());
         let shared = self.shared.clone();
-        accept_loop(listener, tls, stop, move |io, stop| {
+        accept_loop(listener, tls, stop, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
-                let service = hyper::service::service_fn(move |request| rest::handle(shared.clone(), request));
+                let service = hyper::service::service_fn(move |request| rest::handle(shared.clone(), peer, request));
                 let connection = builder.serve_connection(io, service);
                 run_connection(connection, stop, |c| c.graceful_shutdown()).await;
             }
@@ -308,11 +328,11 @@ impl Proxy {
             .max_send_buf_size(H2_MAX_SEND_BUF)
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
         let shared = self.shared.clone();
-        accept_loop(listener, self.grpc_tls.clone().map(TlsAcceptor::from), stop, move |io, stop| {
+        accept_loop(listener, self.grpc_tls.clone().map(TlsAcceptor::from), stop, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
-                let service = hyper::service::service_fn(move |request| grpc::handle(shared.clone(), request));
+                let service = hyper::service::service_fn(move |request| grpc::handle(shared.clone(), peer, request));
                 let connection = builder.serve_connection(io, service);
                 run_connection(connection, stop, |c| c.graceful_shutdown()).await;
             }
@@ -334,7 +354,7 @@ impl Proxy {
 /// a clone of `open`; the channel closes when the last one ends.
 async fn accept_loop<F, Fut>(listener: TcpListener, tls: Option<TlsAcceptor>, mut stop: watch::Receiver<bool>, serve: F)
 where
-    F: Fn(TokioIo<ClientStream>, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
+    F: Fn(TokioIo<ClientStream>, watch::Receiver<bool>, std::net::SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -375,7 +395,7 @@ where
                             }
                         }
                     };
-                    serve(TokioIo::new(stream), stop).await;
+                    serve(TokioIo::new(stream), stop, peer).await;
                     drop(open);
                 });
             }

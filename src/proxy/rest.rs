@@ -19,13 +19,15 @@ use tracing::warn;
 
 pub(super) async fn handle(
     shared: Arc<ProxyShared>,
+    peer: std::net::SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started_at = SystemTime::now();
     let (mut parts, body) = request.into_parts();
     let route = RouteKind::rest(&parts.method, parts.uri.path());
     let capture = route.captured();
-    let (request_id, generated) = shared.request_id(&parts.headers, capture);
+    let logs_all = shared.logs.access_on();
+    let (request_id, generated) = shared.request_id(&parts.headers, capture, logs_all);
     let returned_id = shared.id_to_return(&request_id, generated);
     strip_hop_by_hop(&mut parts.headers);
     let record = ExchangeRecord::new(
@@ -33,16 +35,17 @@ pub(super) async fn handle(
         RecordStart {
             route,
             capture,
-            path: if capture { parts.uri.path().to_string() } else { String::new() },
+            path: if capture || logs_all { parts.uri.path().to_string() } else { String::new() },
             request_id,
             request_id_generated: generated,
             request_encoding: header_text(&parts.headers, header::CONTENT_ENCODING),
             started_at,
+            client: Some(peer),
         },
     );
     parts.uri = shared.rest_upstream.uri_for(&parts.uri);
     parts.version = http::Version::HTTP_11;
-    let tap = capture.then(|| Tap::new(record.clone(), Side::Request));
+    let tap = record.captures().then(|| Tap::new(record.clone(), Side::Request));
     let upstream_request = Request::from_parts(parts, TeeBody::new(body, tap));
 
     let answer = tokio::time::timeout(shared.upstream_timeout, shared.rest_client.request(upstream_request)).await;

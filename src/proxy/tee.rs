@@ -51,6 +51,9 @@ struct Observed {
     /// A failure whose origin is known where it happened (mltap's own answer, an
     /// upstream reset or broken body, a client that went away).
     failure: Option<ErrorOrigin>,
+    /// Body bytes that passed each way (tapped sides only), for the access log.
+    request_bytes: u64,
+    response_bytes: u64,
 }
 
 /// The shared record of one exchange. Its `Drop` is the end of the exchange.
@@ -82,6 +85,11 @@ pub struct ExchangeRecord {
     request_cut: AtomicBool,
     /// Set when the response passed the cap: nothing but the request is counted.
     response_cut: AtomicBool,
+    /// Whether the request log sampled this exchange: both bodies are copied whole,
+    /// whatever the monitoring's own sampling decided.
+    logged: bool,
+    /// The client's address, for the access log.
+    client: Option<std::net::SocketAddr>,
     observed: Mutex<Observed>,
 }
 
@@ -94,11 +102,13 @@ pub struct RecordStart {
     pub request_id_generated: bool,
     pub request_encoding: Option<String>,
     pub started_at: SystemTime,
+    pub client: Option<std::net::SocketAddr>,
 }
 
 impl ExchangeRecord {
     pub fn new(shared: Arc<ProxyShared>, start: RecordStart) -> Arc<Self> {
         let sampled = start.capture && shared.capture.sample();
+        let logged = start.capture && shared.logs.sample();
         Arc::new(ExchangeRecord {
             shared,
             route: start.route,
@@ -113,6 +123,8 @@ impl ExchangeRecord {
             captured_bytes: AtomicUsize::new(0),
             request_cut: AtomicBool::new(false),
             response_cut: AtomicBool::new(false),
+            logged,
+            client: start.client,
             observed: Mutex::new(Observed::default()),
         })
     }
@@ -138,9 +150,10 @@ impl ExchangeRecord {
         self.lock().failure.get_or_insert(origin);
     }
 
-    /// Whether the request body should be tapped.
+    /// Whether the request body should be tapped: it is copied for the worker or
+    /// the request log, or counted for the access log.
     pub fn captures(&self) -> bool {
-        self.capture
+        self.capture || self.shared.logs.access_on()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Observed> {
@@ -183,6 +196,32 @@ impl ExchangeRecord {
         };
         (!ok).then_some(ErrorOrigin::Upstream)
     }
+
+    /// The access log's line for this exchange.
+    fn access_record(&self, observed: &Observed, latency: Duration) -> crate::request_log::AccessRecord {
+        let complete = observed.request_complete && observed.response_complete;
+        let request_prefix = match self.route.protocol {
+            Protocol::Grpc if self.capture => crate::capture::prefix(&observed.request_body, REQUEST_PREFIX_BYTES),
+            _ => Vec::new(),
+        };
+        crate::request_log::AccessRecord {
+            time: self.started_at,
+            protocol: self.route.protocol,
+            method: self.route.method,
+            method_label: self.route.label(),
+            path: self.path.clone(),
+            status: observed.status,
+            grpc_status: observed.grpc_status,
+            upstream_latency: latency,
+            request_bytes: observed.request_bytes,
+            response_bytes: observed.response_bytes,
+            request_id: self.request_id.clone(),
+            client: self.client,
+            origin: self.origin(observed, complete),
+            request_prefix,
+            request_encoding: self.request_encoding.clone(),
+        }
+    }
 }
 
 impl Drop for ExchangeRecord {
@@ -203,6 +242,9 @@ impl Drop for ExchangeRecord {
             .upstream_latency
             .get_or_create(&super::metrics::ProtocolLabels { protocol })
             .observe(latency.as_secs_f64());
+        if self.shared.logs.access_on() {
+            self.shared.logs.access(self.access_record(&observed, latency));
+        }
         if !self.capture {
             return;
         }
@@ -223,9 +265,40 @@ impl Drop for ExchangeRecord {
         };
         let complete = observed.request_complete && observed.response_complete;
         let origin = self.origin(&observed, complete);
+        let (mut request_body, response_body) = match bodies {
+            Bodies::Neither if !self.logged => (Vec::new(), Vec::new()),
+            _ => (observed.request_body, observed.response_body),
+        };
+        if self.logged {
+            self.shared.logs.log_request(
+                Exchange {
+                    protocol: self.route.protocol,
+                    method: self.route.method,
+                    path: self.path.clone(),
+                    request_id: self.request_id.clone(),
+                    request_id_generated: self.request_id_generated,
+                    request_encoding: self.request_encoding.clone(),
+                    response_encoding: observed.response_encoding.clone(),
+                    bodies: Bodies::Full,
+                    request_body: request_body.clone(),
+                    response_body: response_body.clone(),
+                    status: observed.status,
+                    grpc_status: observed.grpc_status,
+                    origin,
+                    started_at: self.started_at,
+                    upstream_latency: latency,
+                    complete,
+                },
+                request_cut || response_cut,
+            );
+        }
         let (request_body, response_body) = match bodies {
             Bodies::Neither => (Vec::new(), Vec::new()),
-            _ => (observed.request_body, observed.response_body),
+            // Copied whole for the request log only: the worker gets a count record.
+            Bodies::ResponseOnly if self.logged && !request_cut => {
+                (crate::capture::prefix(&std::mem::take(&mut request_body), REQUEST_PREFIX_BYTES), response_body)
+            }
+            _ => (request_body, response_body),
         };
         self.shared.capture.submit(Exchange {
             protocol: self.route.protocol,
@@ -261,18 +334,33 @@ pub struct Tap {
     stopped: bool,
     /// Set once this side deposited; later events are ignored.
     done: bool,
+    /// Body bytes that passed this side, copied or not.
+    seen: u64,
 }
 
 impl Tap {
     pub fn new(record: Arc<ExchangeRecord>, side: Side) -> Self {
-        Tap { record, side, chunks: Vec::new(), bytes: 0, stopped: false, done: false }
+        Tap { record, side, chunks: Vec::new(), bytes: 0, stopped: false, done: false, seen: 0 }
     }
 
     fn data(&mut self, data: &Bytes) {
+        self.take(data, || keep(data));
+    }
+
+    /// Copies a chunk that passes through a buffer the caller reuses (the REST relay),
+    /// by the same rules as `data`.
+    pub(super) fn copy(&mut self, data: &[u8]) {
+        self.take(data, || Bytes::copy_from_slice(data));
+    }
+
+    /// Counts a chunk and keeps what the exchange needs of it: a prefix for a count
+    /// record, the whole chunk (`owned`) for a sampled or logged one, within the cap.
+    fn take(&mut self, data: &[u8], owned: impl FnOnce() -> Bytes) {
+        self.seen += data.len() as u64;
         if !self.record.capture || data.is_empty() || self.stopped {
             return;
         }
-        if self.side == Side::Request && !self.record.sampled {
+        if self.side == Side::Request && !self.record.sampled && !self.record.logged {
             // A count record keeps the request's first bytes only: the model spec or
             // the REST `signature_name` are there.
             let take = data.len().min(REQUEST_PREFIX_BYTES - self.bytes);
@@ -282,7 +370,7 @@ impl Tap {
             return;
         }
         if self.record.reserve(data.len()) {
-            self.chunks.push(keep(data));
+            self.chunks.push(owned());
             self.bytes += data.len();
             return;
         }
@@ -303,13 +391,6 @@ impl Tap {
                 self.bytes = 0;
                 self.record.response_cut.store(true, Ordering::Relaxed);
             }
-        }
-    }
-
-    /// Copies a chunk that passes through a buffer the caller reuses (the REST relay).
-    pub(super) fn copy(&mut self, data: &[u8]) {
-        if self.record.capture && !data.is_empty() && self.record.reserve(data.len()) {
-            self.chunks.push(Bytes::copy_from_slice(data));
         }
     }
 
@@ -334,10 +415,12 @@ impl Tap {
             Side::Request => {
                 observed.request_body = chunks;
                 observed.request_complete = complete;
+                observed.request_bytes = self.seen;
             }
             Side::Response => {
                 observed.response_body = chunks;
                 observed.response_complete = complete;
+                observed.response_bytes = self.seen;
                 observed.upstream_latency = Some(elapsed);
             }
         }
@@ -463,6 +546,7 @@ mod tests {
             request_id_generated: false,
             request_encoding: None,
             started_at: SystemTime::now(),
+            client: None,
         }
     }
 

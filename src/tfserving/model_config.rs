@@ -18,6 +18,8 @@ pub struct ModelConfig {
     pub categorical_features: Vec<String>,
     /// An input feature whose per-row value is the id labels refer to.
     pub id_feature: Option<String>,
+    /// This model's share of exchanges in the request log, instead of `request_log.sampling_rate`.
+    pub request_log_sampling_rate: Option<f64>,
 }
 
 impl ModelConfig {
@@ -27,6 +29,9 @@ impl ModelConfig {
             if !(t > 0.0 && t < 1.0) {
                 return Err(("threshold".into(), format!("{t} is not strictly between 0 and 1")));
             }
+        }
+        if let Some(rate) = self.request_log_sampling_rate.filter(|r| !(0.0..=1.0).contains(r)) {
+            return Err(("request_log_sampling_rate".into(), format!("{rate} is not between 0 and 1")));
         }
         Ok(())
     }
@@ -43,6 +48,18 @@ mod tests {
         for t in [0.0, 1.0, 1.5, f64::NAN] {
             let e = ModelConfig { threshold: Some(t), ..ModelConfig::default() }.validate().unwrap_err();
             assert_eq!(e.0, "threshold");
+        }
+    }
+
+    #[test]
+    fn a_request_log_sampling_rate_lies_in_the_unit_interval() {
+        for rate in [0.0, 0.25, 1.0] {
+            let model = ModelConfig { request_log_sampling_rate: Some(rate), ..ModelConfig::default() };
+            assert!(model.validate().is_ok());
+        }
+        for rate in [-0.1, 1.5, f64::NAN] {
+            let model = ModelConfig { request_log_sampling_rate: Some(rate), ..ModelConfig::default() };
+            assert_eq!(model.validate().unwrap_err().0, "request_log_sampling_rate");
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::proxy::tee::{ExchangeRecord, RecordStart, Side, Tap};
 use crate::proxy::RouteKind;
 use http::StatusCode;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -45,7 +46,7 @@ struct Client<S> {
 
 /// Serves one client connection until it closes, errs, or the relay stops between
 /// exchanges.
-pub(super) async fn serve<S>(relay: Relay, io: S)
+pub(super) async fn serve<S>(relay: Relay, io: S, peer: SocketAddr)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -70,7 +71,7 @@ where
             }
         };
         let stopping = relay.stop.is_cancelled();
-        if !exchange(&relay, &mut client, head, stopping).await {
+        if !exchange(&relay, &mut client, peer, head, stopping).await {
             break;
         }
     }
@@ -150,7 +151,7 @@ enum Failure {
 }
 
 /// Forwards one exchange; returns whether the client connection stays open.
-async fn exchange<S>(relay: &Relay, client: &mut Client<S>, head: RequestHead, stopping: bool) -> bool
+async fn exchange<S>(relay: &Relay, client: &mut Client<S>, peer: SocketAddr, head: RequestHead, stopping: bool) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -159,6 +160,7 @@ where
     client.buffer.consume(head.len);
     let route = RouteKind::rest(&head.method, head.target.path());
     let capture = route.captured();
+    let logs_all = shared.logs.access_on();
     let (request_id, generated) = match head.request_id {
         Some(id) => (id, false),
         None if capture || shared.return_request_id => (shared.request_ids.generate(), true),
@@ -169,14 +171,15 @@ where
         RecordStart {
             route,
             capture,
-            path: if capture { head.target.path().to_string() } else { String::new() },
-            request_id: if capture { request_id.clone() } else { String::new() },
+            path: if capture || logs_all { head.target.path().to_string() } else { String::new() },
+            request_id: if capture || logs_all { request_id.clone() } else { String::new() },
             request_id_generated: generated,
             request_encoding: head.content_encoding,
             started_at,
+            client: Some(peer),
         },
     );
-    let mut request_tap = capture.then(|| Tap::new(record.clone(), Side::Request));
+    let mut request_tap = record.captures().then(|| Tap::new(record.clone(), Side::Request));
     let mut response_tap = Tap::new(record.clone(), Side::Response);
     let mut body = match head.body {
         RequestBody::Empty => BodyState::Done,

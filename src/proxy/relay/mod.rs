@@ -67,10 +67,10 @@ impl Relay {
 
     /// Serves one client connection until it ends, or until the listener stops
     /// between two exchanges.
-    pub(super) async fn serve<S>(self, io: S)
+    pub(super) async fn serve<S>(self, io: S, peer: std::net::SocketAddr)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        conn::serve(self, io).await;
+        conn::serve(self, io, peer).await;
     }
 }
