@@ -1,4 +1,4 @@
-//! The observations built from real TF Serving payloads: feature names as DESIGN.md
+//! The observations built from real TF Serving payloads: feature names as docs/architecture.md
 //! gives them, probabilities found by its rules and the per-model config, class
 //! names, row ids, regression values and the stream key.
 

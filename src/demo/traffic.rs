@@ -181,7 +181,7 @@ pub struct Batch {
 
 impl Batch {
     /// The label id of each row: the request id, suffixed `:<row>` when the batch has
-    /// more than one row (DESIGN.md, "Labels endpoint").
+    /// more than one row (docs/labels.md, "Ids").
     pub fn row_ids(&self) -> Vec<String> {
         if self.rows.len() == 1 {
             vec![self.request_id.clone()]

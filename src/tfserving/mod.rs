@@ -114,7 +114,7 @@ impl FeatureValues {
     }
 }
 
-/// One named input feature (`age`, `x_3`, ...), as DESIGN.md names them.
+/// One named input feature (`age`, `x_3`, ...), as docs/architecture.md names them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureColumn {
     pub name: String,

@@ -1,10 +1,10 @@
 //! From a decoded `Call` to observations: feature naming (`age`, `x_0 … x_{d-1}`,
 //! row-major flattening, unnamed tensors named from the signature or `input`), the
-//! probability rules of DESIGN.md with the per-model overrides, classify scores per
+//! probability rules of docs/architecture.md with the per-model overrides, classify scores per
 //! label, regression values and per-row ids. It never fails a whole observation for
 //! one bad tensor: what cannot be used is reported and left out.
 //!
-//! Where DESIGN.md is silent, these rules hold:
+//! Where docs/architecture.md is silent, these rules hold:
 //! - Rows are the leading dimension of the probabilities output, else of the first
 //!   output, else of the first input of rank ≥ 1. A rank-0 input applies to every
 //!   row; an input with another leading dimension is skipped (`batch_mismatch`).

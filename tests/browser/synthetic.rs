@@ -1,7 +1,7 @@
 //! Realistic synthetic Anodot points for the dashboard's tests and load benchmark, and
 //! a loopback HTTP server that serves admin routes as the admin server does.
 //!
-//! The points follow DESIGN.md's metric names and dimensions: request and row counts,
+//! The points follow docs/architecture.md's metric names and dimensions: request and row counts,
 //! predicted class counts and shares, top-1 probability statistics, per-feature value
 //! statistics and drift, estimated accuracy, label accuracy for older buckets, and
 //! capture health counters. Inputs drift after `drift_from`, so drift scores rise and
