@@ -277,6 +277,32 @@ fn regressions(result: Option<serving::RegressionResult>) -> Outputs {
     Outputs::Regressions(result.unwrap_or_default().regressions.iter().map(|r| f64::from(r.value)).collect())
 }
 
+/// The method the proxy classified the exchange's path as (it is carried with the
+/// exchange), recorded in `out`; None (and `unknown_path`) when it is no inference method.
+fn inference_method(exchange: &Exchange, out: &mut CallDecoded) -> Option<InferenceMethod> {
+    out.method = InferenceMethod::of_call(exchange.method);
+    if out.method.is_none() {
+        out.errors
+            .push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
+    }
+    out.method
+}
+
+/// Decodes the response's message into `call`'s outputs, version and signature.
+fn response_into(
+    call: &mut Call,
+    exchange: &Exchange,
+    limits: &DecodeLimits,
+    budget: &mut Budget,
+    errors: &mut Vec<DecodeError>,
+) {
+    let response = unary_message(&exchange.response_body, exchange.response_encoding.as_deref(), limits, errors)
+        .and_then(|message| decode_response(call, message, budget, errors));
+    if let Err(e) = response {
+        errors.push(e);
+    }
+}
+
 /// Decodes the request and (when `with_response`) the response of a gRPC exchange.
 pub fn decode_exchange(
     exchange: &Exchange,
@@ -284,13 +310,8 @@ pub fn decode_exchange(
     budget: &mut Budget,
     with_response: bool,
 ) -> CallDecoded {
-    // The proxy classified the path already; its method is carried with the exchange.
-    let mut out = CallDecoded { method: InferenceMethod::of_call(exchange.method), ..CallDecoded::default() };
-    let Some(method) = out.method else {
-        out.errors
-            .push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
-        return out;
-    };
+    let mut out = CallDecoded::default();
+    let Some(method) = inference_method(exchange, &mut out) else { return out };
     let request =
         match unary_message(&exchange.request_body, exchange.request_encoding.as_deref(), limits, &mut out.errors) {
             Ok(m) => m,
@@ -308,12 +329,7 @@ pub fn decode_exchange(
     };
     out.model = Some(call.model.clone());
     if with_response {
-        let response =
-            unary_message(&exchange.response_body, exchange.response_encoding.as_deref(), limits, &mut out.errors)
-                .and_then(|message| decode_response(&mut call, message, budget, &mut out.errors));
-        if let Err(e) = response {
-            out.errors.push(e);
-        }
+        response_into(&mut call, exchange, limits, budget, &mut out.errors);
     }
     out.call = Some(call);
     out
@@ -328,23 +344,14 @@ pub fn decode_count_record(
     budget: &mut Budget,
     with_response: bool,
 ) -> CallDecoded {
-    let mut out = CallDecoded { method: InferenceMethod::of_call(exchange.method), ..CallDecoded::default() };
-    let Some(method) = out.method else {
-        out.errors
-            .push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
-        return out;
-    };
+    let mut out = CallDecoded::default();
+    let Some(method) = inference_method(exchange, &mut out) else { return out };
     let spec = prefix_model_spec(&exchange.request_body, method);
     let (model, version, version_label, signature) = spec_parts(spec.as_ref());
     let mut call =
         Call { method, model, version, version_label, signature, inputs: Inputs::Unsampled, outputs: Outputs::None };
     if with_response && exchange.bodies == crate::capture::Bodies::ResponseOnly {
-        let response =
-            unary_message(&exchange.response_body, exchange.response_encoding.as_deref(), limits, &mut out.errors)
-                .and_then(|message| decode_response(&mut call, message, budget, &mut out.errors));
-        if let Err(e) = response {
-            out.errors.push(e);
-        }
+        response_into(&mut call, exchange, limits, budget, &mut out.errors);
     }
     out.model = (!call.model.is_empty()).then(|| call.model.clone());
     out.call = Some(call);

@@ -27,6 +27,21 @@ pub struct RestPath {
     pub method: InferenceMethod,
 }
 
+impl RestPath {
+    /// The call this URL names, with its signature and inputs, before its outputs.
+    fn call(self, signature: Option<String>, inputs: Inputs) -> Call {
+        Call {
+            method: self.method,
+            model: self.model,
+            version: self.version,
+            version_label: self.label,
+            signature: signature.unwrap_or_default(),
+            inputs,
+            outputs: Outputs::None,
+        }
+    }
+}
+
 /// Parses `/v1/models/NAME[/versions/N | /labels/L]:verb` (a query string is
 /// ignored); None for any other path or verb.
 pub fn parse_path(path: &str) -> Option<RestPath> {
@@ -81,24 +96,27 @@ pub fn decode_exchange(
             return out;
         }
     };
-    let mut call = Call {
-        method: path.method,
-        model: path.model,
-        version: path.version,
-        version_label: path.label,
-        signature: signature.unwrap_or_default(),
-        inputs,
-        outputs: Outputs::None,
-    };
-    let raw = exchange.response_bytes();
-    match body(&raw, exchange.response_encoding.as_deref(), limits)
-        .and_then(|b| decode_response(path.method, &b, limits, budget))
-    {
-        Ok(outputs) => call.outputs = outputs,
-        Err(e) => out.errors.push(e),
-    }
+    let mut call = path.call(signature, inputs);
+    response_into(&mut call, exchange, limits, budget, &mut out.errors);
     out.call = Some(call);
     out
+}
+
+/// Decodes the response's body into `call`'s outputs.
+fn response_into(
+    call: &mut Call,
+    exchange: &Exchange,
+    limits: &DecodeLimits,
+    budget: &mut Budget,
+    errors: &mut Vec<DecodeError>,
+) {
+    let raw = exchange.response_bytes();
+    match body(&raw, exchange.response_encoding.as_deref(), limits)
+        .and_then(|b| decode_response(call.method, &b, limits, budget))
+    {
+        Ok(outputs) => call.outputs = outputs,
+        Err(e) => errors.push(e),
+    }
 }
 
 /// Model, version and label from the URL, with the method the proxy classified it as;
@@ -132,23 +150,9 @@ pub fn decode_count_record(
         None | Some("") | Some("identity") => prefix_signature(&prefix, limits),
         Some(_) => None,
     };
-    let mut call = Call {
-        method: path.method,
-        model: path.model,
-        version: path.version,
-        version_label: path.label,
-        signature: signature.unwrap_or_default(),
-        inputs: Inputs::Unsampled,
-        outputs: Outputs::None,
-    };
+    let mut call = path.call(signature, Inputs::Unsampled);
     if with_response && exchange.bodies == crate::capture::Bodies::ResponseOnly {
-        let raw = exchange.response_bytes();
-        match body(&raw, exchange.response_encoding.as_deref(), limits)
-            .and_then(|b| decode_response(path.method, &b, limits, budget))
-        {
-            Ok(outputs) => call.outputs = outputs,
-            Err(e) => out.errors.push(e),
-        }
+        response_into(&mut call, exchange, limits, budget, &mut out.errors);
     }
     out.call = Some(call);
     out
