@@ -13,7 +13,7 @@ use super::proto::serving::{
     RegressionResponse,
 };
 use super::tensor::{self, Budget, NamedTensor, TensorValues};
-use super::{reason, DecodeError, DecodeLimits, InferenceMethod};
+use super::{reason, DecodeError, DecodeLimits, Decoding, InferenceMethod};
 use crate::capture::Exchange;
 use bytes::Bytes;
 use prost::Message;
@@ -289,13 +289,8 @@ fn inference_method(exchange: &Exchange, out: &mut CallDecoded) -> Option<Infere
 }
 
 /// Decodes the response's message into `call`'s outputs, version and signature.
-fn response_into(
-    call: &mut Call,
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    errors: &mut Vec<DecodeError>,
-) {
+fn response_into(call: &mut Call, exchange: &Exchange, decoding: &mut Decoding, errors: &mut Vec<DecodeError>) {
+    let Decoding { limits, ref mut budget, .. } = *decoding;
     let response = unary_message(&exchange.response_body, exchange.response_encoding.as_deref(), limits, errors)
         .and_then(|message| decode_response(call, message, budget, errors));
     if let Err(e) = response {
@@ -304,12 +299,8 @@ fn response_into(
 }
 
 /// Decodes the request and (when `with_response`) the response of a gRPC exchange.
-pub fn decode_exchange(
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    with_response: bool,
-) -> CallDecoded {
+pub fn decode_exchange(exchange: &Exchange, decoding: &mut Decoding) -> CallDecoded {
+    let Decoding { limits, ref mut budget, with_response } = *decoding;
     let mut out = CallDecoded::default();
     let Some(method) = inference_method(exchange, &mut out) else { return out };
     let request =
@@ -329,7 +320,7 @@ pub fn decode_exchange(
     };
     out.model = Some(call.model.clone());
     if with_response {
-        response_into(&mut call, exchange, limits, budget, &mut out.errors);
+        response_into(&mut call, exchange, decoding, &mut out.errors);
     }
     out.call = Some(call);
     out
@@ -338,12 +329,8 @@ pub fn decode_exchange(
 /// Decodes a count record: the model spec from the request's prefix (when it is
 /// uncompressed and holds it whole), the outputs, served version and signature from
 /// the response. The call's inputs are `Inputs::Unsampled`.
-pub fn decode_count_record(
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    with_response: bool,
-) -> CallDecoded {
+pub fn decode_count_record(exchange: &Exchange, decoding: &mut Decoding) -> CallDecoded {
+    let with_response = decoding.with_response;
     let mut out = CallDecoded::default();
     let Some(method) = inference_method(exchange, &mut out) else { return out };
     let spec = prefix_model_spec(&exchange.request_body, method);
@@ -351,7 +338,7 @@ pub fn decode_count_record(
     let mut call =
         Call { method, model, version, version_label, signature, inputs: Inputs::Unsampled, outputs: Outputs::None };
     if with_response && exchange.bodies == crate::capture::Bodies::ResponseOnly {
-        response_into(&mut call, exchange, limits, budget, &mut out.errors);
+        response_into(&mut call, exchange, decoding, &mut out.errors);
     }
     out.model = (!call.model.is_empty()).then(|| call.model.clone());
     out.call = Some(call);

@@ -11,7 +11,7 @@ use super::call::{Call, CallDecoded, ExampleFeatures, Inputs, Outputs};
 use super::grpc::inflate;
 use super::json::{Json, TensorBuilder};
 use super::tensor::{Budget, NamedTensor, TensorValues};
-use super::{reason, DecodeError, DecodeLimits, InferenceMethod};
+use super::{reason, DecodeError, DecodeLimits, Decoding, InferenceMethod};
 use crate::capture::Exchange;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -75,12 +75,8 @@ fn body<'b>(raw: &'b [u8], encoding: Option<&str>, limits: &DecodeLimits) -> Res
 
 /// Decodes the bodies of a REST exchange; `with_response` is false for a failed
 /// exchange, whose bodies are not read at all (only the URL is).
-pub fn decode_exchange(
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    with_response: bool,
-) -> CallDecoded {
+pub fn decode_exchange(exchange: &Exchange, decoding: &mut Decoding) -> CallDecoded {
+    let Decoding { limits, ref mut budget, with_response } = *decoding;
     let mut out = CallDecoded::default();
     let Some(path) = inference_path(exchange, &mut out) else { return out };
     if !with_response {
@@ -97,19 +93,14 @@ pub fn decode_exchange(
         }
     };
     let mut call = path.call(signature, inputs);
-    response_into(&mut call, exchange, limits, budget, &mut out.errors);
+    response_into(&mut call, exchange, decoding, &mut out.errors);
     out.call = Some(call);
     out
 }
 
 /// Decodes the response's body into `call`'s outputs.
-fn response_into(
-    call: &mut Call,
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    errors: &mut Vec<DecodeError>,
-) {
+fn response_into(call: &mut Call, exchange: &Exchange, decoding: &mut Decoding, errors: &mut Vec<DecodeError>) {
+    let Decoding { limits, ref mut budget, .. } = *decoding;
     let raw = exchange.response_bytes();
     match body(&raw, exchange.response_encoding.as_deref(), limits)
         .and_then(|b| decode_response(call.method, &b, limits, budget))
@@ -137,12 +128,8 @@ fn inference_path(exchange: &Exchange, out: &mut CallDecoded) -> Option<RestPath
 /// Decodes a count record: model and version from the URL, `signature_name` from the
 /// request's prefix (when the prefix holds it), the outputs from the response. The
 /// call's inputs are `Inputs::Unsampled`.
-pub fn decode_count_record(
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    with_response: bool,
-) -> CallDecoded {
+pub fn decode_count_record(exchange: &Exchange, decoding: &mut Decoding) -> CallDecoded {
+    let Decoding { limits, with_response, .. } = *decoding;
     let mut out = CallDecoded::default();
     let Some(path) = inference_path(exchange, &mut out) else { return out };
     let prefix = crate::capture::prefix(&exchange.request_body, crate::capture::REQUEST_PREFIX_BYTES).concat();
@@ -152,7 +139,7 @@ pub fn decode_count_record(
     };
     let mut call = path.call(signature, Inputs::Unsampled);
     if with_response && exchange.bodies == crate::capture::Bodies::ResponseOnly {
-        response_into(&mut call, exchange, limits, budget, &mut out.errors);
+        response_into(&mut call, exchange, decoding, &mut out.errors);
     }
     out.call = Some(call);
     out
