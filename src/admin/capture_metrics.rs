@@ -6,7 +6,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Scrape-time view of the capture queue.
@@ -19,53 +19,41 @@ pub struct CaptureCollector {
 impl Collector for CaptureCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.stats;
-        let counters = [
-            ("capture_enqueued", "Exchanges put on the capture queue", s.enqueued.load(Ordering::Relaxed)),
+        let counters: [(&str, &str, &AtomicU64); 5] = [
+            ("capture_enqueued", "Exchanges put on the capture queue", &s.enqueued),
             (
                 "capture_dropped",
                 "Exchanges shed from statistics (sampled out, or the sampled lane full); still counted",
-                s.dropped.load(Ordering::Relaxed),
+                &s.dropped,
             ),
             (
                 "capture_skipped_oversize",
                 "Exchanges whose statistics were not computed because their bodies exceeded capture.max_exchange_bytes",
-                s.skipped_oversize.load(Ordering::Relaxed),
+                &s.skipped_oversize,
             ),
             (
                 "capture_count_enqueued",
                 "Exchanges shed from statistics and queued to be counted only",
-                s.count_enqueued.load(Ordering::Relaxed),
+                &s.count_enqueued,
             ),
             (
                 "capture_uncounted",
                 "Exchanges missing from the counts because the capture byte budget was spent",
-                s.uncounted.load(Ordering::Relaxed),
+                &s.uncounted,
             ),
         ];
         for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
+            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
-        let gauges = [
-            ("capture_queue_depth", "Exchanges waiting in the capture queue", s.depth.load(Ordering::Relaxed) as i64),
-            (
-                "capture_queue_bytes",
-                "Body bytes waiting in the capture queue",
-                s.depth_bytes.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "capture_count_queue_depth",
-                "Count records waiting in the capture queue's count lane",
-                s.count_depth.load(Ordering::Relaxed) as i64,
-            ),
-            (
-                "capture_count_queue_bytes",
-                "Bytes waiting in the capture queue's count lane",
-                s.count_depth_bytes.load(Ordering::Relaxed) as i64,
-            ),
+        let gauges: [(&str, &str, &AtomicUsize); 4] = [
+            ("capture_queue_depth", "Exchanges waiting in the capture queue", &s.depth),
+            ("capture_queue_bytes", "Body bytes waiting in the capture queue", &s.depth_bytes),
+            ("capture_count_queue_depth", "Count records waiting in the capture queue's count lane", &s.count_depth),
+            ("capture_count_queue_bytes", "Bytes waiting in the capture queue's count lane", &s.count_depth_bytes),
         ];
         for (name, help, value) in gauges {
-            let gauge = ConstGauge::new(value);
+            let gauge = ConstGauge::new(value.load(Ordering::Relaxed) as i64);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
         Ok(())

@@ -7,7 +7,7 @@
 
 use super::headers::strip_hop_by_hop_h2;
 use super::rest::header_text;
-use super::tee::{ExchangeRecord, RecordStart, Side, Tap, TeeBody};
+use super::tee::{ExchangeRecord, Side, Tap, TeeBody};
 use super::{error_chain, grpc_status_of, ProxyShared, ResponseBody, RouteKind};
 use crate::capture::ErrorOrigin;
 use http::{Request, Response};
@@ -31,29 +31,13 @@ pub(super) async fn handle(
     let started_at = SystemTime::now();
     let (mut parts, body) = request.into_parts();
     let route = RouteKind::grpc(parts.uri.path());
-    let capture = route.captured();
-    let logs_all = shared.logs.access_on();
-    let (request_id, generated) = shared.request_id(&parts.headers, capture, logs_all);
-    let returned_id = shared.id_to_return(&request_id, generated);
-    strip_hop_by_hop_h2(&mut parts.headers);
+    let (record, returned_id) =
+        shared.open_record(peer, started_at, route, &mut parts, strip_hop_by_hop_h2, "grpc-encoding");
     let deadline = parts
         .headers
         .get("grpc-timeout")
         .and_then(|v| parse_grpc_timeout(v.as_bytes()))
         .unwrap_or(shared.upstream_timeout);
-    let record = ExchangeRecord::new(
-        shared.clone(),
-        RecordStart {
-            route,
-            capture,
-            path: if capture || logs_all { parts.uri.path().to_string() } else { String::new() },
-            request_id,
-            request_id_generated: generated,
-            request_encoding: header_text(&parts.headers, "grpc-encoding"),
-            started_at,
-            client: Some(peer),
-        },
-    );
     parts.uri = shared.grpc_upstream.uri_for(&parts.uri);
     parts.version = http::Version::HTTP_2;
     let tap = record.captures().then(|| Tap::new(record.clone(), Side::Request));

@@ -176,6 +176,40 @@ impl ProxyShared {
         }
     }
 
+    /// Opens the record of a request that came through hyper: whether its route is
+    /// captured, its request id (and the value that returns it, `id_to_return`), its
+    /// path when it is captured or access-logged. `strip` removes the hop-by-hop fields
+    /// before the request's encoding is read from its `encoding` field.
+    fn open_record(
+        self: &Arc<Self>,
+        peer: std::net::SocketAddr,
+        started_at: std::time::SystemTime,
+        route: RouteKind,
+        parts: &mut http::request::Parts,
+        strip: fn(&mut http::HeaderMap),
+        encoding: impl http::header::AsHeaderName,
+    ) -> (Arc<tee::ExchangeRecord>, Option<http::HeaderValue>) {
+        let capture = route.captured();
+        let logs_all = self.logs.access_on();
+        let (request_id, generated) = self.request_id(&parts.headers, capture, logs_all);
+        let returned_id = self.id_to_return(&request_id, generated);
+        strip(&mut parts.headers);
+        let record = tee::ExchangeRecord::new(
+            self.clone(),
+            tee::RecordStart {
+                route,
+                capture,
+                path: if capture || logs_all { parts.uri.path().to_string() } else { String::new() },
+                request_id,
+                request_id_generated: generated,
+                request_encoding: rest::header_text(&parts.headers, encoding),
+                started_at,
+                client: Some(peer),
+            },
+        );
+        (record, returned_id)
+    }
+
     #[cfg(test)]
     pub(crate) fn for_tests(
         capture: CaptureSender,

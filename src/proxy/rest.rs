@@ -6,7 +6,7 @@
 //! head does not come in time. Both paths take those answers from here.
 
 use super::headers::strip_hop_by_hop;
-use super::tee::{ExchangeRecord, RecordStart, Side, Tap, TeeBody};
+use super::tee::{ExchangeRecord, Side, Tap, TeeBody};
 use super::{error_chain, ProxyShared, ResponseBody, RouteKind};
 use crate::capture::ErrorOrigin;
 use bytes::Bytes;
@@ -25,24 +25,8 @@ pub(super) async fn handle(
     let started_at = SystemTime::now();
     let (mut parts, body) = request.into_parts();
     let route = RouteKind::rest(&parts.method, parts.uri.path());
-    let capture = route.captured();
-    let logs_all = shared.logs.access_on();
-    let (request_id, generated) = shared.request_id(&parts.headers, capture, logs_all);
-    let returned_id = shared.id_to_return(&request_id, generated);
-    strip_hop_by_hop(&mut parts.headers);
-    let record = ExchangeRecord::new(
-        shared.clone(),
-        RecordStart {
-            route,
-            capture,
-            path: if capture || logs_all { parts.uri.path().to_string() } else { String::new() },
-            request_id,
-            request_id_generated: generated,
-            request_encoding: header_text(&parts.headers, header::CONTENT_ENCODING),
-            started_at,
-            client: Some(peer),
-        },
-    );
+    let (record, returned_id) =
+        shared.open_record(peer, started_at, route, &mut parts, strip_hop_by_hop, header::CONTENT_ENCODING);
     parts.uri = shared.rest_upstream.uri_for(&parts.uri);
     parts.version = http::Version::HTTP_11;
     let tap = record.captures().then(|| Tap::new(record.clone(), Side::Request));

@@ -269,25 +269,31 @@ impl Drop for ExchangeRecord {
             Bodies::Neither if !self.logged => (Vec::new(), Vec::new()),
             _ => (observed.request_body, observed.response_body),
         };
+        // The exchange as both the request log and the worker see it, but for its bodies.
+        let exchange = Exchange {
+            protocol: self.route.protocol,
+            method: self.route.method,
+            path: std::mem::take(&mut self.path),
+            request_id: std::mem::take(&mut self.request_id),
+            request_id_generated: self.request_id_generated,
+            request_encoding: self.request_encoding.take(),
+            response_encoding: observed.response_encoding,
+            bodies: Bodies::Full,
+            request_body: Vec::new(),
+            response_body: Vec::new(),
+            status: observed.status,
+            grpc_status: observed.grpc_status,
+            origin,
+            started_at: self.started_at,
+            upstream_latency: latency,
+            complete,
+        };
         if self.logged {
             self.shared.logs.log_request(
                 Exchange {
-                    protocol: self.route.protocol,
-                    method: self.route.method,
-                    path: self.path.clone(),
-                    request_id: self.request_id.clone(),
-                    request_id_generated: self.request_id_generated,
-                    request_encoding: self.request_encoding.clone(),
-                    response_encoding: observed.response_encoding.clone(),
-                    bodies: Bodies::Full,
                     request_body: request_body.clone(),
                     response_body: response_body.clone(),
-                    status: observed.status,
-                    grpc_status: observed.grpc_status,
-                    origin,
-                    started_at: self.started_at,
-                    upstream_latency: latency,
-                    complete,
+                    ..exchange.clone()
                 },
                 request_cut || response_cut,
             );
@@ -300,24 +306,7 @@ impl Drop for ExchangeRecord {
             }
             _ => (request_body, response_body),
         };
-        self.shared.capture.submit(Exchange {
-            protocol: self.route.protocol,
-            method: self.route.method,
-            path: std::mem::take(&mut self.path),
-            request_id: std::mem::take(&mut self.request_id),
-            request_id_generated: self.request_id_generated,
-            request_encoding: self.request_encoding.take(),
-            response_encoding: observed.response_encoding,
-            bodies,
-            request_body,
-            response_body,
-            status: observed.status,
-            grpc_status: observed.grpc_status,
-            origin,
-            started_at: self.started_at,
-            upstream_latency: latency,
-            complete,
-        });
+        self.shared.capture.submit(Exchange { bodies, request_body, response_body, ..exchange });
     }
 }
 

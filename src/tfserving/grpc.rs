@@ -13,7 +13,7 @@ use super::proto::serving::{
     RegressionResponse,
 };
 use super::tensor::{self, Budget, NamedTensor, TensorValues};
-use super::{reason, DecodeError, DecodeLimits, InferenceMethod};
+use super::{reason, DecodeError, DecodeLimits, Decoding, InferenceMethod};
 use crate::capture::Exchange;
 use bytes::Bytes;
 use prost::Message;
@@ -277,20 +277,32 @@ fn regressions(result: Option<serving::RegressionResult>) -> Outputs {
     Outputs::Regressions(result.unwrap_or_default().regressions.iter().map(|r| f64::from(r.value)).collect())
 }
 
-/// Decodes the request and (when `with_response`) the response of a gRPC exchange.
-pub fn decode_exchange(
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    with_response: bool,
-) -> CallDecoded {
-    // The proxy classified the path already; its method is carried with the exchange.
-    let mut out = CallDecoded { method: InferenceMethod::of_call(exchange.method), ..CallDecoded::default() };
-    let Some(method) = out.method else {
+/// The method the proxy classified the exchange's path as (it is carried with the
+/// exchange), recorded in `out`; None (and `unknown_path`) when it is no inference method.
+fn inference_method(exchange: &Exchange, out: &mut CallDecoded) -> Option<InferenceMethod> {
+    out.method = InferenceMethod::of_call(exchange.method);
+    if out.method.is_none() {
         out.errors
             .push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
-        return out;
-    };
+    }
+    out.method
+}
+
+/// Decodes the response's message into `call`'s outputs, version and signature.
+fn response_into(call: &mut Call, exchange: &Exchange, decoding: &mut Decoding, errors: &mut Vec<DecodeError>) {
+    let Decoding { limits, ref mut budget, .. } = *decoding;
+    let response = unary_message(&exchange.response_body, exchange.response_encoding.as_deref(), limits, errors)
+        .and_then(|message| decode_response(call, message, budget, errors));
+    if let Err(e) = response {
+        errors.push(e);
+    }
+}
+
+/// Decodes the request and (when `with_response`) the response of a gRPC exchange.
+pub fn decode_exchange(exchange: &Exchange, decoding: &mut Decoding) -> CallDecoded {
+    let Decoding { limits, ref mut budget, with_response } = *decoding;
+    let mut out = CallDecoded::default();
+    let Some(method) = inference_method(exchange, &mut out) else { return out };
     let request =
         match unary_message(&exchange.request_body, exchange.request_encoding.as_deref(), limits, &mut out.errors) {
             Ok(m) => m,
@@ -308,12 +320,7 @@ pub fn decode_exchange(
     };
     out.model = Some(call.model.clone());
     if with_response {
-        let response =
-            unary_message(&exchange.response_body, exchange.response_encoding.as_deref(), limits, &mut out.errors)
-                .and_then(|message| decode_response(&mut call, message, budget, &mut out.errors));
-        if let Err(e) = response {
-            out.errors.push(e);
-        }
+        response_into(&mut call, exchange, decoding, &mut out.errors);
     }
     out.call = Some(call);
     out
@@ -322,29 +329,16 @@ pub fn decode_exchange(
 /// Decodes a count record: the model spec from the request's prefix (when it is
 /// uncompressed and holds it whole), the outputs, served version and signature from
 /// the response. The call's inputs are `Inputs::Unsampled`.
-pub fn decode_count_record(
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    with_response: bool,
-) -> CallDecoded {
-    let mut out = CallDecoded { method: InferenceMethod::of_call(exchange.method), ..CallDecoded::default() };
-    let Some(method) = out.method else {
-        out.errors
-            .push(DecodeError::new(reason::UNKNOWN_PATH, format!("`{}` is not an inference method", exchange.path)));
-        return out;
-    };
+pub fn decode_count_record(exchange: &Exchange, decoding: &mut Decoding) -> CallDecoded {
+    let with_response = decoding.with_response;
+    let mut out = CallDecoded::default();
+    let Some(method) = inference_method(exchange, &mut out) else { return out };
     let spec = prefix_model_spec(&exchange.request_body, method);
     let (model, version, version_label, signature) = spec_parts(spec.as_ref());
     let mut call =
         Call { method, model, version, version_label, signature, inputs: Inputs::Unsampled, outputs: Outputs::None };
     if with_response && exchange.bodies == crate::capture::Bodies::ResponseOnly {
-        let response =
-            unary_message(&exchange.response_body, exchange.response_encoding.as_deref(), limits, &mut out.errors)
-                .and_then(|message| decode_response(&mut call, message, budget, &mut out.errors));
-        if let Err(e) = response {
-            out.errors.push(e);
-        }
+        response_into(&mut call, exchange, decoding, &mut out.errors);
     }
     out.model = (!call.model.is_empty()).then(|| call.model.clone());
     out.call = Some(call);

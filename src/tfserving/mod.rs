@@ -304,6 +304,14 @@ pub mod reason {
     ];
 }
 
+/// What decoding one exchange works with: its bounds, its element budget, and
+/// whether the response is read (it is not for a failed exchange).
+pub struct Decoding<'a> {
+    pub limits: &'a DecodeLimits,
+    pub budget: tensor::Budget,
+    pub with_response: bool,
+}
+
 /// Bounds on what decoding one exchange may allocate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodeLimits {
@@ -410,21 +418,17 @@ impl Decoder {
     /// the response and a request prefix) gives a call with `Inputs::Unsampled`.
     pub fn decode_call(&self, exchange: &crate::capture::Exchange) -> CallDecoded {
         let succeeded = exchange.complete && exchange.status == 200 && exchange.grpc_status.unwrap_or(0) == 0;
-        let mut budget = tensor::Budget::new(self.limits.max_elements);
+        let mut decoding = Decoding {
+            limits: &self.limits,
+            budget: tensor::Budget::new(self.limits.max_elements),
+            with_response: succeeded,
+        };
         let sampled = exchange.bodies == Bodies::Full;
         let mut out = match (exchange.protocol, sampled) {
-            (crate::capture::Protocol::Grpc, true) => {
-                grpc::decode_exchange(exchange, &self.limits, &mut budget, succeeded)
-            }
-            (crate::capture::Protocol::Rest, true) => {
-                rest::decode_exchange(exchange, &self.limits, &mut budget, succeeded)
-            }
-            (crate::capture::Protocol::Grpc, false) => {
-                grpc::decode_count_record(exchange, &self.limits, &mut budget, succeeded)
-            }
-            (crate::capture::Protocol::Rest, false) => {
-                rest::decode_count_record(exchange, &self.limits, &mut budget, succeeded)
-            }
+            (crate::capture::Protocol::Grpc, true) => grpc::decode_exchange(exchange, &mut decoding),
+            (crate::capture::Protocol::Rest, true) => rest::decode_exchange(exchange, &mut decoding),
+            (crate::capture::Protocol::Grpc, false) => grpc::decode_count_record(exchange, &mut decoding),
+            (crate::capture::Protocol::Rest, false) => rest::decode_count_record(exchange, &mut decoding),
         };
         out.succeeded = succeeded;
         if !succeeded {

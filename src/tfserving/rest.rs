@@ -11,7 +11,7 @@ use super::call::{Call, CallDecoded, ExampleFeatures, Inputs, Outputs};
 use super::grpc::inflate;
 use super::json::{Json, TensorBuilder};
 use super::tensor::{Budget, NamedTensor, TensorValues};
-use super::{reason, DecodeError, DecodeLimits, InferenceMethod};
+use super::{reason, DecodeError, DecodeLimits, Decoding, InferenceMethod};
 use crate::capture::Exchange;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -25,6 +25,21 @@ pub struct RestPath {
     /// From `/labels/L`.
     pub label: Option<String>,
     pub method: InferenceMethod,
+}
+
+impl RestPath {
+    /// The call this URL names, with its signature and inputs, before its outputs.
+    fn call(self, signature: Option<String>, inputs: Inputs) -> Call {
+        Call {
+            method: self.method,
+            model: self.model,
+            version: self.version,
+            version_label: self.label,
+            signature: signature.unwrap_or_default(),
+            inputs,
+            outputs: Outputs::None,
+        }
+    }
 }
 
 /// Parses `/v1/models/NAME[/versions/N | /labels/L]:verb` (a query string is
@@ -60,12 +75,8 @@ fn body<'b>(raw: &'b [u8], encoding: Option<&str>, limits: &DecodeLimits) -> Res
 
 /// Decodes the bodies of a REST exchange; `with_response` is false for a failed
 /// exchange, whose bodies are not read at all (only the URL is).
-pub fn decode_exchange(
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    with_response: bool,
-) -> CallDecoded {
+pub fn decode_exchange(exchange: &Exchange, decoding: &mut Decoding) -> CallDecoded {
+    let Decoding { limits, ref mut budget, with_response } = *decoding;
     let mut out = CallDecoded::default();
     let Some(path) = inference_path(exchange, &mut out) else { return out };
     if !with_response {
@@ -81,24 +92,22 @@ pub fn decode_exchange(
             return out;
         }
     };
-    let mut call = Call {
-        method: path.method,
-        model: path.model,
-        version: path.version,
-        version_label: path.label,
-        signature: signature.unwrap_or_default(),
-        inputs,
-        outputs: Outputs::None,
-    };
-    let raw = exchange.response_bytes();
-    match body(&raw, exchange.response_encoding.as_deref(), limits)
-        .and_then(|b| decode_response(path.method, &b, limits, budget))
-    {
-        Ok(outputs) => call.outputs = outputs,
-        Err(e) => out.errors.push(e),
-    }
+    let mut call = path.call(signature, inputs);
+    response_into(&mut call, exchange, decoding, &mut out.errors);
     out.call = Some(call);
     out
+}
+
+/// Decodes the response's body into `call`'s outputs.
+fn response_into(call: &mut Call, exchange: &Exchange, decoding: &mut Decoding, errors: &mut Vec<DecodeError>) {
+    let Decoding { limits, ref mut budget, .. } = *decoding;
+    let raw = exchange.response_bytes();
+    match body(&raw, exchange.response_encoding.as_deref(), limits)
+        .and_then(|b| decode_response(call.method, &b, limits, budget))
+    {
+        Ok(outputs) => call.outputs = outputs,
+        Err(e) => errors.push(e),
+    }
 }
 
 /// Model, version and label from the URL, with the method the proxy classified it as;
@@ -119,12 +128,8 @@ fn inference_path(exchange: &Exchange, out: &mut CallDecoded) -> Option<RestPath
 /// Decodes a count record: model and version from the URL, `signature_name` from the
 /// request's prefix (when the prefix holds it), the outputs from the response. The
 /// call's inputs are `Inputs::Unsampled`.
-pub fn decode_count_record(
-    exchange: &Exchange,
-    limits: &DecodeLimits,
-    budget: &mut Budget,
-    with_response: bool,
-) -> CallDecoded {
+pub fn decode_count_record(exchange: &Exchange, decoding: &mut Decoding) -> CallDecoded {
+    let Decoding { limits, with_response, .. } = *decoding;
     let mut out = CallDecoded::default();
     let Some(path) = inference_path(exchange, &mut out) else { return out };
     let prefix = crate::capture::prefix(&exchange.request_body, crate::capture::REQUEST_PREFIX_BYTES).concat();
@@ -132,23 +137,9 @@ pub fn decode_count_record(
         None | Some("") | Some("identity") => prefix_signature(&prefix, limits),
         Some(_) => None,
     };
-    let mut call = Call {
-        method: path.method,
-        model: path.model,
-        version: path.version,
-        version_label: path.label,
-        signature: signature.unwrap_or_default(),
-        inputs: Inputs::Unsampled,
-        outputs: Outputs::None,
-    };
+    let mut call = path.call(signature, Inputs::Unsampled);
     if with_response && exchange.bodies == crate::capture::Bodies::ResponseOnly {
-        let raw = exchange.response_bytes();
-        match body(&raw, exchange.response_encoding.as_deref(), limits)
-            .and_then(|b| decode_response(path.method, &b, limits, budget))
-        {
-            Ok(outputs) => call.outputs = outputs,
-            Err(e) => out.errors.push(e),
-        }
+        response_into(&mut call, exchange, decoding, &mut out.errors);
     }
     out.call = Some(call);
     out
