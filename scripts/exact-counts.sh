@@ -6,31 +6,21 @@
 # files' request_count must sum to REQUESTS and prediction_count to 64 x REQUESTS,
 # while sampled_fraction shows how much of the traffic the statistics saw.
 #
-# Usage: scripts/exact-counts.sh      Env: REQUESTS (20000), QUEUE (2), MLTAP_SHARED.
+# Usage: scripts/exact-counts.sh      Env: REQUESTS (20000), QUEUE (2).
 # Needs: cargo, h2load (nghttp2-client), python3.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${MLTAP_SHARED:-}
-if [ -z "$SHARED" ]; then
-  for candidate in "$ROOT/../shared" "$ROOT/../../shared"; do
-    if [ -d "$candidate/tools/canned-backend" ]; then SHARED=$(cd "$candidate" && pwd); break; fi
-  done
-fi
-[ -n "$SHARED" ] || { echo "shared dir (tools/canned-backend) not found: set MLTAP_SHARED"; exit 2; }
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 command -v h2load >/dev/null || { echo "missing h2load (apt-get install -y nghttp2-client)"; exit 2; }
 REQUESTS=${REQUESTS:-20000}
 QUEUE=${QUEUE:-2}
-FIX=${MLTAP_FIXTURES:-$ROOT/tests/fixtures/tfserving}
-BENCH_TARGET=${MLTAP_BENCH_TARGET:-${XDG_CACHE_HOME:-$HOME/.cache}/mltap-bench}
 W=$(mktemp -d)
 PIDS=""
 trap 'for p in $PIDS; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"' EXIT
 (cd "$ROOT" && cargo build -q --release)
-CARGO_TARGET_DIR=$BENCH_TARGET cargo build -q --release --manifest-path "$SHARED/tools/canned-backend/Cargo.toml"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open"; exit 1; }
+build_backend
 B_GRPC=$(free_port); B_REST=$(free_port); M_GRPC=$(free_port); M_REST=$(free_port); M_ADMIN=$(free_port)
-"$BENCH_TARGET/release/canned-backend" "$FIX" "127.0.0.1:$B_GRPC" "127.0.0.1:$B_REST" >/dev/null 2>&1 &
+"$BACKEND" "$FIX" "127.0.0.1:$B_GRPC" "127.0.0.1:$B_REST" >/dev/null 2>&1 &
 PIDS="$PIDS $!"
 printf '[capture]\nqueue_exchanges = %s\n' "$QUEUE" > "$W/mltap.toml"
 "$ROOT/target/release/mltap" serve --config "$W/mltap.toml" --grpc-listen "127.0.0.1:$M_GRPC" \

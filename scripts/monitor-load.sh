@@ -8,17 +8,11 @@
 # Usage: scripts/monitor-load.sh            (DURATION=60 MODELS=3 FEATURES=100 by default)
 # Env:   DURATION (s), MODELS, FEATURES, H2_CONNECTIONS (per model), H2_STREAMS,
 #        RSS_EVERY (s), BUCKET (default: mltap's default), CONFIG (a mltap.toml, default
-#        none: every setting at its default), MLTAP_SHARED (shared dir).
+#        none: every setting at its default)
 # Needs: cargo, h2load (nghttp2-client), python3, curl.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${MLTAP_SHARED:-}
-if [ -z "$SHARED" ]; then
-  for candidate in "$ROOT/../shared" "$ROOT/../../shared"; do
-    if [ -d "$candidate/fixtures/tfserving" ]; then SHARED=$(cd "$candidate" && pwd); break; fi
-  done
-fi
-[ -n "$SHARED" ] || { echo "shared dir not found: set MLTAP_SHARED"; exit 2; }
+# shellcheck source=scripts/bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 for tool in h2load python3 curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y nghttp2-client)"; exit 2; }
 done
@@ -28,8 +22,6 @@ FEATURES=${FEATURES:-100}
 H2_CONNECTIONS=${H2_CONNECTIONS:-2}
 H2_STREAMS=${H2_STREAMS:-32}
 RSS_EVERY=${RSS_EVERY:-10}
-FIX=${MLTAP_FIXTURES:-$ROOT/tests/fixtures/tfserving}
-BENCH_TARGET=${MLTAP_BENCH_TARGET:-${XDG_CACHE_HOME:-$HOME/.cache}/mltap-bench}
 
 W=$(mktemp -d)
 PIDS=""
@@ -42,15 +34,13 @@ trap cleanup EXIT
 
 echo "building mltap (release) and the canned backend ..."
 (cd "$ROOT" && cargo build -q --release)
-CARGO_TARGET_DIR=$BENCH_TARGET cargo build -q --release --manifest-path "$SHARED/tools/canned-backend/Cargo.toml"
+build_backend
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open"; exit 1; }
 B_GRPC=$(free_port); B_REST=$(free_port); M_GRPC=$(free_port); M_REST=$(free_port); M_ADMIN=$(free_port)
 
 # The backend answers any Predict it has no fixture for with the 64-row, 5-class
 # batch response, which matches the 64 rows sent here.
-"$BENCH_TARGET/release/canned-backend" "$FIX" "127.0.0.1:$B_GRPC" "127.0.0.1:$B_REST" >/dev/null 2>&1 &
+"$BACKEND" "$FIX" "127.0.0.1:$B_GRPC" "127.0.0.1:$B_REST" >/dev/null 2>&1 &
 PIDS="$PIDS $!"
 BUCKET_FLAG=()
 [ -n "${BUCKET:-}" ] && BUCKET_FLAG=(--bucket "$BUCKET")
