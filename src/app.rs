@@ -7,7 +7,7 @@
 //! all within `shutdown_grace`. The proxy listeners are served by one thread per core,
 //! each with its own single-threaded runtime and upstream pools; the worker and the
 //! admin server run on the caller's runtime. This module owns composition only: no
-//! request handling, no payload knowledge.
+//! request handling, no payload knowledge (logging is set up by `logging`).
 
 use crate::admin::capture_metrics::CaptureCollector;
 use crate::admin::history::History;
@@ -146,14 +146,6 @@ impl From<&Config> for LabelSettings {
             models: config.models.clone(),
         }
     }
-}
-
-/// Structured logs on stderr, filtered by `filter` (e.g. `info`, `mltap=debug`); a
-/// filter that does not parse logs at `info`.
-pub fn init_logging(filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Delivery to Anodot, or None when no `anodot_url` is configured; its secrets come
