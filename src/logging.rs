@@ -93,7 +93,10 @@ where
         let mut fields = JsonFields::default();
         event.record(&mut fields);
         let mut line = Map::new();
-        line.insert("timestamp".into(), Value::String(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()));
+        line.insert(
+            "timestamp".into(),
+            Value::String(humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()),
+        );
         line.insert("level".into(), Value::String(metadata.level().to_string()));
         line.insert("target".into(), Value::String(metadata.target().to_string()));
         line.insert("message".into(), Value::String(fields.message.unwrap_or_default()));
