@@ -193,10 +193,11 @@ impl Config {
                 }
             },
             label_horizon: parse_positive_duration(label_horizon)?,
-            anodot_url: match args.anodot_url.clone().or(file.anodot_url.clone()) {
+            // Empty is unset, so that a compose file can pass `${MLTAP_ANODOT_URL:-}` through.
+            anodot_url: match args.anodot_url.clone().filter(|v| !v.trim().is_empty()).or(file.anodot_url.clone()) {
                 None => None,
                 Some(v) => {
-                    let source = if args.anodot_url.is_some() {
+                    let source = if args.anodot_url.as_deref().is_some_and(|v| !v.trim().is_empty()) {
                         "--anodot-url or MLTAP_ANODOT_URL".to_string()
                     } else {
                         file_name.clone()
@@ -323,6 +324,12 @@ mod tests {
 
     fn args() -> Flags {
         Flags::default()
+    }
+
+    #[test]
+    fn an_empty_anodot_url_leaves_delivery_off() {
+        let c = Config::load(Flags { anodot_url: Some(String::new()), ..args() }).unwrap();
+        assert_eq!(c.anodot_url, None);
     }
 
     #[test]
