@@ -131,6 +131,16 @@ fn an_invalid_log_filter_stops_start_up_with_exit_2_and_one_line() {
     let output = run(mltap().args(["serve", "--log-format", "yaml"]));
     assert_eq!(output.status.code(), Some(2));
     assert!(one_line(&output).contains("log_format"));
+
+    // `send` reads MLTAP_LOG too.
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(mltap()
+        .arg("send")
+        .arg(dir.path())
+        .args(["--anodot-url", "http://127.0.0.1:9"])
+        .env("MLTAP_LOG", "x=loud"));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(one_line(&output).contains("x=loud"));
 }
 
 #[test]
