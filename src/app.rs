@@ -7,10 +7,11 @@
 //! all within `shutdown_grace`. The proxy listeners are served by one thread per core,
 //! each with its own single-threaded runtime and upstream pools; the worker and the
 //! admin server run on the caller's runtime. This module owns composition only: no
-//! request handling, no payload knowledge.
+//! request handling, no payload knowledge (logging is set up by `logging`).
 
 use crate::admin::capture_metrics::CaptureCollector;
 use crate::admin::history::History;
+use crate::admin::process_metrics::{BuildInfo, ProcessMetrics};
 use crate::admin::{AdminRoute, AdminServer, ReadinessTarget};
 use crate::config::Config;
 use crate::labels::endpoint::LabelsRoute;
@@ -148,14 +149,6 @@ impl From<&Config> for LabelSettings {
     }
 }
 
-/// Structured logs on stderr, filtered by `filter` (e.g. `info`, `mltap=debug`); a
-/// filter that does not parse logs at `info`.
-pub fn init_logging(filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
 /// Delivery to Anodot, or None when no `anodot_url` is configured; its secrets come
 /// from the process environment.
 fn delivery_settings(config: &Config) -> Result<Option<DeliverySettings>, ConfigError> {
@@ -239,18 +232,22 @@ pub async fn run(
     routes: Vec<Arc<dyn AdminRoute>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let mut registry = Registry::with_prefix("mltap");
+    // The process metrics keep their standard unprefixed names; all else is `mltap_`.
+    let mut root = Registry::default();
+    root.register_collector(Box::new(ProcessMetrics));
+    let registry = root.sub_registry_with_prefix("mltap");
+    registry.register_collector(Box::new(BuildInfo));
     let (sender, receiver) = crate::capture::queue(&config.capture);
     registry.register_collector(Box::new(CaptureCollector { stats: sender.stats().clone() }));
-    let metrics = ProxyMetrics::register(&mut registry);
-    let exchange_logs = RunningLogs::start(&LogSettings::from(config.as_ref()), &mut registry)?;
+    let metrics = ProxyMetrics::register(registry);
+    let exchange_logs = RunningLogs::start(&LogSettings::from(config.as_ref()), registry)?;
     let proxy_settings = ProxySettings::from(config.as_ref());
     // Built before any thread starts so that a bad upstream stops start-up cleanly.
     let first =
         Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?.with_exchange_logs(exchange_logs.logs.clone());
     let readiness =
         first.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
-    let worker = crate::worker::spawn(WorkerSettings::from(config.as_ref()), receiver, &mut registry);
+    let worker = crate::worker::spawn(WorkerSettings::from(config.as_ref()), receiver, registry);
 
     // The dashboard's history starts from the files of earlier runs.
     let history = Arc::new(History::default());
@@ -266,7 +263,7 @@ pub async fn run(
     let labels = LabelService::open(LabelSettings::from(config.as_ref()))
         .await
         .map_err(|e| ConfigError::new("labels_store", "", format!("the label store cannot be opened: {e}")))?;
-    labels.register_metrics(&mut registry);
+    labels.register_metrics(registry);
     let labels_route =
         LabelsRoute::new(labels.clone()).map_err(|e| ConfigError::new("labels.token_env", "", format!("{e}")))?;
     let label_link = LabelLink::spawn(
@@ -274,11 +271,12 @@ pub async fn run(
         worker.hooks(),
         FileSink::new(&config.output_dir),
         Some(history.clone()),
-        &mut registry,
+        Some(worker.model_gauges()),
+        registry,
     );
     let delivery = match delivery_settings(&config)? {
         Some(settings) => Some(
-            Delivery::spawn(settings, &config.output_dir, &mut registry)
+            Delivery::spawn(settings, &config.output_dir, registry)
                 .map_err(|e| ServeError::Runtime(format!("Anodot delivery cannot start: {e}")))?,
         ),
         None => None,
@@ -287,7 +285,7 @@ pub async fn run(
     let mut routes = routes;
     routes.push(Arc::new(labels_route));
     routes.extend(crate::admin::dashboard::routes(history.clone()));
-    let admin = Arc::new(AdminServer::new(registry, readiness, routes));
+    let admin = Arc::new(AdminServer::new(root, readiness, routes));
 
     let (stop, stopped) = watch::channel(false);
     let (grpc_addr, rest_addr, admin_addr) =

@@ -238,8 +238,10 @@ pub struct MetricDef {
     pub optional_dims: &'static [Dimension],
     /// The Anodot 3.0 stream whose schema holds it.
     pub stream: Stream,
-    /// The Prometheus family of the last closed bucket's values (registered under the
-    /// app's `mltap_` prefix), or None when it is not exposed there.
+    /// The Prometheus family (registered under the app's `mltap_` prefix), or None when
+    /// it is not exposed there: a counter's is a cumulative `..._total` counter named
+    /// for what it counts (`model_predictions_total`), a gauge's `model_<name>` shows
+    /// the last closed bucket (label metrics: the latest settled one).
     pub prometheus: Option<&'static str>,
     pub exactness: Exactness,
     /// What the value is, in a line.
@@ -344,22 +346,22 @@ macro_rules! metric {
 // Per stream, from the traffic (`monitor::bucket`).
 metric! {
     BUFFER_COUNT = "buffer_count", kind: Counter, unit: Rows, scope: Stream, dims: [],
-    stream: Traffic, prometheus: Some("model_buffer_count"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_rows_total"), exactness: Exact,
     help: "rows observed in the bucket"
 }
 metric! {
     LATE_DROPPED = "late_dropped", kind: Counter, unit: Rows, scope: Stream, dims: [],
-    stream: Traffic, prometheus: Some("model_late_dropped"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_late_dropped_rows_total"), exactness: Exact,
     help: "rows that arrived after their bucket closed (since the previous close)"
 }
 metric! {
     FEATURE_LIMIT_DROPPED = "feature_limit_dropped", kind: Counter, unit: Values, scope: Stream, dims: [],
-    stream: Traffic, prometheus: Some("model_feature_limit_dropped"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_feature_limit_dropped_values_total"), exactness: Exact,
     help: "values of feature columns ignored because the stream already tracks max_features features"
 }
 metric! {
     CLASS_COUNT_MISMATCH = "class_count_mismatch", kind: Counter, unit: Observations, scope: Stream, dims: [],
-    stream: Traffic, prometheus: Some("model_class_count_mismatch"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_class_count_mismatch_observations_total"), exactness: Exact,
     help: "observations whose probabilities were ignored: their class count differs from the stream's"
 }
 metric! {
@@ -369,7 +371,7 @@ metric! {
 }
 metric! {
     PREDICTION_COUNT = "prediction_count", kind: Counter, unit: Rows, scope: Stream, dims: [ClassName],
-    stream: Traffic, prometheus: Some("model_prediction_count"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_predictions_total"), exactness: Exact,
     help: "rows whose predicted class is this class"
 }
 metric! {
@@ -424,7 +426,7 @@ metric! {
 }
 metric! {
     FEATURE_MISSING_COUNT = "feature_missing_count", kind: Counter, unit: Values, scope: Stream, dims: [FeatName],
-    stream: Traffic, prometheus: Some("model_feature_missing_count"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_feature_missing_values_total"), exactness: Exact,
     help: "NaN, infinite and null values, and rows of observations without the feature"
 }
 metric! {
@@ -449,29 +451,30 @@ metric! {
 }
 metric! {
     CATEGORY_LIMIT_DROPPED = "category_limit_dropped", kind: Counter, unit: Values, scope: Stream, dims: [FeatName],
-    stream: Traffic, prometheus: Some("model_category_limit_dropped"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_category_limit_dropped_values_total"), exactness: Exact,
     help: "values of categories not tracked because the feature holds max_categories categories"
 }
 
 // Per model, from the exchanges (`monitor::engine`).
 metric! {
     REQUEST_COUNT = "request_count", kind: Counter, unit: Exchanges, scope: Model, dims: [Method, Status, Origin], optional: [Origin],
-    stream: Traffic, prometheus: Some("model_request_count"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_requests_total"), exactness: Exact,
     help: "exchanges by inference method and status, and on failed ones who failed (origin)"
 }
+// Prometheus has the histogram `model_upstream_latency_seconds` instead (`sinks::prometheus`).
 metric! {
     UPSTREAM_LATENCY_MS = "upstream_latency_ms", kind: Statistic, unit: Milliseconds, scope: Model, dims: [Stat],
-    stream: Traffic, prometheus: Some("model_upstream_latency_ms"), exactness: Sketched,
+    stream: Traffic, prometheus: None, exactness: Sketched,
     help: "from sending the request upstream to the end of the response"
 }
 metric! {
     DECODE_ERRORS = "decode_errors", kind: Counter, unit: Payloads, scope: Model, dims: [Reason],
-    stream: Traffic, prometheus: Some("model_decode_errors"), exactness: Exact,
+    stream: Traffic, prometheus: Some("decode_errors_total"), exactness: Exact,
     help: "payloads (or parts) that could not be decoded, by reason"
 }
 metric! {
     STREAM_LIMIT_DROPPED = "stream_limit_dropped", kind: Counter, unit: Rows, scope: Model, dims: [],
-    stream: Traffic, prometheus: Some("model_stream_limit_dropped"), exactness: Exact,
+    stream: Traffic, prometheus: Some("model_stream_limit_dropped_rows_total"), exactness: Exact,
     help: "rows of observations of streams beyond max_streams"
 }
 // Only the global pseudo-model has it; Prometheus has the capture queue's own counter.
@@ -534,7 +537,7 @@ metric! {
 }
 metric! {
     LABEL_COUNT = "label_count", kind: Counter, unit: Rows, scope: Stream, dims: [ClassName],
-    stream: Labels, prometheus: Some("model_label_count"), exactness: Exact,
+    stream: Labels, prometheus: Some("model_labels_total"), exactness: Exact,
     help: "labels whose actual class is this class"
 }
 metric! {
@@ -544,12 +547,12 @@ metric! {
 }
 metric! {
     LABEL_LATE_COUNT = "label_late_count", kind: Counter, unit: Labels, scope: Stream, dims: [],
-    stream: Labels, prometheus: Some("model_label_late_count"), exactness: Exact,
+    stream: Labels, prometheus: Some("model_labels_late_total"), exactness: Exact,
     help: "labels arriving in this bucket whose prediction bucket was already emitted"
 }
 metric! {
     LABEL_UNMATCHED_COUNT = "label_unmatched_count", kind: Counter, unit: Labels, scope: Stream, dims: [],
-    stream: Labels, prometheus: Some("model_label_unmatched_count"), exactness: Exact,
+    stream: Labels, prometheus: Some("model_labels_unmatched_total"), exactness: Exact,
     help: "labels arriving in this bucket whose id matched no recorded prediction"
 }
 
@@ -692,8 +695,14 @@ mod tests {
             if unbounded {
                 assert_eq!(m.prometheus, None, "{} has an unbounded dimension", m.name);
             }
+            // Counters are cumulative `_total` counters on /metrics, named for what
+            // they count; the other metrics keep their name.
             if let Some(family) = m.prometheus {
-                assert_eq!(family, format!("model_{}", m.name));
+                if m.kind.is_counter() {
+                    assert!(family.ends_with("_total") && !family.contains("count_total"), "{}", m.name);
+                } else {
+                    assert_eq!(family, format!("model_{}", m.name));
+                }
             }
         }
     }

@@ -1,13 +1,15 @@
-//! The command line: parses `serve`, `demo` and `send`, hands each command what it
-//! takes (`serve` a loaded `Config`, `demo` its duration and the `serve` flags, `send`
-//! its own arguments), and maps failures to exit codes (2 for a bad configuration, 1
-//! for a runtime failure).
+//! The command line: parses `serve`, `validate`, `demo` and `send`, hands each
+//! command what it takes (`serve` and `validate` a loaded `Config`, `demo` its
+//! duration and the `serve` flags, `send` its own arguments), and maps failures to
+//! exit codes (2 for a bad configuration, 1 for a runtime failure).
 
 use crate::app::{self, ServeError};
 use crate::config::{Config, Flags};
+use crate::logging;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 pub use crate::send::SendArgs;
 /// Exit code of a configuration error (unknown key, bad value, port in use).
@@ -28,6 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy and its monitoring worker.
     Serve(ServeArgs),
+    /// Check the configuration (and, with --check-upstreams, that TF Serving answers) without serving.
+    Validate(ValidateArgs),
     /// Run a self-contained demonstration: model server, proxy, traffic and labels.
     Demo(DemoArgs),
     /// Upload stored Anodot files to Anodot (token from ANODOT_TOKEN).
@@ -53,7 +57,7 @@ pub struct ServeArgs {
     /// TF Serving REST port [default: http://127.0.0.1:9501]
     #[arg(long, env = "MLTAP_REST_UPSTREAM", value_name = "URL")]
     pub rest_upstream: Option<String>,
-    /// Admin server: /metrics, /healthz, /readyz, /v1/labels, dashboard [default: 0.0.0.0:9090]
+    /// Admin server: /metrics, /healthz, /readyz, /v1/labels, dashboard [default: 0.0.0.0:8510]
     #[arg(long, env = "MLTAP_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
     /// Bucket width, e.g. 2s, 5m, 1h [default: 60s]
@@ -74,9 +78,22 @@ pub struct ServeArgs {
     /// Header (or gRPC metadata key) carrying the request id [default: x-request-id]
     #[arg(long, env = "MLTAP_REQUEST_ID_HEADER", value_name = "NAME")]
     pub request_id_header: Option<String>,
-    /// Log filter, e.g. info, debug, mltap=debug [default: info]
+    /// Log filter, e.g. info, debug, mltap=debug; RUST_LOG when neither this nor MLTAP_LOG is set [default: info]
     #[arg(long, env = "MLTAP_LOG", value_name = "FILTER")]
     pub log: Option<String>,
+    /// Log format: text (coloured only on a terminal, never with NO_COLOR) or json (one object per line) [default: text]
+    #[arg(long, env = "MLTAP_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// `validate` flags: every `serve` flag, and whether to reach the upstreams.
+#[derive(Debug, Clone, Args)]
+pub struct ValidateArgs {
+    /// Also check that TF Serving's gRPC and REST ports accept a connection (exit 1 when not).
+    #[arg(long)]
+    pub check_upstreams: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 impl From<&ServeArgs> for Flags {
@@ -95,6 +112,8 @@ impl From<&ServeArgs> for Flags {
             anodot_url: args.anodot_url.clone(),
             request_id_header: args.request_id_header.clone(),
             log: args.log.clone(),
+            rust_log: std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()),
+            log_format: args.log_format.clone(),
         }
     }
 }
@@ -113,8 +132,15 @@ pub struct DemoArgs {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Validate(args) => validate(&args),
         Command::Send(args) => {
-            app::init_logging(&std::env::var("MLTAP_LOG").unwrap_or_else(|_| "warn".to_string()));
+            let filter = std::env::var("MLTAP_LOG").unwrap_or_else(|_| "warn".to_string());
+            let format = std::env::var("MLTAP_LOG_FORMAT").unwrap_or_else(|_| "text".to_string());
+            let logging = format.parse().and_then(|format| logging::init(&filter, format));
+            if let Err(problem) = logging {
+                eprintln!("mltap: {problem}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             crate::send::run(&args)
         }
         Command::Demo(args) => crate::demo::run_blocking(args.run_for.as_deref(), Flags::from(&args.serve)),
@@ -129,7 +155,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    app::init_logging(&config.log);
+    // The filter was checked when the configuration loaded.
+    let _ = logging::init(&config.log, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -147,6 +174,49 @@ fn serve(args: &ServeArgs) -> ExitCode {
             eprintln!("mltap: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
+    }
+}
+
+/// Loads the configuration as `serve` would (exit 2 with its one-line error), and with
+/// `--check-upstreams` connects to both upstreams (exit 1 naming the one that does not
+/// answer). Binds no port, starts nothing.
+fn validate(args: &ValidateArgs) -> ExitCode {
+    let config = match Config::load(&args.serve) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mltap: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check_upstreams {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("mltap: cannot start the async runtime: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
+        let upstreams = [("grpc_upstream", &config.grpc_upstream), ("rest_upstream", &config.rest_upstream)];
+        for (key, url) in upstreams {
+            if let Err(problem) = runtime.block_on(reach(url)) {
+                eprintln!("mltap: {key} {url}: {problem}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+    }
+    println!("mltap: configuration valid");
+    ExitCode::SUCCESS
+}
+
+/// Opens (and closes) a TCP connection to an upstream's host and port within 2 s.
+async fn reach(url: &http::Uri) -> Result<(), String> {
+    let host = url.host().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']');
+    let default_port = if url.scheme_str() == Some("https") { 443 } else { 80 };
+    let port = url.port_u16().unwrap_or(default_port);
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect((host, port))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("does not accept a connection ({e})")),
+        Err(_) => Err("did not accept a connection within 2s".to_string()),
     }
 }
 
@@ -170,6 +240,7 @@ mod tests {
             anodot_url: Some("10".into()),
             request_id_header: Some("11".into()),
             log: Some("12".into()),
+            log_format: Some("13".into()),
         };
         let flags = Flags::from(&args);
         assert_eq!(flags.config, Some(PathBuf::from("mltap.toml")));
@@ -186,6 +257,7 @@ mod tests {
             &flags.anodot_url,
             &flags.request_id_header,
             &flags.log,
+            &flags.log_format,
         ];
         for (i, value) in given.into_iter().enumerate() {
             assert_eq!(value.as_deref(), Some((i + 1).to_string().as_str()));

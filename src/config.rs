@@ -10,6 +10,7 @@
 //! component it configures, and durations, sizes and `ConfigError` in `units`. This
 //! module only composes them; `app` hands each component what it takes from the whole.
 
+use crate::logging::LogFormat;
 use crate::monitor::{MonitorConfig, ReferenceSet};
 use crate::proxy::tls::TlsConfig;
 use crate::request_log::{AccessLogConfig, RequestLogConfig};
@@ -47,6 +48,9 @@ pub struct Flags {
     pub anodot_url: Option<String>,
     pub request_id_header: Option<String>,
     pub log: Option<String>,
+    /// `RUST_LOG`: the log filter when neither `--log` nor `MLTAP_LOG` gives one.
+    pub rust_log: Option<String>,
+    pub log_format: Option<String>,
 }
 
 /// The validated configuration of `serve` (and of the proxy inside `demo`).
@@ -67,7 +71,9 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// How long shutdown waits for in-flight exchanges and the capture queue.
     pub shutdown_grace: Duration,
+    /// The log filter, checked to parse.
     pub log: String,
+    pub log_format: LogFormat,
     pub capture: CaptureConfig,
     pub monitor: MonitorConfig,
     pub labels: LabelsConfig,
@@ -103,6 +109,7 @@ struct FileConfig {
     upstream_timeout: Option<String>,
     shutdown_grace: Option<String>,
     log: Option<String>,
+    log_format: Option<String>,
     #[serde(default)]
     capture: CaptureConfig,
     #[serde(default)]
@@ -150,7 +157,7 @@ impl Config {
 
         let grpc_listen = pick("grpc_listen", &args.grpc_listen, &file.grpc_listen, "0.0.0.0:8500");
         let rest_listen = pick("rest_listen", &args.rest_listen, &file.rest_listen, "0.0.0.0:8501");
-        let admin_listen = pick("admin_listen", &args.admin_listen, &file.admin_listen, "0.0.0.0:9090");
+        let admin_listen = pick("admin_listen", &args.admin_listen, &file.admin_listen, "0.0.0.0:8510");
         let grpc_upstream = pick("grpc_upstream", &args.grpc_upstream, &file.grpc_upstream, "http://127.0.0.1:9500");
         let rest_upstream = pick("rest_upstream", &args.rest_upstream, &file.rest_upstream, "http://127.0.0.1:9501");
         let bucket = pick("bucket", &args.bucket, &file.bucket, "60s");
@@ -158,7 +165,11 @@ impl Config {
         let label_horizon = pick("label_horizon", &args.label_horizon, &file.label_horizon, "1h");
         let request_id_header =
             pick("request_id_header", &args.request_id_header, &file.request_id_header, "x-request-id");
-        let log = pick("log", &args.log, &file.log, "info");
+        let log = match (&args.log, &args.rust_log) {
+            (None, Some(rust_log)) => ("log", rust_log.clone(), "RUST_LOG".to_string()),
+            _ => pick("log", &args.log, &file.log, "info"),
+        };
+        let log_format = pick("log_format", &args.log_format, &file.log_format, "text");
         let upstream_timeout = pick("upstream_timeout", &None, &file.upstream_timeout, "60s");
         let shutdown_grace = pick("shutdown_grace", &None, &file.shutdown_grace, "10s");
 
@@ -182,10 +193,11 @@ impl Config {
                 }
             },
             label_horizon: parse_positive_duration(label_horizon)?,
-            anodot_url: match args.anodot_url.clone().or(file.anodot_url.clone()) {
+            // Empty is unset, so that a compose file can pass `${MLTAP_ANODOT_URL:-}` through.
+            anodot_url: match args.anodot_url.clone().filter(|v| !v.trim().is_empty()).or(file.anodot_url.clone()) {
                 None => None,
                 Some(v) => {
-                    let source = if args.anodot_url.is_some() {
+                    let source = if args.anodot_url.as_deref().is_some_and(|v| !v.trim().is_empty()) {
                         "--anodot-url or MLTAP_ANODOT_URL".to_string()
                     } else {
                         file_name.clone()
@@ -200,7 +212,15 @@ impl Config {
             },
             upstream_timeout: parse_positive_duration(upstream_timeout)?,
             shutdown_grace: parse_positive_duration(shutdown_grace)?,
-            log: non_empty(log)?,
+            log: {
+                let (key, value, source) = log;
+                crate::logging::parse_filter(&value).map_err(|problem| ConfigError::new(key, source, problem))?;
+                value
+            },
+            log_format: {
+                let (key, value, source) = log_format;
+                value.parse().map_err(|problem| ConfigError::new(key, source, problem))?
+            },
             capture: file.capture,
             monitor: file.monitor,
             labels: file.labels,
@@ -307,11 +327,33 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_anodot_url_leaves_delivery_off() {
+        let c = Config::load(Flags { anodot_url: Some(String::new()), ..args() }).unwrap();
+        assert_eq!(c.anodot_url, None);
+    }
+
+    #[test]
+    fn the_log_filter_comes_from_the_flag_then_rust_log_and_must_parse() {
+        let c = Config::load(Flags { rust_log: Some("mltap=debug".into()), ..args() }).unwrap();
+        assert_eq!((c.log.as_str(), c.log_format), ("mltap=debug", LogFormat::Text));
+        let c = Config::load(Flags { log: Some("warn".into()), rust_log: Some("debug".into()), ..args() }).unwrap();
+        assert_eq!(c.log, "warn");
+        let e = Config::load(Flags { log: Some("mltap=loud".into()), ..args() }).unwrap_err().to_string();
+        assert!(e.contains("`log`") && e.contains("--log or MLTAP_LOG"), "{e}");
+        let e = Config::load(Flags { rust_log: Some("=".into()), ..args() }).unwrap_err().to_string();
+        assert!(e.contains("RUST_LOG"), "{e}");
+        let c = Config::load(Flags { log_format: Some("json".into()), ..args() }).unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        let e = Config::load(Flags { log_format: Some("yaml".into()), ..args() }).unwrap_err().to_string();
+        assert!(e.contains("log_format"), "{e}");
+    }
+
+    #[test]
     fn defaults_match_the_design() {
         let c = Config::load(args()).unwrap();
         assert_eq!(c.grpc_listen, "0.0.0.0:8500".parse().unwrap());
         assert_eq!(c.rest_listen, "0.0.0.0:8501".parse().unwrap());
-        assert_eq!(c.admin_listen, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(c.admin_listen, "0.0.0.0:8510".parse().unwrap());
         assert_eq!(c.grpc_upstream, "http://127.0.0.1:9500");
         assert_eq!(c.rest_upstream, "http://127.0.0.1:9501");
         assert_eq!(c.bucket, Duration::from_secs(60));

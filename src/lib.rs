@@ -10,7 +10,7 @@
 //! `catalog` declares every metric once for producers and sinks. `units` is the leaf
 //! every section type uses (durations, sizes, the configuration error), `config`
 //! composes the sections into the one typed configuration, `app` wires the components
-//! and `cli` runs the commands. Modules import each other without cycles, in the order
+//! and `cli` runs the commands, `logging` sets up the logs. Modules import each other without cycles, in the order
 //! of docs/architecture.md.
 #![forbid(unsafe_code)]
 
@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod labels;
+pub mod logging;
 pub mod monitor;
 pub mod proxy;
 pub mod request_log;

@@ -24,7 +24,7 @@
 //! `ObservationListener` sees every decoded observation with the start of its bucket.
 
 use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
-use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet, GLOBAL_MODEL};
+use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
 use crate::tfserving::{DecodeLimits, Decoder, ModelConfig, Observation, SchemaCache, SchemaSource};
@@ -196,6 +196,8 @@ pub struct WorkerHandle {
     stop: Arc<tokio::sync::Notify>,
     /// Capture, decode and monitor threads, joined by `finish`.
     threads: Vec<JoinHandle<()>>,
+    /// The Prometheus model metrics the monitor threads update.
+    gauges: ModelGauges,
 }
 
 /// Starts the worker on its own threads; registers its gauges and counters.
@@ -269,7 +271,7 @@ pub fn spawn_with(
         };
         threads.extend(spawn_thread(&format!("mltap-monitor-{i}"), move || monitor.run(input)));
     }
-    WorkerHandle { hooks, stop, threads }
+    WorkerHandle { hooks, stop, threads, gauges }
 }
 
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
@@ -284,6 +286,11 @@ fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHan
 }
 
 impl WorkerHandle {
+    /// The Prometheus model metrics, for label metrics shown beside the traffic's.
+    pub fn model_gauges(&self) -> ModelGauges {
+        self.gauges.clone()
+    }
+
     /// The listeners; add to them at any time.
     pub fn hooks(&self) -> &Hooks {
         &self.hooks
@@ -474,6 +481,7 @@ impl MonitorThread {
     fn feed(&mut self, decoded: Decoded) {
         self.metrics.exchanges.inc();
         self.engine.record_exchange(&decoded.facts);
+        self.gauges.observe_latency(decoded.facts.model.as_deref(), decoded.facts.upstream_latency);
         for observation in &decoded.observations {
             let observed = if decoded.sampled {
                 self.engine.observe(observation)
@@ -507,10 +515,8 @@ impl MonitorThread {
                         start = bucket.start);
                 }
             };
-            // The global pseudo-model's facts are on /metrics as the capture counters.
-            if bucket.model != GLOBAL_MODEL {
-                self.gauges.update(&bucket.model, bucket.start, &bucket.points);
-            }
+            // The global pseudo-model's counts (decode errors of unknown models) too.
+            self.gauges.update(&bucket.model, bucket.start, &bucket.points);
             self.hooks.closed(&bucket);
         }
     }

@@ -152,7 +152,7 @@ async fn observation_listeners_get_each_decoded_observation_with_its_bucket_star
     // The last closed bucket is also on /metrics.
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    assert!(text.contains(r#"mltap_model_buffer_count{model="iris",signature="serving_default"} 3"#), "{text}");
+    assert!(text.contains(r#"mltap_model_rows_total{model="iris",signature="serving_default"} 3"#), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

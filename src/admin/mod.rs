@@ -29,7 +29,9 @@ pub trait AdminRoute: Send + Sync + 'static {
 
 pub mod capture_metrics;
 pub mod dashboard;
+pub mod exposition;
 pub mod history;
+pub mod process_metrics;
 pub mod server;
 
 pub use server::{AdminServer, ReadinessTarget};

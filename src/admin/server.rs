@@ -93,7 +93,10 @@ impl AdminServer {
         match path.as_str() {
             "/healthz" if builtin => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
             "/readyz" if builtin => self.readiness().await,
-            "/metrics" if builtin => self.metrics(),
+            "/metrics" if builtin => {
+                let accept = request.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                self.metrics(super::exposition::wants_openmetrics(accept))
+            }
             _ => {
                 for route in &self.routes {
                     if route.matches(&method, &path) {
@@ -127,10 +130,13 @@ impl AdminServer {
         }
     }
 
-    fn metrics(&self) -> Response<AdminBody> {
+    /// OpenMetrics when the scraper asks for it, else the classic text format.
+    fn metrics(&self, openmetrics: bool) -> Response<AdminBody> {
+        use super::exposition::{to_prometheus_text, OPENMETRICS, PROMETHEUS_TEXT};
         let mut out = String::new();
         match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            Ok(()) => text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", out),
+            Ok(()) if openmetrics => text(StatusCode::OK, OPENMETRICS, out),
+            Ok(()) => text(StatusCode::OK, PROMETHEUS_TEXT, to_prometheus_text(&out)),
             Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", "encoding failed\n".into()),
         }
     }

@@ -117,7 +117,8 @@ pub async fn run(run_for: Option<&str>, mut serve: Flags) -> ExitCode {
             entry.request_log_sampling_rate.get_or_insert(1.0);
         }
     }
-    crate::app::init_logging(&config.log);
+    // The filter was checked when the configuration loaded.
+    let _ = crate::logging::init(&config.log, config.log_format);
 
     let mltap = match super::mltap::start(config.clone()).await {
         Ok(running) => running,

@@ -12,6 +12,7 @@
 use crate::admin::history::History;
 use crate::labels::{LabelService, PreparedRecord};
 use crate::sinks::files::FileSink;
+use crate::sinks::prometheus::ModelGauges;
 use crate::tfserving::Observation;
 use crate::worker::ObservationListener;
 use prometheus_client::metrics::counter::Counter;
@@ -86,6 +87,7 @@ impl LabelLink {
         hooks: &crate::worker::Hooks,
         files: FileSink,
         history: Option<Arc<History>>,
+        gauges: Option<ModelGauges>,
         registry: &mut Registry,
     ) -> LabelLink {
         let (tx, mut rx) = mpsc::channel(PENDING_OBSERVATIONS);
@@ -106,7 +108,7 @@ impl LabelLink {
                         Some(prepared) => record_queued(&labels, prepared, &mut rx).await,
                         None => break,
                     },
-                    _ = tick.tick() => emit_due(&labels, &files, history.as_deref()).await,
+                    _ = tick.tick() => emit_due(&labels, &files, history.as_deref(), gauges.as_ref()).await,
                     _ = stopped.changed() => break,
                 }
             }
@@ -116,7 +118,7 @@ impl LabelLink {
             if let Err(error) = labels.flush().await {
                 warn!(message = "Recorded predictions could not be flushed to the label store.", %error);
             }
-            emit_due(&labels, &files, history.as_deref()).await;
+            emit_due(&labels, &files, history.as_deref(), gauges.as_ref()).await;
         });
         LabelLink { task, stop }
     }
@@ -128,8 +130,9 @@ impl LabelLink {
     }
 }
 
-/// Appends the label points of every bucket past its horizon to that bucket's file.
-async fn emit_due(labels: &LabelService, files: &FileSink, history: Option<&History>) {
+/// Appends the label points of every bucket past its horizon to that bucket's file,
+/// and shows them on the dashboard and `/metrics`.
+async fn emit_due(labels: &LabelService, files: &FileSink, history: Option<&History>, gauges: Option<&ModelGauges>) {
     let due = match labels.due(SystemTime::now()).await {
         Ok(due) => due,
         Err(error) => {
@@ -151,6 +154,9 @@ async fn emit_due(labels: &LabelService, files: &FileSink, history: Option<&Hist
             Ok((Ok(_), points)) => {
                 if let Some(history) = history {
                     history.record(&bucket.model, &points);
+                }
+                if let Some(gauges) = gauges {
+                    gauges.update(&bucket.model, start, &points);
                 }
             }
             Ok((Err(error), _)) => {
