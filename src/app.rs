@@ -100,6 +100,8 @@ impl From<&Config> for ProxySettings {
             request_id_header: config.request_id_header.clone(),
             return_request_id: config.capture.return_request_id,
             tls: config.tls.clone(),
+            limits: config.limits.clone(),
+            connections: crate::proxy::limits::ConnectionBudget::new(config.limits.effective_max_connections()),
         }
     }
 }
