@@ -546,7 +546,13 @@ impl Inner {
     /// Opens the file and brings it to the current format.
     fn open(path: &Path, max_rows: u64, auc_cap: usize) -> Result<Opened, StoreError> {
         let fail = |detail: String| StoreError::Embedded { path: path.display().to_string(), detail };
-        let db = match redb::Builder::new().set_cache_size(CACHE_BYTES).create(path) {
+        // redb asserts some of a file's invariants instead of returning an error (a
+        // truncated file trips one): a panic while opening means a damaged file.
+        let opened = std::panic::catch_unwind(|| redb::Builder::new().set_cache_size(CACHE_BYTES).create(path));
+        let Ok(opened) = opened else {
+            return Ok(Opened::Corrupt("redb could not read the file (it failed an integrity check)".into()));
+        };
+        let db = match opened {
             Ok(db) => db,
             Err(e @ DatabaseError::UpgradeRequired(_)) => {
                 return Ok(Opened::Unusable(format!("not a readable label store: {e}")))
