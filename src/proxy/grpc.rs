@@ -69,6 +69,7 @@ pub(super) async fn handle(
             )
         }
         Ok(Err(error)) if is_stream_reset(&error) => {
+            warn!(message = "Upstream reset the stream; the client's stream is reset the same way.", upstream = %shared.grpc_upstream.shown, error = %error_chain(&error));
             record.upstream_finished();
             record.failed(ErrorOrigin::Upstream);
             return Err(Box::new(error));

@@ -30,7 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tee::TeeBody;
 use tokio::net::{TcpListener, TcpStream};
@@ -742,7 +742,14 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
-            ResponseBodyProj::Upstream { body, .. } => body.poll_frame(cx),
+            ResponseBodyProj::Upstream { body, .. } => {
+                let frame = ready!(body.poll_frame(cx));
+                if let Some(Err(error)) = &frame {
+                    // TF Serving's fault, and the client sees only a reset: say so.
+                    warn!(message = "Upstream reset or broke its response mid-body; the client's stream is reset.", %error);
+                }
+                Poll::Ready(frame)
+            }
             ResponseBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
