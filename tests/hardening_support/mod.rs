@@ -28,6 +28,8 @@ pub struct ServeOptions<'a> {
     pub config: Option<&'a str>,
     pub env: Vec<(&'a str, &'a str)>,
     pub args: Vec<&'a str>,
+    /// A command the process runs under (`unshare ...`), when set.
+    pub wrapper: Vec<&'a str>,
 }
 
 impl<'a> ServeOptions<'a> {
@@ -40,6 +42,7 @@ impl<'a> ServeOptions<'a> {
             config: None,
             env: Vec::new(),
             args: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -101,7 +104,14 @@ impl Serve {
             words.push(path.display().to_string());
         }
         words.extend(options.args.iter().map(|a| a.to_string()));
-        let mut command = tokio::process::Command::new("sh");
+        let mut command = match options.wrapper.split_first() {
+            None => tokio::process::Command::new("sh"),
+            Some((program, args)) => {
+                let mut command = tokio::process::Command::new(program);
+                command.args(args).arg("sh");
+                command
+            }
+        };
         let limit = options.open_files.map(|n| format!("ulimit -n {n} && ")).unwrap_or_default();
         command.arg("-c").arg(format!("{limit}exec \"$0\" \"$@\"")).arg(binary).args(&words);
         command
