@@ -12,7 +12,7 @@
 use crate::admin::capture_metrics::CaptureCollector;
 use crate::admin::history::History;
 use crate::admin::process_metrics::{BuildInfo, ProcessMetrics};
-use crate::admin::{AdminRoute, AdminServer, ReadinessTarget};
+use crate::admin::{AdminRoute, AdminServer, MonitoringHealth, ReadinessTarget};
 use crate::config::Config;
 use crate::labels::endpoint::LabelsRoute;
 use crate::labels::link::LabelLink;
@@ -101,6 +101,8 @@ impl From<&Config> for ProxySettings {
             request_id_header: config.request_id_header.clone(),
             return_request_id: config.capture.return_request_id,
             tls: config.tls.clone(),
+            limits: config.limits.clone(),
+            connections: crate::proxy::limits::ConnectionBudget::new(config.limits.effective_max_connections()),
         }
     }
 }
@@ -226,6 +228,12 @@ fn termination_signal() -> Result<impl Future<Output = ()>, ServeError> {
 
 /// Runs the proxy, the worker and the admin server on bound listeners until
 /// `shutdown` resolves; `routes` are extra admin endpoints (labels, dashboard).
+///
+/// The serving threads start as soon as the proxy and the worker exist: monitoring
+/// state (the dashboard's history, the label store, Anodot delivery and its spool
+/// cursor) loads afterwards, so a large history or a slow or damaged store never
+/// delays serving, and a monitoring component that cannot start is reported on
+/// `/readyz` as degraded monitoring while the proxy serves.
 pub async fn run(
     config: Arc<Config>,
     listeners: Listeners,
@@ -247,45 +255,19 @@ pub async fn run(
         Proxy::new(&proxy_settings, sender.clone(), metrics.clone())?.with_exchange_logs(exchange_logs.logs.clone());
     let readiness =
         first.upstream_addresses().into_iter().map(|(name, address)| ReadinessTarget { name, address }).collect();
-    let worker = crate::worker::spawn(WorkerSettings::from(config.as_ref()), receiver, registry);
-
-    // The dashboard's history starts from the files of earlier runs.
-    let history = Arc::new(History::default());
-    let loaded = {
-        let (history, output_dir) = (history.clone(), config.output_dir.clone());
-        tokio::task::spawn_blocking(move || history.load_from_dir(&output_dir)).await.unwrap_or_default()
-    };
-    for skipped in &loaded.skipped {
-        warn!(message = "A stored Anodot file was not loaded into the dashboard's history.", file = ?skipped);
+    // Configuration errors the admin port would hit, found before anything serves.
+    let admin_token = config.admin.token().map_err(|problem| ConfigError::new("admin.token_env", "", problem))?;
+    if let Some(name) = &config.labels.token_env {
+        if std::env::var(name).map_or(true, |token| token.trim().is_empty()) {
+            return Err(ConfigError::new(
+                "labels.token_env",
+                "",
+                format!("labels.token_env names `{name}`, which is not set or empty"),
+            )
+            .into());
+        }
     }
-    worker.add_bucket_listener(Arc::new(HistoryFeed(history.clone())));
-
-    let labels = LabelService::open(LabelSettings::from(config.as_ref()))
-        .await
-        .map_err(|e| ConfigError::new("labels_store", "", format!("the label store cannot be opened: {e}")))?;
-    labels.register_metrics(registry);
-    let labels_route =
-        LabelsRoute::new(labels.clone()).map_err(|e| ConfigError::new("labels.token_env", "", format!("{e}")))?;
-    let label_link = LabelLink::spawn(
-        labels,
-        worker.hooks(),
-        FileSink::new(&config.output_dir),
-        Some(history.clone()),
-        Some(worker.model_gauges()),
-        registry,
-    );
-    let delivery = match delivery_settings(&config)? {
-        Some(settings) => Some(
-            Delivery::spawn(settings, &config.output_dir, registry)
-                .map_err(|e| ServeError::Runtime(format!("Anodot delivery cannot start: {e}")))?,
-        ),
-        None => None,
-    };
-
-    let mut routes = routes;
-    routes.push(Arc::new(labels_route));
-    routes.extend(crate::admin::dashboard::routes(history.clone()));
-    let admin = Arc::new(AdminServer::new(root, readiness, routes));
+    let worker = crate::worker::spawn(WorkerSettings::from(config.as_ref()), receiver, registry);
 
     let (stop, stopped) = watch::channel(false);
     let (grpc_addr, rest_addr, admin_addr) =
@@ -313,13 +295,99 @@ pub async fn run(
     // The serving threads hold the only listener handles and the only senders of the
     // capture queue now: the ports close and the queue ends when the threads do.
     drop((grpc, rest, sender));
-    let admin_task = tokio::spawn(admin.serve(listeners.admin, stopped));
     info!(
         message = "mltap serving.",
         grpc = ?grpc_addr, rest = ?rest_addr, admin = ?admin_addr,
         grpc_upstream = %config.grpc_upstream, rest_upstream = %config.rest_upstream,
         threads,
+        max_connections = proxy_settings.connections.max(),
     );
+
+    let monitoring = Arc::new(MonitoringHealth::default());
+    // The dashboard's history starts from the files of earlier runs, loaded in the
+    // background; live buckets are shown once it is loaded.
+    let history = Arc::new(History::default());
+    let history_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (history, output_dir, loaded) = (history.clone(), config.output_dir.clone(), history_loaded.clone());
+        let hooks = worker.hooks().clone();
+        tokio::spawn(async move {
+            let report = {
+                let history = history.clone();
+                tokio::task::spawn_blocking(move || history.load_from_dir(&output_dir)).await.unwrap_or_default()
+            };
+            for skipped in &report.skipped {
+                warn!(message = "A stored Anodot file was not loaded into the dashboard's history.", file = ?skipped);
+            }
+            hooks.add_bucket_listener(Arc::new(HistoryFeed(history)));
+            loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    monitoring.add(
+        "dashboard history",
+        Box::new(move || (!history_loaded.load(std::sync::atomic::Ordering::Relaxed)).then(|| "loading".to_string())),
+    );
+
+    let labels = match LabelService::open(LabelSettings::from(config.as_ref())).await {
+        Ok(labels) => labels,
+        Err(e) => {
+            let _ = stop.send(true);
+            for done in finished {
+                let _ = done.await;
+            }
+            return Err(ConfigError::new("labels_store", "", format!("the label store cannot be opened: {e}")).into());
+        }
+    };
+    labels.register_metrics(registry);
+    {
+        let labels = labels.clone();
+        monitoring.add("label store", Box::new(move || labels.store_health()));
+    }
+    let labels_route = match LabelsRoute::new(labels.clone()) {
+        Ok(route) => route,
+        Err(e) => {
+            let _ = stop.send(true);
+            for done in finished {
+                let _ = done.await;
+            }
+            return Err(ConfigError::new("labels.token_env", "", format!("{e}")).into());
+        }
+    };
+    let label_link = LabelLink::spawn(
+        labels,
+        worker.hooks(),
+        FileSink::new(&config.output_dir),
+        Some(history.clone()),
+        Some(worker.model_gauges()),
+        registry,
+    );
+    let delivery = match delivery_settings(&config) {
+        Ok(Some(settings)) => match Delivery::spawn(settings, &config.output_dir, registry) {
+            Ok(delivery) => Some(delivery),
+            Err(e) => {
+                // The files are still written: `mltap send` can deliver them later.
+                error!(message = "Anodot delivery cannot start; serving and writing files continue.", error = %e);
+                let problem = format!("not running: {e}");
+                monitoring.add("anodot delivery", Box::new(move || Some(problem.clone())));
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            let _ = stop.send(true);
+            for done in finished {
+                let _ = done.await;
+            }
+            return Err(e.into());
+        }
+    };
+
+    let mut routes = routes;
+    routes.push(Arc::new(labels_route));
+    routes.extend(crate::admin::dashboard::routes(history.clone()));
+    let admin =
+        Arc::new(AdminServer::new(root, readiness, routes).with_monitoring(monitoring).with_token(admin_token));
+    let admin_task = tokio::spawn(admin.serve(listeners.admin, stopped));
 
     shutdown.await;
     // Open SSE streams would otherwise hold the admin server's graceful stop.

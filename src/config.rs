@@ -81,6 +81,10 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     /// TLS towards `https://` upstreams and on mltap's own listeners.
     pub tls: TlsConfig,
+    /// Connection governance of the proxy's listeners.
+    pub limits: crate::proxy::limits::LimitsConfig,
+    /// The admin port's token for the dashboard and its API.
+    pub admin: crate::admin::AdminConfig,
     /// Sampled PredictionLog TFRecord files of inference exchanges.
     pub request_log: RequestLogConfig,
     /// One JSON line per exchange.
@@ -116,6 +120,10 @@ struct FileConfig {
     monitor: MonitorConfig,
     #[serde(default)]
     labels: LabelsConfig,
+    #[serde(default)]
+    limits: crate::proxy::limits::LimitsConfig,
+    #[serde(default)]
+    admin: crate::admin::AdminConfig,
     #[serde(default)]
     anodot: AnodotConfig,
     #[serde(default)]
@@ -224,6 +232,8 @@ impl Config {
             capture: file.capture,
             monitor: file.monitor,
             labels: file.labels,
+            limits: file.limits,
+            admin: file.admin,
             anodot: file.anodot,
             models: file.models,
             tls: file.tls,
@@ -245,6 +255,8 @@ impl Config {
         self.monitor.validate().map_err(ConfigError::in_section("monitor", file_name))?;
         let references = self.monitor.load_references().map_err(ConfigError::in_section("monitor", file_name))?;
         self.labels.validate().map_err(ConfigError::in_section("labels", file_name))?;
+        self.limits.validate().map_err(ConfigError::in_section("limits", file_name))?;
+        self.admin.validate().map_err(ConfigError::in_section("admin", file_name))?;
         self.anodot.validate().map_err(ConfigError::in_section("anodot", file_name))?;
         self.tls.validate().map_err(ConfigError::in_section("tls", file_name))?;
         self.request_log.validate().map_err(ConfigError::in_section("request_log", file_name))?;

@@ -128,18 +128,23 @@ fn send_refuses_a_spool_another_live_process_is_delivering() {
     let server = FakeAnodot::start();
     let out = tempfile::tempdir().unwrap();
     write_spool(out.path(), "iris", T0, &points("iris", T0, 0, 3));
-    // A live process (this test) holds the cursor lock, as a running `serve` would.
+    // A live process (this test) holds the cursor's OS lock, as a running `serve` would.
     std::fs::create_dir_all(out.path().join("delivery")).unwrap();
-    std::fs::write(out.path().join("delivery/lock"), std::process::id().to_string()).unwrap();
+    let lock_path = out.path().join("delivery/lock");
+    std::fs::write(&lock_path, format!("pid {} on a-host", std::process::id())).unwrap();
+    let held = std::fs::OpenOptions::new().write(true).open(&lock_path).unwrap();
+    held.lock().unwrap();
     let output = send(out.path(), &server.url(), Some("tok"));
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr.contains(&format!("another mltap process (pid {})", std::process::id())), "{stderr}");
+    assert!(stderr.contains(&format!("another mltap process (pid {} on a-host)", std::process::id())), "{stderr}");
     assert!(server.metric_posts().is_empty());
 
-    // A lock left by a process that is gone is taken over.
-    std::fs::write(out.path().join("delivery/lock"), "4000000000").unwrap();
+    // A lock file nobody holds (its process is gone, whatever pid it names) is taken.
+    drop(held);
+    std::fs::write(&lock_path, "pid 1 on a-host").unwrap();
     let output = send(out.path(), &server.url(), Some("tok"));
     assert!(output.status.success(), "{:?}", text(&output));
-    assert!(!out.path().join("delivery/lock").exists(), "the lock goes with the process");
+    let after = std::fs::OpenOptions::new().write(true).open(&lock_path).unwrap();
+    after.try_lock().expect("the lock goes with the process");
 }

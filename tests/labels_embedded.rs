@@ -327,12 +327,18 @@ async fn an_unreadable_or_newer_store_file_is_set_aside_and_the_store_starts_emp
         std::fs::read_dir(&path)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("labels.redb.unusable-"))
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("labels.redb.unusable-") || name.starts_with("labels.redb.corrupt-")
+            })
             .count()
     };
     std::fs::write(&file, b"not a label store").unwrap();
     let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
     assert_eq!(set_aside(), 1);
+    // Not redb at all: a damaged file, counted as such.
+    service.due(SystemTime::now()).await.unwrap();
+    assert!(metrics_text(&service).contains("mltap_label_store_corrupt_files_total 1"), "{}", metrics_text(&service));
     let start = current_bucket();
     service.record(&fraud_observation("fraud"), start).await.unwrap();
     assert_eq!(ingest(&service, FRAUD_LABELS, SystemTime::now()).await.accepted, 7);

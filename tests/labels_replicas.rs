@@ -70,6 +70,7 @@ async fn two_instances_over_one_redis_join_across_replicas_and_emit_label_metric
     let replica = || {
         let mut c = config(&fake.grpc_url(), &fake.rest_url());
         c.labels_store = LabelsStoreConfig::Redis(redis.url());
+        c.labels.allow_unauthenticated = true;
         c.bucket = Duration::from_secs(1);
         c.label_horizon = Duration::from_secs(3);
         c

@@ -319,7 +319,10 @@ async fn relay_bad_chunk_sizes_are_refused_with_400_and_close() {
         "10000000000000000\r\n{}\r\n0\r\n\r\n",
     ] {
         let mut stream = TcpStream::connect(mltap.rest).await.unwrap();
-        stream.write_all(format!("{head}{body}GET /v1/models/smuggled HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+        stream
+            .write_all(format!("{head}{body}GET /v1/models/smuggled HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let answer = read_answer(&mut stream, &mut Vec::new(), false).await;
         assert_eq!((answer.status, answer.header("connection")), (400, Some("close")), "{body:?}");
         assert!(closes(&mut stream).await, "{body:?}");

@@ -34,4 +34,35 @@ pub mod history;
 pub mod process_metrics;
 pub mod server;
 
-pub use server::{AdminServer, ReadinessTarget};
+pub use server::{AdminServer, MonitoringCheck, MonitoringHealth, ReadinessTarget};
+
+/// The admin port's own settings (`[admin]`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Environment variable holding the token the dashboard and its JSON API need;
+    /// unset, they are open to whoever reaches the admin port (docs/security.md).
+    pub token_env: Option<String>,
+}
+
+impl AdminConfig {
+    /// Checks the section; the error names the key within it.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match &self.token_env {
+            Some(name) if name.trim().is_empty() || name.contains('=') || name.contains('\0') => {
+                Err(("token_env".into(), format!("`{name}` is not an environment variable name")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The token, read from the variable the section names; an error when it is named
+    /// but unset, so that the dashboard is never served open by mistake.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        let Some(name) = &self.token_env else { return Ok(None) };
+        match std::env::var(name) {
+            Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_string())),
+            _ => Err(format!("admin.token_env names `{name}`, which is not set or empty")),
+        }
+    }
+}

@@ -1,7 +1,11 @@
 //! The admin HTTP/1.1 server: `/healthz` (the process answers), `/readyz` (both TF
-//! Serving ports accept TCP connections), `/metrics` (Prometheus/OpenMetrics text),
-//! then the registered `AdminRoute`s in order, else 404. It runs on its own
-//! listener and never shares a connection or a lock with the proxy's path.
+//! Serving ports accept TCP connections; monitoring's state on a line of its own that
+//! never fails readiness), `/metrics` (Prometheus/OpenMetrics text), then the
+//! registered `AdminRoute`s in order, else 404. With `[admin] token_env` set, every
+//! path but `/healthz`, `/readyz`, `/metrics` and `/v1/labels` (which has its own
+//! token) needs the token, as a bearer token or as the password of HTTP basic
+//! authentication (so a browser can open the dashboard). It runs on its own listener
+//! and never shares a connection or a lock with the proxy's path.
 
 use super::{AdminBody, AdminRoute};
 use bytes::Bytes;
@@ -29,6 +33,32 @@ pub struct ReadinessTarget {
     pub address: String,
 }
 
+/// A monitoring component's state for `/readyz`: None when it works, else what is
+/// wrong (loading, degraded, recovering).
+pub type MonitoringCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Monitoring's health as `/readyz` reports it, apart from serving: a label store that
+/// fails or state still loading degrades monitoring, never readiness, because the
+/// proxy serves without them (it fails open).
+#[derive(Default)]
+pub struct MonitoringHealth {
+    /// Checks by component name, asked at every `/readyz`.
+    checks: std::sync::RwLock<Vec<(&'static str, MonitoringCheck)>>,
+}
+
+impl MonitoringHealth {
+    /// Adds a component's check.
+    pub fn add(&self, component: &'static str, check: MonitoringCheck) {
+        self.checks.write().unwrap_or_else(|e| e.into_inner()).push((component, check));
+    }
+
+    /// What is wrong with monitoring, one entry per component; empty when all is well.
+    pub fn problems(&self) -> Vec<String> {
+        let checks = self.checks.read().unwrap_or_else(|e| e.into_inner());
+        checks.iter().filter_map(|(name, check)| check().map(|problem| format!("{name}: {problem}"))).collect()
+    }
+}
+
 /// The admin server's state.
 pub struct AdminServer {
     /// Everything `/metrics` exposes, frozen once the components are composed.
@@ -37,11 +67,49 @@ pub struct AdminServer {
     readiness: Vec<ReadinessTarget>,
     /// Endpoints of other components, asked in order after the built-in ones.
     routes: Vec<Arc<dyn AdminRoute>>,
+    /// Monitoring's state, reported by `/readyz` without failing it.
+    monitoring: Arc<MonitoringHealth>,
+    /// The token the dashboard and its API need (`[admin] token_env`), if any.
+    token: Option<Vec<u8>>,
 }
 
 impl AdminServer {
     pub fn new(registry: Registry, readiness: Vec<ReadinessTarget>, routes: Vec<Arc<dyn AdminRoute>>) -> Self {
-        AdminServer { registry: Arc::new(registry), readiness, routes }
+        AdminServer { registry: Arc::new(registry), readiness, routes, monitoring: Arc::default(), token: None }
+    }
+
+    /// Reports monitoring's state on `/readyz` from these checks.
+    pub fn with_monitoring(mut self, monitoring: Arc<MonitoringHealth>) -> Self {
+        self.monitoring = monitoring;
+        self
+    }
+
+    /// Requires `token` for the dashboard and its API (see the module's doc).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token.map(String::into_bytes);
+        self
+    }
+
+    /// Whether a request may see a protected path: the token as `Bearer` or as the
+    /// password of `Basic` authentication.
+    fn authorized(&self, headers: &http::HeaderMap) -> bool {
+        let Some(expected) = &self.token else { return true };
+        let Some(value) = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()) else { return false };
+        let Some(split) = value.iter().position(|b| *b == b' ') else { return false };
+        let (scheme, rest) = value.split_at(split);
+        let given = if scheme.eq_ignore_ascii_case(b"bearer") {
+            rest.trim_ascii().to_vec()
+        } else if scheme.eq_ignore_ascii_case(b"basic") {
+            use base64::Engine;
+            let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest.trim_ascii()) else { return false };
+            match decoded.iter().position(|b| *b == b':') {
+                Some(colon) => decoded[colon + 1..].to_vec(),
+                None => return false,
+            }
+        } else {
+            return false;
+        };
+        given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
     /// Serves until `stop` turns true, then closes idle connections, lets answers in
@@ -97,20 +165,31 @@ impl AdminServer {
                 let accept = request.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
                 self.metrics(super::exposition::wants_openmetrics(accept))
             }
-            _ => {
-                for route in &self.routes {
-                    if route.matches(&method, &path) {
-                        let (parts, body) = request.into_parts();
-                        return route.call(Request::from_parts(parts, body.boxed_unsync())).await;
-                    }
-                }
-                text(
-                    StatusCode::NOT_FOUND,
+            "/v1/labels" => self.route(request, &method, &path).await,
+            _ if !self.authorized(request.headers()) => {
+                let mut response = text(
+                    StatusCode::UNAUTHORIZED,
                     "application/json",
-                    format!("{{\"error\": \"no admin endpoint {path}\"}}\n"),
-                )
+                    "{\"error\": \"this admin path needs the admin token\"}\n".into(),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Basic realm=\"mltap\""));
+                response
+            }
+            _ => self.route(request, &method, &path).await,
+        }
+    }
+
+    /// Hands the request to the first registered route that serves it, else 404.
+    async fn route(&self, request: Request<Incoming>, method: &Method, path: &str) -> Response<AdminBody> {
+        for route in &self.routes {
+            if route.matches(method, path) {
+                let (parts, body) = request.into_parts();
+                return route.call(Request::from_parts(parts, body.boxed_unsync())).await;
             }
         }
+        text(StatusCode::NOT_FOUND, "application/json", format!("{{\"error\": \"no admin endpoint {path}\"}}\n"))
     }
 
     async fn readiness(&self) -> Response<AdminBody> {
@@ -123,11 +202,24 @@ impl AdminServer {
             }
         });
         let problems: Vec<String> = futures_util::future::join_all(checks).await.into_iter().flatten().collect();
-        if problems.is_empty() {
-            text(StatusCode::OK, "text/plain; charset=utf-8", "ready\n".into())
+        let monitoring = self.monitoring.problems();
+        let monitoring_line = if monitoring.is_empty() {
+            "monitoring: ok\n".to_string()
         } else {
-            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", problems.join("\n") + "\n")
-        }
+            format!("monitoring: degraded: {}\n", monitoring.join("; "))
+        };
+        let mut response = if problems.is_empty() {
+            text(StatusCode::OK, "text/plain; charset=utf-8", format!("ready\n{monitoring_line}"))
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                problems.join("\n") + "\n" + &monitoring_line,
+            )
+        };
+        let state = if monitoring.is_empty() { "ok" } else { "degraded" };
+        response.headers_mut().insert("x-mltap-monitoring", http::HeaderValue::from_static(state));
+        response
     }
 
     /// OpenMetrics when the scraper asks for it, else the classic text format.

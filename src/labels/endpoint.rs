@@ -3,8 +3,17 @@
 //! Valid entries are joined even when others are not; the answer counts `accepted`,
 //! `unmatched` and `late` and lists `rejected` entries with their index and reason. A
 //! body that is not JSON gets 400 saying where it broke (entry, line, column); a body
-//! over `max_body_bytes` gets 413; with a token configured, a request without it gets
-//! 401. The token and the labels are never logged.
+//! over `max_body_bytes` gets 413.
+//!
+//! Labels feed accuracy metrics, so the route is closed unless configured otherwise
+//! (docs/security.md): a request needs `Authorization: Bearer <token>` (scheme in any
+//! case) when `labels.token_env` names the token, and every request is refused (401)
+//! when neither a token nor `labels.allow_unauthenticated = true` is configured. A
+//! browser cannot forge a post from another site: the body must be declared JSON
+//! (`application/json` or an NDJSON type, which a cross-site form cannot send without
+//! a CORS preflight that mltap never grants), and a request whose `Origin` or
+//! `Sec-Fetch-Site` shows another site gets 403. The token and the labels are never
+//! logged.
 
 use super::service::{LabelEntry, LabelService, RawLabel, Rejected, MAX_ID_BYTES};
 use super::LabelError;
@@ -117,12 +126,23 @@ fn entry(index: usize, value: Value) -> Result<LabelEntry, String> {
     Ok(LabelEntry { index, id, label, model })
 }
 
+/// Who may post labels.
+#[derive(Clone, PartialEq, Eq)]
+enum Access {
+    /// Requests carrying this bearer token.
+    Token(Vec<u8>),
+    /// Anyone who reaches the port (`labels.allow_unauthenticated = true`).
+    Open,
+    /// Nobody: no token configured and unauthenticated posts not allowed.
+    Closed,
+}
+
 /// The `/v1/labels` route, registered with the admin server.
 pub struct LabelsRoute {
     /// Joins the labels.
     service: Arc<LabelService>,
-    /// The expected `Authorization` header value (`Bearer <token>`), if any.
-    expected_authorization: Option<Vec<u8>>,
+    /// Who may post.
+    access: Access,
     /// `labels.max_body_bytes`.
     max_body_bytes: usize,
 }
@@ -130,7 +150,14 @@ pub struct LabelsRoute {
 impl std::fmt::Debug for LabelsRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LabelsRoute")
-            .field("token", &self.expected_authorization.as_ref().map(|_| "<redacted>"))
+            .field(
+                "access",
+                &match self.access {
+                    Access::Token(_) => "token <redacted>",
+                    Access::Open => "unauthenticated",
+                    Access::Closed => "closed",
+                },
+            )
             .field("max_body_bytes", &self.max_body_bytes)
             .finish()
     }
@@ -142,21 +169,33 @@ impl LabelsRoute {
     /// serve labels unprotected).
     pub fn new(service: Arc<LabelService>) -> Result<LabelsRoute, LabelError> {
         let labels = &service.settings().labels;
-        let expected_authorization = match &labels.token_env {
-            None => None,
+        let access = match &labels.token_env {
+            None if labels.allow_unauthenticated => Access::Open,
+            None => {
+                tracing::warn!(
+                    message = "Label posts are refused: configure labels.token_env (or labels.allow_unauthenticated = true on a private admin port)."
+                );
+                Access::Closed
+            }
             Some(name) => match std::env::var(name) {
-                Ok(token) if !token.trim().is_empty() => Some(format!("Bearer {}", token.trim()).into_bytes()),
+                Ok(token) if !token.trim().is_empty() => Access::Token(token.trim().as_bytes().to_vec()),
                 _ => return Err(LabelError::MissingToken(name.clone())),
             },
         };
         let max_body_bytes = labels.max_body_bytes;
-        Ok(LabelsRoute { service, expected_authorization, max_body_bytes })
+        Ok(LabelsRoute { service, access, max_body_bytes })
     }
 
-    fn authorized(&self, request: &AdminRequest) -> bool {
-        let Some(expected) = &self.expected_authorization else { return true };
-        let Some(given) = request.headers().get(header::AUTHORIZATION) else { return false };
-        constant_time_eq(given.as_bytes(), expected)
+    /// Whether the request may post, else the 401 answer's message.
+    fn authorize(&self, request: &AdminRequest) -> Result<(), &'static str> {
+        match &self.access {
+            Access::Open => Ok(()),
+            Access::Closed => Err("label posts are disabled: configure labels.token_env (a bearer token) or labels.allow_unauthenticated = true"),
+            Access::Token(expected) => match bearer_token(request.headers()) {
+                Some(given) if constant_time_eq(given, expected) => Ok(()),
+                _ => Err("missing or wrong bearer token"),
+            },
+        }
     }
 
     async fn handle(service: Arc<LabelService>, request: AdminRequest, max_body_bytes: usize) -> AdminResponse {
@@ -190,6 +229,50 @@ impl LabelsRoute {
                 error(StatusCode::SERVICE_UNAVAILABLE, &format!("label store unavailable: {e}"))
             }
         }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 9110 section 11.1).
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let split = value.iter().position(|b| *b == b' ')?;
+    let (scheme, rest) = value.split_at(split);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    Some(rest.trim_ascii())
+}
+
+/// Media types of a label body: JSON, or NDJSON under its common names. A browser
+/// sends none of them cross-site without a CORS preflight, which mltap never grants.
+const LABEL_MEDIA_TYPES: [&str; 5] =
+    ["application/json", "application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"];
+
+/// Whether the request declares a label body type (parameters such as `charset` aside).
+pub fn declares_json(headers: &http::HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let media = value.split(';').next().unwrap_or("").trim();
+    LABEL_MEDIA_TYPES.iter().any(|t| media.eq_ignore_ascii_case(t))
+}
+
+/// Whether a browser says the request comes from another site: `Sec-Fetch-Site` other
+/// than `same-origin`/`none`, or an `Origin` whose host is not the request's `Host`.
+/// Clients that are not browsers send neither header.
+pub fn cross_site(headers: &http::HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.as_bytes();
+        if !(site.eq_ignore_ascii_case(b"same-origin") || site.eq_ignore_ascii_case(b"none")) {
+            return true;
+        }
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else { return false };
+    let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, host)| host);
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin_host, host) {
+        (Some(origin_host), Some(host)) => !origin_host.eq_ignore_ascii_case(host),
+        // `Origin: null` (sandboxed pages, file://) or no Host to compare with.
+        _ => true,
     }
 }
 
@@ -227,9 +310,20 @@ impl AdminRoute for LabelsRoute {
             response.headers_mut().insert(header::ALLOW, http::HeaderValue::from_static("POST"));
             return Box::pin(async move { response });
         }
-        if !self.authorized(&request) {
-            let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        if cross_site(request.headers()) {
+            let response = error(StatusCode::FORBIDDEN, "cross-site label posts are refused");
+            return Box::pin(async move { response });
+        }
+        if let Err(message) = self.authorize(&request) {
+            let mut response = error(StatusCode::UNAUTHORIZED, message);
             response.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            return Box::pin(async move { response });
+        }
+        if !declares_json(request.headers()) {
+            let response = error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "label bodies must be sent as Content-Type: application/json (or application/x-ndjson)",
+            );
             return Box::pin(async move { response });
         }
         Box::pin(Self::handle(self.service.clone(), request, self.max_body_bytes))
@@ -239,6 +333,39 @@ impl AdminRoute for LabelsRoute {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        pairs.iter().map(|(k, v)| (http::HeaderName::from_static(k), http::HeaderValue::from_str(v).unwrap())).collect()
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let h = headers(&[("authorization", &format!("{scheme} t0k"))]);
+            assert_eq!(bearer_token(&h), Some(&b"t0k"[..]));
+        }
+        assert_eq!(bearer_token(&headers(&[("authorization", "Basic t0k")])), None);
+        assert_eq!(bearer_token(&headers(&[("authorization", "Bearert0k")])), None);
+    }
+
+    #[test]
+    fn only_json_and_ndjson_bodies_are_declared_labels() {
+        assert!(declares_json(&headers(&[("content-type", "application/json; charset=utf-8")])));
+        assert!(declares_json(&headers(&[("content-type", "Application/X-NDJSON")])));
+        assert!(!declares_json(&headers(&[("content-type", "text/plain")])));
+        assert!(!declares_json(&headers(&[("content-type", "application/x-www-form-urlencoded")])));
+        assert!(!declares_json(&headers(&[])));
+    }
+
+    #[test]
+    fn browsers_posting_from_another_site_are_recognised() {
+        assert!(!cross_site(&headers(&[])));
+        assert!(!cross_site(&headers(&[("origin", "http://mltap:9090"), ("host", "mltap:9090")])));
+        assert!(cross_site(&headers(&[("origin", "https://evil.example"), ("host", "mltap:9090")])));
+        assert!(cross_site(&headers(&[("origin", "null"), ("host", "mltap:9090")])));
+        assert!(cross_site(&headers(&[("sec-fetch-site", "cross-site")])));
+        assert!(!cross_site(&headers(&[("sec-fetch-site", "same-origin")])));
+    }
 
     #[test]
     fn array_syntax_errors_name_the_entry_line_and_column() {

@@ -67,6 +67,10 @@ pub struct LabelsConfig {
     /// Environment variable holding the bearer token that protects `/v1/labels`; the
     /// name lives in the config so the token itself never does.
     pub token_env: Option<String>,
+    /// Accept label posts without a token. Off by default: labels feed accuracy
+    /// metrics, so anyone reaching the admin port could otherwise skew them. Only for
+    /// a port nobody else reaches (the demo sets it).
+    pub allow_unauthenticated: bool,
     /// Largest accepted label body, so one request cannot exhaust memory.
     pub max_body_bytes: usize,
     /// Most prediction rows the embedded store keeps; the rows closest to expiry are
@@ -92,6 +96,7 @@ impl Default for LabelsConfig {
     fn default() -> Self {
         LabelsConfig {
             token_env: None,
+            allow_unauthenticated: false,
             max_body_bytes: 10 * MIB,
             max_pending_rows: 2_000_000,
             attribute_to_arrival: false,

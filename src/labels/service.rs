@@ -14,7 +14,7 @@ use super::metrics;
 use super::record::{BucketId, ExchangeWriter, StreamMeta, MAX_CLASSES};
 use super::store::embedded::EmbeddedStore;
 use super::store::redis::RedisStore;
-use super::store::{BucketUpdate, LabelStore, RecordBatch, StoreError};
+use super::store::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError};
 use super::{LabelsConfig, LabelsStoreConfig};
 use crate::sinks::Point;
 use crate::tfserving::{ModelConfig, Observation, Probabilities, StreamKey};
@@ -164,6 +164,8 @@ struct Counters {
     evictions: Counter,
     /// Recorded rows the store failed to write.
     failed: Counter,
+    /// Damaged store files moved aside (embedded store).
+    corrupt: Counter,
     /// Pending rows at the last tick (embedded store).
     pending: Gauge,
 }
@@ -184,9 +186,9 @@ pub struct LabelService {
     known_models: Mutex<HashSet<String>>,
     /// Process-local counters for `/metrics`.
     counters: Counters,
-    /// Store evictions and failed rows already added to the counters, to add only
-    /// the difference.
-    store_counts_seen: Mutex<(u64, u64)>,
+    /// Store evictions, failed rows and corrupt files already added to the counters,
+    /// to add only the difference.
+    store_counts_seen: Mutex<(u64, u64, u64)>,
 }
 
 fn epoch_ms(t: SystemTime) -> i64 {
@@ -222,8 +224,14 @@ impl LabelService {
             prepared_streams: Mutex::new(HashMap::new()),
             known_models: Mutex::new(known_models),
             counters: Counters::default(),
-            store_counts_seen: Mutex::new((stats.evictions, stats.failed_rows)),
+            // A file set aside at start counts: the counter starts at zero.
+            store_counts_seen: Mutex::new((stats.evictions, stats.failed_rows, 0)),
         }))
+    }
+
+    /// What is wrong with the join store, when it cannot serve; for `/readyz`.
+    pub fn store_health(&self) -> Option<String> {
+        self.store.health()
     }
 
     /// The settings the service runs with.
@@ -535,9 +543,10 @@ impl LabelService {
     /// drops expired rows and makes the embedded store's writes durable.
     pub async fn due(&self, now: SystemTime) -> Result<Vec<DueBucket>, StoreError> {
         let now_ms = epoch_ms(now);
-        self.store.flush().await?;
-        self.store.maintain(now_ms).await?;
-        let claimed = self.store.claim_due(now_ms).await?;
+        let ticked = self.tick(now_ms).await;
+        // The counters follow the store even while it fails (failed rows above all).
+        self.sync_store_counters();
+        let claimed = ticked?;
         let mut out: BTreeMap<(i64, String), Vec<Point>> = BTreeMap::new();
         for bucket in claimed {
             let meta = match self.stream(bucket.bucket.stream).await? {
@@ -559,6 +568,18 @@ impl LabelService {
                 out.entry((bucket.bucket.start, meta.model.clone())).or_default().extend(points);
             }
         }
+        Ok(out.into_iter().map(|((bucket_start, model), points)| DueBucket { model, bucket_start, points }).collect())
+    }
+
+    /// Writes buffered rows, drops expired ones and claims the due buckets.
+    async fn tick(&self, now_ms: i64) -> Result<Vec<ClaimedBucket>, StoreError> {
+        self.store.flush().await?;
+        self.store.maintain(now_ms).await?;
+        self.store.claim_due(now_ms).await
+    }
+
+    /// Adds what the store counted since the last call to the counters.
+    fn sync_store_counters(&self) {
         let stats = self.store.stats();
         if let Some(pending) = stats.pending_rows {
             self.counters.pending.set(pending as i64);
@@ -567,9 +588,9 @@ impl LabelService {
             let mut seen = self.store_counts_seen.lock().unwrap_or_else(|e| e.into_inner());
             self.counters.evictions.inc_by(stats.evictions.saturating_sub(seen.0));
             self.counters.failed.inc_by(stats.failed_rows.saturating_sub(seen.1));
-            *seen = (stats.evictions.max(seen.0), stats.failed_rows.max(seen.1));
+            self.counters.corrupt.inc_by(stats.corrupt_files.saturating_sub(seen.2));
+            *seen = (stats.evictions.max(seen.0), stats.failed_rows.max(seen.1), stats.corrupt_files.max(seen.2));
         }
-        Ok(out.into_iter().map(|((bucket_start, model), points)| DueBucket { model, bucket_start, points }).collect())
     }
 
     /// Registers the service's counters with the admin server's registry.
@@ -586,6 +607,11 @@ impl LabelService {
             c.evictions.clone(),
         );
         registry.register("label_rows_failed", "Prediction rows the label store failed to write", c.failed.clone());
+        registry.register(
+            "label_store_corrupt_files",
+            "Damaged embedded label store files moved aside and replaced by an empty store",
+            c.corrupt.clone(),
+        );
         registry.register(
             "label_store_pending_rows",
             "Prediction rows waiting for a label (embedded store)",

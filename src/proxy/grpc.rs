@@ -27,8 +27,16 @@ pub(super) async fn handle(
     shared: Arc<ProxyShared>,
     peer: std::net::SocketAddr,
     request: Request<Incoming>,
+    _busy: super::BusyOwned,
 ) -> Result<Response<ResponseBody>, ResetStream> {
     let started_at = SystemTime::now();
+    if request.method() == http::Method::CONNECT {
+        // A reverse proxy for TF Serving, never a tunnel.
+        let mut refused = Response::new(ResponseBody::local(bytes::Bytes::new()));
+        *refused.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+        shared.metrics.client_fault();
+        return Ok(refused);
+    }
     let (mut parts, body) = request.into_parts();
     let route = RouteKind::grpc(parts.uri.path());
     let (record, returned_id) =
@@ -43,7 +51,8 @@ pub(super) async fn handle(
     let tap = record.captures().then(|| Tap::new(record.clone(), Side::Request));
     let upstream_request = Request::from_parts(parts, TeeBody::new(body, tap));
 
-    let answer = tokio::time::timeout(deadline, shared.grpc_client.request(upstream_request)).await;
+    let (client, lane) = shared.grpc_lanes.pick();
+    let answer = tokio::time::timeout(deadline, client.request(upstream_request)).await;
     let mut response = match answer {
         Ok(Ok(response)) => {
             let (mut parts, body) = response.into_parts();
@@ -54,9 +63,13 @@ pub(super) async fn handle(
                 header_text(&parts.headers, "grpc-encoding"),
             );
             let tap = Tap::new(record.clone(), Side::Response);
-            Response::from_parts(parts, ResponseBody::Upstream { body: TeeBody::new(body, Some(tap)) })
+            Response::from_parts(
+                parts,
+                ResponseBody::Upstream { body: TeeBody::new(body, Some(tap)), lane: Some(lane) },
+            )
         }
         Ok(Err(error)) if is_stream_reset(&error) => {
+            warn!(message = "Upstream reset the stream; the client's stream is reset the same way.", upstream = %shared.grpc_upstream.shown, error = %error_chain(&error));
             record.upstream_finished();
             record.failed(ErrorOrigin::Upstream);
             return Err(Box::new(error));

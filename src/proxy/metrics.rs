@@ -4,6 +4,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::borrow::Cow;
@@ -31,6 +32,7 @@ pub fn status_text(code: i64) -> Cow<'static, str> {
         0..=16 => GRPC[code as usize],
         200 => "200",
         400 => "400",
+        408 => "408",
         404 => "404",
         500 => "500",
         502 => "502",
@@ -54,6 +56,20 @@ pub struct ProxyMetrics {
     pub requests: Family<RequestLabels, Counter>,
     /// From sending the request upstream to the end of the upstream's response.
     pub upstream_latency: Family<ProtocolLabels, Histogram>,
+    /// Requests refused before they became an exchange, for the client's fault
+    /// (malformed or unfinished heads): they never reach TF Serving.
+    pub client_faults: Counter,
+    /// Client connections refused because the listeners hold `limits.max_connections`.
+    pub connections_refused: Counter,
+    /// Client connections open on the proxy's listeners.
+    pub open_connections: Gauge,
+}
+
+impl ProxyMetrics {
+    /// Counts a request refused for the client's fault.
+    pub fn client_fault(&self) {
+        self.client_faults.inc();
+    }
 }
 
 impl ProxyMetrics {
@@ -69,7 +85,24 @@ impl ProxyMetrics {
             "From sending a request to TF Serving to the end of its response",
             upstream_latency.clone(),
         );
-        ProxyMetrics { requests, upstream_latency }
+        let (client_faults, connections_refused, open_connections) =
+            (Counter::default(), Counter::default(), Gauge::default());
+        registry.register(
+            "client_faults",
+            "Requests refused for the client's fault before reaching TF Serving (malformed or unfinished heads)",
+            client_faults.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections refused because limits.max_connections were open",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Client connections open on the proxy listeners",
+            open_connections.clone(),
+        );
+        ProxyMetrics { requests, upstream_latency, client_faults, connections_refused, open_connections }
     }
 }
 
@@ -79,7 +112,7 @@ mod tests {
 
     #[test]
     fn status_texts_match_the_formatted_codes() {
-        for code in [0, 5, 16, 17, 200, 201, 404, 502, 504, -1] {
+        for code in [0, 5, 16, 17, 200, 201, 404, 408, 502, 504, -1] {
             assert_eq!(status_text(code), code.to_string());
         }
     }

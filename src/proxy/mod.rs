@@ -8,6 +8,7 @@
 
 mod grpc;
 pub mod headers;
+pub mod limits;
 pub mod listen;
 pub mod metrics;
 mod relay;
@@ -29,7 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tee::TeeBody;
 use tokio::net::{TcpListener, TcpStream};
@@ -47,9 +48,11 @@ const H2_STREAM_WINDOW: u32 = 4 << 20;
 const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 const H2_MAX_FRAME: u32 = 1 << 20;
 const H2_MAX_SEND_BUF: usize = 1 << 20;
-/// Streams one client connection may open at once. TF Serving sets no limit; this
-/// bound keeps a single connection's memory finite.
-const H2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
+/// Streams mltap puts on one upstream HTTP/2 connection before it opens another
+/// (`limits.upstream_grpc_connections` bounds how many): gRPC servers commonly allow
+/// 100 concurrent streams per connection and queue the rest, so one client holding
+/// many unfinished streams would otherwise make every other client wait behind it.
+const UPSTREAM_STREAMS_PER_CONNECTION: usize = 100;
 /// Idle pooled upstream connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
@@ -122,6 +125,63 @@ pub struct ProxySettings {
     pub return_request_id: bool,
     /// TLS towards `https://` upstreams and on the listeners (`[tls]`).
     pub tls: tls::TlsConfig,
+    /// Connection governance (`[limits]`).
+    pub limits: limits::LimitsConfig,
+    /// Open client connections over every listener and serving thread, against
+    /// `limits.max_connections`; shared by every `Proxy` built from these settings.
+    pub connections: limits::ConnectionBudget,
+}
+
+/// The upstream gRPC connections of one serving thread: each lane is a client of its
+/// own, so each holds its own HTTP/2 connection, opened on first use. A request takes
+/// the first lane with fewer than `UPSTREAM_STREAMS_PER_CONNECTION` streams in
+/// flight, else the least busy one: one connection serves while traffic is light,
+/// and a client holding many streams cannot queue the others behind it.
+#[derive(Debug)]
+struct GrpcLanes {
+    lanes: Vec<GrpcLane>,
+}
+
+#[derive(Debug)]
+struct GrpcLane {
+    client: UpstreamClient,
+    /// Streams in flight on this lane, held by `LaneStream` guards.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A stream counted on its lane until the exchange's upstream response ends (or the
+/// exchange is dropped).
+#[derive(Debug)]
+pub(crate) struct LaneStream {
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for LaneStream {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl GrpcLanes {
+    /// The lane to send a stream on, with its count taken.
+    fn pick(&self) -> (&UpstreamClient, LaneStream) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut chosen = &self.lanes[0];
+        let mut least = usize::MAX;
+        for lane in &self.lanes {
+            let busy = lane.in_flight.load(Relaxed);
+            if busy < UPSTREAM_STREAMS_PER_CONNECTION {
+                chosen = lane;
+                break;
+            }
+            if busy < least {
+                least = busy;
+                chosen = lane;
+            }
+        }
+        chosen.in_flight.fetch_add(1, Relaxed);
+        (&chosen.client, LaneStream { in_flight: chosen.in_flight.clone() })
+    }
 }
 
 /// State shared by every connection of both listeners.
@@ -144,8 +204,12 @@ pub struct ProxyShared {
     grpc_upstream: Upstream,
     /// Pooled HTTP/1.1 connections to TF Serving's REST port.
     rest_client: UpstreamClient,
-    /// Pooled HTTP/2 (prior knowledge) connections to TF Serving's gRPC port.
-    grpc_client: UpstreamClient,
+    /// HTTP/2 (prior knowledge) connections to TF Serving's gRPC port.
+    grpc_lanes: GrpcLanes,
+    /// Connection governance of the listeners.
+    limits: limits::LimitsConfig,
+    /// Open client connections, against `limits.max_connections`.
+    connections: limits::ConnectionBudget,
 }
 
 impl ProxyShared {
@@ -222,6 +286,8 @@ impl ProxyShared {
             request_id_header: http::HeaderName::from_static("x-request-id"),
             return_request_id: false,
             tls: tls::TlsConfig::default(),
+            limits: limits::LimitsConfig::default(),
+            connections: limits::ConnectionBudget::new(10_000),
         };
         Proxy::new(&settings, capture, ProxyMetrics::register(registry)).expect("default proxy").shared
     }
@@ -279,16 +345,22 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE)
             .build(connector(config, tls::ALPN_HTTP1, "rest_upstream")?);
-        let grpc_client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .http2_only(true)
-            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
-            .http2_max_frame_size(H2_MAX_FRAME)
-            .http2_max_send_buf_size(H2_MAX_SEND_BUF)
-            .timer(TokioTimer::new())
-            .build(connector(config, tls::ALPN_H2, "grpc_upstream")?);
+        let grpc_connector = connector(config, tls::ALPN_H2, "grpc_upstream")?;
+        let lanes = (0..config.limits.upstream_grpc_connections.max(1))
+            .map(|_| GrpcLane {
+                client: Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(POOL_IDLE)
+                    .http2_only(true)
+                    .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+                    .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+                    .http2_max_frame_size(H2_MAX_FRAME)
+                    .http2_max_send_buf_size(H2_MAX_SEND_BUF)
+                    .timer(TokioTimer::new())
+                    .build(grpc_connector.clone()),
+                in_flight: Arc::default(),
+            })
+            .collect();
         let shared = Arc::new(ProxyShared {
             capture,
             metrics,
@@ -300,7 +372,9 @@ impl Proxy {
             rest_upstream,
             grpc_upstream,
             rest_client,
-            grpc_client,
+            grpc_lanes: GrpcLanes { lanes },
+            limits: config.limits.clone(),
+            connections: config.connections.clone(),
         });
         Ok(Proxy {
             rest_tls: acceptor(config, tls::ALPN_HTTP1)?,
@@ -330,21 +404,28 @@ impl Proxy {
     /// in-flight exchanges finish and returns when every connection is closed.
     pub async fn serve_rest(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
         let tls = self.rest_tls.clone().map(TlsAcceptor::from);
+        let governance = Governance::of(&self.shared, Refusal::Http1);
         if let Some(relay) = &self.rest_relay {
             let relay = relay.stopping_on(stop.clone());
-            accept_loop(listener, tls, stop, move |io, _, peer| relay.clone().serve(io.into_inner(), peer)).await;
+            accept_loop(listener, tls, stop, governance, move |io, _, peer| relay.clone().serve(io.into_inner(), peer))
+                .await;
             return;
         }
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.keep_alive(true).auto_date_header(false).timer(TokioTimer::new());
         let shared = self.shared.clone();
-        accept_loop(listener, tls, stop, move |io, stop, peer| {
+        let idle_timeout = shared.limits.idle_timeout;
+        accept_loop(listener, tls, stop, governance, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
-                let service = hyper::service::service_fn(move |request| rest::handle(shared.clone(), peer, request));
+                let activity = Arc::new(Activity::default());
+                let seen = activity.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    rest::handle(shared.clone(), peer, request, seen.start())
+                });
                 let connection = builder.serve_connection(io, service);
-                run_connection(connection, stop, |c| c.graceful_shutdown()).await;
+                run_connection(connection, stop, &activity, idle_timeout, |c| c.graceful_shutdown()).await;
             }
         })
         .await;
@@ -352,6 +433,7 @@ impl Proxy {
 
     /// Serves the gRPC listener (HTTP/2 prior knowledge) like `serve_rest`.
     pub async fn serve_grpc(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let limits = &self.shared.limits;
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .auto_date_header(false)
@@ -360,15 +442,25 @@ impl Proxy {
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_frame_size(H2_MAX_FRAME)
             .max_send_buf_size(H2_MAX_SEND_BUF)
-            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            // A peer that stops answering pings is gone: its connection is closed.
+            .keep_alive_interval(Some(limits.keepalive_interval))
+            .keep_alive_timeout(limits.keepalive_interval);
         let shared = self.shared.clone();
-        accept_loop(listener, self.grpc_tls.clone().map(TlsAcceptor::from), stop, move |io, stop, peer| {
+        let idle_timeout = limits.idle_timeout;
+        let governance = Governance::of(&self.shared, Refusal::Http2);
+        let tls = self.grpc_tls.clone().map(TlsAcceptor::from);
+        accept_loop(listener, tls, stop, governance, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
-                let service = hyper::service::service_fn(move |request| grpc::handle(shared.clone(), peer, request));
+                let activity = Arc::new(Activity::default());
+                let seen = activity.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    grpc::handle(shared.clone(), peer, request, seen.start())
+                });
                 let connection = builder.serve_connection(io, service);
-                run_connection(connection, stop, |c| c.graceful_shutdown()).await;
+                run_connection(connection, stop, &activity, idle_timeout, |c| c.graceful_shutdown()).await;
             }
         })
         .await;
@@ -383,16 +475,103 @@ impl Proxy {
     }
 }
 
+/// How a listener refuses a connection over `limits.max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// A 503 answer, then close (cleartext HTTP/1.1).
+    Http1,
+    /// Close at once: a client sees `UNAVAILABLE` and retries, as for a full server.
+    Http2,
+}
+
+/// What a listener's accept loop enforces: the shared connection budget and the
+/// metrics that show it.
+#[derive(Debug, Clone)]
+struct Governance {
+    connections: limits::ConnectionBudget,
+    metrics: ProxyMetrics,
+    refusal: Refusal,
+}
+
+impl Governance {
+    fn of(shared: &ProxyShared, refusal: Refusal) -> Governance {
+        Governance { connections: shared.connections.clone(), metrics: shared.metrics.clone(), refusal }
+    }
+}
+
+/// The answer to a cleartext HTTP/1.1 connection over the limit.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 72\r\n\r\n{\"error\": \"mltap: too many client connections (limits.max_connections)\"}\n";
+
+/// Logs at most one line per `every` for a repeated event, with how many it stands for.
+#[derive(Debug)]
+struct RateLimitedLog {
+    every: Duration,
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn new(every: Duration) -> RateLimitedLog {
+        RateLimitedLog { every, last: None, suppressed: 0 }
+    }
+
+    /// Whether to log now; returns the events since the last line (this one included).
+    fn due(&mut self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        self.suppressed += 1;
+        if self.last.is_some_and(|last| now.duration_since(last) < self.every) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// An open client connection's hold on the budget, the gauge and the accept loop's
+/// "all closed" channel; released when its task ends, however it ends.
+struct HeldConnection {
+    _admitted: limits::Admitted,
+    _open: mpsc::Sender<()>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl HeldConnection {
+    fn new(
+        admitted: limits::Admitted,
+        open: mpsc::Sender<()>,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> HeldConnection {
+        gauge.inc();
+        HeldConnection { _admitted: admitted, _open: open, gauge }
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// Accepts connections until `stop`, serving each on its own task (after its TLS
 /// handshake when `tls` is set); returns once all of them have ended. Each task holds
-/// a clone of `open`; the channel closes when the last one ends.
-async fn accept_loop<F, Fut>(listener: TcpListener, tls: Option<TlsAcceptor>, mut stop: watch::Receiver<bool>, serve: F)
-where
+/// a clone of `open`; the channel closes when the last one ends. A connection over
+/// the budget is refused; accept errors (out of file descriptors and the like) back
+/// off, up to a second, instead of spinning.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+    governance: Governance,
+    serve: F,
+) where
     F: Fn(TokioIo<ClientStream>, watch::Receiver<bool>, std::net::SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     let connection_stop = stop.clone();
+    let mut backoff = Duration::ZERO;
+    let mut accept_errors = RateLimitedLog::new(Duration::from_secs(10));
+    let mut refusals = RateLimitedLog::new(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => break,
@@ -400,9 +579,26 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                let Some(admitted) = governance.connections.admit() else {
+                    governance.metrics.connections_refused.inc();
+                    if let Some(count) = refusals.due() {
+                        warn!(
+                            message = "Client connections refused: limits.max_connections are open.",
+                            max_connections = governance.connections.max(),
+                            refused = count,
+                        );
+                    }
+                    if governance.refusal == Refusal::Http1 && tls.is_none() {
+                        // Best effort and never waiting: the socket buffer takes it.
+                        let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+                    }
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 debug!(message = "Accepted connection.", %peer);
-                let open = open.clone();
+                let held = HeldConnection::new(admitted, open.clone(), governance.metrics.open_connections.clone());
                 let (serve, stop, tls) = (serve.clone(), connection_stop.clone(), tls.clone());
                 tokio::spawn(async move {
                     let stream = match tls {
@@ -430,13 +626,17 @@ where
                         }
                     };
                     serve(TokioIo::new(stream), stop, peer).await;
-                    drop(open);
+                    drop(held);
                 });
             }
             Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!(message = "Accept failed.", %error);
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors and the like: back off instead of spinning,
+                // and say so once in a while rather than for every attempt.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                if let Some(count) = accept_errors.due() {
+                    warn!(message = "Accept failed; backing off.", %error, failures = count, backoff = ?backoff);
+                }
+                tokio::time::sleep(backoff).await;
             }
         }
     }
@@ -445,22 +645,75 @@ where
     let _ = all_closed.recv().await;
 }
 
-/// Drives one connection; on `stop` asks it to finish its in-flight exchanges and close.
-async fn run_connection<C, E>(connection: C, mut stop: watch::Receiver<bool>, graceful: fn(Pin<&mut C>))
-where
+/// Requests of one client connection: in flight, and started since the idle check
+/// last looked. Touched by one task at a time (the connection's), so uncontended.
+#[derive(Debug, Default)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    started: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> BusyOwned {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.in_flight.fetch_add(1, Relaxed);
+        self.started.fetch_add(1, Relaxed);
+        BusyOwned(self.clone())
+    }
+
+    /// Whether nothing happened since the last call (no request in flight, none started).
+    fn idle_since_last_look(&self, last_started: &mut u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let started = self.started.load(Relaxed);
+        let idle = started == *last_started && self.in_flight.load(Relaxed) == 0;
+        *last_started = started;
+        idle
+    }
+}
+
+/// A request in flight on its connection, held by the handler until it answers.
+pub(crate) struct BusyOwned(Arc<Activity>);
+
+impl Drop for BusyOwned {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Drives one connection; on `stop`, or when it stays idle for `idle_timeout` (no
+/// request in flight or started during a whole period), asks it to finish its
+/// in-flight exchanges and close.
+async fn run_connection<C, E>(
+    connection: C,
+    mut stop: watch::Receiver<bool>,
+    activity: &Activity,
+    idle_timeout: Duration,
+    graceful: fn(Pin<&mut C>),
+) where
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                debug!(message = "Client connection ended with an error.", %error);
+    let mut last_started = 0;
+    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + idle_timeout, idle_timeout);
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    debug!(message = "Client connection ended with an error.", %error);
+                }
+                return;
             }
-            return;
+            _ = stop.wait_for(|stopped| *stopped) => break,
+            _ = idle_check.tick() => {
+                if activity.idle_since_last_look(&mut last_started) {
+                    debug!(message = "Closing an idle client connection.");
+                    break;
+                }
+            }
         }
-        _ = stop.wait_for(|stopped| *stopped) => graceful(connection.as_mut()),
     }
+    graceful(connection.as_mut());
     if let Err(error) = connection.await {
         debug!(message = "Client connection ended with an error.", %error);
     }
@@ -472,7 +725,7 @@ pin_project! {
     #[project = ResponseBodyProj]
     #[derive(Debug)]
     pub enum ResponseBody {
-        Upstream { #[pin] body: TeeBody<Incoming> },
+        Upstream { #[pin] body: TeeBody<Incoming>, lane: Option<LaneStream> },
         Local { data: Option<Bytes> },
     }
 }
@@ -489,21 +742,28 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.project() {
-            ResponseBodyProj::Upstream { body } => body.poll_frame(cx),
+            ResponseBodyProj::Upstream { body, .. } => {
+                let frame = ready!(body.poll_frame(cx));
+                if let Some(Err(error)) = &frame {
+                    // TF Serving's fault, and the client sees only a reset: say so.
+                    warn!(message = "Upstream reset or broke its response mid-body; the client's stream is reset.", %error);
+                }
+                Poll::Ready(frame)
+            }
             ResponseBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ResponseBody::Upstream { body } => body.is_end_stream(),
+            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
             ResponseBody::Local { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ResponseBody::Upstream { body } => body.size_hint(),
+            ResponseBody::Upstream { body, .. } => body.size_hint(),
             ResponseBody::Local { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }

@@ -21,8 +21,18 @@ pub(super) async fn handle(
     shared: Arc<ProxyShared>,
     peer: std::net::SocketAddr,
     request: Request<Incoming>,
+    _busy: super::BusyOwned,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started_at = SystemTime::now();
+    if let Some((status, message)) = refused_request(&request) {
+        shared.metrics.client_fault();
+        let mut response =
+            Response::new(ResponseBody::local(Bytes::from(serde_json::json!({ "error": message }).to_string())));
+        *response.status_mut() = status;
+        response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        return Ok(response);
+    }
     let (mut parts, body) = request.into_parts();
     let route = RouteKind::rest(&parts.method, parts.uri.path());
     let (record, returned_id) =
@@ -39,7 +49,7 @@ pub(super) async fn handle(
             strip_hop_by_hop(&mut parts.headers);
             record.response_head(parts.status.as_u16(), None, header_text(&parts.headers, header::CONTENT_ENCODING));
             let tap = Tap::new(record.clone(), Side::Response);
-            Response::from_parts(parts, ResponseBody::Upstream { body: TeeBody::new(body, Some(tap)) })
+            Response::from_parts(parts, ResponseBody::Upstream { body: TeeBody::new(body, Some(tap)), lane: None })
         }
         Ok(Err(error)) => {
             let message = upstream_failed(&shared, &error_chain(&error));
@@ -49,6 +59,22 @@ pub(super) async fn handle(
     };
     shared.return_id(response.headers_mut(), returned_id);
     Ok(response)
+}
+
+/// A request the hyper path refuses as the relay does (`relay::framing`): CONNECT, and
+/// an HTTP/1.1 request without exactly one `Host` (RFC 9112 section 3.2).
+fn refused_request<B>(request: &Request<B>) -> Option<(StatusCode, &'static str)> {
+    if request.method() == http::Method::CONNECT {
+        return Some((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served: mltap is a reverse proxy for TF Serving",
+        ));
+    }
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && request.version() == http::Version::HTTP_11) {
+        return Some((StatusCode::BAD_REQUEST, "an HTTP/1.1 request needs exactly one Host field"));
+    }
+    None
 }
 
 /// The message of the 502 answered when TF Serving's REST port fails; logged too.

@@ -492,10 +492,17 @@ where
                 }
                 Some(Err(_)) => {
                     // A request body fails when the client resets or breaks it, a
-                    // response body when TF Serving does.
+                    // response body when TF Serving does: that one is TF Serving's
+                    // fault and worth a log line.
                     tap.record.failed(match tap.side {
                         Side::Request => ErrorOrigin::Client,
-                        Side::Response => ErrorOrigin::Upstream,
+                        Side::Response => {
+                            tracing::warn!(
+                                message =
+                                    "Upstream reset or broke its response mid-body; the client's stream is reset."
+                            );
+                            ErrorOrigin::Upstream
+                        }
                     });
                     tap.deposit(false);
                 }

@@ -197,6 +197,12 @@ impl Drop for FakeTfServing {
 
 impl FakeTfServing {
     pub async fn start() -> FakeTfServing {
+        Self::start_with_max_streams(2000).await
+    }
+
+    /// A fake whose gRPC port allows `max_streams` concurrent streams per connection,
+    /// as TF Serving's gRPC server bounds them.
+    pub async fn start_with_max_streams(max_streams: u32) -> FakeTfServing {
         let mut state = FakeState::default();
         for f in grpc_fixtures() {
             state.grpc.insert((f.path.clone(), f.request.clone()), f.response.clone());
@@ -208,8 +214,10 @@ impl FakeTfServing {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let rest = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, rest_addr) = (grpc.local_addr().unwrap(), rest.local_addr().unwrap());
-        let tasks =
-            vec![tokio::spawn(serve(grpc, state.clone(), true)), tokio::spawn(serve(rest, state.clone(), false))];
+        let tasks = vec![
+            tokio::spawn(serve(grpc, state.clone(), Some(max_streams))),
+            tokio::spawn(serve(rest, state.clone(), None)),
+        ];
         FakeTfServing { grpc: grpc_addr, rest: rest_addr, state, tasks }
     }
 
@@ -222,17 +230,17 @@ impl FakeTfServing {
     }
 }
 
-async fn serve(listener: TcpListener, state: Arc<FakeState>, h2: bool) {
+async fn serve(listener: TcpListener, state: Arc<FakeState>, h2_max_streams: Option<u32>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         stream.set_nodelay(true).ok();
         let state = state.clone();
         tokio::spawn(async move {
             let io = TokioIo::new(stream);
-            if h2 {
+            if let Some(max_streams) = h2_max_streams {
                 let service = hyper::service::service_fn(move |r| grpc(r, state.clone()));
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .max_concurrent_streams(2000)
+                    .max_concurrent_streams(max_streams)
                     .auto_date_header(false)
                     .serve_connection(io, service)
                     .await;

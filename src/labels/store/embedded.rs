@@ -16,8 +16,16 @@
 //!
 //! The file carries its format (`meta.format`). A file of the per-row format 1 is
 //! converted on open (each row becomes a one-row record under its own id, so it still
-//! joins); a file of a newer format, or one redb cannot read, is renamed aside with a
-//! warning and the store starts empty.
+//! joins); a file of a newer format is renamed aside (`labels.redb.unusable-TIME`)
+//! with a warning, and a damaged one (truncated, corrupt) is renamed aside as
+//! `labels.redb.corrupt-TIME`, logged at error and counted; the store starts empty.
+//!
+//! A store fault never stops mltap: when the file cannot be opened (no space, no
+//! permission, held by another process) or an operation fails (redb refuses every
+//! transaction after an I/O error such as a full disk), the store closes the file and
+//! reopens it on a later operation, after a backoff doubling from 1 s to 60 s.
+//! Meanwhile its operations fail (the label endpoint answers 503), recorded rows are
+//! counted as failed, and `health` says what is wrong for `/readyz`.
 
 use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
 use crate::labels::aggregate::{apply_delta, BucketDelta, F_AUC_LEN, F_CLAIMED, F_PREDICTED};
@@ -69,10 +77,38 @@ const FLUSH_ROWS: usize = 16_384;
 /// Field of a bucket holding how long it is kept, epoch ms.
 const F_RETAIN: &str = "rt";
 
+/// First wait before reopening a failed store; doubles up to `REOPEN_BACKOFF_MAX`.
+const REOPEN_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const REOPEN_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The redb-backed store.
 pub struct EmbeddedStore {
+    /// The file.
+    path: PathBuf,
+    /// The size bound on pending rows.
+    max_rows: u64,
+    /// Entries per bucket in the exact AUC list.
+    auc_cap: usize,
+    /// The open file, or why it is not open.
+    state: std::sync::Mutex<State>,
+    /// Rows lost to failures, of files closed since start and while none is open.
+    failed_rows: AtomicU64,
+    /// Damaged files moved aside since start.
+    corrupt_files: AtomicU64,
+}
+
+/// Whether the store file is open.
+enum State {
     /// Shared with the blocking tasks that run the transactions.
-    inner: Arc<Inner>,
+    Open(Arc<Inner>),
+    /// Closed after a failure; reopened by the first operation after `retry_at`.
+    Failed {
+        /// What failed, for `/readyz` and the 503 answers.
+        error: String,
+        retry_at: std::time::Instant,
+        /// The wait after the next failed attempt.
+        backoff: std::time::Duration,
+    },
 }
 
 struct Inner {
@@ -94,28 +130,111 @@ struct Inner {
     buffer: std::sync::Mutex<Vec<RecordBatch>>,
     /// Rows in `buffer`.
     buffered_rows: AtomicUsize,
+    /// Buffered rows lost because the write that carried them failed.
+    failed_rows: AtomicU64,
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) the store file, creating its directory. A file that cannot
     /// be read as a label store (not redb, damaged, or a newer format) is renamed
-    /// aside with a warning, and the store starts empty.
+    /// aside and the store starts empty. A file that cannot be opened at all leaves
+    /// the store failed, to be reopened later (see the module's doc): opening never
+    /// fails, so that a monitoring fault cannot stop the proxy from serving.
     pub fn open(path: &Path, max_rows: u64, auc_cap: usize) -> Result<EmbeddedStore, StoreError> {
+        let store = EmbeddedStore {
+            path: path.to_path_buf(),
+            max_rows,
+            auc_cap,
+            state: std::sync::Mutex::new(State::Failed {
+                error: "not opened yet".into(),
+                retry_at: std::time::Instant::now(),
+                backoff: REOPEN_BACKOFF_MIN,
+            }),
+            failed_rows: AtomicU64::new(0),
+            corrupt_files: AtomicU64::new(0),
+        };
+        let _ = store.current();
+        Ok(store)
+    }
+
+    /// Opens the file, setting a damaged or unusable one aside first if need be.
+    fn open_file(&self) -> Result<Inner, StoreError> {
+        let path = &self.path;
         let fail = |detail: String| StoreError::Embedded { path: path.display().to_string(), detail };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its directory: {e}")))?;
         }
-        let inner = match Inner::open(path, max_rows, auc_cap)? {
-            Opened::Ready(inner) => inner,
-            Opened::Unusable(reason) => {
-                set_aside(path, &reason)?;
-                match Inner::open(path, max_rows, auc_cap)? {
-                    Opened::Ready(inner) => inner,
-                    Opened::Unusable(reason) => return Err(fail(reason)),
-                }
+        match Inner::open(path, self.max_rows, self.auc_cap)? {
+            Opened::Ready(inner) => return Ok(inner),
+            Opened::Unusable(reason) => set_aside(path, "unusable", &reason)?,
+            Opened::Corrupt(reason) => {
+                set_aside(path, "corrupt", &reason)?;
+                self.corrupt_files.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        match Inner::open(path, self.max_rows, self.auc_cap)? {
+            Opened::Ready(inner) => Ok(inner),
+            Opened::Unusable(reason) | Opened::Corrupt(reason) => Err(fail(reason)),
+        }
+    }
+
+    /// The open file, reopening a failed store once its backoff has passed.
+    fn current(&self) -> Result<Arc<Inner>, StoreError> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let backoff = match &*state {
+            State::Open(inner) => return Ok(inner.clone()),
+            State::Failed { error, retry_at, .. } if std::time::Instant::now() < *retry_at => {
+                return Err(StoreError::Embedded {
+                    path: self.path.display().to_string(),
+                    detail: format!("unavailable after a failure ({error}); reopening is retried"),
+                })
+            }
+            State::Failed { backoff, .. } => *backoff,
         };
-        Ok(EmbeddedStore { inner: Arc::new(inner) })
+        match self.open_file() {
+            Ok(inner) => {
+                let inner = Arc::new(inner);
+                tracing::info!(message = "Label store open.", path = %self.path.display());
+                *state = State::Open(inner.clone());
+                Ok(inner)
+            }
+            Err(error) => {
+                tracing::error!(
+                    message = "Label store cannot be opened; labels are not joined until it can be. Serving continues.",
+                    %error,
+                    retry_in = ?backoff,
+                );
+                *state = State::Failed {
+                    error: error.to_string(),
+                    retry_at: std::time::Instant::now() + backoff,
+                    backoff: (backoff * 2).min(REOPEN_BACKOFF_MAX),
+                };
+                Err(error)
+            }
+        }
+    }
+
+    /// Closes the file after `inner` failed an operation, so that the next operation
+    /// past the backoff reopens it; a store that another operation already closed or
+    /// reopened is left as it is.
+    fn failed(&self, inner: &Arc<Inner>, error: &StoreError) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(&*state, State::Open(open) if Arc::ptr_eq(open, inner)) {
+            return;
+        }
+        tracing::error!(
+            message = "Label store failed; closing it to reopen after a backoff. Serving continues.",
+            %error,
+            retry_in = ?REOPEN_BACKOFF_MIN,
+        );
+        // Rows still buffered in the closed file are lost: count them now.
+        let buffered = inner.drain().iter().map(|b| b.rows).sum::<u64>();
+        self.failed_rows.fetch_add(buffered + inner.failed_rows.load(Ordering::Relaxed), Ordering::Relaxed);
+        *state = State::Failed {
+            error: error.to_string(),
+            retry_at: std::time::Instant::now() + REOPEN_BACKOFF_MIN,
+            backoff: REOPEN_BACKOFF_MIN * 2,
+        };
     }
 
     /// Runs a blocking operation on the blocking pool.
@@ -124,12 +243,17 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = self.inner.clone();
         Box::pin(async move {
+            let inner = self.current()?;
             let path = inner.path.display().to_string();
-            tokio::task::spawn_blocking(move || op(&inner))
+            let task_inner = inner.clone();
+            let result = tokio::task::spawn_blocking(move || op(&task_inner))
                 .await
-                .map_err(|e| StoreError::Embedded { path, detail: format!("store task failed: {e}") })?
+                .map_err(|e| StoreError::Embedded { path, detail: format!("store task failed: {e}") })?;
+            if let Err(error) = &result {
+                self.failed(&inner, error);
+            }
+            result
         })
     }
 }
@@ -186,27 +310,40 @@ fn keep_until(
 enum Opened {
     /// A store in the current format (converted if it was of format 1).
     Ready(Inner),
-    /// A file this version cannot use, and why.
+    /// A file this version cannot use (a newer format), and why.
     Unusable(String),
+    /// A damaged file (truncated, corrupt, not redb), and why.
+    Corrupt(String),
 }
 
-/// Renames an unusable store file aside (`labels.redb.unusable-<epoch ns>`), so the
-/// store can start empty without destroying what an operator may want to inspect.
-fn set_aside(path: &Path, reason: &str) -> Result<(), StoreError> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+/// Renames a store file aside (`labels.redb.unusable-TIME` or `labels.redb.corrupt-TIME`,
+/// TIME in UTC to the nanosecond), so the store can start empty without destroying
+/// what an operator may want to inspect.
+fn set_aside(path: &Path, why: &str, reason: &str) -> Result<(), StoreError> {
+    let now = std::time::SystemTime::now();
+    let stamp = humantime::format_rfc3339_nanos(now).to_string().replace(':', "");
     let mut aside = path.as_os_str().to_owned();
-    aside.push(format!(".unusable-{nanos}"));
+    aside.push(format!(".{why}-{stamp}"));
     let aside = PathBuf::from(aside);
     std::fs::rename(path, &aside).map_err(|e| StoreError::Embedded {
         path: path.display().to_string(),
         detail: format!("{reason}; it cannot be set aside either: {e}"),
     })?;
-    tracing::warn!(
-        message = "Label store file unusable; set aside, starting with an empty store.",
-        path = %path.display(),
-        set_aside_as = %aside.display(),
-        reason,
-    );
+    if why == "corrupt" {
+        tracing::error!(
+            message = "Label store file damaged; set aside, starting with an empty store (pending labels of earlier predictions are lost).",
+            path = %path.display(),
+            set_aside_as = %aside.display(),
+            reason,
+        );
+    } else {
+        tracing::warn!(
+            message = "Label store file unusable; set aside, starting with an empty store.",
+            path = %path.display(),
+            set_aside_as = %aside.display(),
+            reason,
+        );
+    }
     Ok(())
 }
 
@@ -409,13 +546,24 @@ impl Inner {
     /// Opens the file and brings it to the current format.
     fn open(path: &Path, max_rows: u64, auc_cap: usize) -> Result<Opened, StoreError> {
         let fail = |detail: String| StoreError::Embedded { path: path.display().to_string(), detail };
-        let db = match redb::Builder::new().set_cache_size(CACHE_BYTES).create(path) {
+        // redb asserts some of a file's invariants instead of returning an error (a
+        // truncated file trips one): a panic while opening means a damaged file.
+        let opened = std::panic::catch_unwind(|| redb::Builder::new().set_cache_size(CACHE_BYTES).create(path));
+        let Ok(opened) = opened else {
+            return Ok(Opened::Corrupt("redb could not read the file (it failed an integrity check)".into()));
+        };
+        let db = match opened {
             Ok(db) => db,
-            Err(e @ (DatabaseError::UpgradeRequired(_) | DatabaseError::Storage(StorageError::Corrupted(_)))) => {
+            Err(e @ DatabaseError::UpgradeRequired(_)) => {
                 return Ok(Opened::Unusable(format!("not a readable label store: {e}")))
             }
-            Err(DatabaseError::Storage(StorageError::Io(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Ok(Opened::Unusable(format!("not a redb file: {e}")))
+            Err(e @ DatabaseError::Storage(StorageError::Corrupted(_))) => {
+                return Ok(Opened::Corrupt(format!("not a readable label store: {e}")))
+            }
+            Err(DatabaseError::Storage(StorageError::Io(e)))
+                if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) =>
+            {
+                return Ok(Opened::Corrupt(format!("not a whole redb file: {e}")))
             }
             Err(e) => return Err(fail(e.to_string())),
         };
@@ -432,6 +580,7 @@ impl Inner {
             evictions: AtomicU64::new(0),
             buffer: std::sync::Mutex::new(Vec::new()),
             buffered_rows: AtomicUsize::new(0),
+            failed_rows: AtomicU64::new(0),
         };
         // Create the tables up front so readers never meet a missing table.
         inner.write(Durability::Immediate, |txn| {
@@ -467,12 +616,20 @@ impl Inner {
         op: impl FnOnce(&WriteTransaction) -> Result<T, DbError>,
     ) -> Result<T, StoreError> {
         let fail = |DbError(detail)| StoreError::Embedded { path: self.path.display().to_string(), detail };
-        let mut txn = self.db.begin_write().map_err(|e| fail(e.into()))?;
-        txn.set_durability(durability);
-        self.write_records(&txn, self.drain()).map_err(fail)?;
-        let out = op(&txn).map_err(fail)?;
-        txn.commit().map_err(|e| fail(e.into()))?;
-        Ok(out)
+        let batches = self.drain();
+        let rows = batches.iter().map(|b| b.rows).sum::<u64>();
+        let result = (|| {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(durability);
+            self.write_records(&txn, batches)?;
+            let out = op(&txn)?;
+            txn.commit()?;
+            Ok(out)
+        })();
+        if result.is_err() {
+            self.failed_rows.fetch_add(rows, Ordering::Relaxed);
+        }
+        result.map_err(fail)
     }
 
     /// Takes the buffered record batches, in arrival order.
@@ -696,7 +853,7 @@ impl LabelStore for EmbeddedStore {
     }
 
     fn stream(&self, id: u64) -> StoreFuture<'_, Option<StreamMeta>> {
-        self.run(move |inner| {
+        self.run(move |inner: &Inner| {
             let fail = |detail: String| StoreError::Embedded { path: inner.path.display().to_string(), detail };
             let txn = inner.db.begin_read().map_err(|e| fail(e.to_string()))?;
             let table = txn.open_table(STREAMS).map_err(|e| fail(e.to_string()))?;
@@ -706,16 +863,24 @@ impl LabelStore for EmbeddedStore {
     }
 
     fn record(&self, batches: Vec<RecordBatch>) -> StoreFuture<'_, ()> {
+        let inner = match self.current() {
+            Ok(inner) => inner,
+            Err(error) => {
+                self.failed_rows.fetch_add(batches.iter().map(|b| b.rows).sum::<u64>(), Ordering::Relaxed);
+                return Box::pin(async move { Err(error) });
+            }
+        };
         let rows = batches.iter().map(|b| b.records.len().max(b.rows as usize)).sum::<usize>();
-        self.inner.buffer.lock().unwrap_or_else(|e| e.into_inner()).extend(batches);
-        if self.inner.buffered_rows.fetch_add(rows, Ordering::Relaxed) + rows < FLUSH_ROWS {
+        inner.buffer.lock().unwrap_or_else(|e| e.into_inner()).extend(batches);
+        if inner.buffered_rows.fetch_add(rows, Ordering::Relaxed) + rows < FLUSH_ROWS {
             return Box::pin(async { Ok(()) });
         }
         self.run(|inner| inner.write(Durability::None, |_| Ok(())))
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
-        if self.inner.buffered_rows.load(Ordering::Relaxed) == 0 {
+        let idle = self.current().is_ok_and(|inner| inner.buffered_rows.load(Ordering::Relaxed) == 0);
+        if idle {
             return Box::pin(async { Ok(()) });
         }
         self.run(|inner| inner.write(Durability::None, |_| Ok(())))
@@ -742,10 +907,25 @@ impl LabelStore for EmbeddedStore {
     }
 
     fn stats(&self) -> StoreStats {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let open = match &*state {
+            State::Open(inner) => Some(inner.clone()),
+            State::Failed { .. } => None,
+        };
+        drop(state);
+        let failed_now = open.as_ref().map_or(0, |inner| inner.failed_rows.load(Ordering::Relaxed));
         StoreStats {
-            pending_rows: Some(self.inner.pending.load(Ordering::Relaxed)),
-            evictions: self.inner.evictions.load(Ordering::Relaxed),
-            failed_rows: 0,
+            pending_rows: open.as_ref().map(|inner| inner.pending.load(Ordering::Relaxed)),
+            evictions: open.as_ref().map_or(0, |inner| inner.evictions.load(Ordering::Relaxed)),
+            failed_rows: self.failed_rows.load(Ordering::Relaxed) + failed_now,
+            corrupt_files: self.corrupt_files.load(Ordering::Relaxed),
+        }
+    }
+
+    fn health(&self) -> Option<String> {
+        match &*self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Open(_) => None,
+            State::Failed { error, .. } => Some(format!("embedded label store unavailable ({error}); reopening")),
         }
     }
 }

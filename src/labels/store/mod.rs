@@ -92,6 +92,8 @@ pub struct StoreStats {
     pub evictions: u64,
     /// Rows that could not be written (store errors), since start.
     pub failed_rows: u64,
+    /// Damaged store files moved aside and replaced by an empty store, since start.
+    pub corrupt_files: u64,
 }
 
 /// The join store. Every method is safe to call from several tasks (and, for Redis,
@@ -122,4 +124,9 @@ pub trait LabelStore: Send + Sync + 'static {
     fn maintain(&self, now_ms: i64) -> StoreFuture<'_, ()>;
     /// Current gauges.
     fn stats(&self) -> StoreStats;
+    /// What is wrong with the store when it cannot serve (failed, reopening); None
+    /// when it works. `/readyz` reports it as degraded monitoring.
+    fn health(&self) -> Option<String> {
+        None
+    }
 }

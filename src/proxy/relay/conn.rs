@@ -20,12 +20,14 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// A client that started a head must finish it within this (hyper's default
-/// `header_read_timeout`); an idle keep-alive connection may wait for its next
-/// request indefinitely.
+/// `header_read_timeout`), else it is answered 408; an idle keep-alive connection
+/// waits for its next request up to the listener's idle timeout, then is closed.
 const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Answer to a head, or a body, that the client did not finish sending in time.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 /// The interim answer to `Expect: 100-continue`.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// Answer to a malformed chunked request body, in the shape of hyper's parse errors.
@@ -61,12 +63,19 @@ where
         request_id_header: relay.shared.request_id_header.as_str(),
     };
     loop {
-        let head = match read_head(&mut client, &context, &relay.stop).await {
+        let head = match read_head(&mut client, &context, &relay.stop, relay.shared.limits.idle_timeout).await {
             Ok(Some(head)) => head,
             Ok(None) => break,
-            Err(error) => {
-                debug!(message = "Refused a malformed request head.", ?error);
+            Err(Refusal::Head(error)) => {
+                debug!(message = "Refused a malformed request head.", ?error, %peer);
+                relay.shared.metrics.client_fault();
                 let _ = write_all(&mut client.io, error.response()).await;
+                break;
+            }
+            Err(Refusal::SlowHead) => {
+                debug!(message = "Client did not finish its request head in time.", %peer);
+                relay.shared.metrics.client_fault();
+                let _ = write_all(&mut client.io, REQUEST_TIMEOUT).await;
                 break;
             }
         };
@@ -78,23 +87,40 @@ where
     let _ = client.io.shutdown().await;
 }
 
+/// Why a head was not read.
+#[derive(Debug)]
+enum Refusal {
+    /// Malformed, too large, or a method mltap refuses.
+    Head(HeadError),
+    /// Started but not finished within `HEAD_READ_TIMEOUT`.
+    SlowHead,
+}
+
 /// Reads until a whole head is buffered. `Ok(None)`: the connection ended (closed,
-/// read error, stop while idle, or a head that took too long).
+/// read error, stop or idle timeout while idle).
 async fn read_head<S: AsyncRead + Unpin>(
     client: &mut Client<S>,
     context: &RequestContext<'_>,
     stop: &CancellationToken,
-) -> Result<Option<RequestHead>, HeadError> {
+    idle_timeout: Duration,
+) -> Result<Option<RequestHead>, Refusal> {
     let mut deadline = None;
     loop {
         if !client.buffer.is_empty() {
-            if let Some(head) = framing::parse_request(client.buffer.filled(), context, &mut client.upstream_out)? {
+            let parsed = framing::parse_request(client.buffer.filled(), context, &mut client.upstream_out);
+            if let Some(head) = parsed.map_err(Refusal::Head)? {
                 return Ok(Some(head));
             }
         }
         let read = if client.buffer.is_empty() {
+            // An idle connection holds a file descriptor: it may wait this long.
+            let idle =
+                tokio::time::timeout(idle_timeout, client.buffer.fill_from(&mut client.io, framing::MAX_HEAD_BYTES));
             tokio::select! {
-                read = client.buffer.fill_from(&mut client.io, framing::MAX_HEAD_BYTES) => read,
+                read = idle => match read {
+                    Ok(read) => read,
+                    Err(_) => return Ok(None),
+                },
                 _ = stop.cancelled() => return Ok(None),
             }
         } else {
@@ -102,13 +128,15 @@ async fn read_head<S: AsyncRead + Unpin>(
             let fill = client.buffer.fill_from(&mut client.io, framing::MAX_HEAD_BYTES);
             match tokio::time::timeout_at(deadline, fill).await {
                 Ok(read) => read,
-                Err(_) => return Ok(None),
+                Err(_) => return Err(Refusal::SlowHead),
             }
         };
         match read {
             Ok(0) => return Ok(None),
             Ok(_) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::OutOfMemory => return Err(HeadError::TooLarge),
+            Err(error) if error.kind() == std::io::ErrorKind::OutOfMemory => {
+                return Err(Refusal::Head(HeadError::TooLarge))
+            }
             Err(_) => return Ok(None),
         }
     }
@@ -217,6 +245,13 @@ where
         Ok(Err(Failure::Upstream(cause))) => {
             let message = upstream_failed(shared, &cause);
             return local_error(client, &record, StatusCode::BAD_GATEWAY, &message, &client_side, body.is_done()).await;
+        }
+        Err(_) if !body.is_done() => {
+            // The client's body was still coming: the client's fault, not TF Serving's.
+            debug!(message = "Client did not finish its request body in time.", %peer);
+            record.failed(ErrorOrigin::Client);
+            let message = format!("the request body did not arrive within {:?}", shared.upstream_timeout);
+            return local_error(client, &record, StatusCode::REQUEST_TIMEOUT, &message, &client_side, false).await;
         }
         Err(_) => {
             let message = upstream_timed_out(shared);
@@ -441,7 +476,7 @@ where
     let out = &mut client.out;
     loop {
         if let Err(error) = absorb_response(&mut connection.buffer, &mut state, out, tap, framing.chunked) {
-            debug!(message = "Upstream sent a malformed chunked body.", %error);
+            warn!(message = "REST upstream sent a malformed chunked body; closing the client connection.", %error);
             let _ = write_all(&mut client.io, out).await;
             return Relayed { client_open: false, upstream_clean: false };
         }
@@ -466,7 +501,11 @@ where
                 return Relayed { client_open: written, upstream_clean: false };
             }
             Ok(0) | Err(_) => {
-                debug!(message = "Upstream closed mid-body; closing the client connection.");
+                warn!(
+                    message =
+                        "REST upstream closed or reset its connection mid-response; closing the client connection.",
+                    status = response.status,
+                );
                 let _ = write_all(&mut client.io, out).await;
                 return Relayed { client_open: false, upstream_clean: false };
             }

@@ -53,6 +53,8 @@ pub enum HeadError {
     Malformed,
     TooLarge,
     TargetTooLong,
+    /// `CONNECT`: mltap is a reverse proxy for TF Serving, never a tunnel.
+    Connect,
 }
 
 impl HeadError {
@@ -64,6 +66,9 @@ impl HeadError {
                 b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
             }
             HeadError::TargetTooLong => b"HTTP/1.1 414 URI Too Long\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            HeadError::Connect => {
+                b"HTTP/1.1 405 Method Not Allowed\r\nallow: GET, HEAD, POST\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+            }
         }
     }
 }
@@ -124,6 +129,9 @@ pub fn parse_request(
         return Err(HeadError::TargetTooLong);
     }
     let method = http::Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Malformed)?;
+    if method == http::Method::CONNECT {
+        return Err(HeadError::Connect);
+    }
     // The same URI validation hyper's server applies; absolute-form and `*` targets
     // become an origin-form path, as hyper's client sends them.
     let upstream_target = if target.starts_with('/') {
@@ -177,6 +185,10 @@ pub fn parse_request(
         } else if name.eq_ignore_ascii_case(b"expect") {
             expect_continue = field.value.eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case(b"host") {
+            // RFC 9112 section 3.2: a second Host field is answered 400, not forwarded.
+            if has_host {
+                return Err(HeadError::Malformed);
+            }
             has_host = true;
         } else if name.eq_ignore_ascii_case(context.request_id_header.as_bytes()) {
             if request_id.is_none() {
@@ -187,6 +199,10 @@ pub fn parse_request(
         }
     }
     if transfer_encoding && !chunked {
+        return Err(HeadError::Malformed);
+    }
+    // RFC 9112 section 3.2: an HTTP/1.1 request without Host is answered 400.
+    if !has_host && !http10 {
         return Err(HeadError::Malformed);
     }
     if transfer_encoding && saw_content_length {
@@ -584,10 +600,27 @@ mod tests {
         RequestContext { upstream_authority: "tfs:8501", request_id_header: "x-request-id" }
     }
 
+    /// Parses `head`, given a `Host: h` field after its request line unless it has one.
     fn request(head: &str) -> Result<(RequestHead, String), HeadError> {
         let mut out = Vec::new();
+        let head = match head.to_ascii_lowercase().contains("\r\nhost:") {
+            true => head.to_string(),
+            false => head.replacen("\r\n", "\r\nHost: h\r\n", 1),
+        };
         let parsed = parse_request(head.as_bytes(), &context(), &mut out)?.expect("complete head");
         Ok((parsed, String::from_utf8(out).unwrap()))
+    }
+
+    #[test]
+    fn host_must_be_given_once_and_connect_is_refused() {
+        let parse = |head: &str| parse_request(head.as_bytes(), &context(), &mut Vec::new()).map(|h| h.is_some());
+        assert_eq!(parse("GET /a HTTP/1.1\r\n\r\n"), Err(HeadError::Malformed));
+        assert_eq!(parse("GET /a HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n"), Err(HeadError::Malformed));
+        assert_eq!(parse("CONNECT tfs:8501 HTTP/1.1\r\nHost: tfs:8501\r\n\r\n"), Err(HeadError::Connect));
+        assert_eq!(parse("GET /a HTTP/1.0\r\n\r\n"), Ok(true));
+        let mut out = Vec::new();
+        parse_request(b"GET /a HTTP/1.0\r\n\r\n", &context(), &mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("host: tfs:8501\r\n"));
     }
 
     #[test]
@@ -596,7 +629,7 @@ mod tests {
             request("POST /a HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert_eq!((head.body, head.keep_alive), (RequestBody::Chunked, false));
         assert!(!out.to_ascii_lowercase().contains("content-length"), "{out}");
-        assert!(out.ends_with("transfer-encoding: chunked\r\nhost: tfs:8501\r\n\r\n"), "{out}");
+        assert!(out.ends_with("Host: h\r\ntransfer-encoding: chunked\r\n\r\n"), "{out}");
         let (head, out) = request("POST /a HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n").unwrap();
         assert_eq!(head.body, RequestBody::Length(2));
         assert_eq!(out.matches("Content-Length").count(), 1, "{out}");

@@ -264,14 +264,16 @@ impl Cursor {
 /// Cursor directories held by this process.
 static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
-/// `DIR/lock`, holding the pid of the process delivering from the cursor. Two writers
-/// would interleave journal lines, so a second one is refused with a clear error. A
-/// lock left by a process that is gone (a crash) is taken over; so is one with this
-/// process's own pid, as after a container restart where mltap is pid 1 again.
+/// `DIR/lock`, held with an exclusive OS file lock (`flock`) by the process
+/// delivering from the cursor. Two writers would interleave journal lines, so a second
+/// one is refused with a clear error. The kernel releases the lock when its holder
+/// exits, however it exits, so a crash leaves nothing to clean up; and it tells two
+/// containers sharing a volume apart even when both run mltap as pid 1. The file
+/// holds the holder's pid and host name, for the error message only.
 #[derive(Debug)]
 struct CursorLock {
-    /// The lock file.
-    path: PathBuf,
+    /// The open lock file: closing it releases the lock.
+    _file: File,
     /// The cursor directory, as recorded in `HELD`.
     dir: PathBuf,
 }
@@ -287,31 +289,36 @@ impl CursorLock {
             ));
         }
         let path = dir.join("lock");
-        let ours = std::process::id();
-        if let Ok(text) = fs::read_to_string(&path) {
-            if let Ok(pid) = text.trim().parse::<u32>() {
-                if pid != ours && Path::new(&format!("/proc/{pid}")).exists() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WouldBlock,
-                        format!(
-                            "another mltap process (pid {pid}) is delivering with the cursor in {}; \
-                             stop it first (or remove {} if that pid is not mltap)",
-                            dir.display(),
-                            path.display()
-                        ),
-                    ));
-                }
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "another mltap process ({}) is delivering with the cursor in {}; stop it first",
+                        if holder.is_empty() { "unknown" } else { holder },
+                        dir.display()
+                    ),
+                ));
             }
+            Err(fs::TryLockError::Error(error)) => return Err(error),
         }
-        atomic_file::write(&path, ours.to_string().as_bytes())?;
+        let host = fs::read_to_string("/etc/hostname").unwrap_or_default();
+        let holder = format!("pid {} on {}", std::process::id(), host.trim());
+        file.set_len(0)?;
+        file.write_all(holder.as_bytes())?;
         held.push(dir.clone());
-        Ok(CursorLock { path, dir })
+        Ok(CursorLock { _file: file, dir })
     }
 }
 
 impl Drop for CursorLock {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        // The lock file stays: removing it would let a third process lock a new file
+        // of the same name while a second one still waits on the old one.
         let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
         held.retain(|d| *d != self.dir);
     }
