@@ -17,6 +17,7 @@ pub mod bucket;
 pub mod drift;
 pub mod engine;
 pub mod estimate;
+pub mod merge;
 pub mod reference;
 pub mod stats;
 
@@ -24,6 +25,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 
 pub use engine::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, GLOBAL_MODEL};
+pub use merge::Merge;
 pub use reference::{Reference, ReferenceSet};
 
 /// Settings of the monitoring engine (`[monitor]`).
