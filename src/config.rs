@@ -10,6 +10,7 @@
 //! component it configures, and durations, sizes and `ConfigError` in `units`. This
 //! module only composes them; `app` hands each component what it takes from the whole.
 
+use crate::fleet::FleetConfig;
 use crate::monitor::{MonitorConfig, ReferenceSet};
 use crate::proxy::tls::TlsConfig;
 use crate::request_log::{AccessLogConfig, RequestLogConfig};
@@ -70,6 +71,8 @@ pub struct Config {
     pub log: String,
     pub capture: CaptureConfig,
     pub monitor: MonitorConfig,
+    /// Merging of the replicas' buckets through the shared store (`[fleet]`).
+    pub fleet: FleetConfig,
     pub labels: LabelsConfig,
     pub anodot: AnodotConfig,
     pub models: BTreeMap<String, ModelConfig>,
@@ -107,6 +110,8 @@ struct FileConfig {
     capture: CaptureConfig,
     #[serde(default)]
     monitor: MonitorConfig,
+    #[serde(default)]
+    fleet: FleetConfig,
     #[serde(default)]
     labels: LabelsConfig,
     #[serde(default)]
@@ -203,6 +208,7 @@ impl Config {
             log: non_empty(log)?,
             capture: file.capture,
             monitor: file.monitor,
+            fleet: file.fleet,
             labels: file.labels,
             anodot: file.anodot,
             models: file.models,
@@ -224,6 +230,7 @@ impl Config {
         }
         self.monitor.validate().map_err(ConfigError::in_section("monitor", file_name))?;
         let references = self.monitor.load_references().map_err(ConfigError::in_section("monitor", file_name))?;
+        self.fleet.validate().map_err(ConfigError::in_section("fleet", file_name))?;
         self.labels.validate().map_err(ConfigError::in_section("labels", file_name))?;
         self.anodot.validate().map_err(ConfigError::in_section("anodot", file_name))?;
         self.tls.validate().map_err(ConfigError::in_section("tls", file_name))?;

@@ -24,7 +24,9 @@ pub mod stats;
 use serde::Deserialize;
 use std::path::PathBuf;
 
-pub use engine::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, GLOBAL_MODEL};
+pub use engine::{
+    BucketState, ClosedBucket, Engine, EngineOptions, ExchangeFacts, SharedReferences, StreamState, GLOBAL_MODEL,
+};
 pub use merge::Merge;
 pub use reference::{Reference, ReferenceSet};
 
