@@ -32,6 +32,9 @@ use store::{Claim, FleetStore};
 /// point of its work (`after_partial`, `during_claim`, `during_emit`), so that tests
 /// can kill the process there. Never set it in production.
 pub const TEST_PAUSE_ENV: &str = "MLTAP_FLEET_TEST_PAUSE";
+/// How long after its first partial with model data the `after_partial` test pause
+/// waits, for the partials of the same bucket from the other aggregation threads.
+const AFTER_PARTIAL_PAUSE_DELAY: Duration = Duration::from_millis(1000);
 /// How often the fleet looks for buckets due to be claimed.
 const CLAIM_TICK: Duration = Duration::from_millis(200);
 /// Buckets claimed per look at most; the rest wait for the next tick.
@@ -327,7 +330,17 @@ async fn run(
         }
     };
     let _ = references.store.set(store.clone());
-    let fleet = FleetThread { settings, emit, store, references, metrics, pause, replica, paused: false };
+    let fleet = FleetThread {
+        settings,
+        emit,
+        store,
+        references,
+        metrics,
+        pause,
+        replica,
+        paused: false,
+        model_partial_written: None,
+    };
     let mut tick = tokio::time::interval(CLAIM_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_due = 0;
@@ -368,6 +381,8 @@ struct FleetThread {
     replica: String,
     /// Whether the test hook has stopped this thread's work.
     paused: bool,
+    /// When the first partial with model data was written (for the test hook).
+    model_partial_written: Option<std::time::Instant>,
 }
 
 impl FleetThread {
@@ -423,15 +438,20 @@ impl FleetThread {
                 }
             }
         }
-        // The test hook stops at a bucket with model data, whose loss a test would see.
-        if has_streams {
-            self.maybe_pause(PausePoint::AfterPartial).await;
+        if has_streams && self.model_partial_written.is_none() {
+            self.model_partial_written = Some(std::time::Instant::now());
         }
     }
 
     async fn claim_due(&mut self) {
         if self.paused {
             return;
+        }
+        // The test hook stops once this replica's partials of a bucket with model data
+        // are written (every aggregation thread's, which close within a tick), before
+        // it claims anything after them.
+        if self.model_partial_written.is_some_and(|t| t.elapsed() >= AFTER_PARTIAL_PAUSE_DELAY) {
+            self.maybe_pause(PausePoint::AfterPartial).await;
         }
         let due = match self.store.due(now_ms(), CLAIMS_PER_TICK).await {
             Ok(due) => due,
