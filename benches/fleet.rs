@@ -141,7 +141,8 @@ fn fleet(c: &mut Criterion) {
                         let name = format!("replica-{r}");
                         store.write_partial("model_0", start, &name, &replica[0], 0, 600_000).await.unwrap();
                     }
-                    let Claim::Claimed { token, partials } = store.claim("model_0", start, 10_000, 600_000).await.unwrap()
+                    let Claim::Claimed { token, partials } =
+                        store.claim("model_0", start, 10_000, 600_000).await.unwrap()
                     else {
                         panic!("the bucket is claimable")
                     };
