@@ -17,7 +17,7 @@ use mltap::monitor::{BucketState, Engine, EngineOptions, Merge, MonitorConfig};
 use mltap::tfserving::{FeatureColumn, FeatureValues, InferenceMethod, Observation, Probabilities, StreamKey};
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 const MODELS: usize = 3;
 const FEATURES: usize = 100;

@@ -33,6 +33,7 @@ struct Instance {
     child: Child,
     grpc_port: u16,
     rest_port: u16,
+    admin_port: u16,
     out: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -40,6 +41,10 @@ struct Instance {
 
 impl Instance {
     fn spawn(fake: &FakeTfServing, store: Option<&str>, pause: Option<&str>) -> Instance {
+        Instance::spawn_with(fake, store, pause, &[])
+    }
+
+    fn spawn_with(fake: &FakeTfServing, store: Option<&str>, pause: Option<&str>, flags: &[&str]) -> Instance {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let log = dir.path().join("stderr.log");
@@ -61,6 +66,7 @@ impl Instance {
             .args(["--rest-upstream", &fake.rest_url()])
             .args(["--bucket", &format!("{BUCKET}s"), "--output-dir"])
             .arg(&out)
+            .args(flags)
             .env_remove("MLTAP_FLEET_TEST_PAUSE")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -79,7 +85,7 @@ impl Instance {
                 std::thread::sleep(Duration::from_millis(25));
             }
         }
-        Instance { child, grpc_port, rest_port, out, log, _dir: dir }
+        Instance { child, grpc_port, rest_port, admin_port, out, log, _dir: dir }
     }
 
     fn signal(&self, signal: &str) {
@@ -247,7 +253,7 @@ fn assert_fleet_matches_single(fleet: &BTreeMap<String, f64>, single: &BTreeMap<
 
 /// Waits until `start`'s bucket has points of `what` in one of the dirs.
 async fn wait_emitted(outputs: &[&Path], start: i64, what: &str) {
-    for _ in 0..150 {
+    for _ in 0..300 {
         let found = outputs
             .iter()
             .any(|o| points(o).iter().any(|p| p["timestamp"] == start && p["properties"]["what"] == what));
@@ -342,4 +348,64 @@ async fn a_replica_killed_while_holding_the_claim_loses_no_bucket_and_duplicates
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_while_emitting_loses_no_bucket_and_duplicates_none() {
     a_replica_killed_at("during_emit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_emitting_label_metrics_loses_none_and_duplicates_none() {
+    let redis = RedisServer::start(false);
+    let fake = FakeTfServing::start().await;
+    let horizon = ["--label-horizon", "5s"];
+    let a = Instance::spawn_with(&fake, Some(&redis.url()), Some("during_label_emit"), &horizon);
+    let b = Instance::spawn_with(&fake, Some(&redis.url()), None, &horizon);
+    let grpc = grpc_fixtures().into_iter().find(|f| f.name == "batch64x16").unwrap();
+    let start = next_bucket().await;
+    let channel_a = channel(format!("http://127.0.0.1:{}", a.grpc_port)).await;
+    call_raw(&channel_a, &grpc.path, grpc.request.clone(), &[("x-request-id", "fleet-labels")]).await.unwrap();
+
+    // Labels go to B; A's recorded rows reach Redis off the hot path, so probe first.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let labels_url = format!("http://127.0.0.1:{}/v1/labels", b.admin_port);
+    let mut accepted = 0;
+    for _ in 0..50 {
+        let probe = serde_json::json!([{"id": "fleet-labels:0", "label": 0}]);
+        let answer: serde_json::Value =
+            client.post(&labels_url).json(&probe).send().await.unwrap().json().await.unwrap();
+        if answer["accepted"] == 1 {
+            accepted = 1;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(accepted, 1, "B joins a label to A's prediction");
+    let rest: Vec<serde_json::Value> =
+        (1..64).map(|row| serde_json::json!({"id": format!("fleet-labels:{row}"), "label": row % 3})).collect();
+    let answer: serde_json::Value = client.post(&labels_url).json(&rest).send().await.unwrap().json().await.unwrap();
+    assert_eq!(answer["accepted"], 63, "{answer}");
+
+    // B stops before the label bucket is due (end + horizon), so A claims it and dies.
+    let due = (start + BUCKET + 5) as f64;
+    assert!(now_s() < due - 1.0, "the labels were posted before the bucket was due");
+    tokio::time::sleep(Duration::from_secs_f64(due - 0.8 - now_s())).await;
+    b.signal("-STOP");
+    let mut reached = false;
+    for _ in 0..100 {
+        if a.log_contains("Fleet test pause reached; label emission stops here.") {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = a.kill();
+    b.signal("-CONT");
+    assert!(reached, "replica A claimed the label bucket and stopped before writing it");
+
+    // B takes the bucket over once A's lease has ended.
+    wait_emitted(&[b.out.as_path()], start, "accuracy").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = b.stop();
+    let values = once_each(&[a.out.as_path(), b.out.as_path()]);
+    assert!(at(&once_each(&[a.out.as_path()]), start, "accuracy").is_empty(), "A died before writing");
+    assert!(at(&values, start, "accuracy").len() >= 2, "overall accuracy and one per class");
+    assert_eq!(total(&values, "label_count", &[]), 64.0, "every label counted once");
+    assert_eq!(total(&values, "labeled_fraction", &[]), 1.0);
 }
