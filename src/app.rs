@@ -16,7 +16,7 @@ use crate::admin::{AdminRoute, AdminServer, MonitoringHealth, ReadinessTarget};
 use crate::config::Config;
 use crate::labels::endpoint::LabelsRoute;
 use crate::labels::link::LabelLink;
-use crate::labels::{LabelService, LabelSettings};
+use crate::labels::{LabelService, LabelSettings, LabelsStoreConfig};
 use crate::monitor::ClosedBucket;
 use crate::proxy::{Proxy, ProxyMetrics, ProxySettings};
 use crate::request_log::{LogSettings, RunningLogs};
@@ -117,8 +117,26 @@ impl From<&Config> for WorkerSettings {
             monitor: config.monitor.clone(),
             models: config.models.clone(),
             references: config.references.clone(),
+            fleet: fleet_settings(config),
         }
     }
+}
+
+/// The fleet's settings: on when the label store is Redis (the replicas share it)
+/// and `[fleet] enabled` is not turned off.
+fn fleet_settings(config: &Config) -> Option<crate::fleet::FleetSettings> {
+    let nodes = match &config.labels_store {
+        LabelsStoreConfig::Embedded => return None,
+        LabelsStoreConfig::Redis(url) => vec![url.clone()],
+        LabelsStoreConfig::RedisCluster(nodes) => nodes.clone(),
+    };
+    config.fleet.enabled.then(|| crate::fleet::FleetSettings {
+        nodes,
+        prefix: config.labels.redis_key_prefix.clone(),
+        bucket: config.bucket,
+        monitor: config.monitor.clone(),
+        config: config.fleet.clone(),
+    })
 }
 
 impl From<&Config> for LogSettings {

@@ -55,7 +55,7 @@ impl Protocol {
 
 /// What a call asks TF Serving to do, whichever protocol carries it. The one spelling
 /// of a method in metric dimensions is `as_str`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum CallMethod {
     Predict,
     Classify,
@@ -174,7 +174,7 @@ impl RouteKind {
 }
 
 /// Whose fault a failed exchange was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum ErrorOrigin {
     /// The client cancelled, reset its stream or went away before the end.
     Client,

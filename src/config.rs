@@ -10,6 +10,7 @@
 //! component it configures, and durations, sizes and `ConfigError` in `units`. This
 //! module only composes them; `app` hands each component what it takes from the whole.
 
+use crate::fleet::FleetConfig;
 use crate::logging::LogFormat;
 use crate::monitor::{MonitorConfig, ReferenceSet};
 use crate::proxy::tls::TlsConfig;
@@ -76,6 +77,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub capture: CaptureConfig,
     pub monitor: MonitorConfig,
+    /// Merging of the replicas' buckets through the shared store (`[fleet]`).
+    pub fleet: FleetConfig,
     pub labels: LabelsConfig,
     pub anodot: AnodotConfig,
     pub models: BTreeMap<String, ModelConfig>,
@@ -118,6 +121,8 @@ struct FileConfig {
     capture: CaptureConfig,
     #[serde(default)]
     monitor: MonitorConfig,
+    #[serde(default)]
+    fleet: FleetConfig,
     #[serde(default)]
     labels: LabelsConfig,
     #[serde(default)]
@@ -231,6 +236,7 @@ impl Config {
             },
             capture: file.capture,
             monitor: file.monitor,
+            fleet: file.fleet,
             labels: file.labels,
             limits: file.limits,
             admin: file.admin,
@@ -254,6 +260,7 @@ impl Config {
         }
         self.monitor.validate().map_err(ConfigError::in_section("monitor", file_name))?;
         let references = self.monitor.load_references().map_err(ConfigError::in_section("monitor", file_name))?;
+        self.fleet.validate().map_err(ConfigError::in_section("fleet", file_name))?;
         self.labels.validate().map_err(ConfigError::in_section("labels", file_name))?;
         self.limits.validate().map_err(ConfigError::in_section("limits", file_name))?;
         self.admin.validate().map_err(ConfigError::in_section("admin", file_name))?;

@@ -24,7 +24,10 @@
 //! `ObservationListener` sees every decoded observation with the start of its bucket.
 
 use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
-use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet};
+use crate::fleet::{Fleet, FleetSettings};
+use crate::monitor::{
+    BucketState, ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet,
+};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
 use crate::tfserving::{DecodeLimits, Decoder, ModelConfig, Observation, SchemaCache, SchemaSource};
@@ -168,6 +171,9 @@ pub struct WorkerSettings {
     pub models: BTreeMap<String, ModelConfig>,
     /// The drift references of `monitor.reference_file`, read once at start.
     pub references: Arc<ReferenceSet>,
+    /// With a shared store: closed buckets are merged across replicas and emitted
+    /// once by the fleet (`crate::fleet`) instead of by this worker alone.
+    pub fleet: Option<FleetSettings>,
 }
 
 impl WorkerSettings {
@@ -196,6 +202,8 @@ pub struct WorkerHandle {
     stop: Arc<tokio::sync::Notify>,
     /// Capture, decode and monitor threads, joined by `finish`.
     threads: Vec<JoinHandle<()>>,
+    /// The fleet, finished after the monitor threads handed it their last buckets.
+    fleet: Option<Fleet>,
     /// The Prometheus model metrics the monitor threads update.
     gauges: ModelGauges,
 }
@@ -255,14 +263,32 @@ pub fn spawn_with(
     }
     drop(to_shards);
 
+    let emitter = Emitter {
+        files: FileSink::new(&config.output_dir),
+        gauges: gauges.clone(),
+        hooks: hooks.clone(),
+        metrics: metrics.clone(),
+    };
+    let fleet = config.fleet.clone().and_then(|settings| {
+        let emitter = emitter.clone();
+        let emit: crate::fleet::EmitFn = Arc::new(move |bucket: ClosedBucket| emitter.emit(vec![bucket]));
+        Fleet::start(settings, emit, registry)
+            .map_err(|error| {
+                tracing::error!(message = "The fleet cannot start; this replica emits its own buckets.", %error)
+            })
+            .ok()
+    });
     let mut options = config.engine_options();
     options.monitor.max_streams = options.monitor.max_streams.div_ceil(shards);
     for (i, input) in shard_inputs.into_iter().enumerate() {
+        let mut engine = Engine::with_references(options.clone(), config.references.clone());
+        if let Some(fleet) = &fleet {
+            engine.share_references(fleet.references());
+        }
         let monitor = MonitorThread {
-            engine: Engine::with_references(options.clone(), config.references.clone()),
-            files: FileSink::new(&config.output_dir),
-            gauges: gauges.clone(),
-            hooks: hooks.clone(),
+            engine,
+            emitter: emitter.clone(),
+            fleet: fleet.clone(),
             metrics: metrics.clone(),
             // One thread reports the capture queue's drops.
             capture_stats: (i == 0).then(|| capture_stats.clone()),
@@ -271,7 +297,7 @@ pub fn spawn_with(
         };
         threads.extend(spawn_thread(&format!("mltap-monitor-{i}"), move || monitor.run(input)));
     }
-    WorkerHandle { hooks, stop, threads, gauges }
+    WorkerHandle { hooks, stop, threads, fleet, gauges }
 }
 
 fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
@@ -320,6 +346,9 @@ impl WorkerHandle {
             if thread.join().is_err() {
                 tracing::error!(message = "A worker thread panicked before shutdown.");
             }
+        }
+        if let Some(fleet) = self.fleet {
+            fleet.finish();
         }
     }
 }
@@ -442,12 +471,43 @@ fn shard_of(model: Option<&str>, shards: usize) -> usize {
     (hash % shards.max(1) as u64) as usize
 }
 
-/// The state of one aggregation (monitor) thread.
-struct MonitorThread {
-    engine: Engine,
+/// Where closed buckets' points go: the Anodot files, the Prometheus model gauges and
+/// the bucket listeners. Used by the monitor threads, and by the fleet for the merged
+/// buckets this replica claims.
+#[derive(Clone)]
+struct Emitter {
     files: FileSink,
     gauges: ModelGauges,
     hooks: Hooks,
+    metrics: WorkerMetrics,
+}
+
+impl Emitter {
+    fn emit(&self, closed: Vec<ClosedBucket>) {
+        for bucket in closed {
+            match self.files.write(&bucket.model, bucket.start, &bucket.points) {
+                Ok(_) => {
+                    self.metrics.files_written.inc();
+                }
+                Err(error) => {
+                    self.metrics.file_errors.inc();
+                    tracing::warn!(message = "Could not write an Anodot file.", %error, model = %bucket.model,
+                        start = bucket.start);
+                }
+            };
+            // The global pseudo-model's counts (decode errors of unknown models) too.
+            self.gauges.update(&bucket.model, bucket.start, &bucket.points);
+            self.hooks.closed(&bucket);
+        }
+    }
+}
+
+/// The state of one aggregation (monitor) thread.
+struct MonitorThread {
+    engine: Engine,
+    emitter: Emitter,
+    /// With a shared store, closed buckets' states go to the fleet instead.
+    fleet: Option<Fleet>,
     metrics: WorkerMetrics,
     /// The capture queue's counters, for `capture_dropped` (first thread only).
     capture_stats: Option<Arc<CaptureStats>>,
@@ -468,20 +528,20 @@ impl MonitorThread {
             }
             if Instant::now() >= next_tick {
                 self.count_capture_drops();
-                let closed = self.engine.close_due(SystemTime::now());
+                let closed = self.engine.close_due_states(SystemTime::now());
                 self.emit(closed);
                 next_tick = Instant::now() + self.tick;
             }
         }
         self.count_capture_drops();
-        let closed = self.engine.flush_all();
+        let closed = self.engine.flush_all_states();
         self.emit(closed);
     }
 
     fn feed(&mut self, decoded: Decoded) {
         self.metrics.exchanges.inc();
         self.engine.record_exchange(&decoded.facts);
-        self.gauges.observe_latency(decoded.facts.model.as_deref(), decoded.facts.upstream_latency);
+        self.emitter.gauges.observe_latency(decoded.facts.model.as_deref(), decoded.facts.upstream_latency);
         for observation in &decoded.observations {
             let observed = if decoded.sampled {
                 self.engine.observe(observation)
@@ -490,7 +550,7 @@ impl MonitorThread {
             };
             self.metrics.observations.inc();
             if decoded.to_listeners {
-                self.hooks.observed(observation, observed.bucket_start);
+                self.emitter.hooks.observed(observation, observed.bucket_start);
             }
         }
     }
@@ -503,21 +563,11 @@ impl MonitorThread {
         self.engine.record_capture_dropped(SystemTime::now(), delta);
     }
 
-    fn emit(&self, closed: Vec<ClosedBucket>) {
-        for bucket in closed {
-            match self.files.write(&bucket.model, bucket.start, &bucket.points) {
-                Ok(_) => {
-                    self.metrics.files_written.inc();
-                }
-                Err(error) => {
-                    self.metrics.file_errors.inc();
-                    tracing::warn!(message = "Could not write an Anodot file.", %error, model = %bucket.model,
-                        start = bucket.start);
-                }
-            };
-            // The global pseudo-model's counts (decode errors of unknown models) too.
-            self.gauges.update(&bucket.model, bucket.start, &bucket.points);
-            self.hooks.closed(&bucket);
+    /// Hands closed buckets to the fleet, or turns them into points and emits them.
+    fn emit(&self, closed: Vec<BucketState>) {
+        match &self.fleet {
+            Some(fleet) => fleet.submit(closed),
+            None => self.emitter.emit(self.engine.into_points(closed)),
         }
     }
 }

@@ -130,6 +130,13 @@ impl LabelLink {
     }
 }
 
+async fn confirm(labels: &LabelService, claimed: Vec<crate::labels::record::BucketId>) {
+    if let Err(error) = labels.confirm(claimed).await {
+        // The lease ends and another replica (or this one) emits the bucket again.
+        warn!(message = "Label buckets written could not be confirmed in the label store.", %error);
+    }
+}
+
 /// Appends the label points of every bucket past its horizon to that bucket's file,
 /// and shows them on the dashboard and `/metrics`.
 async fn emit_due(labels: &LabelService, files: &FileSink, history: Option<&History>, gauges: Option<&ModelGauges>) {
@@ -140,8 +147,16 @@ async fn emit_due(labels: &LabelService, files: &FileSink, history: Option<&Hist
             return;
         }
     };
+    // Test-only hook (docs/fleet.md): stop for good between claim and write, so that a
+    // test can kill the process holding label buckets' claims.
+    if !due.is_empty() && std::env::var(crate::fleet::TEST_PAUSE_ENV).is_ok_and(|v| v == "during_label_emit") {
+        warn!(message = "Fleet test pause reached; label emission stops here.", point = "during_label_emit");
+        std::future::pending::<()>().await;
+    }
     for bucket in due {
+        let claimed = bucket.claimed;
         if bucket.points.is_empty() {
+            confirm(labels, claimed).await;
             continue;
         }
         let (files, model, start, points) = (files.clone(), bucket.model.clone(), bucket.bucket_start, bucket.points);
@@ -152,6 +167,7 @@ async fn emit_due(labels: &LabelService, files: &FileSink, history: Option<&Hist
         .await;
         match written {
             Ok((Ok(_), points)) => {
+                confirm(labels, claimed).await;
                 if let Some(history) = history {
                     history.record(&bucket.model, &points);
                 }

@@ -136,6 +136,8 @@ pub struct DueBucket {
     pub bucket_start: i64,
     /// The bucket's label points, timestamped `bucket_start`.
     pub points: Vec<Point>,
+    /// The claimed store buckets these points come from, to `confirm` once written.
+    pub claimed: Vec<crate::labels::record::BucketId>,
 }
 
 /// Why the service could not start or do its work.
@@ -547,7 +549,7 @@ impl LabelService {
         // The counters follow the store even while it fails (failed rows above all).
         self.sync_store_counters();
         let claimed = ticked?;
-        let mut out: BTreeMap<(i64, String), Vec<Point>> = BTreeMap::new();
+        let mut out: BTreeMap<(i64, String), (Vec<Point>, Vec<crate::labels::record::BucketId>)> = BTreeMap::new();
         for bucket in claimed {
             let meta = match self.stream(bucket.bucket.stream).await? {
                 Some(meta) => meta,
@@ -564,11 +566,14 @@ impl LabelService {
                 bucket.auc.iter().map(|s| s.as_str()),
             );
             let points = metrics::points(&meta, bucket.bucket.start, &aggregate, self.arrival_mode());
-            if !points.is_empty() {
-                out.entry((bucket.bucket.start, meta.model.clone())).or_default().extend(points);
-            }
+            let entry = out.entry((bucket.bucket.start, meta.model.clone())).or_default();
+            entry.0.extend(points);
+            entry.1.push(bucket.bucket);
         }
-        Ok(out.into_iter().map(|((bucket_start, model), points)| DueBucket { model, bucket_start, points }).collect())
+        Ok(out
+            .into_iter()
+            .map(|((bucket_start, model), (points, claimed))| DueBucket { model, bucket_start, points, claimed })
+            .collect())
     }
 
     /// Writes buffered rows, drops expired ones and claims the due buckets.
@@ -591,6 +596,13 @@ impl LabelService {
             self.counters.corrupt.inc_by(stats.corrupt_files.saturating_sub(seen.2));
             *seen = (stats.evictions.max(seen.0), stats.failed_rows.max(seen.1), stats.corrupt_files.max(seen.2));
         }
+    }
+
+    /// Confirms that due buckets' points were written (or had none): with a store
+    /// shared by replicas, until then another replica takes the bucket over once the
+    /// claim's lease ends, so that label metrics are emitted exactly once.
+    pub async fn confirm(&self, claimed: Vec<crate::labels::record::BucketId>) -> Result<(), StoreError> {
+        self.store.confirm(claimed).await
     }
 
     /// Registers the service's counters with the admin server's registry.

@@ -7,15 +7,17 @@
 use crate::catalog::{self, Sample, ScopeValues};
 use crate::monitor::drift;
 use crate::monitor::estimate::ExpectedConfusion;
+use crate::monitor::merge::Merge;
 use crate::monitor::reference::{Reference, ReferenceBuilder, OTHER_CATEGORY};
 use crate::monitor::stats::{CategoryCounts, FastMap, IntegerCounts, Summary};
 use crate::monitor::MonitorConfig;
 use crate::sinks::Point;
 use crate::tfserving::{FeatureValues, Observation, Probabilities, StreamKey};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Statistics of the predicted classes and probabilities of a bucket.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassStats {
     /// Class names by index; fixed by the stream's first probabilities.
     pub names: Vec<String>,
@@ -30,7 +32,7 @@ pub struct ClassStats {
 }
 
 /// Statistics of one numeric feature in a bucket.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NumericStats {
     /// Moments, extremes and quantiles of the finite values.
     pub summary: Summary,
@@ -42,7 +44,7 @@ pub struct NumericStats {
 }
 
 /// Statistics of one feature in a bucket.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct FeatureStats {
     /// Missing values: NaN and infinities, null, and rows of observations without the feature.
     pub missing: u64,
@@ -51,12 +53,13 @@ pub struct FeatureStats {
     /// Present when the feature had categorical values (or is declared categorical).
     pub categorical: Option<CategoryCounts>,
     /// Sequence number of the last observation that had the feature, to count the
-    /// rows of observations without it as missing.
+    /// rows of observations without it as missing; meaningless once the bucket closed.
+    #[serde(skip)]
     pub last_observation: u64,
 }
 
 /// The open bucket of one stream.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StreamBucket {
     /// Bucket start, epoch seconds.
     pub start: i64,
@@ -77,7 +80,7 @@ pub struct StreamBucket {
 }
 
 /// How much of a bucket's traffic its feature statistics were computed from.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
 pub struct Sampling {
     pub observations: u64,
     pub sampled_observations: u64,
@@ -449,6 +452,85 @@ impl StreamBucket {
             }
         }
         out
+    }
+}
+
+impl Merge for Sampling {
+    fn merge(&mut self, other: &Self) {
+        self.observations += other.observations;
+        self.sampled_observations += other.sampled_observations;
+        self.sampled_rows += other.sampled_rows;
+    }
+}
+
+impl Merge for ClassStats {
+    /// Both sides have the stream's class names (fixed by its first probabilities);
+    /// a partial with another class count is counted as a mismatch by the bucket.
+    fn merge(&mut self, other: &Self) {
+        self.confusion.merge(&other.confusion);
+        self.max_proba.merge(&other.max_proba);
+        self.spread12.merge(&other.spread12);
+        self.entropy.merge(&other.entropy);
+    }
+}
+
+impl Merge for NumericStats {
+    fn merge(&mut self, other: &Self) {
+        self.summary.merge(&other.summary);
+        Merge::merge(&mut self.integers, &other.integers);
+        // Drift covers every value only when both sides binned all of theirs against
+        // the same (shared) reference; otherwise the bucket has no feature drift.
+        self.bins = match (self.bins.take(), &other.bins) {
+            (Some(mut mine), Some(theirs)) if mine.len() == theirs.len() => {
+                for (m, t) in mine.iter_mut().zip(theirs) {
+                    *m += t;
+                }
+                Some(mine)
+            }
+            _ => None,
+        };
+    }
+}
+
+impl Merge for FeatureStats {
+    fn merge(&mut self, other: &Self) {
+        self.missing += other.missing;
+        Merge::merge(&mut self.numeric, &other.numeric);
+        Merge::merge(&mut self.categorical, &other.categorical);
+    }
+}
+
+impl Merge for StreamBucket {
+    /// The partial of the same stream and bucket from another replica. A feature one
+    /// side never saw had all that side's sampled rows missing, as a single bucket
+    /// counts the rows of observations without it.
+    fn merge(&mut self, other: &Self) {
+        self.rows += other.rows;
+        match (&mut self.classes, &other.classes) {
+            (Some(mine), Some(theirs)) if mine.names == theirs.names => mine.merge(theirs),
+            (Some(_), Some(theirs)) => self.class_count_mismatch += theirs.confusion.rows(),
+            (None, Some(theirs)) => self.classes = Some(theirs.clone()),
+            (_, None) => {}
+        }
+        let (my_rows, their_rows) = (self.sampling.sampled_rows, other.sampling.sampled_rows);
+        for (name, feature) in self.features.iter_mut() {
+            if !other.features.contains_key(name) {
+                feature.missing += their_rows;
+            }
+        }
+        for (name, theirs) in &other.features {
+            match self.features.get_mut(name) {
+                Some(mine) => mine.merge(theirs),
+                None => {
+                    let mut feature = theirs.clone();
+                    feature.missing += my_rows;
+                    self.features.insert(name.clone(), feature);
+                }
+            }
+        }
+        self.feature_limit_dropped += other.feature_limit_dropped;
+        self.class_count_mismatch += other.class_count_mismatch;
+        self.sampling.merge(&other.sampling);
     }
 }
 

@@ -9,11 +9,13 @@
 use crate::capture::{CallMethod, ErrorOrigin, Exchange};
 use crate::catalog::{self, Sample, ScopeValues};
 use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
+use crate::monitor::merge::{self, Merge};
 use crate::monitor::reference::{reference_path, Reference, ReferenceBuilder, ReferenceSet};
 use crate::monitor::stats::Summary;
 use crate::monitor::MonitorConfig;
 use crate::sinks::Point;
 use crate::tfserving::{Decoded, Observation, StreamKey};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +38,146 @@ pub struct ClosedBucket {
     pub start: i64,
     /// Anodot points, all with `timestamp == start`.
     pub points: Vec<Point>,
+}
+
+/// The mergeable state of one closed bucket of one model (all its streams): everything
+/// its points are computed from. A single mltap turns it into points at once; in a
+/// fleet every replica writes its partial state, one replica merges them (`Merge`) and
+/// turns the merged state into points with the same code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketState {
+    /// Model name, or `GLOBAL_MODEL`.
+    pub model: String,
+    /// Bucket start, epoch seconds (UTC).
+    pub start: i64,
+    /// Exchange-level facts of the model (requests, latency, decode errors).
+    pub exchanges: Option<ModelBucket>,
+    /// The model's streams, in key order (the order of their points).
+    #[serde(with = "merge::pairs")]
+    pub streams: BTreeMap<StreamKey, StreamState>,
+}
+
+/// The closed bucket of one stream with what its points need to know of the stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamState {
+    pub bucket: StreamBucket,
+    /// Features the stream tracks: those absent from the bucket had every row missing.
+    pub known_features: BTreeSet<String>,
+    /// The stream's class names, for the zero counts of an empty bucket.
+    pub class_names: Option<Vec<String>>,
+    /// Rows that arrived for an already closed bucket of the stream since the last close.
+    pub late_dropped: u64,
+    /// Identifies the reference this bucket's drift is computed against (see
+    /// `reference_fingerprint`); None when the bucket has no drift.
+    pub reference_fingerprint: Option<u64>,
+    /// That reference; not written with the state: a reader resolves it from the
+    /// fingerprint (`set_reference`).
+    #[serde(skip)]
+    pub reference: Option<Arc<Reference>>,
+}
+
+impl Merge for StreamState {
+    fn merge(&mut self, other: &Self) {
+        self.bucket.merge(&other.bucket);
+        self.known_features.extend(other.known_features.iter().cloned());
+        if self.class_names.is_none() {
+            self.class_names = other.class_names.clone();
+        }
+        self.late_dropped += other.late_dropped;
+        match (self.reference_fingerprint, other.reference_fingerprint) {
+            // Two references for one bucket: compare to neither rather than to half.
+            (Some(mine), Some(theirs)) if mine != theirs => {
+                self.reference_fingerprint = None;
+                self.reference = None;
+            }
+            (None, Some(theirs)) => {
+                self.reference_fingerprint = Some(theirs);
+                self.reference = other.reference.clone();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Merge for BucketState {
+    fn merge(&mut self, other: &Self) {
+        Merge::merge(&mut self.exchanges, &other.exchanges);
+        merge::merge_maps(&mut self.streams, &other.streams);
+    }
+}
+
+impl BucketState {
+    fn new(model: &str, start: i64) -> Self {
+        BucketState { model: model.to_string(), start, exchanges: None, streams: BTreeMap::new() }
+    }
+
+    /// The points of this bucket: the model's exchange facts, then each stream's.
+    pub fn into_closed(self, config: &MonitorConfig) -> ClosedBucket {
+        let BucketState { model, start, exchanges, streams } = self;
+        let mut points = exchanges.map(|e| e.points(&model, start)).unwrap_or_default();
+        for (key, mut stream) in streams {
+            points.extend(stream.bucket.points(
+                &key,
+                EmitContext {
+                    known_features: &stream.known_features,
+                    class_names: stream.class_names.as_ref(),
+                    reference: stream.reference.as_deref(),
+                    late_dropped: stream.late_dropped,
+                    config,
+                },
+            ));
+        }
+        ClosedBucket { model, start, points }
+    }
+
+    /// The references this state's drift needs that it does not hold (a state read
+    /// back from the fleet's store): stream and fingerprint.
+    pub fn missing_references(&self) -> Vec<(StreamKey, u64)> {
+        self.streams
+            .iter()
+            .filter(|(_, s)| s.reference.is_none())
+            .filter_map(|(k, s)| s.reference_fingerprint.map(|f| (k.clone(), f)))
+            .collect()
+    }
+
+    /// Gives a stream the reference its fingerprint names; one with another
+    /// fingerprint leaves the stream without drift.
+    pub fn set_reference(&mut self, key: &StreamKey, reference: Option<Arc<Reference>>) {
+        if let Some(stream) = self.streams.get_mut(key) {
+            let matches =
+                reference.as_deref().is_some_and(|r| Some(reference_fingerprint(r)) == stream.reference_fingerprint);
+            if matches {
+                stream.reference = reference;
+            } else {
+                stream.reference = None;
+                stream.reference_fingerprint = None;
+                for feature in stream.bucket.features.values_mut() {
+                    if let Some(numeric) = &mut feature.numeric {
+                        numeric.bins = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A stable fingerprint of a reference's content (FNV-1a of its JSON), which tells
+/// replicas whether they compare to the same one.
+pub fn reference_fingerprint(reference: &Reference) -> u64 {
+    let json = serde_json::to_vec(reference).unwrap_or_default();
+    json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// A drift reference shared by the replicas of a fleet: learned (or loaded) once and
+/// used by every replica, so that their drift bins add up. Called on the aggregation
+/// thread when a stream is first seen and when its reference freezes; rare and may
+/// block briefly. Without it, each engine learns its own.
+pub trait SharedReferences: Send + Sync + std::fmt::Debug + 'static {
+    /// The reference the fleet uses for a stream, if one was published.
+    fn find(&self, key: &StreamKey) -> Option<Reference>;
+    /// Publishes a reference unless one was published first; returns the one the
+    /// fleet uses (`candidate` when the store cannot be reached).
+    fn adopt(&self, key: &StreamKey, candidate: Reference) -> Reference;
 }
 
 /// Where an observation went.
@@ -105,8 +247,15 @@ enum ReferenceState {
     Pending,
     /// The reference window is being collected.
     Learning(Box<ReferenceBuilder>),
-    /// Frozen: drift is computed against it.
-    Frozen(Arc<Reference>),
+    /// Frozen: drift is computed against it (with its fingerprint).
+    Frozen(Arc<Reference>, u64),
+}
+
+impl ReferenceState {
+    fn frozen(reference: Reference) -> Self {
+        let fingerprint = reference_fingerprint(&reference);
+        ReferenceState::Frozen(Arc::new(reference), fingerprint)
+    }
 }
 
 /// Everything the engine keeps about one stream.
@@ -126,9 +275,10 @@ struct Stream {
 }
 
 /// Exchange-level facts of one model's bucket.
-#[derive(Debug)]
-struct ModelBucket {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelBucket {
     /// Exchanges per (method, status, error origin).
+    #[serde(with = "merge::pairs")]
     requests: BTreeMap<(CallMethod, String, Option<ErrorOrigin>), u64>,
     /// Upstream latency in milliseconds.
     latency: Summary,
@@ -139,6 +289,16 @@ struct ModelBucket {
     /// Exchanges the capture queue dropped (global pseudo-model of the engine that
     /// reports them only).
     capture_dropped: Option<u64>,
+}
+
+impl Merge for ModelBucket {
+    fn merge(&mut self, other: &Self) {
+        merge::merge_maps(&mut self.requests, &other.requests);
+        self.latency.merge(&other.latency);
+        merge::merge_maps(&mut self.decode_errors, &other.decode_errors);
+        self.stream_limit_dropped += other.stream_limit_dropped;
+        Merge::merge(&mut self.capture_dropped, &other.capture_dropped);
+    }
 }
 
 /// Open exchange-level buckets of one model.
@@ -172,6 +332,8 @@ pub struct Engine {
     /// Whether this engine reports `capture_dropped` (then its global pseudo-model
     /// has a heartbeat).
     reports_capture: bool,
+    /// The fleet's shared drift references, when replicas share one.
+    shared_references: Option<Arc<dyn SharedReferences>>,
 }
 
 impl Engine {
@@ -199,7 +361,14 @@ impl Engine {
             sequence: 0,
             no_features: BTreeSet::new(),
             reports_capture: false,
+            shared_references: None,
         }
+    }
+
+    /// Uses (and publishes) the fleet's shared drift references instead of learning
+    /// one per engine.
+    pub fn share_references(&mut self, shared: Arc<dyn SharedReferences>) {
+        self.shared_references = Some(shared);
     }
 
     /// Bucket width in seconds.
@@ -239,6 +408,7 @@ impl Engine {
         let (width, buckets, sample, max_categories) =
             (self.width, self.config.reference_buckets, self.config.reference_sample_size, self.config.max_categories);
         let output_dir = self.output_dir.as_deref();
+        let shared = self.shared_references.as_deref();
         let Some(stream) = self.streams.get_mut(&obs.stream) else {
             return Observed { bucket_start: start, accepted: false };
         };
@@ -259,7 +429,7 @@ impl Engine {
             // Traffic after the window freezes the reference at once, so that the
             // first bucket after it already has drift.
             ReferenceState::Learning(b) if start > b.last_bucket() => {
-                freeze(stream, &obs.stream, output_dir);
+                freeze(stream, &obs.stream, output_dir, shared);
             }
             _ => {}
         }
@@ -267,7 +437,7 @@ impl Engine {
         let categorical = self.categorical_features.get(&obs.stream.model).unwrap_or(&self.no_features);
         let Stream { open, known_features, class_names, reference, .. } = stream;
         let (reference, builder) = match reference {
-            ReferenceState::Frozen(r) => (Some(&**r), None),
+            ReferenceState::Frozen(r, _) => (Some(&**r), None),
             ReferenceState::Learning(b) if b.covers(start) => (None, Some(&mut **b)),
             _ => (None, None),
         };
@@ -311,12 +481,30 @@ impl Engine {
     /// Closes every bucket whose end plus grace is at or before `now`, filling gaps of
     /// known streams with empty buckets (heartbeats).
     pub fn close_due(&mut self, now: SystemTime) -> Vec<ClosedBucket> {
+        let states = self.close_due_states(now);
+        self.into_points(states)
+    }
+
+    /// `close_due`, giving the mergeable state of each closed bucket instead of its
+    /// points.
+    pub fn close_due_states(&mut self, now: SystemTime) -> Vec<BucketState> {
         let limit = (epoch_seconds(now) - self.grace - self.width).div_euclid(self.width) * self.width;
         self.close_through(limit)
     }
 
     /// Closes every open bucket (shutdown).
     pub fn flush_all(&mut self) -> Vec<ClosedBucket> {
+        let states = self.flush_all_states();
+        self.into_points(states)
+    }
+
+    /// The points of closed buckets' states, in the engine's configuration.
+    pub fn into_points(&self, states: Vec<BucketState>) -> Vec<ClosedBucket> {
+        states.into_iter().map(|state| state.into_closed(&self.config)).collect()
+    }
+
+    /// `flush_all`, giving states instead of points.
+    pub fn flush_all_states(&mut self) -> Vec<BucketState> {
         let width = self.width;
         // A stream whose late rows have no later bucket to be reported in gets one.
         let last_stream = self
@@ -340,7 +528,7 @@ impl Engine {
         self.streams
             .values()
             .filter_map(|s| match &s.reference {
-                ReferenceState::Frozen(r) => Some((**r).clone()),
+                ReferenceState::Frozen(r, _) => Some((**r).clone()),
                 _ => None,
             })
             .collect()
@@ -351,10 +539,10 @@ impl Engine {
         serde_json::to_value(self.references()).unwrap_or(serde_json::Value::Array(Vec::new()))
     }
 
-    fn close_through(&mut self, limit: i64) -> Vec<ClosedBucket> {
+    fn close_through(&mut self, limit: i64) -> Vec<BucketState> {
         let width = self.width;
         let reports_capture = self.reports_capture;
-        let mut out: BTreeMap<(i64, String), Vec<Point>> = BTreeMap::new();
+        let mut out: BTreeMap<(i64, String), BucketState> = BTreeMap::new();
         for (model, state) in &mut self.models {
             let mut starts: BTreeSet<i64> = state.open.range(..=limit).map(|(s, _)| *s).collect();
             let heartbeat = model == GLOBAL_MODEL && reports_capture;
@@ -368,41 +556,46 @@ impl Engine {
                 if heartbeat {
                     bucket.capture_dropped.get_or_insert(0);
                 }
-                out.entry((start, model.clone())).or_default().extend(bucket.points(model, start));
+                out.entry((start, model.clone())).or_insert_with(|| BucketState::new(model, start)).exchanges =
+                    Some(bucket);
                 state.closed_through = Some(state.closed_through.map_or(start, |c| c.max(start)));
             }
         }
         let output_dir = self.output_dir.as_deref();
+        let shared = self.shared_references.as_deref();
         for (key, stream) in &mut self.streams {
             let mut starts: BTreeSet<i64> = stream.open.range(..=limit).map(|(s, _)| *s).collect();
             if let Some(closed) = stream.closed_through {
                 starts.extend(gap_starts(closed, limit, width));
             }
             for start in starts {
-                let mut bucket = stream.open.remove(&start).unwrap_or_else(|| StreamBucket::new(start));
+                let bucket = stream.open.remove(&start).unwrap_or_else(|| StreamBucket::new(start));
                 // Buckets of the window a reference was learned from are not compared to it.
-                let reference = match &stream.reference {
-                    ReferenceState::Frozen(r) if !r.learned_from(start) => Some(&**r),
-                    _ => None,
+                let (reference, reference_fingerprint) = match &stream.reference {
+                    ReferenceState::Frozen(r, fingerprint) if !r.learned_from(start) => {
+                        (Some(r.clone()), Some(*fingerprint))
+                    }
+                    _ => (None, None),
                 };
-                let points = bucket.points(
-                    key,
-                    EmitContext {
-                        known_features: &stream.known_features,
-                        class_names: stream.class_names.as_ref(),
-                        reference,
-                        late_dropped: std::mem::take(&mut stream.late_rows),
-                        config: &self.config,
-                    },
-                );
-                out.entry((start, key.model.clone())).or_default().extend(points);
+                let closed = StreamState {
+                    bucket,
+                    known_features: stream.known_features.clone(),
+                    class_names: stream.class_names.clone(),
+                    late_dropped: std::mem::take(&mut stream.late_rows),
+                    reference_fingerprint,
+                    reference,
+                };
+                out.entry((start, key.model.clone()))
+                    .or_insert_with(|| BucketState::new(&key.model, start))
+                    .streams
+                    .insert(key.clone(), closed);
                 stream.closed_through = Some(start);
                 if matches!(&stream.reference, ReferenceState::Learning(b) if start >= b.last_bucket()) {
-                    freeze(stream, key, output_dir);
+                    freeze(stream, key, output_dir, shared);
                 }
             }
         }
-        out.into_iter().map(|((start, model), points)| ClosedBucket { model, start, points }).collect()
+        out.into_values().collect()
     }
 
     /// The bucket containing `start`'s instant is complete unless the engine started
@@ -414,14 +607,21 @@ impl Engine {
     fn new_stream(&self, key: &StreamKey) -> Stream {
         let mut reference = ReferenceState::Pending;
         if let Some(r) = self.reference_set.find(key) {
-            reference = ReferenceState::Frozen(Arc::new(r.clone()));
+            reference = ReferenceState::frozen(r.clone());
+        } else if let Some(r) = self.shared_references.as_ref().and_then(|shared| shared.find(key)) {
+            tracing::info!(message = "Uses the fleet's shared drift reference.", model = %key.model);
+            reference = ReferenceState::frozen(r);
         } else if let Some(dir) = &self.output_dir {
             let path = reference_path(dir, key);
             if path.exists() {
                 match Reference::load(&path) {
                     Ok(r) => {
                         tracing::info!(message = "Loaded the persisted drift reference.", path = %path.display());
-                        reference = ReferenceState::Frozen(Arc::new(r));
+                        let r = match &self.shared_references {
+                            Some(shared) => shared.adopt(key, r),
+                            None => r,
+                        };
+                        reference = ReferenceState::frozen(r);
                     }
                     Err(error) => {
                         tracing::warn!(message = "Ignoring an unreadable drift reference; learning a new one.", %error);
@@ -466,12 +666,21 @@ fn gap_starts(closed: i64, limit: i64, width: i64) -> impl Iterator<Item = i64> 
     (0..).map(move |i| first + i * width).take_while(move |s| *s <= limit)
 }
 
-/// Freezes a stream's reference and persists it when there is an output dir.
-fn freeze(stream: &mut Stream, key: &StreamKey, output_dir: Option<&std::path::Path>) {
+/// Freezes a stream's reference (the fleet's, when one was published first) and
+/// persists it when there is an output dir.
+fn freeze(
+    stream: &mut Stream,
+    key: &StreamKey,
+    output_dir: Option<&std::path::Path>,
+    shared: Option<&dyn SharedReferences>,
+) {
     let ReferenceState::Learning(builder) = std::mem::replace(&mut stream.reference, ReferenceState::Pending) else {
         return;
     };
-    let reference = builder.freeze(key);
+    let mut reference = builder.freeze(key);
+    if let Some(shared) = shared {
+        reference = shared.adopt(key, reference);
+    }
     if let Some(dir) = output_dir {
         let path = reference_path(dir, key);
         match reference.save(&path) {
@@ -481,7 +690,7 @@ fn freeze(stream: &mut Stream, key: &StreamKey, output_dir: Option<&std::path::P
             }
         }
     }
-    stream.reference = ReferenceState::Frozen(Arc::new(reference));
+    stream.reference = ReferenceState::frozen(reference);
 }
 
 impl ModelBucket {

@@ -9,7 +9,7 @@
 //! not calibrate: an uncalibrated model gives biased estimates (documented).
 
 /// Sums over a bucket's rows that the estimates need, per class.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExpectedConfusion {
     /// Rows predicted as each class.
     pub predicted: Vec<u64>,
@@ -17,6 +17,25 @@ pub struct ExpectedConfusion {
     pub true_positive: Vec<f64>,
     /// Σ p[c] over all rows: the expected number of rows whose actual class is c.
     pub actual: Vec<f64>,
+}
+
+impl crate::monitor::merge::Merge for ExpectedConfusion {
+    /// Sums of the same classes add up; a side with another class count is ignored
+    /// (the bucket counts it as a class count mismatch before it gets here).
+    fn merge(&mut self, other: &Self) {
+        if self.predicted.is_empty() {
+            *self = other.clone();
+            return;
+        }
+        if other.predicted.len() != self.predicted.len() {
+            return;
+        }
+        for c in 0..self.predicted.len() {
+            self.predicted[c] += other.predicted[c];
+            self.true_positive[c] += other.true_positive[c];
+            self.actual[c] += other.actual[c];
+        }
+    }
 }
 
 /// The estimates of one bucket; undefined ratios (0/0) are None.

@@ -17,13 +17,17 @@ pub mod bucket;
 pub mod drift;
 pub mod engine;
 pub mod estimate;
+pub mod merge;
 pub mod reference;
 pub mod stats;
 
 use serde::Deserialize;
 use std::path::PathBuf;
 
-pub use engine::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, GLOBAL_MODEL};
+pub use engine::{
+    BucketState, ClosedBucket, Engine, EngineOptions, ExchangeFacts, SharedReferences, StreamState, GLOBAL_MODEL,
+};
+pub use merge::Merge;
 pub use reference::{Reference, ReferenceSet};
 
 /// Settings of the monitoring engine (`[monitor]`).

@@ -7,11 +7,12 @@
 //! sketch of at most `MAX_SKETCH_BINS` bins per sign, and `CategoryCounts` counts at
 //! most its configured number of categories exactly.
 
+use crate::monitor::merge::Merge;
 use ddsketchy::{DDSketch, IndexMapping};
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
-use std::collections::hash_map::RandomState;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 /// Bins per sign of every quantile sketch. With the default 1 % relative accuracy
 /// (bins of width ≈ 0.0198 in ln v under the cubic mapping) they span 40 orders
@@ -30,7 +31,8 @@ pub const STATS: [&str; 12] =
     ["mean", "median", "std", "range", "q25", "q50", "q75", "iqr", "min", "max", "q01", "q99"];
 
 /// Exact moments and extremes plus a quantile sketch of a series of finite values.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(from = "SummaryWire", into = "SummaryWire")]
 pub struct Summary {
     /// Values added (finite ones only: callers count the rest as missing).
     count: u64,
@@ -44,6 +46,51 @@ pub struct Summary {
     max: f64,
     /// Quantiles with relative accuracy alpha; merged across buckets for references.
     sketch: DDSketch,
+}
+
+/// A `Summary` as written to the fleet's store: the extremes of an empty summary
+/// (infinities, which JSON cannot carry) are left out.
+#[derive(Serialize, Deserialize)]
+struct SummaryWire {
+    count: u64,
+    mean: f64,
+    m2: f64,
+    min: Option<f64>,
+    max: Option<f64>,
+    sketch: DDSketch,
+}
+
+impl From<Summary> for SummaryWire {
+    fn from(s: Summary) -> Self {
+        let known = s.count > 0;
+        SummaryWire {
+            count: s.count,
+            mean: s.mean,
+            m2: s.m2,
+            min: known.then_some(s.min),
+            max: known.then_some(s.max),
+            sketch: s.sketch,
+        }
+    }
+}
+
+impl From<SummaryWire> for Summary {
+    fn from(w: SummaryWire) -> Self {
+        Summary {
+            count: w.count,
+            mean: w.mean,
+            m2: w.m2,
+            min: w.min.filter(|_| w.count > 0).unwrap_or(f64::INFINITY),
+            max: w.max.filter(|_| w.count > 0).unwrap_or(f64::NEG_INFINITY),
+            sketch: w.sketch,
+        }
+    }
+}
+
+impl Merge for Summary {
+    fn merge(&mut self, other: &Self) {
+        Summary::merge(self, other);
+    }
 }
 
 impl std::fmt::Debug for Summary {
@@ -271,12 +318,28 @@ impl Hasher for FastHasher {
 /// `HashMap` with `FastHasher`.
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
-type Hll = HyperLogLogPlus<str, RandomState>;
+/// The hash of the distinct-value estimators: the same on every replica (std's
+/// SipHash with its fixed default keys), so that HyperLogLog registers written by
+/// several processes of one build merge into the estimate of their union.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub struct StableHash;
+
+impl BuildHasher for StableHash {
+    type Hasher = std::hash::DefaultHasher;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        std::hash::DefaultHasher::new()
+    }
+}
+
+type Hll = HyperLogLogPlus<String, StableHash>;
+type IntegerHll = HyperLogLogPlus<i64, StableHash>;
 
 /// Exact counts of up to `max_categories` categories; further categories are counted
 /// together (`untracked`) and, from the moment the table is full, distinct values are
 /// estimated with HyperLogLog++ (seeded with every tracked category, so the estimate
 /// covers all values).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct CategoryCounts {
     /// Count per tracked category.
     counts: FastMap<String, u64>,
@@ -314,16 +377,21 @@ impl CategoryCounts {
         }
         self.untracked += 1;
         if self.hll.is_none() {
-            // Precision 12 is within HyperLogLog++'s 4..=18, so creation succeeds.
-            if let Ok(mut hll) = Hll::new(HLL_PRECISION, RandomState::new()) {
-                for key in self.counts.keys() {
-                    hll.insert_any(key.as_str());
-                }
-                self.hll = Some(Box::new(hll));
-            }
+            self.start_estimating();
         }
         if let Some(hll) = &mut self.hll {
             hll.insert_any(value);
+        }
+    }
+
+    /// Creates the distinct estimator, seeded with every tracked category.
+    fn start_estimating(&mut self) {
+        // Precision 12 is within HyperLogLog++'s 4..=18, so creation succeeds.
+        if let Ok(mut hll) = Hll::new(HLL_PRECISION, StableHash) {
+            for key in self.counts.keys() {
+                hll.insert_any(key.as_str());
+            }
+            self.hll = Some(Box::new(hll));
         }
     }
 
@@ -368,13 +436,14 @@ impl CategoryCounts {
 /// Exact counts of an integer feature's values while they are few (for top-k
 /// frequencies), then exact distinct counting up to `max_categories`, then
 /// HyperLogLog++.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct IntegerCounts {
     /// Count per value, dropped once distinct values exceed `max_categories`.
     counts: Option<FastMap<i64, u64>>,
     /// Most distinct values counted exactly.
     max_categories: usize,
     /// Distinct estimator once `counts` is dropped.
-    hll: Option<Box<HyperLogLogPlus<i64, RandomState>>>,
+    hll: Option<Box<IntegerHll>>,
 }
 
 impl std::fmt::Debug for IntegerCounts {
@@ -398,27 +467,35 @@ impl IntegerCounts {
     }
 
     fn add(&mut self, v: i64) {
+        self.add_count(v, 1);
+    }
+
+    /// Counts `n` occurrences of `v` (n ≥ 1).
+    fn add_count(&mut self, v: i64, n: u64) {
         if let Some(counts) = &mut self.counts {
             if let Some(c) = counts.get_mut(&v) {
-                *c += 1;
+                *c += n;
                 return;
             }
             if counts.len() < self.max_categories {
-                counts.insert(v, 1);
+                counts.insert(v, n);
                 return;
             }
-            let mut hll = match HyperLogLogPlus::new(HLL_PRECISION, RandomState::new()) {
-                Ok(h) => Box::new(h),
-                Err(_) => return,
-            };
-            for key in counts.keys() {
-                hll.insert(key);
-            }
-            self.hll = Some(hll);
-            self.counts = None;
+            self.start_estimating();
         }
         if let Some(hll) = &mut self.hll {
             hll.insert(&v);
+        }
+    }
+
+    /// Drops the exact counts for a distinct estimator seeded with their values.
+    fn start_estimating(&mut self) {
+        let Some(counts) = self.counts.take() else { return };
+        if let Ok(mut hll) = IntegerHll::new(HLL_PRECISION, StableHash) {
+            for key in counts.keys() {
+                hll.insert(key);
+            }
+            self.hll = Some(Box::new(hll));
         }
     }
 
@@ -440,6 +517,57 @@ impl IntegerCounts {
         let mut all: Vec<(i64, u64)> = counts.iter().map(|(k, v)| (*k, *v)).collect();
         all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         Some(all)
+    }
+}
+
+impl Merge for CategoryCounts {
+    /// Tracked categories of both add up while the table has room; the others count as
+    /// untracked, and the distinct estimate covers the union of both sides' values.
+    fn merge(&mut self, other: &Self) {
+        for (category, count) in &other.counts {
+            if let Some(c) = self.counts.get_mut(category) {
+                *c += count;
+            } else if self.counts.len() < self.max_categories {
+                self.counts.insert(category.clone(), *count);
+            } else {
+                self.untracked += count;
+                if self.hll.is_none() {
+                    self.start_estimating();
+                }
+                if let Some(hll) = &mut self.hll {
+                    hll.insert_any(category.as_str());
+                }
+            }
+        }
+        self.untracked += other.untracked;
+        if let Some(theirs) = &other.hll {
+            if self.hll.is_none() {
+                self.start_estimating();
+            }
+            if let Some(hll) = &mut self.hll {
+                // Same precision on both sides (HLL_PRECISION), so merging succeeds.
+                let _ = hll.merge(theirs.as_ref());
+                for key in self.counts.keys() {
+                    hll.insert_any(key.as_str());
+                }
+            }
+        }
+    }
+}
+
+impl Merge for IntegerCounts {
+    fn merge(&mut self, other: &Self) {
+        if let Some(counts) = &other.counts {
+            for (value, count) in counts {
+                self.add_count(*value, *count);
+            }
+        }
+        if let Some(theirs) = &other.hll {
+            self.start_estimating();
+            if let Some(hll) = &mut self.hll {
+                let _ = hll.merge(theirs.as_ref());
+            }
+        }
     }
 }
 

@@ -80,7 +80,7 @@ impl From<InferenceMethod> for CallMethod {
 }
 
 /// The unit of monitoring: one model version and signature.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct StreamKey {
     /// Model name, from the URL (REST) or the request's `model_spec` (gRPC).
     pub model: String,

@@ -120,6 +120,12 @@ pub trait LabelStore: Send + Sync + 'static {
     /// Claims the buckets due by `now_ms`; a bucket is returned to exactly one caller
     /// across all replicas, once.
     fn claim_due(&self, now_ms: i64) -> StoreFuture<'_, Vec<ClaimedBucket>>;
+    /// Confirms that claimed buckets' points were written. A store shared by replicas
+    /// holds a claim only for a lease until then, so that a replica dying between
+    /// claim and write does not lose the bucket; a store of one process claims for good.
+    fn confirm(&self, _buckets: Vec<BucketId>) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Drops expired rows and aggregates and makes recent writes durable.
     fn maintain(&self, now_ms: i64) -> StoreFuture<'_, ()>;
     /// Current gauges.

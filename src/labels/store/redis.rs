@@ -16,9 +16,13 @@
 //!   so both keys share a slot and one Lua script updates (or claims) them atomically.
 //! - `P:lidx`: the due index, a sorted set of bucket keys scored by due time.
 //!
-//! A bucket is claimed by the script that sets its `claimed` field with `HSETNX` and
-//! returns its fields in the same step; updates check that field in their own script,
-//! so every label is either in the emitted aggregate or counted late, never both.
+//! A bucket is claimed by the script that sets its `claimed` field to the end of a
+//! lease (`CLAIM_LEASE_MS`) and returns its fields in the same step; updates check
+//! that field in their own script, so every label is either in the emitted aggregate
+//! or counted late, never both. The claimer `confirm`s the bucket once its points are
+//! written (the lease becomes permanent, the index entry goes); a replica that dies
+//! in between leaves the bucket in the index, and another claims it once the lease
+//! has ended, so label metrics are emitted exactly once.
 //! Recorded rows are written behind the worker's back by one task, which batches
 //! whatever queued up meanwhile; `flush` waits for them (every label batch and tick
 //! flushes first, so a replica always sees its own predictions; another replica sees
@@ -137,16 +141,31 @@ redis.call('PEXPIREAT', KEYS[2], ARGV[3])
 return 1
 "#;
 
-/// Claims a bucket: the one caller whose `HSETNX` wins gets its fields and AUC
-/// entries; everyone else gets nil. KEYS: hash, AUC list.
+/// Claims a bucket: the one caller that finds no live lease (`claimed` holds the
+/// lease's end, ms) sets one and gets its fields and AUC entries; everyone else gets
+/// `held`, or `gone` when the bucket no longer exists. KEYS: hash, AUC list.
+/// ARGV: now ms, lease end ms.
 const CLAIM_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 0 then return false end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', {}, {}} end
+local lease = tonumber(redis.call('HGET', KEYS[1], 'claimed') or '0') or 0
+if lease > tonumber(ARGV[1]) then return {'held', {}, {}} end
+redis.call('HSET', KEYS[1], 'claimed', ARGV[2])
 local fields = redis.call('HGETALL', KEYS[1])
 local auc = redis.call('LRANGE', KEYS[2], 0, -1)
-redis.call('DEL', KEYS[2])
-return {fields, auc}
+return {'claimed', fields, auc}
 "#;
+
+/// Confirms an emitted bucket: its lease never ends, its AUC list goes.
+/// KEYS: hash, AUC list.
+const CONFIRM_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'claimed', '9007199254740991') end
+redis.call('DEL', KEYS[2])
+return 1
+"#;
+
+/// How long a claimed label bucket stays with its claimer before another replica may
+/// claim it (the claimer died before confirming its emission).
+pub const CLAIM_LEASE_MS: i64 = 10_000;
 
 /// How long a connection attempt or a reply may take: a Redis that hangs must turn
 /// label posts into 503s, not into requests that never end.
@@ -194,6 +213,8 @@ struct Shared {
     apply_script: Script,
     /// `CLAIM_LUA`, for its SHA.
     claim_script: Script,
+    /// `CONFIRM_LUA`, for its SHA.
+    confirm_script: Script,
     /// `TAKE_LUA`, for its SHA.
     take_script: Script,
     /// `RESTORE_LUA`, for its SHA.
@@ -239,6 +260,7 @@ impl RedisStore {
             auc_cap,
             apply_script: Script::new(APPLY_LUA),
             claim_script: Script::new(CLAIM_LUA),
+            confirm_script: Script::new(CONFIRM_LUA),
             take_script: Script::new(TAKE_LUA),
             restore_script: Script::new(RESTORE_LUA),
             queued: AtomicU64::new(0),
@@ -616,27 +638,61 @@ impl LabelStore for RedisStore {
             let mut range = redis::cmd("ZRANGE");
             range.arg(s.index_key()).arg("-inf").arg(now_ms).arg("BYSCORE").arg("LIMIT").arg(0).arg(CLAIM_BATCH);
             let members: Vec<String> = s.query(range).await?;
+            let lease_end = now_ms + CLAIM_LEASE_MS;
             let claims = members.iter().map(|member| async move {
-                let Some(bucket) = BucketId::parse(member) else { return Ok(None) };
+                let Some(bucket) = BucketId::parse(member) else { return Ok((member, "gone".to_string(), None)) };
                 let (hash, list) = s.bucket_keys(&bucket);
-                let claimed: Option<(Vec<String>, Vec<String>)> =
-                    s.eval(&s.claim_script, CLAIM_LUA, &[&hash, &list], &[]).await?;
-                Ok::<_, StoreError>(claimed.map(|(flat, auc)| {
+                let (status, flat, auc): (String, Vec<String>, Vec<String>) =
+                    s.eval(&s.claim_script, CLAIM_LUA, &[&hash, &list], &[arg(now_ms), arg(lease_end)]).await?;
+                let claimed = (status == "claimed").then(|| {
                     let mut fields = BTreeMap::new();
                     for pair in flat.chunks_exact(2) {
                         fields.insert(pair[0].clone(), pair[1].clone());
                     }
                     debug_assert!(fields.contains_key(F_CLAIMED));
                     ClaimedBucket { bucket, fields, auc }
-                }))
+                });
+                Ok::<_, StoreError>((member, status, claimed))
             });
-            let claimed: Vec<ClaimedBucket> = try_join_all(claims).await?.into_iter().flatten().collect();
-            if !members.is_empty() {
+            let outcomes = try_join_all(claims).await?;
+            // A claimed bucket stays in the index until confirmed, due again when its
+            // lease ends; a bucket that is gone leaves it.
+            let gone: Vec<&String> = outcomes.iter().filter(|(_, status, _)| status == "gone").map(|o| o.0).collect();
+            let taken: Vec<&String> = outcomes.iter().filter(|(_, _, c)| c.is_some()).map(|o| o.0).collect();
+            if !gone.is_empty() {
                 let mut remove = redis::cmd("ZREM");
-                remove.arg(s.index_key()).arg(&members);
+                remove.arg(s.index_key()).arg(&gone);
                 s.query::<()>(remove).await?;
             }
-            Ok(claimed)
+            if !taken.is_empty() {
+                let mut later = redis::cmd("ZADD");
+                later.arg(s.index_key()).arg("XX");
+                for member in &taken {
+                    later.arg(lease_end).arg(member.as_str());
+                }
+                s.query::<()>(later).await?;
+            }
+            Ok(outcomes.into_iter().filter_map(|(_, _, claimed)| claimed).collect())
+        })
+    }
+
+    fn confirm(&self, buckets: Vec<BucketId>) -> StoreFuture<'_, ()> {
+        let s = &*self.shared;
+        Box::pin(async move {
+            if buckets.is_empty() {
+                return Ok(());
+            }
+            let confirms = buckets.iter().map(|bucket| async move {
+                let (hash, list) = s.bucket_keys(bucket);
+                s.eval::<i64>(&s.confirm_script, CONFIRM_LUA, &[&hash, &list], &[]).await
+            });
+            try_join_all(confirms).await?;
+            let mut remove = redis::cmd("ZREM");
+            remove.arg(s.index_key());
+            for bucket in &buckets {
+                remove.arg(bucket.key());
+            }
+            s.query::<()>(remove).await
         })
     }
 
