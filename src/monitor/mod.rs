@@ -18,6 +18,7 @@ pub mod drift;
 pub mod engine;
 pub mod estimate;
 pub mod reference;
+pub mod regression;
 pub mod stats;
 
 use serde::Deserialize;

@@ -31,7 +31,7 @@ pub mod schema;
 pub mod tensor;
 
 pub use call::{Call, CallDecoded, Inputs, Outputs, TaskResult};
-pub use model_config::ModelConfig;
+pub use model_config::{ModelConfig, Task};
 pub use schema::{ModelSchema, SchemaCache, SchemaKey, SchemaSource, SignatureSchema};
 pub use tensor::{DType, NamedTensor, Tensor, TensorValues};
 
@@ -277,9 +277,14 @@ pub mod reason {
     pub const NOT_PROBABILITIES: &str = "not_probabilities";
     /// Classify results whose labels differ between examples.
     pub const INCONSISTENT_CLASSES: &str = "inconsistent_classes";
+    /// A regression model's prediction output that is not one number per row.
+    pub const NOT_REGRESSION: &str = "not_regression";
+    /// Results that contradict the model's configured `task` (Classify results of a
+    /// regression model, Regress results of a classifier); they are not scored.
+    pub const TASK_MISMATCH: &str = "task_mismatch";
 
     /// Every reason, to pre-register metric labels.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 23] = [
         TRUNCATED_FRAME,
         MISSING_MESSAGE,
         EXTRA_FRAMES,
@@ -301,6 +306,8 @@ pub mod reason {
         TOO_MANY_FEATURES,
         NOT_PROBABILITIES,
         INCONSISTENT_CLASSES,
+        NOT_REGRESSION,
+        TASK_MISMATCH,
     ];
 }
 
