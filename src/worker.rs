@@ -27,7 +27,9 @@ use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
 use crate::monitor::{ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet, GLOBAL_MODEL};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
-use crate::tfserving::{DecodeLimits, Decoder, ModelConfig, Observation, SchemaCache, SchemaSource};
+use crate::tfserving::{
+    DecodeLimits, Decoder, ModelConfig, Observation, SchemaCache, SchemaSource, ServedVersions, VersionSource,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -245,6 +247,8 @@ pub fn spawn_with(
             Some(config.rest_upstream.clone()),
             SCHEMA_TIMEOUT,
         )));
+        // REST calls that name no version are attributed to the one TF Serving serves.
+        decoder = decoder.with_versions(ServedVersions::spawn(VersionSource::new(config.rest_upstream.clone())));
     }
     let decoder = Arc::new(decoder);
     for i in 0..decoders {
