@@ -104,8 +104,7 @@ pub async fn run(
     };
     let mut rng = StdRng::seed_from_u64(policy.seed);
     // Min-heap by due time; the sequence number keeps equal times in arrival order.
-    // A held label is a class, or the bits of a regression's value (f64 is not `Ord`).
-    let mut held: BinaryHeap<Reverse<(Instant, u64, String, usize, Option<u64>)>> = BinaryHeap::new();
+    let mut held: BinaryHeap<Reverse<Held>> = BinaryHeap::new();
     let mut sequence = 0u64;
     let mut open = true;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -157,6 +156,10 @@ pub async fn run(
         }
     }
 }
+
+/// A label held until it is due: when, its arrival order, the row id, the class, and
+/// the bits of a regression's value (f64 is not `Ord`).
+type Held = (Instant, u64, String, usize, Option<u64>);
 
 /// Which delivery problems have been logged already.
 #[derive(Debug, Default)]

@@ -74,9 +74,13 @@ fn parse_bin(suffix: &str) -> Option<(i8, i32)> {
     }
 }
 
-/// What one joined label adds to a bucket: `(field, +1)` integer increments and
-/// `(field, +x)` float sums.
-pub fn label_delta(prediction: f64, label: f64) -> (Vec<(String, i64)>, Vec<(&'static str, f64)>) {
+/// Integer increments of a bucket's fields: `(field, +n)`.
+pub type IntIncrements = Vec<(String, i64)>;
+/// Float sums added to a bucket's fields: `(field, +x)`.
+pub type FloatIncrements = Vec<(&'static str, f64)>;
+
+/// What one joined label adds to a bucket.
+pub fn label_delta(prediction: f64, label: f64) -> (IntIncrements, FloatIncrements) {
     let error = prediction - label;
     let mut ints =
         vec![(F_COUNT.to_string(), 1), (bin_field(ERROR_BINS, error.abs()), 1), (bin_field(LABEL_BINS, label), 1)];
