@@ -158,6 +158,10 @@ pub enum Unit {
     Divergence,
     /// A squared error of probabilities (Brier score).
     SquaredError,
+    /// A regression model's own unit (its predictions, labels and errors).
+    PredictionUnit,
+    /// A coefficient of determination: at most 1, negative when worse than the mean.
+    Coefficient,
 }
 
 /// How exact a metric's value is.
@@ -422,7 +426,17 @@ metric! {
 metric! {
     PREDICTION_DRIFT = "prediction_drift", kind: Gauge, unit: Divergence, scope: Stream, dims: [Method],
     stream: Traffic, prometheus: Some("model_prediction_drift"), exactness: Exact,
-    help: "predicted-class distribution against the reference's"
+    help: "predicted-class distribution (classifiers) or predicted values (regression) against the reference's"
+}
+metric! {
+    PREDICTION_VALUE = "prediction_value", kind: Statistic, unit: PredictionUnit, scope: Stream, dims: [Stat],
+    stream: Traffic, prometheus: Some("model_prediction_value"), exactness: Sketched,
+    help: "statistics of a regression model's finite predictions"
+}
+metric! {
+    PREDICTION_MISSING_COUNT = "prediction_missing_count", kind: Counter, unit: Rows, scope: Stream, dims: [],
+    stream: Traffic, prometheus: Some("model_prediction_missing_rows_total"), exactness: Exact,
+    help: "rows of a regression model whose prediction is NaN or infinite"
 }
 metric! {
     FEATURE_MISSING_COUNT = "feature_missing_count", kind: Counter, unit: Values, scope: Stream, dims: [FeatName],
@@ -546,6 +560,46 @@ metric! {
     help: "labeled rows over predicted rows of the bucket"
 }
 metric! {
+    MAE = "mae", kind: Gauge, unit: PredictionUnit, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_mae"), exactness: Exact,
+    help: "mean absolute error of the labeled rows of a regression model"
+}
+metric! {
+    RMSE = "rmse", kind: Gauge, unit: PredictionUnit, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_rmse"), exactness: Exact,
+    help: "root mean squared error of the labeled rows of a regression model"
+}
+metric! {
+    MAPE = "mape", kind: Gauge, unit: Ratio, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_mape"), exactness: Exact,
+    help: "mean absolute percentage error, as a fraction, over the labeled rows whose label is not 0"
+}
+metric! {
+    MAPE_EXCLUDED_COUNT = "mape_excluded_count", kind: Counter, unit: Rows, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_mape_excluded_rows_total"), exactness: Exact,
+    help: "labeled rows left out of mape because their label is 0"
+}
+metric! {
+    R2 = "r2", kind: Gauge, unit: Coefficient, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_r2"), exactness: Exact,
+    help: "coefficient of determination of the labeled rows (undefined when all labels are equal)"
+}
+metric! {
+    ERROR_MEAN = "error_mean", kind: Gauge, unit: PredictionUnit, scope: Stream, dims: [],
+    stream: Labels, prometheus: Some("model_error_mean"), exactness: Exact,
+    help: "mean of prediction minus label (the bias) of the labeled rows"
+}
+metric! {
+    ERROR_VALUE = "error_value", kind: Statistic, unit: PredictionUnit, scope: Stream, dims: [Stat],
+    stream: Labels, prometheus: Some("model_error_value"), exactness: Sketched,
+    help: "statistics of the absolute errors |prediction - label| of the labeled rows"
+}
+metric! {
+    LABEL_VALUE = "label_value", kind: Statistic, unit: PredictionUnit, scope: Stream, dims: [Stat],
+    stream: Labels, prometheus: Some("model_label_value"), exactness: Sketched,
+    help: "statistics of the numeric labels joined to the bucket"
+}
+metric! {
     LABEL_LATE_COUNT = "label_late_count", kind: Counter, unit: Labels, scope: Stream, dims: [],
     stream: Labels, prometheus: Some("model_labels_late_total"), exactness: Exact,
     help: "labels arriving in this bucket whose prediction bucket was already emitted"
@@ -574,6 +628,8 @@ pub static ALL: &[&MetricDef] = &[
     &ESTIMATED_RECALL,
     &ESTIMATED_F1,
     &PREDICTION_DRIFT,
+    &PREDICTION_VALUE,
+    &PREDICTION_MISSING_COUNT,
     &FEATURE_MISSING_COUNT,
     &FEATURE_VALUE,
     &FEATURE_DISTINCT_ESTIMATE,
@@ -597,6 +653,14 @@ pub static ALL: &[&MetricDef] = &[
     &CONFUSION_COUNT,
     &LABEL_COUNT,
     &LABELED_FRACTION,
+    &MAE,
+    &RMSE,
+    &MAPE,
+    &MAPE_EXCLUDED_COUNT,
+    &R2,
+    &ERROR_MEAN,
+    &ERROR_VALUE,
+    &LABEL_VALUE,
     &LABEL_LATE_COUNT,
     &LABEL_UNMATCHED_COUNT,
 ];

@@ -30,7 +30,9 @@ use crate::monitor::{
 };
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
-use crate::tfserving::{DecodeLimits, Decoder, ModelConfig, Observation, SchemaCache, SchemaSource};
+use crate::tfserving::{
+    DecodeLimits, Decoder, ModelConfig, Observation, SchemaCache, SchemaSource, ServedVersions, VersionSource,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -255,6 +257,8 @@ pub fn spawn_with(
             Some(config.rest_upstream.clone()),
             SCHEMA_TIMEOUT,
         )));
+        // REST calls that name no version are attributed to the one TF Serving serves.
+        decoder = decoder.with_versions(ServedVersions::spawn(VersionSource::new(config.rest_upstream.clone())));
     }
     let decoder = Arc::new(decoder);
     for i in 0..decoders {

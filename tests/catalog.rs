@@ -263,7 +263,16 @@ fn every_label_metric_is_declared_in_the_labels_stream() {
         unmatched: 1,
         ..Aggregate::default()
     };
-    let points = mltap::labels::metrics::points(&meta, T0, &agg, false);
+    let mut points = mltap::labels::metrics::points(&meta, T0, &agg, false);
+    // A regression stream's bucket: numeric labels give the regression label metrics.
+    let mut regression = Aggregate { predicted_rows: 4, labeled: 3, ..Aggregate::default() };
+    for (field, value) in [("r:n", "3"), ("r:ae", "3"), ("r:se", "5"), ("r:e", "-1"), ("r:y", "6")] {
+        assert!(regression.regression.parse_field(field, value));
+    }
+    for (field, value) in [("r:yy", "20"), ("r:ape", "1.5"), ("r:y0", "1"), ("r:eb:70", "3"), ("r:lb:z", "3")] {
+        assert!(regression.regression.parse_field(field, value));
+    }
+    points.extend(mltap::labels::metrics::points(&meta, T0, &regression, false));
     let names: BTreeSet<&str> = points.iter().map(|p| assert_declared(p).name).collect();
     let label_stream: BTreeSet<&str> = catalog::of_stream(Stream::Labels).map(|m| m.name).collect();
     assert_eq!(names, label_stream, "every label metric is emitted and belongs to the labels stream");

@@ -1,7 +1,8 @@
 //! End-to-end: headless Chromium (Debian's package, driven by playwright-core from
 //! `tests/browser/`) opens the dashboard served over loopback from a history fed with
 //! realistic synthetic points, checks that the charts hold data points for classes,
-//! features and accuracy, waits for a bucket pushed live by Server-Sent Events, and
+//! features and accuracy (and, for a regression model, its predictions' distribution
+//! and MAE/RMSE), waits for a bucket pushed live by Server-Sent Events, and
 //! saves a screenshot; then the same against `mltap demo` itself. It fails, never
 //! skips, when Chromium or Node is missing.
 
@@ -158,6 +159,47 @@ async fn dashboard_shows_classes_features_and_accuracy_and_updates_live_in_chrom
     assert_eq!(summary["ok"], true, "{summary}");
     assert_eq!(summary["features"], 4, "{summary}");
     assert_eq!(summary["classes"], serde_json::json!(["setosa", "versicolor", "virginica"]), "{summary}");
+    assert!(summary["liveUpdates"].as_u64().unwrap_or(0) >= 1, "{summary}");
+    assert!(screenshot.exists(), "no screenshot at {}", screenshot.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_a_regression_models_predictions_and_errors_live_in_chromium() {
+    let chromium = tokio::task::spawn_blocking(require_browser_tools).await.unwrap();
+    let models = vec![SyntheticModel::regression(
+        "eta",
+        &["distance_km", "items", "hour_of_day", "courier_load"],
+        PAST_BUCKETS / 2,
+    )];
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let start = now - now % BUCKET - BUCKET * PAST_BUCKETS as i64;
+    let history = Arc::new(History::default());
+    for index in 0..PAST_BUCKETS {
+        record_bucket(&history, &models, start, index);
+    }
+    let addr = serve(routes(history.clone())).await;
+    let producer = {
+        let history = history.clone();
+        tokio::spawn(async move {
+            for index in PAST_BUCKETS..PAST_BUCKETS + 400 {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                record_bucket(&history, &models, start, index);
+            }
+        })
+    };
+
+    let screenshot = screenshot_path("screenshot-dashboard-regression.png");
+    let output =
+        run_browser_check(&chromium, &format!("http://{addr}/?model=eta"), &screenshot, &["--regression"]).await;
+    producer.abort();
+    history.close();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "browser check failed ({}):\n{stderr}\n{stdout}", output.status);
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("the browser check prints a summary");
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert_eq!(summary["features"], 4, "{summary}");
     assert!(summary["liveUpdates"].as_u64().unwrap_or(0) >= 1, "{summary}");
     assert!(screenshot.exists(), "no screenshot at {}", screenshot.display());
 }

@@ -76,6 +76,47 @@ fn demo_writes_anodot_files_with_input_output_and_estimated_accuracy_metrics() {
     }
 }
 
+/// The stream points (those with a signature) of a model's files.
+fn stream_points(dir: &Path) -> Vec<Value> {
+    json_files(dir)
+        .iter()
+        .flat_map(|file| {
+            let points: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            points.as_array().unwrap().clone()
+        })
+        .filter(|p| p["properties"].get("signature").is_some())
+        .collect()
+}
+
+#[test]
+fn demo_streams_carry_their_served_version_and_the_regression_model_its_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let output =
+        demo(&["--for", "12s", "--bucket", "2s", "--label-horizon", "2s", "--output-dir", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let anodot = out.join("anodot");
+    // REST calls name no version, gRPC calls do: both are attributed to the served
+    // version, so each model is one stream.
+    for model in ["churn", "fraud", "eta"] {
+        let points = stream_points(&anodot.join(model));
+        assert!(!points.is_empty(), "no points of {model}");
+        for point in &points {
+            assert_eq!(point["properties"]["version"], "1", "a point of {model} without its served version: {point}");
+        }
+    }
+    let eta: std::collections::BTreeSet<String> = stream_points(&anodot.join("eta"))
+        .iter()
+        .map(|p| p["properties"]["what"].as_str().unwrap().to_string())
+        .collect();
+    for what in ["prediction_value", "feature_value", "mae", "rmse", "r2", "error_mean", "label_value"] {
+        assert!(eta.contains(what), "{what} missing from eta's metrics {eta:?}");
+    }
+    for what in ["prediction_count", "accuracy", "max_prediction_proba"] {
+        assert!(!eta.contains(what), "the regression model was scored as a classifier: {what}");
+    }
+}
+
 #[test]
 fn demo_with_a_bad_duration_names_the_flag_and_exits_2() {
     let output = demo(&["--for", "soon"]);

@@ -216,8 +216,13 @@ async fn traffic_drifts_half_way_in_the_inputs_it_sends_over_both_protocols() {
         if rows_per_request[base] == 1 {
             assert_eq!(label.id, base, "a single-row request has no row suffix");
         }
-        assert!(label.true_class < label.classes);
+        // A classifier's row has a class in range, a regression's (no classes) a value.
+        match label.value {
+            Some(value) => assert!(label.classes == 0 && value.is_finite(), "{label:?}"),
+            None => assert!(label.true_class < label.classes, "{label:?}"),
+        }
     }
+    assert!(labels.iter().any(|l| l.value.is_some()), "the regression model's rows get numeric labels");
     assert!(labels.iter().any(|l| l.id.ends_with(":1")), "batches of several rows are suffixed per row");
 }
 
@@ -275,7 +280,9 @@ async fn post_labels(url: String, policy: LabelPolicy, labels: &[PendingLabel]) 
 }
 
 fn pending(n: usize) -> Vec<PendingLabel> {
-    (0..n).map(|i| PendingLabel { id: format!("req-{}:{}", i / 4, i % 4), true_class: i % 3, classes: 3 }).collect()
+    (0..n)
+        .map(|i| PendingLabel { id: format!("req-{}:{}", i / 4, i % 4), true_class: i % 3, classes: 3, value: None })
+        .collect()
 }
 
 #[tokio::test]
@@ -326,4 +333,29 @@ async fn an_absent_label_endpoint_is_tolerated_and_counted() {
     let stats = post_labels(url, quick(0.0, 0.0), &pending(12)).await;
     assert_eq!(stats.endpoint_missing.load(Ordering::Relaxed), 12);
     assert_eq!(stats.posted.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn the_regression_scenario_drifts_so_that_its_error_grows() {
+    let mut generator = traffic::Generator::new(traffic::demo_scenarios(), 7);
+    let eta = generator.scenarios.iter().position(|s| s.model.is_regression()).expect("a regression scenario");
+    let mut mae = |drifted: bool| {
+        let (mut sum, mut n) = (0.0, 0);
+        while n < 2000 {
+            let batch = generator.next_batch(drifted);
+            if batch.scenario != eta {
+                continue;
+            }
+            let model = &generator.scenarios[eta].model;
+            for (row, truth) in batch.rows.iter().zip(&batch.true_values) {
+                sum += (model.probabilities(row)[0] - truth).abs();
+                n += 1;
+            }
+        }
+        sum / n as f64
+    };
+    let (before, after) = (mae(false), mae(true));
+    // Before the drift the served model is the truth up to its noise (σ = 3: MAE ≈ 2.4).
+    assert!(before < 3.0, "MAE before the drift: {before}");
+    assert!(after > 2.0 * before, "MAE before {before}, after {after}");
 }

@@ -299,6 +299,7 @@ async fn a_store_file_of_the_per_row_format_is_converted_and_its_rows_still_join
                     expires_ms,
                     predicted: u16::from(p > 0.5),
                     probabilities: vec![1.0 - p, p],
+                    prediction: None,
                 };
                 rows.insert(id.as_bytes(), pending.encode().as_slice()).unwrap();
                 expiry.insert((expires_ms, id.as_bytes()), ()).unwrap();

@@ -197,3 +197,68 @@ async fn a_64_row_exchange_is_one_redis_key_until_its_rows_are_taken() {
     assert_eq!(outcome.await.unwrap().accepted, 1);
     assert!(!redis.exists("mltap:lx:one-key"), "a record whose rows are all taken is deleted");
 }
+
+/// A regression model's exchange of four rows (predictions 3, 5, 7, 9).
+fn eta_observation(request_id: &str) -> mltap::tfserving::Observation {
+    // Built as a classifier's observation of four rows, then given predictions instead.
+    let rows: Vec<Vec<f64>> = (0..4).map(|_| vec![0.5, 0.5]).collect();
+    let mut observation = observation("eta", request_id, &rows, None);
+    observation.probabilities = None;
+    observation.regression = Some(vec![3.0, 5.0, 7.0, 9.0]);
+    observation
+}
+
+/// Labels 2, 7, 4, 13 of the four rows, and one label of the wrong type.
+const ETA_LABELS: &str = r#"[{"id": "eta-1:0", "label": 2}, {"id": "eta-1:1", "label": 7.0},
+    {"id": "eta-1:2", "label": 4}, {"id": "eta-1:3", "label": 13}, {"id": "eta-2:0", "label": "late"}]"#;
+
+/// Numeric labels posted to one replica join predictions recorded by another over
+/// `store`; the bucket is emitted once, with the values a single replica emits.
+async fn regression_labels_join_across_replicas_once(store: LabelsStoreConfig) {
+    let start = current_bucket();
+    let (_dir, path) = temp_dir();
+    let single = service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    single.record(&eta_observation("eta-1"), start).await.unwrap();
+    single.record(&eta_observation("eta-2"), start).await.unwrap();
+    let (entries, _) = parse_body(ETA_LABELS.as_bytes()).unwrap();
+    single.ingest(entries, SystemTime::now()).await.unwrap();
+    let expected = single.due(after_horizon(start)).await.unwrap();
+
+    let (_dir_a, path_a) = temp_dir();
+    let (_dir_b, path_b) = temp_dir();
+    let a = service(settings(&path_a, store.clone())).await;
+    let b = service(settings(&path_b, store)).await;
+    a.record(&eta_observation("eta-1"), start).await.unwrap();
+    a.record(&eta_observation("eta-2"), start).await.unwrap();
+    a.flush().await.unwrap();
+    let b_labels = serve_route(Arc::new(LabelsRoute::new(b.clone()).unwrap())).await;
+    let (status, answer) = post_labels(b_labels, ETA_LABELS, None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["accepted"], 4, "{answer}");
+    assert_eq!(answer["rejected"][0]["index"], 4, "{answer}");
+    assert!(answer["rejected"][0]["error"].as_str().unwrap().contains("must be a number"), "{answer}");
+
+    let emitted = both_due(&a, &b, after_horizon(start)).await;
+    assert_eq!(emitted.len(), 1, "the bucket must be emitted by exactly one replica");
+    assert_eq!(emitted, expected, "replicas must emit what a single instance emits");
+    let points = &emitted[0].points;
+    assert_eq!(value(points, "mae", &[]), Some(2.5));
+    assert_eq!(value(points, "rmse", &[]), Some(7.5f64.sqrt()));
+    assert_eq!(value(points, "error_mean", &[]), Some(-0.5));
+    assert_eq!(value(points, "r2", &[]), Some(1.0 - 30.0 / 69.0));
+    // Four of the eight recorded rows are labeled; the rejected label's row stays.
+    assert_eq!(value(points, "labeled_fraction", &[]), Some(0.5));
+    assert_eq!(value(points, "accuracy", &[]), None, "a regression scored as a classifier");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_labels_over_one_redis_join_once_with_the_single_instance_values() {
+    let redis = RedisServer::start(false);
+    regression_labels_join_across_replicas_once(LabelsStoreConfig::Redis(redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_labels_over_a_redis_cluster_join_once_with_the_single_instance_values() {
+    let cluster = RedisCluster::start();
+    regression_labels_join_across_replicas_once(LabelsStoreConfig::RedisCluster(cluster.urls())).await;
+}

@@ -18,6 +18,8 @@ const PALETTE = [
 const OVERVIEW_METRICS = [
   "buffer_count", "request_count", "prediction_freq", "prediction_count", "max_prediction_proba",
   "estimated_accuracy", "accuracy", "prediction_drift",
+  // Regression models: the predictions' distribution and the errors from labels.
+  "prediction_value", "mae", "rmse",
 ];
 // Capture health is counted before a payload is decoded, so its points may carry no
 // version: it is fetched for the whole model, and from the pseudo-model of facts
@@ -232,6 +234,23 @@ function accuracyChart() {
   return { title: "Estimated and real accuracy", series, data, scales: { y: { range: [0, 1] } }, spanGaps: true };
 }
 
+// A regression stream has prediction statistics or error metrics instead of classes.
+function isRegression() {
+  return pick("prediction_value").length > 0 || pick("mae").length > 0;
+}
+
+function predictionChart() {
+  return quantileChart("Predictions (mean, q25–q75 band)", pick("prediction_value"), PALETTE[5]);
+}
+
+function errorChart() {
+  const series = [];
+  const data = [];
+  pick("mae").forEach((s) => { series.push({ label: "MAE", stroke: PALETTE[2], width: 2, points: { show: true, size: 4 } }); data.push(s.values); });
+  pick("rmse").forEach((s) => { series.push({ label: "RMSE", stroke: PALETTE[0], width: 2, dash: [6, 4] }); data.push(s.values); });
+  return { title: "MAE and RMSE (labels)", series, data, spanGaps: true, empty: "no labels joined yet" };
+}
+
 function healthChart() {
   const series = [];
   const data = [];
@@ -393,13 +412,10 @@ function shapeOf(data) {
 }
 
 function overviewSpecs() {
-  return [
-    ["traffic", trafficChart],
-    ["classes", classesChart],
-    ["proba", probaChart],
-    ["accuracy", accuracyChart],
-    ["health", healthChart],
-  ];
+  const outputs = isRegression()
+    ? [["prediction", predictionChart], ["errors", errorChart]]
+    : [["classes", classesChart], ["proba", probaChart], ["accuracy", accuracyChart]];
+  return [["traffic", trafficChart], ...outputs, ["health", healthChart]];
 }
 
 function featureNames() {

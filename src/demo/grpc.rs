@@ -77,6 +77,20 @@ impl PredictionService for GrpcModelServer {
             columns.insert(name.clone(), column);
         }
         let prediction = serving::predict(model, &spec.signature_name, &columns).map_err(|e| e.grpc_status())?;
+        if model.is_regression() {
+            if let Some(wanted) = request.output_filter.iter().find(|f| *f != serving::REGRESSION_OUTPUT) {
+                return Err(Status::invalid_argument(format!(
+                    "output tensor alias not found in signature: {wanted} Outputs expected to be in the set {{predictions}}."
+                )));
+            }
+            let rows = prediction.probabilities.len() as i64;
+            let flat = prediction.probabilities.into_iter().flatten().collect();
+            let outputs = HashMap::from([(serving::REGRESSION_OUTPUT.to_string(), float_tensor(&[rows, 1], flat))]);
+            return Ok(Response::new(PredictResponse {
+                model_spec: Some(response_spec(model.name, model.version, &spec.signature_name)),
+                outputs,
+            }));
+        }
         for wanted in &request.output_filter {
             if wanted != "probabilities" && wanted != "class_ids" {
                 return Err(Status::invalid_argument(format!(

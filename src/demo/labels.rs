@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The truth about one predicted row, as the traffic generator knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PendingLabel {
     /// The row's label id: the request id, suffixed `:<row>` in batches of several rows.
     pub id: String,
@@ -28,6 +28,8 @@ pub struct PendingLabel {
     pub true_class: usize,
     /// Number of classes of the model, to draw a wrong label from.
     pub classes: usize,
+    /// A regression's true value, posted instead of a class.
+    pub value: Option<f64>,
 }
 
 /// How labels arrive: after how long, how many wrong, how many never.
@@ -102,7 +104,7 @@ pub async fn run(
     };
     let mut rng = StdRng::seed_from_u64(policy.seed);
     // Min-heap by due time; the sequence number keeps equal times in arrival order.
-    let mut held: BinaryHeap<Reverse<(Instant, u64, String, usize)>> = BinaryHeap::new();
+    let mut held: BinaryHeap<Reverse<Held>> = BinaryHeap::new();
     let mut sequence = 0u64;
     let mut open = true;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -125,7 +127,8 @@ pub async fn run(
                     let spread = policy.max_delay.saturating_sub(policy.min_delay);
                     let delay = policy.min_delay + spread.mul_f64(rng.random::<f64>());
                     sequence += 1;
-                    held.push(Reverse((Instant::now() + delay, sequence, label.id, class)));
+                    let value = label.value.map(f64::to_bits);
+                    held.push(Reverse((Instant::now() + delay, sequence, label.id, class, value)));
                 }
                 None => open = false,
             },
@@ -136,8 +139,11 @@ pub async fn run(
                     if *at > now || due.len() >= MAX_LABELS_PER_POST {
                         break;
                     }
-                    if let Some(Reverse((_, _, id, class))) = held.pop() {
-                        due.push(json!({ "id": id, "label": class }));
+                    if let Some(Reverse((_, _, id, class, value))) = held.pop() {
+                        match value {
+                            Some(bits) => due.push(json!({ "id": id, "label": f64::from_bits(bits) })),
+                            None => due.push(json!({ "id": id, "label": class })),
+                        }
                     }
                 }
                 if !due.is_empty() {
@@ -150,6 +156,10 @@ pub async fn run(
         }
     }
 }
+
+/// A label held until it is due: when, its arrival order, the row id, the class, and
+/// the bits of a regression's value (f64 is not `Ord`).
+type Held = (Instant, u64, String, usize, Option<u64>);
 
 /// Which delivery problems have been logged already.
 #[derive(Debug, Default)]

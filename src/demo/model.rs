@@ -2,7 +2,9 @@
 //! features plus one categorical feature) and TF Serving's Estimator-style outputs
 //! (`probabilities`, `class_ids`). `churn` is a 3-class softmax regression over eight
 //! numeric features and `country`; `fraud` is a binary sigmoid over four numeric
-//! features and `channel`, so that both multiclass and binary metrics show.
+//! features and `channel`, so that both multiclass and binary metrics show; `eta` is a
+//! linear regression (a delivery's minutes) over four numeric features and `weather`,
+//! so that regression metrics show too.
 //!
 //! This module only computes; it never touches the network. The same type also serves
 //! as the "true" process the traffic generator draws labels from, which is why its
@@ -27,6 +29,8 @@ pub enum Head {
     Softmax,
     /// Sigmoid of one logit; `probabilities` is `[n, 1]`, the probability of class 1.
     Sigmoid,
+    /// A regression: the one logit is the prediction; `predictions` is `[n, 1]`.
+    Linear,
 }
 
 /// One row of model input, in the order of the model's numeric inputs.
@@ -124,19 +128,47 @@ impl LinearModel {
         }
     }
 
-    /// Number of classes (2 for a sigmoid head).
+    /// The regression model: how many minutes will a delivery take?
+    pub fn eta() -> LinearModel {
+        LinearModel {
+            name: "eta",
+            version: 1,
+            numeric: vec![
+                NumericInput { name: "distance_km", center: 4.0, scale: 2.5 },
+                NumericInput { name: "items", center: 3.0, scale: 2.0 },
+                NumericInput { name: "hour_of_day", center: 14.0, scale: 5.0 },
+                NumericInput { name: "courier_load", center: 0.6, scale: 0.2 },
+            ],
+            categorical: "weather",
+            categories: vec!["clear", "rain", "snow"],
+            class_names: Vec::new(),
+            head: Head::Linear,
+            weights: vec![vec![6.0, 2.0, 0.5, 4.0]],
+            bias: vec![28.0],
+            category_offsets: vec![vec![0.0], vec![5.0], vec![12.0]],
+        }
+    }
+
+    /// Whether the model is a regression (`Head::Linear`).
+    pub fn is_regression(&self) -> bool {
+        self.head == Head::Linear
+    }
+
+    /// Number of classes (2 for a sigmoid head, none for a regression).
     pub fn classes(&self) -> usize {
         match self.head {
             Head::Softmax => self.weights.len(),
             Head::Sigmoid => 2,
+            Head::Linear => 0,
         }
     }
 
-    /// Width of the `probabilities` output: k for softmax, 1 for sigmoid.
+    /// Width of the model's output: k probabilities for softmax, 1 for sigmoid, the one
+    /// prediction of a regression.
     pub fn probability_width(&self) -> usize {
         match self.head {
             Head::Softmax => self.weights.len(),
-            Head::Sigmoid => 1,
+            Head::Sigmoid | Head::Linear => 1,
         }
     }
 
@@ -183,6 +215,7 @@ impl LinearModel {
                 exp.iter().map(|e| e / sum).collect()
             }
             Head::Sigmoid => vec![1.0 / (1.0 + (-logits[0]).exp())],
+            Head::Linear => vec![logits[0]],
         }
     }
 
@@ -197,6 +230,7 @@ impl LinearModel {
                     .0
             }
             Head::Sigmoid => usize::from(probabilities.first().copied().unwrap_or(0.0) > 0.5),
+            Head::Linear => 0,
         }
     }
 
@@ -209,6 +243,7 @@ impl LinearModel {
                 let p = probabilities.first().copied().unwrap_or(0.0);
                 vec![1.0 - p, p]
             }
+            Head::Linear => Vec::new(),
         }
     }
 
@@ -248,6 +283,15 @@ impl LinearModel {
                 }
                 drifted.bias[0] += 0.5;
             }
+            Head::Linear => {
+                // A new courier partner: every kilometre takes longer and rain hurts more,
+                // so the served model under-predicts and its MAE grows.
+                drifted.weights[0][0] *= 1.8;
+                drifted.bias[0] += 4.0;
+                if let Some(rain) = drifted.category_offsets.get_mut(1) {
+                    rain[0] += 8.0;
+                }
+            }
         }
         drifted
     }
@@ -255,7 +299,7 @@ impl LinearModel {
 
 /// The models the demo serves, by name.
 pub fn demo_models() -> Vec<LinearModel> {
-    vec![LinearModel::churn(), LinearModel::fraud()]
+    vec![LinearModel::churn(), LinearModel::fraud(), LinearModel::eta()]
 }
 
 #[cfg(test)]
@@ -281,6 +325,17 @@ mod tests {
         assert!(p[0] > 0.5);
         assert_eq!(model.class_scores(&p), vec![1.0 - p[0], p[0]]);
         assert_eq!(model.class_id(&p), 1);
+    }
+
+    #[test]
+    fn the_regression_predicts_minutes_and_its_drift_makes_deliveries_slower() {
+        let model = LinearModel::eta();
+        let row = Row { numeric: vec![4.0, 3.0, 14.0, 0.6], category: "rain".into() };
+        assert_eq!(model.probabilities(&row), vec![33.0]);
+        assert!(model.is_regression() && model.classes() == 0);
+        let far = Row { numeric: vec![9.0, 3.0, 14.0, 0.6], category: "rain".into() };
+        let drifted = model.with_concept_drift();
+        assert!(drifted.probabilities(&far)[0] - model.probabilities(&far)[0] > 10.0);
     }
 
     #[test]

@@ -158,6 +158,12 @@ impl RestModelServer {
         };
         let prediction = serving::predict(model, signature, &columns)?;
         let probability_row = |p: &[f32]| Value::Array(p.iter().map(|&v| float_json(v)).collect());
+        if model.is_regression() {
+            // A single output: TF Serving answers its values without the output's name.
+            let values: Vec<Value> = prediction.probabilities.iter().map(|p| probability_row(p)).collect();
+            let key = if row_format { "predictions" } else { "outputs" };
+            return Ok(json!({ key: values }));
+        }
         if row_format {
             let predictions = prediction
                 .probabilities

@@ -115,7 +115,11 @@ pub async fn run(run_for: Option<&str>, mut serve: Flags) -> ExitCode {
     }
     for model in demo_models() {
         let entry = config.models.entry(model.name.to_string()).or_insert_with(ModelConfig::default);
-        entry.class_names.get_or_insert_with(|| model.class_names.iter().map(|c| c.to_string()).collect());
+        if model.is_regression() {
+            entry.task.get_or_insert(crate::tfserving::Task::Regression);
+        } else {
+            entry.class_names.get_or_insert_with(|| model.class_names.iter().map(|c| c.to_string()).collect());
+        }
         // The demo keeps every call in the request log unless the configuration says otherwise.
         if config.request_log.sampling_rate == 0.0 {
             entry.request_log_sampling_rate.get_or_insert(1.0);
@@ -261,7 +265,7 @@ fn print_banner(
     );
     println!("  mltap           gRPC {}   REST http://{}   (clients call these)", addresses.grpc, addresses.rest);
     println!("  model server    gRPC {}   REST http://{}", model_server.grpc_addr, model_server.rest_addr);
-    println!("  models          churn (3 classes: stay, downgrade, churn), fraud (binary)");
+    println!("  models          churn (3 classes: stay, downgrade, churn), fraud (binary), eta (regression, minutes)");
     println!();
     println!("  try: curl -s http://{}/v1/models/churn/metadata", addresses.rest);
     println!();

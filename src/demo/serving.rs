@@ -159,6 +159,9 @@ fn name_set<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     format!("{{{}}}", set.into_iter().collect::<Vec<_>>().join(","))
 }
 
+/// The output of a regression model's predict signature: one value per row, `[n, 1]`.
+pub const REGRESSION_OUTPUT: &str = "predictions";
+
 /// Runs Predict on the model's predict signature, from named input columns.
 pub fn predict(
     model: &LinearModel,
@@ -241,6 +244,12 @@ pub fn classify(
     examples: &[Example],
     context: Option<&Example>,
 ) -> Result<Vec<Vec<(String, f32)>>, ServingError> {
+    if model.is_regression() {
+        return Err(ServingError::invalid(format!(
+            "Classify is not offered by {}: it is a regression model (call Predict)",
+            model.name
+        )));
+    }
     let empty = HashMap::new();
     let context_features = context.and_then(|c| c.features.as_ref()).map(|f| &f.feature).unwrap_or(&empty);
     let mut results = Vec::with_capacity(examples.len());
@@ -315,6 +324,14 @@ pub fn signature_defs(model: &LinearModel) -> HashMap<String, SignatureDef> {
         model.categorical.to_string(),
         tensor_info(&format!("serving_default_{}:0", model.categorical), DataType::DtString, &[-1]),
     );
+    if model.is_regression() {
+        let outputs = HashMap::from([(
+            REGRESSION_OUTPUT.to_string(),
+            tensor_info("StatefulPartitionedCall:0", DataType::DtFloat, &[-1, 1]),
+        )]);
+        let predict = SignatureDef { inputs, outputs, method_name: PREDICT_METHOD.to_string() };
+        return HashMap::from([(SERVING_DEFAULT.to_string(), predict)]);
+    }
     let outputs = HashMap::from([
         ("probabilities".to_string(), tensor_info("StatefulPartitionedCall:0", DataType::DtFloat, &[-1, k])),
         ("class_ids".to_string(), tensor_info("StatefulPartitionedCall:1", DataType::DtInt64, &[-1])),

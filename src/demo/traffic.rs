@@ -104,10 +104,11 @@ pub struct Scenario {
     pub truth_after: LinearModel,
 }
 
-/// The demo's two scenarios: `churn` (most traffic) and `fraud`.
+/// The demo's three scenarios: `churn` (most traffic), `fraud` and `eta` (a regression).
 pub fn demo_scenarios() -> Vec<Scenario> {
     let churn = LinearModel::churn();
     let fraud = LinearModel::fraud();
+    let eta = LinearModel::eta();
     let n = NumericDist::new;
     let churn_before = InputDist {
         numeric: vec![
@@ -139,20 +140,39 @@ pub fn demo_scenarios() -> Vec<Scenario> {
     let mut fraud_after = fraud_before.clone();
     fraud_after.numeric[0].mean = 45.0;
     fraud_after.category_weights = vec![0.3, 0.3, 0.4];
+    let eta_before = InputDist {
+        numeric: vec![
+            n(4.0, 2.5, 0.2, 25.0, false), // distance_km
+            n(3.0, 2.0, 1.0, 20.0, true),  // items
+            n(14.0, 5.0, 0.0, 23.0, true), // hour_of_day
+            n(0.6, 0.2, 0.0, 1.0, false),  // courier_load
+        ],
+        category_weights: vec![0.7, 0.25, 0.05], // clear rain snow
+    };
+    let mut eta_after = eta_before.clone();
+    eta_after.numeric[0].mean = 6.0; // deliveries go farther
+    eta_after.category_weights = vec![0.4, 0.5, 0.1]; // the rainy season
     vec![
         Scenario {
             truth_after: churn.with_concept_drift(),
             model: churn,
-            share: 0.75,
+            share: 0.6,
             before: churn_before,
             after: churn_after,
         },
         Scenario {
             truth_after: fraud.with_concept_drift(),
             model: fraud,
-            share: 0.25,
+            share: 0.2,
             before: fraud_before,
             after: fraud_after,
+        },
+        Scenario {
+            truth_after: eta.with_concept_drift(),
+            model: eta,
+            share: 0.2,
+            before: eta_before,
+            after: eta_after,
         },
     ]
 }
@@ -173,8 +193,12 @@ pub struct Batch {
     pub request_id: String,
     /// Input rows.
     pub rows: Vec<Row>,
-    /// The true class of each row, drawn from the true process of the moment.
+    /// The true class of each row, drawn from the true process of the moment (0 for
+    /// a regression's rows).
     pub true_classes: Vec<usize>,
+    /// A regression's true value of each row (the true process plus noise); empty for
+    /// a classifier's batch.
+    pub true_values: Vec<f64>,
     /// How the batch is sent.
     pub protocol: Protocol,
 }
@@ -236,15 +260,29 @@ impl Generator {
         let truth = if drifted { &s.truth_after } else { &s.model };
         let mut rows = Vec::with_capacity(size);
         let mut true_classes = Vec::with_capacity(size);
+        let mut true_values = Vec::new();
         for _ in 0..size {
             let row = inputs.sample(&s.model.categories, &mut self.rng);
-            true_classes.push(sample_class(truth, &row, &mut self.rng));
+            if s.model.is_regression() {
+                true_classes.push(0);
+                true_values.push(sample_value(truth, &row, &mut self.rng));
+            } else {
+                true_classes.push(sample_class(truth, &row, &mut self.rng));
+            }
             rows.push(row);
         }
         self.sequence += 1;
         let request_id = format!("demo-{}-{}", self.run_id, self.sequence);
-        Batch { scenario, request_id, rows, true_classes, protocol }
+        Batch { scenario, request_id, rows, true_classes, true_values, protocol }
     }
+}
+
+/// Draws a regression's true value: the true process's value plus noise (a standard
+/// deviation of 3, from a sum of uniforms), never below 1.
+fn sample_value(truth: &LinearModel, row: &Row, rng: &mut StdRng) -> f64 {
+    let noise: f64 = (0..12).map(|_| rng.random::<f64>()).sum::<f64>() - 6.0;
+    let value = truth.probabilities(row).first().copied().unwrap_or(0.0) + 3.0 * noise;
+    (value.max(1.0) * 100.0).round() / 100.0
 }
 
 /// Draws an outcome from a model's probabilities, as nature would.
@@ -389,8 +427,10 @@ pub async fn run(
                     let counter = if batch.protocol == Protocol::Grpc { &stats.grpc } else { &stats.rest };
                     counter.fetch_add(1, Ordering::Relaxed);
                     if let Some(labels) = labels {
-                        for (id, class) in batch.row_ids().into_iter().zip(&batch.true_classes) {
-                            let _ = labels.send(PendingLabel { id, true_class: *class, classes: model.classes() });
+                        for (row, (id, class)) in batch.row_ids().into_iter().zip(&batch.true_classes).enumerate() {
+                            let value = batch.true_values.get(row).copied();
+                            let _ =
+                                labels.send(PendingLabel { id, true_class: *class, classes: model.classes(), value });
                         }
                     }
                 }
@@ -420,11 +460,15 @@ async fn send(
             request.metadata_mut().insert("x-request-id", id);
             let response =
                 grpc.clone().predict(request).await.map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?;
-            let rows = response.get_ref().outputs.get("class_ids").map(|t| t.int64_val.len()).unwrap_or(0);
+            let outputs = &response.get_ref().outputs;
+            let rows = match outputs.get("class_ids") {
+                Some(class_ids) => class_ids.int64_val.len(),
+                None => outputs.get(super::serving::REGRESSION_OUTPUT).map_or(0, |t| t.float_val.len()),
+            };
             if rows == batch.rows.len() {
                 Ok(())
             } else {
-                Err(format!("gRPC Predict answered {rows} class ids for {} rows", batch.rows.len()))
+                Err(format!("gRPC Predict answered {rows} rows for {} rows", batch.rows.len()))
             }
         }
         Protocol::Rest => {

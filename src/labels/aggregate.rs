@@ -87,6 +87,19 @@ impl BucketDelta {
         }
     }
 
+    /// Adds one numeric label joined to a regression row's prediction (see
+    /// `labels::regression`).
+    pub fn add_regression_label(&mut self, prediction: f64, label: f64) {
+        self.add_int(F_LABELED, 1);
+        let (ints, floats) = super::regression::label_delta(prediction, label);
+        for (field, n) in ints {
+            self.add_int(&field, n);
+        }
+        for (field, x) in floats {
+            *self.floats.entry(field.to_string()).or_insert(0.0) += x;
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ints.is_empty() && self.floats.is_empty() && self.auc.is_empty()
     }
@@ -139,6 +152,8 @@ pub struct Aggregate {
     pub late: u64,
     /// Unmatched labels that arrived in this bucket.
     pub unmatched: u64,
+    /// Numeric labels of regression rows (also counted in `labeled`).
+    pub regression: super::regression::RegressionAggregate,
 }
 
 impl Aggregate {
@@ -158,6 +173,7 @@ impl Aggregate {
                 F_BRIER => a.brier_sum = value.parse().unwrap_or(f64::NAN),
                 F_LATE => a.late = int(),
                 F_UNMATCHED => a.unmatched = int(),
+                _ if a.regression.parse_field(field, value) => {}
                 _ => {
                     let mut parts = field.split(':');
                     match (parts.next(), parts.next(), parts.next(), parts.next()) {
@@ -193,7 +209,7 @@ mod tests {
     use super::*;
 
     fn row(predicted: u16, probabilities: Vec<f32>) -> PendingRow {
-        PendingRow { stream: 1, bucket_start: 0, expires_ms: 0, predicted, probabilities }
+        PendingRow { stream: 1, bucket_start: 0, expires_ms: 0, predicted, probabilities, prediction: None }
     }
 
     #[test]

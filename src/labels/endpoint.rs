@@ -110,14 +110,21 @@ fn entry(index: usize, value: Value) -> Result<LabelEntry, String> {
         return Err(format!("\"id\" is longer than {MAX_ID_BYTES} bytes"));
     }
     let label = match object.remove("label") {
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(i) => RawLabel::Index(i),
-            None => return Err(format!("\"label\" {n} is not a class index (a non-negative integer)")),
+        // Whether a number is a class index or a regression value is known once the
+        // label is joined to its prediction.
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
+            (Some(i), _) => RawLabel::Index(i),
+            (None, Some(x)) => RawLabel::Number(x),
+            (None, None) => return Err(format!("\"label\" {n} is not a number mltap can read")),
         },
         Some(Value::String(s)) if !s.is_empty() => RawLabel::Name(s),
         Some(Value::Bool(b)) => RawLabel::Bool(b),
         None => return Err("missing \"label\"".into()),
-        Some(_) => return Err("\"label\" must be a class index, a class name or a boolean".into()),
+        Some(_) => {
+            return Err(
+                "\"label\" must be a class index, a class name or a boolean (a number for a regression model)".into()
+            )
+        }
     };
     let model = match object.remove("model") {
         Some(Value::String(s)) => Some(s),
@@ -383,10 +390,19 @@ mod tests {
     #[test]
     fn entries_of_the_wrong_shape_are_rejected_with_their_index() {
         let (ok, rejected) =
-            parse_body(br#"[{"id":"a","label":1},{"id":"b"},{"id":7,"label":"x"},{"id":"c","label":-1},3]"#).unwrap();
+            parse_body(br#"[{"id":"a","label":1},{"id":"b"},{"id":7,"label":"x"},{"id":"c","label":null},3]"#).unwrap();
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[1].id, "7");
         let indexes: Vec<usize> = rejected.iter().map(|r| r.index).collect();
         assert_eq!(indexes, vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn numbers_that_are_no_class_index_are_kept_for_regression_predictions() {
+        let (ok, rejected) =
+            parse_body(br#"[{"id":"a","label":-1},{"id":"b","label":2.5},{"id":"c","label":3}]"#).unwrap();
+        assert!(rejected.is_empty());
+        let labels: Vec<&RawLabel> = ok.iter().map(|e| &e.label).collect();
+        assert_eq!(labels, [&RawLabel::Number(-1.0), &RawLabel::Number(2.5), &RawLabel::Index(3)]);
     }
 }

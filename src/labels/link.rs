@@ -45,10 +45,10 @@ struct ObservationFeed {
 
 impl ObservationListener for ObservationFeed {
     fn on_observation(&self, observation: &Arc<Observation>, bucket_start: i64) {
-        if observation.probabilities.is_none() {
+        if observation.probabilities.is_none() && observation.regression.is_none() {
             return;
         }
-        // The record holds the ids and probabilities only: queueing the observation
+        // The record holds the ids and probabilities (or predictions) only: queueing the observation
         // itself would keep its feature columns (50 KiB for 64 rows × 100 features)
         // alive for every queued entry.
         let Some(prepared) = self.labels.prepare(observation, bucket_start) else { return };

@@ -27,8 +27,10 @@ pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mod
     let classes = meta.class_names.len().max(agg.confusion.keys().map(|(a, p)| a.max(p) + 1).max().unwrap_or(0));
     let name = |i: usize| meta.class_names.get(i).cloned().unwrap_or_else(|| format!("class_{i}"));
 
-    if agg.labeled > 0 {
-        let n = agg.labeled as f64;
+    // A regression row's label is no class label: the class metrics count the others.
+    let class_labeled = agg.labeled.saturating_sub(agg.regression.count);
+    if class_labeled > 0 {
+        let n = class_labeled as f64;
         let cell = |a: usize, p: usize| agg.confusion.get(&(a, p)).copied().unwrap_or(0);
         let correct: u64 = (0..classes).map(|i| cell(i, i)).sum();
         push(catalog::ACCURACY.sample(correct as f64 / n));
@@ -42,7 +44,7 @@ pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mod
             let predicted: u64 = (0..classes).map(|a| cell(a, i)).sum();
             // Saturating: a store edited by hand must not make emission panic.
             let (fp, fn_) = (predicted.saturating_sub(tp), support.saturating_sub(tp));
-            let tn = agg.labeled.saturating_sub(tp + fp + fn_);
+            let tn = class_labeled.saturating_sub(tp + fp + fn_);
             push(catalog::ACCURACY.sample((tp + tn) as f64 / n).with(ClassName, &class));
             if predicted > 0 {
                 push(catalog::PRECISION.sample(tp as f64 / predicted as f64).with(ClassName, &class));
@@ -85,6 +87,7 @@ pub fn points(meta: &StreamMeta, bucket_start: i64, agg: &Aggregate, arrival_mod
             push(catalog::LABEL_COUNT.sample(count as f64).with(ClassName, &name(i)));
         }
     }
+    agg.regression.samples(&mut push);
     if !arrival_mode && agg.predicted_rows > 0 {
         let fraction = agg.labeled as f64 / agg.predicted_rows as f64;
         push(catalog::LABELED_FRACTION.sample(fraction));
@@ -184,6 +187,7 @@ mod tests {
                 expires_ms: 0,
                 predicted: u16::from(*score > 0.5),
                 probabilities: vec![1.0 - score, *score],
+                prediction: None,
             };
             delta.add_label(&row, *actual);
         }

@@ -16,6 +16,7 @@ pub mod endpoint;
 pub mod link;
 pub mod metrics;
 pub mod record;
+pub mod regression;
 pub mod service;
 pub mod store;
 

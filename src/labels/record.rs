@@ -109,8 +109,11 @@ pub struct PendingRow {
     /// The class the model predicted.
     pub predicted: u16,
     /// The row's class probabilities (f32: label metrics need no more precision, and
-    /// it halves the row).
+    /// it halves the row); empty for a regression row.
     pub probabilities: Vec<f32>,
+    /// A regression row's prediction (kept in full: its errors are exact metrics);
+    /// None for a classifier's row.
+    pub prediction: Option<f64>,
 }
 
 impl PendingRow {
@@ -147,7 +150,7 @@ impl PendingRow {
         }
         let probabilities =
             body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>();
-        Some(PendingRow { stream, bucket_start, expires_ms, predicted, probabilities })
+        Some(PendingRow { stream, bucket_start, expires_ms, predicted, probabilities, prediction: None })
     }
 }
 
@@ -159,6 +162,12 @@ pub const EXCHANGE_HEADER: usize = 32;
 /// Flag: the record's rows are addressed `ID:ROW` (the exchange had several rows);
 /// without it the record has one row, addressed `ID`.
 const FLAG_SUFFIXED: u8 = 1;
+/// Flag: the record holds a regression model's rows. Each row has the width of a
+/// two-class row (so the Redis scripts, which compute widths from the class count,
+/// need not know): two unused bytes, then the prediction as an f64.
+const FLAG_REGRESSION: u8 = 2;
+/// The class count a regression record declares, for its row width.
+const REGRESSION_WIDTH_CLASSES: usize = 2;
 
 /// Where a label id points: a row of the exchange record stored under `key`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -232,6 +241,22 @@ impl ExchangeWriter {
         bytes.extend_from_slice(&expires_ms.to_le_bytes());
         bytes.resize(EXCHANGE_HEADER + bitmap_bytes(rows), 0);
         ExchangeWriter { bytes, written: 0, classes }
+    }
+
+    /// A record of `rows` regression rows (see `FLAG_REGRESSION`); fill it with
+    /// `push_prediction`.
+    pub fn new_regression(stream: u64, bucket_start: i64, expires_ms: i64, suffixed: bool, rows: usize) -> Self {
+        let mut writer =
+            ExchangeWriter::new(stream, bucket_start, expires_ms, suffixed, REGRESSION_WIDTH_CLASSES, rows);
+        writer.bytes[1] |= FLAG_REGRESSION;
+        writer
+    }
+
+    /// Appends the next row of a regression record.
+    pub fn push_prediction(&mut self, prediction: f64) {
+        self.bytes.extend_from_slice(&[0, 0]);
+        self.bytes.extend_from_slice(&prediction.to_le_bytes());
+        self.written += 1;
     }
 
     /// Appends the next row (`probabilities` has the record's class count).
@@ -342,6 +367,7 @@ pub fn set_taken(bytes: &mut [u8], row: usize, taken: bool) {
 /// The fixed header of an exchange record.
 #[derive(Debug, Clone, Copy, Default)]
 struct RecordHeader {
+    regression: bool,
     classes: usize,
     rows: usize,
     stream: u64,
@@ -361,7 +387,12 @@ impl RecordHeader {
         if classes == 0 || rows == 0 {
             return None;
         }
+        let regression = head[1] & FLAG_REGRESSION != 0;
+        if regression && classes != REGRESSION_WIDTH_CLASSES {
+            return None;
+        }
         Some(RecordHeader {
+            regression,
             classes,
             rows,
             stream: u64_at(8),
@@ -379,6 +410,17 @@ impl PendingRow {
         if row.len() != row_bytes(header.classes) {
             return None;
         }
+        if header.regression {
+            let prediction = f64::from_le_bytes(row[2..10].try_into().ok()?);
+            return Some(PendingRow {
+                stream: header.stream,
+                bucket_start: header.bucket_start,
+                expires_ms: header.expires_ms,
+                predicted: 0,
+                probabilities: Vec::new(),
+                prediction: Some(prediction),
+            });
+        }
         let predicted = u16::from_le_bytes([row[0], row[1]]);
         if usize::from(predicted) >= header.classes {
             return None;
@@ -391,12 +433,23 @@ impl PendingRow {
             expires_ms: header.expires_ms,
             predicted,
             probabilities,
+            prediction: None,
         })
     }
 
     /// A record holding this row alone at `row` (the rows before it marked taken), to
     /// put back a row whose record is gone when a label for it proved invalid.
     pub fn to_record(&self, row: usize, suffixed: bool) -> Vec<u8> {
+        if let Some(prediction) = self.prediction {
+            let mut writer =
+                ExchangeWriter::new_regression(self.stream, self.bucket_start, self.expires_ms, suffixed, row + 1);
+            for r in 0..row {
+                writer.push_prediction(0.0);
+                writer.mark_taken(r);
+            }
+            writer.push_prediction(prediction);
+            return writer.finish();
+        }
         let classes = self.probabilities.len();
         let mut writer =
             ExchangeWriter::new(self.stream, self.bucket_start, self.expires_ms, suffixed, classes, row + 1);
@@ -454,11 +507,37 @@ mod tests {
             expires_ms: 9_000,
             predicted: 1,
             probabilities: vec![0.25, 0.75],
+            prediction: None,
         };
         let bytes = row.to_record(5, true);
         let record = ExchangeRecord::parse(&bytes).unwrap();
         assert_eq!((record.rows(), record.untaken(), record.suffixed()), (6, 1, true));
         assert_eq!(record.row(5), Some(row));
+    }
+
+    #[test]
+    fn regression_records_keep_full_predictions_and_put_back_alone() {
+        let mut writer = ExchangeWriter::new_regression(7, 60, 9_000, true, 3);
+        for v in [12.345678901234567, -0.1, 1e300] {
+            writer.push_prediction(v);
+        }
+        let bytes = writer.finish();
+        // The width of a two-class row: what the Redis scripts compute from the header.
+        assert_eq!(bytes.len(), EXCHANGE_HEADER + 1 + 3 * (2 + 4 * 2));
+        let record = ExchangeRecord::parse(&bytes).unwrap();
+        assert!(record.suffixed());
+        let row = record.row(0).unwrap();
+        assert_eq!((row.prediction, row.probabilities.len()), (Some(12.345678901234567), 0));
+        assert_eq!(record.row(2).unwrap().prediction, Some(1e300));
+        let alone = record.row(1).unwrap().to_record(1, true);
+        let back = ExchangeRecord::parse(&alone).unwrap();
+        assert_eq!((back.rows(), back.untaken()), (2, 1));
+        assert_eq!(back.row(1).unwrap().prediction, Some(-0.1));
+        // A classifier's record is never read as a regression one, nor the reverse.
+        let mut classifier = ExchangeWriter::new(7, 60, 9_000, false, 2, 1);
+        classifier.push_row(1, &[0.25, 0.75]);
+        let classifier = classifier.finish();
+        assert_eq!(ExchangeRecord::parse(&classifier).unwrap().row(0).unwrap().prediction, None);
     }
 
     #[test]
@@ -481,6 +560,7 @@ mod tests {
             expires_ms: 1_700_007_300_000,
             predicted: 2,
             probabilities: vec![0.125, 0.25, 0.625],
+            prediction: None,
         };
         let bytes = row.encode();
         assert_eq!(bytes.len(), 29 + 4 * 3);

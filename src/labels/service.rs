@@ -72,9 +72,12 @@ pub struct LabelEntry {
 /// A label value before it is resolved against the prediction's classes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RawLabel {
+    /// A non-negative integer: a class index, or a regression model's value.
     Index(u64),
     Name(String),
     Bool(bool),
+    /// Any other JSON number: a regression model's value.
+    Number(f64),
 }
 
 /// An entry that was not accepted, and why.
@@ -321,7 +324,9 @@ impl LabelService {
     /// feature) get a one-row record each under that id. Rows whose id would be empty
     /// or longer than `MAX_ID_BYTES` are not joinable, as labels cannot name them.
     pub fn prepare(&self, observation: &Observation, bucket_start: i64) -> Option<PreparedRecord> {
-        let probabilities = observation.probabilities.as_ref()?;
+        let Some(probabilities) = observation.probabilities.as_ref() else {
+            return self.prepare_regression(observation, bucket_start);
+        };
         let classes = probabilities.classes;
         if !(2..=MAX_CLASSES).contains(&classes) {
             return None;
@@ -364,6 +369,77 @@ impl LabelService {
             }
             let mut writer = ExchangeWriter::new(stream, bucket_start, expires_ms, false, classes, 1);
             writer.push_row(probabilities.predicted_class(row) as u16, probabilities.row(row));
+            records.push((id.clone(), writer.finish()));
+            joinable += 1;
+        }
+        if joinable == 0 {
+            return None;
+        }
+        let batch = RecordBatch {
+            bucket: BucketId { stream, start: bucket_start },
+            due_ms: self.due_ms(bucket_start),
+            retain_until_ms: self.retain_ms(bucket_start),
+            expires_ms,
+            rows: joinable as u64,
+            records,
+        };
+        Some(PreparedRecord { meta, batch })
+    }
+
+    /// `prepare` for a regression observation: one record for the exchange (and one
+    /// per row with its own id) holding each row's prediction.
+    fn prepare_regression(&self, observation: &Observation, bucket_start: i64) -> Option<PreparedRecord> {
+        let predictions = observation.regression.as_ref()?;
+        let expires_ms = self.row_expiry_ms(bucket_start);
+        if expires_ms <= epoch_ms(SystemTime::now()) {
+            return None;
+        }
+        let meta = {
+            let mut prepared = self.prepared_streams.lock().unwrap_or_else(|e| e.into_inner());
+            match prepared.get(&observation.stream).filter(|known| known.classes == 0) {
+                Some(known) => known.meta.clone(),
+                None => {
+                    let meta = Arc::new(StreamMeta::of(&observation.stream, Vec::new()));
+                    let entry = PreparedStream { carried_names: None, classes: 0, meta: meta.clone() };
+                    prepared.insert(observation.stream.clone(), entry);
+                    meta
+                }
+            }
+        };
+        let stream = meta.id();
+        let rows = observation.rows.min(predictions.len());
+        let own_ids = observation.row_ids.as_deref().unwrap_or_default();
+        let suffixed = observation.rows > 1;
+        let request_id = &observation.request_id;
+        let addressable = |row: usize| {
+            if suffixed {
+                request_id.len() + 1 + decimal_digits(row) <= MAX_ID_BYTES
+            } else {
+                !request_id.is_empty() && request_id.len() <= MAX_ID_BYTES
+            }
+        };
+        // A row without a finite prediction has no error to measure.
+        let usable = |row: usize| predictions[row].is_finite();
+        let by_request = (own_ids.len()..rows).filter(|row| addressable(*row) && usable(*row)).count();
+        let mut records = Vec::with_capacity(1);
+        let mut joinable = 0;
+        if by_request > 0 {
+            let mut writer = ExchangeWriter::new_regression(stream, bucket_start, expires_ms, suffixed, rows);
+            for (row, prediction) in predictions.iter().enumerate().take(rows) {
+                writer.push_prediction(*prediction);
+                if row < own_ids.len() || !addressable(row) || !usable(row) {
+                    writer.mark_taken(row);
+                }
+            }
+            records.push((request_id.clone(), writer.finish()));
+            joinable += by_request;
+        }
+        for (row, id) in own_ids.iter().enumerate().take(rows) {
+            if id.is_empty() || id.len() > MAX_ID_BYTES || !usable(row) {
+                continue;
+            }
+            let mut writer = ExchangeWriter::new_regression(stream, bucket_start, expires_ms, false, 1);
+            writer.push_prediction(predictions[row]);
             records.push((id.clone(), writer.finish()));
             joinable += 1;
         }
@@ -464,12 +540,19 @@ impl LabelService {
             let row = &taken.row;
             let meta = self.stream(row.stream).await?;
             let names = meta.as_ref().map(|m| m.class_names.as_slice()).unwrap_or_default();
-            match resolve(&entry.label, row.probabilities.len(), names) {
-                Ok(actual) => {
+            let resolved = match row.prediction {
+                Some(prediction) => numeric_label(&entry.label).map(|label| Joined::Value { prediction, label }),
+                None => resolve(&entry.label, row.probabilities.len(), names).map(Joined::Class),
+            };
+            match resolved {
+                Ok(label) => {
                     let start = if self.arrival_mode() { arrival } else { row.bucket_start };
                     let slot = deltas.entry(BucketId { stream: row.stream, start }).or_default();
                     slot.0 += 1;
-                    slot.1.add_label(row, actual);
+                    match label {
+                        Joined::Class(actual) => slot.1.add_label(row, actual),
+                        Joined::Value { prediction, label } => slot.1.add_regression_label(prediction, label),
+                    }
                     outcome.accepted += 1;
                 }
                 Err(error) => {
@@ -637,9 +720,33 @@ fn decimal_digits(row: usize) -> usize {
     row.checked_ilog10().unwrap_or(0) as usize + 1
 }
 
+/// A label resolved against the prediction it joined.
+enum Joined {
+    /// The actual class of a classifier's row.
+    Class(usize),
+    /// A regression row's prediction and its numeric label.
+    Value { prediction: f64, label: f64 },
+}
+
+/// The value of a label posted for a regression model's prediction: a number.
+pub fn numeric_label(label: &RawLabel) -> Result<f64, String> {
+    match label {
+        RawLabel::Index(i) => Ok(*i as f64),
+        RawLabel::Number(x) if x.is_finite() => Ok(*x),
+        RawLabel::Number(x) => Err(format!("label {x} is not a finite number")),
+        RawLabel::Name(_) | RawLabel::Bool(_) => {
+            Err("the prediction is a regression model's: its label must be a number, not a class name or boolean"
+                .into())
+        }
+    }
+}
+
 /// Resolves a posted label to a class index of a prediction with `classes` classes.
 pub fn resolve(label: &RawLabel, classes: usize, names: &[String]) -> Result<usize, String> {
     match label {
+        RawLabel::Number(x) => Err(format!(
+            "label {x} is not a class: the prediction is a classifier's (post a class index, name or boolean)"
+        )),
         RawLabel::Index(i) => usize::try_from(*i)
             .ok()
             .filter(|i| *i < classes)
@@ -679,5 +786,14 @@ mod tests {
         assert!(resolve(&RawLabel::Name("spam".into()), 2, &names).unwrap_err().contains("legit, fraud"));
         assert!(resolve(&RawLabel::Bool(true), 3, &[]).unwrap_err().contains("binary"));
         assert_eq!(resolve(&RawLabel::Name("class_2".into()), 3, &[]), Ok(2));
+        assert!(resolve(&RawLabel::Number(2.5), 3, &[]).unwrap_err().contains("classifier"));
+    }
+
+    #[test]
+    fn regression_labels_are_numbers() {
+        assert_eq!(numeric_label(&RawLabel::Index(7)), Ok(7.0));
+        assert_eq!(numeric_label(&RawLabel::Number(-2.5)), Ok(-2.5));
+        assert!(numeric_label(&RawLabel::Name("fraud".into())).unwrap_err().contains("must be a number"));
+        assert!(numeric_label(&RawLabel::Bool(true)).unwrap_err().contains("must be a number"));
     }
 }

@@ -9,6 +9,7 @@ use crate::monitor::drift;
 use crate::monitor::estimate::ExpectedConfusion;
 use crate::monitor::merge::Merge;
 use crate::monitor::reference::{Reference, ReferenceBuilder, OTHER_CATEGORY};
+use crate::monitor::regression::PredictionStats;
 use crate::monitor::stats::{CategoryCounts, FastMap, IntegerCounts, Summary};
 use crate::monitor::MonitorConfig;
 use crate::sinks::Point;
@@ -67,6 +68,8 @@ pub struct StreamBucket {
     pub rows: u64,
     /// Present once an observation had probabilities.
     pub classes: Option<ClassStats>,
+    /// Present once an observation had regression predictions.
+    pub regression: Option<PredictionStats>,
     /// Per feature, by name.
     pub features: FastMap<String, FeatureStats>,
     /// Values of feature columns ignored because the stream had `max_features` features.
@@ -127,6 +130,7 @@ impl StreamBucket {
             start,
             rows: 0,
             classes: None,
+            regression: None,
             features: FastMap::default(),
             feature_limit_dropped: 0,
             class_count_mismatch: 0,
@@ -148,6 +152,14 @@ impl StreamBucket {
         }
         if let Some(p) = &obs.probabilities {
             self.observe_probabilities(p, obs.rows, &mut ctx);
+        }
+        if let Some(values) = &obs.regression {
+            let reference = ctx.reference.and_then(|r| r.prediction.as_ref());
+            let alpha = ctx.config.quantile_relative_accuracy;
+            self.regression.get_or_insert_with(|| PredictionStats::new(alpha, reference)).add(values, reference);
+            if let Some(b) = ctx.builder.as_deref_mut() {
+                b.add_prediction_values(values);
+            }
         }
     }
 
@@ -392,6 +404,9 @@ impl StreamBucket {
                     push(catalog::PREDICTION_COUNT.sample(0.0).with(ClassName, name));
                 }
             }
+        }
+        if let Some(regression) = &self.regression {
+            regression.samples(reference.and_then(|r| r.prediction.as_ref()), &mut push);
         }
         for name in known_features {
             let Some(feature) = self.features.get_mut(name.as_str()) else {

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod estimate;
 pub mod merge;
 pub mod reference;
+pub mod regression;
 pub mod stats;
 
 use serde::Deserialize;

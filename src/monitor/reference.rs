@@ -46,6 +46,10 @@ pub struct Reference {
     pub categorical: BTreeMap<String, BTreeMap<String, f64>>,
     /// Distribution of predicted classes, when the stream has probabilities.
     pub classes: Option<ClassReference>,
+    /// Bins of a regression stream's predictions (`prediction_drift`); absent from
+    /// classifiers' references and from files written before regression streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<NumericReference>,
 }
 
 /// Bins of a numeric feature, fixed from the reference alone.
@@ -179,6 +183,8 @@ pub struct ReferenceBuilder {
     categorical: FastMap<String, CategoryCounts>,
     /// Predicted classes counted, with their names.
     classes: Option<(Vec<u64>, Vec<String>)>,
+    /// A uniform sample of a regression stream's predictions.
+    predictions: Option<Reservoir>,
     /// Sample size per numeric feature.
     sample_size: usize,
     /// Categories per categorical feature.
@@ -195,6 +201,7 @@ impl ReferenceBuilder {
             numeric: FastMap::default(),
             categorical: FastMap::default(),
             classes: None,
+            predictions: None,
             sample_size,
             max_categories,
         }
@@ -240,17 +247,18 @@ impl ReferenceBuilder {
         }
     }
 
+    /// Adds a regression stream's predictions to the sample its bins come from.
+    pub fn add_prediction_values(&mut self, values: &[f64]) {
+        let size = self.sample_size;
+        self.predictions.get_or_insert_with(|| Reservoir::new(size)).add_slice(values);
+    }
+
     /// The frozen reference.
     pub fn freeze(self, key: &StreamKey) -> Reference {
         let mut numeric = BTreeMap::new();
         for (name, sample) in &self.numeric {
-            let edges = drift::decile_edges(sample.values());
-            if edges.is_empty() {
-                continue;
-            }
-            let counts = drift::histogram(&edges, sample.values());
-            if let Some(frequencies) = drift::frequencies(&counts) {
-                numeric.insert(name.clone(), NumericReference { edges, frequencies });
+            if let Some(bins) = NumericReference::of_sample(sample.values()) {
+                numeric.insert(name.clone(), bins);
             }
         }
         let mut categorical = BTreeMap::new();
@@ -281,7 +289,21 @@ impl ReferenceBuilder {
             numeric,
             categorical,
             classes,
+            prediction: self.predictions.as_ref().and_then(|sample| NumericReference::of_sample(sample.values())),
         }
+    }
+}
+
+impl NumericReference {
+    /// Decile bins of a sample and its frequency in each; None for a sample without a
+    /// finite value.
+    pub fn of_sample(sample: &[f64]) -> Option<NumericReference> {
+        let edges = drift::decile_edges(sample);
+        if edges.is_empty() {
+            return None;
+        }
+        let counts = drift::histogram(&edges, sample);
+        drift::frequencies(&counts).map(|frequencies| NumericReference { edges, frequencies })
     }
 }
 

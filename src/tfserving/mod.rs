@@ -29,11 +29,13 @@ pub mod proto;
 pub mod rest;
 pub mod schema;
 pub mod tensor;
+pub mod versions;
 
 pub use call::{Call, CallDecoded, Inputs, Outputs, TaskResult};
-pub use model_config::ModelConfig;
+pub use model_config::{ModelConfig, Task};
 pub use schema::{ModelSchema, SchemaCache, SchemaKey, SchemaSource, SignatureSchema};
 pub use tensor::{DType, NamedTensor, Tensor, TensorValues};
+pub use versions::{ServedVersions, VersionSource};
 
 use crate::capture::{Bodies, CallMethod};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -269,6 +271,9 @@ pub mod reason {
     pub const UNSUPPORTED_DTYPE: &str = "unsupported_dtype";
     /// Not a PredictionService method or a REST inference URL.
     pub const UNKNOWN_PATH: &str = "unknown_path";
+    /// A REST call that named no version, whose served version TF Serving's model
+    /// status did not give (unreachable): observed without a version.
+    pub const UNRESOLVED_VERSION: &str = "unresolved_version";
     /// A tensor (or results) whose rows differ from the batch.
     pub const BATCH_MISMATCH: &str = "batch_mismatch";
     /// An input that would pass `max_features` feature columns; it is skipped.
@@ -277,9 +282,14 @@ pub mod reason {
     pub const NOT_PROBABILITIES: &str = "not_probabilities";
     /// Classify results whose labels differ between examples.
     pub const INCONSISTENT_CLASSES: &str = "inconsistent_classes";
+    /// A regression model's prediction output that is not one number per row.
+    pub const NOT_REGRESSION: &str = "not_regression";
+    /// Results that contradict the model's configured `task` (Classify results of a
+    /// regression model, Regress results of a classifier); they are not scored.
+    pub const TASK_MISMATCH: &str = "task_mismatch";
 
     /// Every reason, to pre-register metric labels.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 24] = [
         TRUNCATED_FRAME,
         MISSING_MESSAGE,
         EXTRA_FRAMES,
@@ -301,6 +311,9 @@ pub mod reason {
         TOO_MANY_FEATURES,
         NOT_PROBABILITIES,
         INCONSISTENT_CLASSES,
+        NOT_REGRESSION,
+        TASK_MISMATCH,
+        UNRESOLVED_VERSION,
     ];
 }
 
@@ -386,6 +399,8 @@ pub struct Decoder {
     limits: DecodeLimits,
     /// Model signatures, to name unnamed REST tensors; None names them `input`.
     schemas: Option<SchemaCache>,
+    /// Served versions, for REST calls that name none; None leaves them versionless.
+    versions: Option<ServedVersions>,
     /// Shared by clones, so that all worker threads share one log budget.
     log: Arc<LogLimiter>,
 }
@@ -404,6 +419,14 @@ impl Decoder {
     /// Names unnamed REST tensors from model signatures (see `SchemaCache::spawn`).
     pub fn with_schemas(mut self, schemas: SchemaCache) -> Self {
         self.schemas = Some(schemas);
+        self
+    }
+
+    /// Attributes REST calls that name no version to the version TF Serving serves
+    /// (see `ServedVersions`). Decoding may then wait up to `first_wait` on a model's
+    /// first call: only decode on threads that may block.
+    pub fn with_versions(mut self, versions: ServedVersions) -> Self {
+        self.versions = Some(versions);
         self
     }
 
@@ -441,9 +464,21 @@ impl Decoder {
 
     /// Decodes one exchange.
     pub fn decode(&self, exchange: &crate::capture::Exchange) -> Decoded {
-        let CallDecoded { model, method, call, errors, .. } = self.decode_call(exchange);
+        let CallDecoded { model, method, mut call, errors, .. } = self.decode_call(exchange);
         let sampled = exchange.sampled();
         let mut decoded = Decoded { model, method, observations: Vec::new(), errors, sampled };
+        if let (Some(call), Some(versions)) = (&mut call, &self.versions) {
+            let unversioned = call.version.is_none() && call.version_label.is_none();
+            if unversioned && exchange.protocol == crate::capture::Protocol::Rest {
+                call.version = versions.get(&call.model);
+                if call.version.is_none() {
+                    decoded.errors.push(DecodeError::new(
+                        reason::UNRESOLVED_VERSION,
+                        format!("model `{}`: TF Serving's model status gave no served version", call.model),
+                    ));
+                }
+            }
+        }
         if let Some(call) = call {
             let schema = self.schema_for(exchange, &call);
             let context = observe::Context {

@@ -25,11 +25,11 @@
 use super::call::{Call, ExampleFeatures, Inputs, Outputs};
 use super::schema::SignatureSchema;
 use super::tensor::{NamedTensor, Tensor, TensorValues};
-use super::ModelConfig;
 use super::{
     reason, DecodeError, DecodeLimits, FeatureColumn, FeatureValues, InferenceMethod, Observation, Probabilities,
     StreamKey,
 };
+use super::{ModelConfig, Task};
 use crate::capture::Exchange;
 use base64::Engine;
 use std::collections::BTreeMap;
@@ -110,20 +110,38 @@ pub fn observations(call: &Call, ctx: &Context<'_>, errors: &mut Vec<DecodeError
                     o.name = output_name(ctx.signature);
                 }
             }
-            let candidate = probability_candidate(&outputs, config);
+            let regression_model = config.task == Some(Task::Regression);
+            let candidate = if regression_model {
+                prediction_candidate(&outputs, config)
+            } else {
+                probability_candidate(&outputs, config)
+            };
             let rows = batch_rows(candidate, &outputs, inputs);
             let mut obs = base(key, call.method, rows);
             let (features, ids) = tensor_features(inputs, rows, config, ctx, errors);
             obs.features = features;
             obs.row_ids = ids;
             let (probabilities, regression) = match candidate {
-                Some(c) => probabilities_of(c, rows, config, config.probabilities_output.is_some(), errors),
+                Some(c) if regression_model => (None, predictions_of(c, rows, errors)),
+                Some(c) => {
+                    // A classifier's single column outside [0, 1] is an error, not a regression.
+                    let explicit = config.probabilities_output.is_some() || config.task == Some(Task::Classification);
+                    probabilities_of(c, rows, config, explicit, errors)
+                }
                 None => {
-                    if let Some(name) = &config.probabilities_output {
+                    let configured = if regression_model {
+                        config.prediction_output.as_ref().map(|name| (name, reason::NOT_REGRESSION, "prediction"))
+                    } else {
+                        config
+                            .probabilities_output
+                            .as_ref()
+                            .map(|name| (name, reason::NOT_PROBABILITIES, "probabilities"))
+                    };
+                    if let Some((name, reason, what)) = configured {
                         if !outputs.is_empty() {
                             errors.push(DecodeError::new(
-                                reason::NOT_PROBABILITIES,
-                                format!("configured probabilities output `{name}` is not in the response"),
+                                reason,
+                                format!("configured {what} output `{name}` is not in the response"),
                             ));
                         }
                     }
@@ -214,6 +232,54 @@ pub fn probability_candidate<'t>(outputs: &'t [NamedTensor], config: &ModelConfi
     }
 }
 
+/// Output names tried, in order, for a regression model's predictions when the
+/// config names no `prediction_output`.
+pub const PREDICTION_NAMES: [&str; 5] = ["predictions", "outputs", "output_0", "value", "scores"];
+
+/// The output holding a regression model's predictions: the configured one, else the
+/// first of `PREDICTION_NAMES`, else the only float output.
+pub fn prediction_candidate<'t>(outputs: &'t [NamedTensor], config: &ModelConfig) -> Option<&'t NamedTensor> {
+    if let Some(name) = &config.prediction_output {
+        return outputs.iter().find(|o| &o.name == name);
+    }
+    for name in PREDICTION_NAMES {
+        if let Some(o) = outputs.iter().find(|o| o.name == name) {
+            return Some(o);
+        }
+    }
+    let mut floats = outputs.iter().filter(|o| o.tensor.dtype.is_float());
+    match (floats.next(), floats.next()) {
+        (Some(only), None) => Some(only),
+        _ => None,
+    }
+}
+
+/// A regression model's predictions: one number per row (`[n]` or `[n,1]`).
+/// Non-finite values are kept (the statistics count them as missing).
+fn predictions_of(output: &NamedTensor, rows: usize, errors: &mut Vec<DecodeError>) -> Option<Vec<f64>> {
+    let t = &output.tensor;
+    let not = |errors: &mut Vec<DecodeError>, why: String| {
+        errors.push(DecodeError::new(reason::NOT_REGRESSION, format!("output `{}`: {why}", output.name)));
+        None
+    };
+    if matches!(t.values, TensorValues::Bytes(_) | TensorValues::Bool(_)) {
+        return not(errors, "not numeric".into());
+    }
+    let leading = match t.shape.as_slice() {
+        [] => 1,
+        [n] | [n, 1] => *n,
+        other => return not(errors, format!("shape {other:?} is not [n] or [n,1]")),
+    };
+    if leading != rows {
+        errors.push(DecodeError::new(
+            reason::BATCH_MISMATCH,
+            format!("output `{}` has {leading} rows, the batch {rows}", output.name),
+        ));
+        return None;
+    }
+    (rows > 0).then(|| (0..t.len().min(rows)).map(|i| t.values.number(i)).collect())
+}
+
 /// Rows in the batch: the leading dimension of the probabilities, else of the
 /// first output, else of the first input of rank ≥ 1; 1 when all are scalars.
 fn batch_rows(candidate: Option<&NamedTensor>, outputs: &[NamedTensor], inputs: &[NamedTensor]) -> usize {
@@ -280,10 +346,19 @@ fn probabilities_of(
     (Some(Probabilities { classes: width, values, class_names: config.class_names.clone(), threshold }), None)
 }
 
-/// Classify scores per label, or regression values, of example-based calls.
+/// Classify scores per label, or regression values, of example-based calls. Results
+/// that contradict the model's configured task are reported and not scored.
 fn example_outputs(obs: &mut Observation, outputs: &Outputs, config: &ModelConfig, errors: &mut Vec<DecodeError>) {
-    match outputs {
-        Outputs::Classifications(rows) => {
+    match (outputs, config.task) {
+        (Outputs::Classifications(_), Some(Task::Regression)) => errors.push(DecodeError::new(
+            reason::TASK_MISMATCH,
+            "classification results of a model configured as a regression",
+        )),
+        (Outputs::Regressions(_), Some(Task::Classification)) => errors.push(DecodeError::new(
+            reason::TASK_MISMATCH,
+            "regression results of a model configured as a classification",
+        )),
+        (Outputs::Classifications(rows), _) => {
             if rows.len() != obs.rows {
                 errors.push(DecodeError::new(
                     reason::BATCH_MISMATCH,
@@ -293,7 +368,7 @@ fn example_outputs(obs: &mut Observation, outputs: &Outputs, config: &ModelConfi
             }
             obs.probabilities = classification_probabilities(rows, config, errors);
         }
-        Outputs::Regressions(values) => {
+        (Outputs::Regressions(values), _) => {
             if values.len() != obs.rows {
                 errors.push(DecodeError::new(
                     reason::BATCH_MISMATCH,

@@ -3,10 +3,11 @@
 //
 //   node dashboard.mjs --url http://127.0.0.1:PORT/ [--chromium PATH] [--screenshot FILE]
 //                      [--bench] [--eager] [--range SECONDS] [--live-timeout-ms N]
-//                      [--check-timeout-ms N] [--no-capture-health]
+//                      [--check-timeout-ms N] [--no-capture-health] [--regression]
 //
 // Test mode (default): opens the page, checks that the charts hold data points for
-// classes, features and accuracy, waits for a live update pushed by Server-Sent
+// classes, features and accuracy (with --regression: the predictions' distribution
+// and MAE/RMSE of a regression model), waits for a live update pushed by Server-Sent
 // Events, and saves a screenshot. Any request to a host other than the dashboard's
 // fails the run: the page must work with no network beyond mltap.
 // Bench mode: loads the page with the given range (and every chart drawn at once
@@ -37,6 +38,7 @@ function parseArgs(argv) {
     else if (a === "--live-timeout-ms") args.liveTimeoutMs = Number(next());
     else if (a === "--check-timeout-ms") args.checkTimeoutMs = Number(next());
     else if (a === "--no-capture-health") args.expectCaptureHealth = false;
+    else if (a === "--regression") args.regression = true;
     else die(`unknown argument ${a}`);
   }
   if (!args.url) die("--url is required");
@@ -180,19 +182,30 @@ try {
     const unmet = (d) => {
       const missing = [];
       const need = (ok, message) => { if (!ok) missing.push(message); };
-      const classes = d.charts.classes;
-      need(classes && classes.series.filter((s) => s.points > 0).length >= 2,
-        "the class distribution chart has no data points for at least two classes");
-      const accuracy = d.charts.accuracy;
-      need(accuracy && accuracy.series.some((s) => s.label.startsWith("estimated") && s.points > 0),
-        "the accuracy chart has no estimated accuracy points");
-      need(accuracy && accuracy.series.some((s) => s.label.startsWith("accuracy") && s.points > 0),
-        "the accuracy chart has no real (label) accuracy points");
+      if (args.regression) {
+        const prediction = d.charts.prediction;
+        need(prediction && ["q25", "q75", "mean"].every((stat) => prediction.series.some((s) => s.label === stat && s.points > 0)),
+          "the prediction chart has no mean with its q25-q75 band");
+        const errors = d.charts.errors;
+        for (const label of ["MAE", "RMSE"]) {
+          need(errors && errors.series.some((s) => s.label === label && s.points > 0), `the error chart has no ${label} points`);
+        }
+        for (const id of ["classes", "proba", "accuracy"]) need(!d.charts[id], `a regression model shows the ${id} chart`);
+      } else {
+        const classes = d.charts.classes;
+        need(classes && classes.series.filter((s) => s.points > 0).length >= 2,
+          "the class distribution chart has no data points for at least two classes");
+        const accuracy = d.charts.accuracy;
+        need(accuracy && accuracy.series.some((s) => s.label.startsWith("estimated") && s.points > 0),
+          "the accuracy chart has no estimated accuracy points");
+        need(accuracy && accuracy.series.some((s) => s.label.startsWith("accuracy") && s.points > 0),
+          "the accuracy chart has no real (label) accuracy points");
+      }
       const features = Object.entries(d.charts).filter(([id]) => id.startsWith("feature:"));
       need(features.length > 0 && features.every(([, c]) => c.series.every((s) => s.points > 0)),
         "feature charts are missing or hold no data points");
       need(d.strip && d.strip.rows >= features.length, "the drift heat strip has no rows for the features");
-      for (const id of ["traffic", "proba"]) {
+      for (const id of args.regression ? ["traffic", "prediction"] : ["traffic", "proba"]) {
         need(d.charts[id]?.series.some((s) => s.points > 0), `the ${id} chart is missing or empty`);
       }
       if (args.expectCaptureHealth) {
@@ -211,19 +224,21 @@ try {
     if (missing.length) {
       fail(`${missing.join("; ")} (after ${args.checkTimeoutMs} ms)\n${JSON.stringify(before, null, 1).slice(0, 3000)}`);
     }
-    const classes = before.charts.classes;
+    // The chart of the model's outputs: classes, or a regression's predictions.
+    const main = args.regression ? "prediction" : "classes";
+    const classes = before.charts[main];
     const features = Object.entries(before.charts).filter(([id]) => id.startsWith("feature:"));
     const need = (ok, message) => { if (!ok) fail(message); };
-    // The class chart's canvas must have been painted, not just fed.
-    const painted = await page.evaluate(() => {
-      const { plot } = window.mltapDashboard.charts.get("classes");
+    // The output chart's canvas must have been painted, not just fed.
+    const painted = await page.evaluate((main) => {
+      const { plot } = window.mltapDashboard.charts.get(main);
       const c = plot.ctx.canvas;
       const px = plot.ctx.getImageData(0, 0, c.width, c.height).data;
       let n = 0;
       for (let i = 3; i < px.length; i += 4) if (px[i] !== 0) n++;
       return n;
-    });
-    need(painted > 1000, `the class chart canvas is blank (${painted} painted pixels)`);
+    }, main);
+    need(painted > 1000, `the ${main} chart canvas is blank (${painted} painted pixels)`);
 
     const latestBefore = classes.latest;
     // A live update of the class chart: a newer bucket with class data, merged and
@@ -232,10 +247,10 @@ try {
     await page.evaluate(() => { window.mltapCheckMarker = true; });
     const liveDeadline = Date.now() + args.liveTimeoutMs;
     let after = await summarize();
-    while (!(after.liveUpdates > before.liveUpdates && after.charts.classes?.latest > latestBefore)) {
+    while (!(after.liveUpdates > before.liveUpdates && after.charts[main]?.latest > latestBefore)) {
       if (Date.now() > liveDeadline) {
         fail(after.liveUpdates > before.liveUpdates
-          ? `live updates arrived but the class chart did not move past bucket ${latestBefore} within ${args.liveTimeoutMs} ms`
+          ? `live updates arrived but the ${main} chart did not move past bucket ${latestBefore} within ${args.liveTimeoutMs} ms`
           : `no live update arrived through Server-Sent Events within ${args.liveTimeoutMs} ms`);
       }
       await new Promise((r) => setTimeout(r, 250));
@@ -256,7 +271,7 @@ try {
       classes: classes.series.map((s) => s.label),
       liveUpdates: after.liveUpdates,
       latestBucketBefore: latestBefore,
-      latestBucketAfter: after.charts.classes.latest,
+      latestBucketAfter: after.charts[main].latest,
     }));
   }
 } catch (e) {

@@ -33,6 +33,8 @@ pub struct SyntheticModel {
     pub classes: Vec<String>,
     /// Bucket index from which inputs drift.
     pub drift_from: u64,
+    /// A regression model: prediction statistics and errors instead of classes.
+    pub regression: bool,
 }
 
 /// A deterministic noise source, so runs are reproducible without a seed file.
@@ -53,14 +55,27 @@ impl SyntheticModel {
             features: features.iter().map(|s| s.to_string()).collect(),
             classes: classes.iter().map(|s| s.to_string()).collect(),
             drift_from,
+            regression: false,
         }
+    }
+
+    /// A regression model (minutes of a delivery, say) with these features.
+    pub fn regression(name: &str, features: &[&str], drift_from: u64) -> SyntheticModel {
+        SyntheticModel { regression: true, ..SyntheticModel::new(name, features, &[], drift_from) }
     }
 
     /// A model with `n` features named `f_000`... and `k` classes.
     pub fn wide(name: &str, n: usize, k: usize, drift_from: u64) -> SyntheticModel {
         let features: Vec<String> = (0..n).map(|i| format!("f_{i:03}")).collect();
         let classes: Vec<String> = (0..k).map(|i| format!("class_{i}")).collect();
-        SyntheticModel { name: name.to_string(), version: "1".to_string(), features, classes, drift_from }
+        SyntheticModel {
+            name: name.to_string(),
+            version: "1".to_string(),
+            features,
+            classes,
+            drift_from,
+            regression: false,
+        }
     }
 
     fn point(&self, what: &str, kind: TargetType, t: i64, value: f64, dims: &[(&str, &str)]) -> Point {
@@ -97,6 +112,10 @@ impl SyntheticModel {
             (3.0 * noise(seed, index, 2)).round(),
             &[("method", "predict"), ("status", "400")],
         ));
+        if self.regression {
+            self.regression_outputs(&mut out, t, index, drift);
+            return out;
+        }
         // Class shares move with the drift: the first class loses to the last.
         let k = self.classes.len().max(1);
         let mut weights: Vec<f64> = (0..k).map(|c| 1.0 + 0.3 * noise(seed, index, 10 + c as u64)).collect();
@@ -166,11 +185,54 @@ impl SyntheticModel {
         out
     }
 
+    /// A regression bucket's outputs: prediction statistics that rise with the drift,
+    /// feature statistics and drift as a classifier's.
+    fn regression_outputs(&self, out: &mut Vec<Point>, t: i64, index: u64, drift: f64) {
+        use TargetType::Gauge;
+        let seed = self.name.len() as u64;
+        let center = 30.0 + 8.0 * drift + noise(seed, index, 5);
+        for (stat, offset) in
+            [("mean", 0.0), ("median", -0.5), ("q25", -4.0), ("q50", -0.5), ("q75", 4.0), ("std", 6.0)]
+        {
+            let value = if stat == "std" { offset } else { center + offset };
+            out.push(self.point("prediction_value", Gauge, t, value, &[("stat", stat)]));
+        }
+        for (i, feature) in self.features.iter().enumerate() {
+            let shift = if i % 2 == 0 { 1.5 * drift } else { 0.0 };
+            let center = 5.0 + i as f64 + shift + 0.1 * noise(seed, index, 100 + i as u64);
+            for stat in FEATURE_STATS {
+                let v = match stat {
+                    "q25" => center - 0.7,
+                    "q75" => center + 0.7,
+                    "std" | "iqr" => 1.0,
+                    _ => center,
+                };
+                out.push(self.point("feature_value", Gauge, t, v, &[("feat_name", feature), ("stat", stat)]));
+            }
+            let score = 0.01 + if i % 2 == 0 { 0.4 * drift } else { 0.0 };
+            for method in ["psi", "js"] {
+                out.push(self.point("feature_drift", Gauge, t, score, &[("feat_name", feature), ("method", method)]));
+            }
+        }
+        for method in ["psi", "js"] {
+            out.push(self.point("prediction_drift", Gauge, t, 0.02 + 0.3 * drift, &[("method", method)]));
+        }
+    }
+
     /// Label metrics for the bucket number `index` starting at `t`, as they arrive
     /// later and are attributed to that (older) bucket.
     pub fn labels(&self, t: i64, index: u64) -> Vec<Point> {
         use TargetType::{Counter, Gauge};
         let drift = if index >= self.drift_from { ((index - self.drift_from) as f64 / 20.0).min(1.0) } else { 0.0 };
+        if self.regression {
+            let mae = 2.4 + 6.0 * drift + 0.2 * noise(self.name.len() as u64, index, 4);
+            return vec![
+                self.point("mae", Gauge, t, mae, &[]),
+                self.point("rmse", Gauge, t, 1.25 * mae, &[]),
+                self.point("error_mean", Gauge, t, -5.0 * drift, &[]),
+                self.point("labeled_fraction", Gauge, t, 0.9, &[]),
+            ];
+        }
         let accuracy = 0.9 - 0.3 * drift + 0.03 * noise(self.name.len() as u64, index, 4);
         let mut out = vec![
             self.point("accuracy", Gauge, t, accuracy, &[]),
