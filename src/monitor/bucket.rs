@@ -543,6 +543,7 @@ impl Merge for StreamBucket {
                 }
             }
         }
+        self.regression.merge(&other.regression);
         self.feature_limit_dropped += other.feature_limit_dropped;
         self.class_count_mismatch += other.class_count_mismatch;
         self.sampling.merge(&other.sampling);

@@ -9,12 +9,14 @@
 
 use crate::catalog::{self, Dimension, Sample};
 use crate::monitor::drift;
+use crate::monitor::merge::Merge;
 use crate::monitor::reference::NumericReference;
 use crate::monitor::stats::Summary;
+use serde::{Deserialize, Serialize};
 
 /// Statistics of one bucket's regression predictions. Mergeable: two replicas' stats
 /// of the same bucket merge into those of the union of their rows.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PredictionStats {
     /// Moments, extremes and quantiles of the finite predictions.
     pub summary: Summary,
@@ -48,22 +50,6 @@ impl PredictionStats {
         }
     }
 
-    /// Merges another bucket's statistics of the same stream into these.
-    pub fn merge(&mut self, other: &Self) {
-        self.summary.merge(&other.summary);
-        self.missing += other.missing;
-        self.bins = match (self.bins.take(), &other.bins) {
-            (Some(mut mine), Some(theirs)) if mine.len() == theirs.len() => {
-                for (m, t) in mine.iter_mut().zip(theirs) {
-                    *m += t;
-                }
-                Some(mine)
-            }
-            // Drift needs every prediction binned; one side without bins voids it.
-            _ => None,
-        };
-    }
-
     /// The bucket's prediction metrics, handed to `push` in a stable order.
     pub fn samples(&self, reference: Option<&NumericReference>, mut push: impl FnMut(Sample<'_>)) {
         for (stat, v) in self.summary.stats() {
@@ -77,6 +63,24 @@ impl PredictionStats {
                 push(drift.sample(drift::js(&r.frequencies, &current)).with(Dimension::Method, "js"));
             }
         }
+    }
+}
+
+impl Merge for PredictionStats {
+    /// Merges another bucket's statistics of the same stream into these.
+    fn merge(&mut self, other: &Self) {
+        self.summary.merge(&other.summary);
+        self.missing += other.missing;
+        self.bins = match (self.bins.take(), &other.bins) {
+            (Some(mut mine), Some(theirs)) if mine.len() == theirs.len() => {
+                for (m, t) in mine.iter_mut().zip(theirs) {
+                    *m += t;
+                }
+                Some(mine)
+            }
+            // Drift needs every prediction binned; one side without bins voids it.
+            _ => None,
+        };
     }
 }
 
