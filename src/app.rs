@@ -403,8 +403,7 @@ pub async fn run(
     let mut routes = routes;
     routes.push(Arc::new(labels_route));
     routes.extend(crate::admin::dashboard::routes(history.clone()));
-    let admin =
-        Arc::new(AdminServer::new(root, readiness, routes).with_monitoring(monitoring).with_token(admin_token));
+    let admin = Arc::new(AdminServer::new(root, readiness, routes).with_monitoring(monitoring).with_token(admin_token));
     let admin_task = tokio::spawn(admin.serve(listeners.admin, stopped));
 
     shutdown.await;

@@ -25,9 +25,7 @@
 
 use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
 use crate::fleet::{Fleet, FleetSettings};
-use crate::monitor::{
-    BucketState, ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet,
-};
+use crate::monitor::{BucketState, ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
 use crate::tfserving::{
