@@ -186,6 +186,36 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     run(Arc::new(config), listeners, Vec::new(), shutdown).await
 }
 
+/// How long start-up waits for the label store before the listeners serve anyway.
+const LABEL_STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The opened label service, its `/v1/labels` route and the link recording the
+/// worker's observations for it.
+fn attach_labels(
+    opened: Result<Result<Arc<LabelService>, crate::labels::LabelError>, tokio::task::JoinError>,
+    config: &Config,
+    worker: &crate::worker::WorkerHandle,
+    history: &Arc<History>,
+    registry: &mut Registry,
+) -> Result<(Arc<LabelService>, LabelsRoute, LabelLink), ServeError> {
+    let unopened = |detail: String| {
+        ServeError::from(ConfigError::new("labels_store", "", format!("the label store cannot be opened: {detail}")))
+    };
+    let labels = opened.map_err(|e| unopened(e.to_string()))?.map_err(|e| unopened(e.to_string()))?;
+    labels.register_metrics(registry);
+    let route = LabelsRoute::new(labels.clone())
+        .map_err(|e| ServeError::from(ConfigError::new("labels.token_env", "", e.to_string())))?;
+    let link = LabelLink::spawn(
+        labels.clone(),
+        worker.hooks(),
+        FileSink::new(&config.output_dir),
+        Some(history.clone()),
+        Some(worker.model_gauges()),
+        registry,
+    );
+    Ok((labels, route, link))
+}
+
 /// Threads serving the proxy's listeners: one per core, as nginx runs one worker
 /// process per core. Each has its own single-threaded runtime and upstream pools,
 /// so an exchange never hops between threads.
@@ -286,6 +316,16 @@ pub async fn run(
         }
     }
     let worker = crate::worker::spawn(WorkerSettings::from(config.as_ref()), receiver, registry);
+    let history = Arc::new(History::default());
+
+    // The label store opens before the listeners serve when it can, so that the first
+    // exchanges are recorded for their labels; one that takes longer (a large file to
+    // convert, a slow Redis) finishes opening while the proxy already serves.
+    let mut opening = tokio::spawn(LabelService::open(LabelSettings::from(config.as_ref())));
+    let opened_early = match tokio::time::timeout(LABEL_STORE_WAIT, &mut opening).await {
+        Ok(opened) => Some(attach_labels(opened, &config, &worker, &history, registry)?),
+        Err(_) => None,
+    };
 
     let (stop, stopped) = watch::channel(false);
     let (grpc_addr, rest_addr, admin_addr) =
@@ -324,7 +364,6 @@ pub async fn run(
     let monitoring = Arc::new(MonitoringHealth::default());
     // The dashboard's history starts from the files of earlier runs, loaded in the
     // background; live buckets are shown once it is loaded.
-    let history = Arc::new(History::default());
     let history_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let (history, output_dir, loaded) = (history.clone(), config.output_dir.clone(), history_loaded.clone());
@@ -346,39 +385,20 @@ pub async fn run(
         Box::new(move || (!history_loaded.load(std::sync::atomic::Ordering::Relaxed)).then(|| "loading".to_string())),
     );
 
-    let labels = match LabelService::open(LabelSettings::from(config.as_ref())).await {
-        Ok(labels) => labels,
-        Err(e) => {
-            let _ = stop.send(true);
-            for done in finished {
-                let _ = done.await;
+    let (labels, labels_route, label_link) = match opened_early {
+        Some(attached) => attached,
+        None => match attach_labels(opening.await, &config, &worker, &history, registry) {
+            Ok(attached) => attached,
+            Err(e) => {
+                let _ = stop.send(true);
+                for done in finished {
+                    let _ = done.await;
+                }
+                return Err(e);
             }
-            return Err(ConfigError::new("labels_store", "", format!("the label store cannot be opened: {e}")).into());
-        }
+        },
     };
-    labels.register_metrics(registry);
-    {
-        let labels = labels.clone();
-        monitoring.add("label store", Box::new(move || labels.store_health()));
-    }
-    let labels_route = match LabelsRoute::new(labels.clone()) {
-        Ok(route) => route,
-        Err(e) => {
-            let _ = stop.send(true);
-            for done in finished {
-                let _ = done.await;
-            }
-            return Err(ConfigError::new("labels.token_env", "", format!("{e}")).into());
-        }
-    };
-    let label_link = LabelLink::spawn(
-        labels,
-        worker.hooks(),
-        FileSink::new(&config.output_dir),
-        Some(history.clone()),
-        Some(worker.model_gauges()),
-        registry,
-    );
+    monitoring.add("label store", Box::new(move || labels.store_health()));
     let delivery = match delivery_settings(&config) {
         Ok(Some(settings)) => match Delivery::spawn(settings, &config.output_dir, registry) {
             Ok(delivery) => Some(delivery),
