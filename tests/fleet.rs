@@ -409,3 +409,43 @@ async fn a_replica_killed_while_emitting_label_metrics_loses_none_and_duplicates
     assert_eq!(total(&values, "label_count", &[]), 64.0, "every label counted once");
     assert_eq!(total(&values, "labeled_fraction", &[]), 1.0);
 }
+
+/// A drift reference of stream `credit` whose one numeric feature has `edges`.
+fn reference(edges: Vec<f64>) -> mltap::monitor::Reference {
+    let bins = edges.len() + 1;
+    mltap::monitor::Reference {
+        format: "mltap-reference/1".into(),
+        model: "credit".into(),
+        version: Some(1),
+        signature: "serving_default".into(),
+        bucket_seconds: 60,
+        first_bucket: 0,
+        buckets: 1,
+        rows: 100,
+        numeric: [(
+            "amount".to_string(),
+            mltap::monitor::reference::NumericReference { edges, frequencies: vec![1.0 / bins as f64; bins] },
+        )]
+        .into_iter()
+        .collect(),
+        categorical: BTreeMap::new(),
+        classes: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_published_drift_reference_is_the_one_every_replica_uses() {
+    let cluster = RedisCluster::start();
+    let stores = [
+        mltap::fleet::store::FleetStore::connect(&cluster.urls(), "mltap").await.unwrap(),
+        mltap::fleet::store::FleetStore::connect(&cluster.urls(), "mltap").await.unwrap(),
+    ];
+    let key =
+        mltap::tfserving::StreamKey { model: "credit".into(), version: Some(1), signature: "serving_default".into() };
+    assert_eq!(stores[1].reference(&key).await.unwrap(), None, "nothing published yet");
+    let first = reference(vec![0.0, 1.0, 2.0]);
+    let second = reference(vec![5.0, 6.0]);
+    assert_eq!(stores[0].publish_reference(&key, &first).await.unwrap(), first);
+    assert_eq!(stores[1].publish_reference(&key, &second).await.unwrap(), first, "the later replica adopts the first");
+    assert_eq!(stores[1].reference(&key).await.unwrap(), Some(first));
+}
