@@ -541,6 +541,7 @@ impl LabelService {
         self.store.maintain(now_ms).await?;
         let claimed = self.store.claim_due(now_ms).await?;
         let mut out: BTreeMap<(i64, String), (Vec<Point>, Vec<crate::labels::record::BucketId>)> = BTreeMap::new();
+        let mut nothing_to_write = Vec::new();
         for bucket in claimed {
             let meta = match self.stream(bucket.bucket.stream).await? {
                 Some(meta) => meta,
@@ -557,10 +558,16 @@ impl LabelService {
                 bucket.auc.iter().map(|s| s.as_str()),
             );
             let points = metrics::points(&meta, bucket.bucket.start, &aggregate, self.arrival_mode());
+            if points.is_empty() {
+                // Nothing to write: the bucket is done at once.
+                nothing_to_write.push(bucket.bucket);
+                continue;
+            }
             let entry = out.entry((bucket.bucket.start, meta.model.clone())).or_default();
             entry.0.extend(points);
             entry.1.push(bucket.bucket);
         }
+        self.store.confirm(nothing_to_write).await?;
         let stats = self.store.stats();
         if let Some(pending) = stats.pending_rows {
             self.counters.pending.set(pending as i64);
