@@ -270,9 +270,13 @@ async fn replicas_report_as_one(stores: Vec<String>) {
     let replicas: Vec<Instance> = stores.iter().map(|s| Instance::spawn(&fake, Some(s), None)).collect();
     let single = Instance::spawn(&fake, None, None);
     let start = send_split(&replicas.iter().collect::<Vec<_>>(), &single, 12).await;
+    // The drift reference is learned from the first bucket; the next one is compared
+    // to it, on every replica to the same (shared) one, or the merged bucket has none.
+    let after = send_split(&replicas.iter().collect::<Vec<_>>(), &single, 6).await;
     let dirs: Vec<PathBuf> = replicas.iter().map(|r| r.out.clone()).collect();
     let dir_refs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
     wait_emitted(&dir_refs, start, "feature_value").await;
+    wait_emitted(&dir_refs, after, "feature_drift").await;
     wait_emitted(&[single.out.as_path()], start, "feature_value").await;
     let stopped: Vec<Stopped> = replicas.into_iter().map(Instance::stop).collect();
     let single = single.stop();
@@ -280,6 +284,8 @@ async fn replicas_report_as_one(stores: Vec<String>) {
     let fleet = once_each(&outputs);
     let single = once_each(&[single.out.as_path()]);
     assert_fleet_matches_single(&fleet, &single, start);
+    let drift = at(&fleet, after, "feature_drift");
+    assert!(drift.len() >= 16, "feature drift of every feature against the shared reference: {drift:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
