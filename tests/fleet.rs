@@ -277,6 +277,22 @@ async fn replicas_report_as_one(stores: Vec<String>) {
     let dir_refs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
     wait_emitted(&dir_refs, start, "feature_value").await;
     wait_emitted(&dir_refs, after, "feature_drift").await;
+    // Each replica's /metrics shows its own share of the fleet's work.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut written = 0.0;
+    for replica in &replicas {
+        let text = client
+            .get(format!("http://127.0.0.1:{}/metrics", replica.admin_port))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let line = text.lines().find(|l| l.starts_with("mltap_fleet_partials_written_total")).expect(&text);
+        written += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    }
+    assert!(written >= 2.0 * replicas.len() as f64, "every replica wrote the partials of its buckets: {written}");
     wait_emitted(&[single.out.as_path()], start, "feature_value").await;
     let stopped: Vec<Stopped> = replicas.into_iter().map(Instance::stop).collect();
     let single = single.stop();
