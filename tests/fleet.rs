@@ -327,10 +327,9 @@ async fn a_replica_killed_at(point: &str) {
     let single = Instance::spawn(&fake, None, None);
     let start = send_split(&[&a, &b], &single, 8).await;
     if point != "after_partial" {
-        // B writes its partial (end + grace), then is stopped until A holds the claim,
+        // B writes its partials (end + grace), then is stopped until A holds the claim,
         // so that A is the one that dies with it.
-        let end = (start + BUCKET) as f64;
-        tokio::time::sleep(Duration::from_secs_f64(end + 1.8 - now_s())).await;
+        wait_for_both_partials(redis.port, start).await;
         b.signal("-STOP");
     }
     let mut reached = false;
@@ -355,6 +354,25 @@ async fn a_replica_killed_at(point: &str) {
     let single = once_each(&[single.out.as_path()]);
     assert!(at(&once_each(&[a.out.as_path()]), start, "feature_value").is_empty(), "A died before emitting");
     assert_fleet_matches_single(&fleet, &single, start);
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Waits until both replicas' partials of every model's bucket `start` are in Redis.
+async fn wait_for_both_partials(port: u16, start: i64) {
+    for _ in 0..100 {
+        let keys = redis_cli(port, &["--scan", "--pattern", &format!("mltap:fp:*:{start}}}")]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        // The gRPC and the REST fixture are two models.
+        if keys.len() >= 2 && keys.iter().all(|k| redis_cli(port, &["HLEN", k]).trim() == "2") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the replicas' partials of bucket {start} did not reach Redis");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

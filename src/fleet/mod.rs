@@ -450,7 +450,10 @@ impl FleetThread {
         // The test hook stops once this replica's partials of a bucket with model data
         // are written (every aggregation thread's, which close within a tick), before
         // it claims anything after them.
-        if self.model_partial_written.is_some_and(|t| t.elapsed() >= AFTER_PARTIAL_PAUSE_DELAY) {
+        if let (Some(PausePoint::AfterPartial), Some(written)) = (self.pause, self.model_partial_written) {
+            if written.elapsed() < AFTER_PARTIAL_PAUSE_DELAY {
+                return;
+            }
             self.maybe_pause(PausePoint::AfterPartial).await;
         }
         let due = match self.store.due(now_ms(), CLAIMS_PER_TICK).await {
