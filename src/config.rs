@@ -4,7 +4,7 @@
 //! string key again: a bad value stops start-up here with one line naming the key.
 //!
 //! The flat keys are the `serve` flags (the command line itself is `cli`'s). Sections
-//! (`[capture]`, `[monitor]`, `[labels]`, `[anodot]`, `[tls]`, `[request_log]`,
+//! (`[capture]`, `[monitor]`, `[fleet]`, `[labels]`, `[anodot]`, `[tls]`, `[request_log]`,
 //! `[access_log]`, `[models.NAME]`) hold
 //! settings that have no flag; each section's type and its validation live beside the
 //! component it configures, and durations, sizes and `ConfigError` in `units`. This
@@ -402,6 +402,18 @@ mod tests {
         assert_eq!(c.bucket, Duration::from_secs(300));
         assert_eq!(c.rest_listen, "127.0.0.1:2".parse().unwrap());
         assert_eq!(c.model("iris").threshold, Some(0.7));
+    }
+
+    #[test]
+    fn the_fleet_section_is_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mltap.toml");
+        std::fs::write(&path, "[fleet]\nsettle_seconds = 1\nlease_seconds = 4\n").unwrap();
+        let c = Config::load(Flags { config: Some(path.clone()), ..args() }).unwrap();
+        assert_eq!((c.fleet.enabled, c.fleet.settle_seconds, c.fleet.lease_seconds), (true, 1, 4));
+        std::fs::write(&path, "[fleet]\nlease_seconds = 0\n").unwrap();
+        let e = Config::load(Flags { config: Some(path), ..args() }).unwrap_err();
+        assert_eq!(e.key, "fleet.lease_seconds", "{e}");
     }
 
     #[test]

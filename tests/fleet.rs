@@ -270,9 +270,29 @@ async fn replicas_report_as_one(stores: Vec<String>) {
     let replicas: Vec<Instance> = stores.iter().map(|s| Instance::spawn(&fake, Some(s), None)).collect();
     let single = Instance::spawn(&fake, None, None);
     let start = send_split(&replicas.iter().collect::<Vec<_>>(), &single, 12).await;
+    // The drift reference is learned from the first bucket; the next one is compared
+    // to it, on every replica to the same (shared) one, or the merged bucket has none.
+    let after = send_split(&replicas.iter().collect::<Vec<_>>(), &single, 6).await;
     let dirs: Vec<PathBuf> = replicas.iter().map(|r| r.out.clone()).collect();
     let dir_refs: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
     wait_emitted(&dir_refs, start, "feature_value").await;
+    wait_emitted(&dir_refs, after, "feature_drift").await;
+    // Each replica's /metrics shows its own share of the fleet's work.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut written = 0.0;
+    for replica in &replicas {
+        let text = client
+            .get(format!("http://127.0.0.1:{}/metrics", replica.admin_port))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let line = text.lines().find(|l| l.starts_with("mltap_fleet_partials_written_total")).expect(&text);
+        written += line.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    }
+    assert!(written >= 2.0 * replicas.len() as f64, "every replica wrote the partials of its buckets: {written}");
     wait_emitted(&[single.out.as_path()], start, "feature_value").await;
     let stopped: Vec<Stopped> = replicas.into_iter().map(Instance::stop).collect();
     let single = single.stop();
@@ -280,6 +300,8 @@ async fn replicas_report_as_one(stores: Vec<String>) {
     let fleet = once_each(&outputs);
     let single = once_each(&[single.out.as_path()]);
     assert_fleet_matches_single(&fleet, &single, start);
+    let drift = at(&fleet, after, "feature_drift");
+    assert!(drift.len() >= 16, "feature drift of every feature against the shared reference: {drift:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,10 +327,9 @@ async fn a_replica_killed_at(point: &str) {
     let single = Instance::spawn(&fake, None, None);
     let start = send_split(&[&a, &b], &single, 8).await;
     if point != "after_partial" {
-        // B writes its partial (end + grace), then is stopped until A holds the claim,
+        // B writes its partials (end + grace), then is stopped until A holds the claim,
         // so that A is the one that dies with it.
-        let end = (start + BUCKET) as f64;
-        tokio::time::sleep(Duration::from_secs_f64(end + 1.8 - now_s())).await;
+        wait_for_both_partials(redis.port, start).await;
         b.signal("-STOP");
     }
     let mut reached = false;
@@ -333,6 +354,25 @@ async fn a_replica_killed_at(point: &str) {
     let single = once_each(&[single.out.as_path()]);
     assert!(at(&once_each(&[a.out.as_path()]), start, "feature_value").is_empty(), "A died before emitting");
     assert_fleet_matches_single(&fleet, &single, start);
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Waits until both replicas' partials of every model's bucket `start` are in Redis.
+async fn wait_for_both_partials(port: u16, start: i64) {
+    for _ in 0..100 {
+        let keys = redis_cli(port, &["--scan", "--pattern", &format!("mltap:fp:*:{start}}}")]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        // The gRPC and the REST fixture are two models.
+        if keys.len() >= 2 && keys.iter().all(|k| redis_cli(port, &["HLEN", k]).trim() == "2") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the replicas' partials of bucket {start} did not reach Redis");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,4 +448,44 @@ async fn a_replica_killed_while_emitting_label_metrics_loses_none_and_duplicates
     assert!(at(&values, start, "accuracy").len() >= 2, "overall accuracy and one per class");
     assert_eq!(total(&values, "label_count", &[]), 64.0, "every label counted once");
     assert_eq!(total(&values, "labeled_fraction", &[]), 1.0);
+}
+
+/// A drift reference of stream `credit` whose one numeric feature has `edges`.
+fn reference(edges: Vec<f64>) -> mltap::monitor::Reference {
+    let bins = edges.len() + 1;
+    mltap::monitor::Reference {
+        format: "mltap-reference/1".into(),
+        model: "credit".into(),
+        version: Some(1),
+        signature: "serving_default".into(),
+        bucket_seconds: 60,
+        first_bucket: 0,
+        buckets: 1,
+        rows: 100,
+        numeric: [(
+            "amount".to_string(),
+            mltap::monitor::reference::NumericReference { edges, frequencies: vec![1.0 / bins as f64; bins] },
+        )]
+        .into_iter()
+        .collect(),
+        categorical: BTreeMap::new(),
+        classes: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_published_drift_reference_is_the_one_every_replica_uses() {
+    let cluster = RedisCluster::start();
+    let stores = [
+        mltap::fleet::store::FleetStore::connect(&cluster.urls(), "mltap").await.unwrap(),
+        mltap::fleet::store::FleetStore::connect(&cluster.urls(), "mltap").await.unwrap(),
+    ];
+    let key =
+        mltap::tfserving::StreamKey { model: "credit".into(), version: Some(1), signature: "serving_default".into() };
+    assert_eq!(stores[1].reference(&key).await.unwrap(), None, "nothing published yet");
+    let first = reference(vec![0.0, 1.0, 2.0]);
+    let second = reference(vec![5.0, 6.0]);
+    assert_eq!(stores[0].publish_reference(&key, &first).await.unwrap(), first);
+    assert_eq!(stores[1].publish_reference(&key, &second).await.unwrap(), first, "the later replica adopts the first");
+    assert_eq!(stores[1].reference(&key).await.unwrap(), Some(first));
 }

@@ -52,7 +52,7 @@ fn observation(i: u64) -> Observation {
             },
         },
     ];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let cities = ["paris", "lyon", "nice", "lille"];
         features.push(FeatureColumn {
             name: "city".into(),

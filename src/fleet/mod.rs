@@ -450,7 +450,10 @@ impl FleetThread {
         // The test hook stops once this replica's partials of a bucket with model data
         // are written (every aggregation thread's, which close within a tick), before
         // it claims anything after them.
-        if self.model_partial_written.is_some_and(|t| t.elapsed() >= AFTER_PARTIAL_PAUSE_DELAY) {
+        if let (Some(PausePoint::AfterPartial), Some(written)) = (self.pause, self.model_partial_written) {
+            if written.elapsed() < AFTER_PARTIAL_PAUSE_DELAY {
+                return;
+            }
             self.maybe_pause(PausePoint::AfterPartial).await;
         }
         let due = match self.store.due(now_ms(), CLAIMS_PER_TICK).await {
@@ -533,4 +536,37 @@ pub fn merge_states(states: impl IntoIterator<Item = BucketState>) -> Option<Buc
         }
     }
     merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_a_bad_value_names_its_key() {
+        assert_eq!(FleetConfig::default().validate(), Ok(()));
+        let c = FleetConfig { lease_seconds: 0, ..FleetConfig::default() };
+        assert_eq!(c.validate().unwrap_err().0, "lease_seconds");
+        let c = FleetConfig { settle_seconds: 7200, ..FleetConfig::default() };
+        assert_eq!(c.validate().unwrap_err().0, "settle_seconds");
+    }
+
+    #[test]
+    fn a_bucket_is_due_after_its_end_grace_and_settle() {
+        let settings = FleetSettings {
+            nodes: vec!["redis://127.0.0.1:6379".into()],
+            prefix: "mltap".into(),
+            bucket: Duration::from_secs(60),
+            monitor: MonitorConfig { grace_seconds: 5, ..MonitorConfig::default() },
+            config: FleetConfig { settle_seconds: 3, ..FleetConfig::default() },
+        };
+        assert_eq!(settings.due_ms(120), (120 + 60 + 5) * 1000 + 3000);
+        assert!(settings.retention_ms() >= settings.lease_ms() * 6);
+    }
+
+    #[test]
+    fn the_test_pause_is_off_unless_named() {
+        // The variable is unset in the test environment.
+        assert_eq!(std::env::var(TEST_PAUSE_ENV).ok().and_then(|_| pause_point()), None);
+    }
 }

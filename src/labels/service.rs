@@ -633,6 +633,7 @@ impl LabelService {
         self.sync_store_counters();
         let claimed = ticked?;
         let mut out: BTreeMap<(i64, String), (Vec<Point>, Vec<crate::labels::record::BucketId>)> = BTreeMap::new();
+        let mut nothing_to_write = Vec::new();
         for bucket in claimed {
             let meta = match self.stream(bucket.bucket.stream).await? {
                 Some(meta) => meta,
@@ -649,10 +650,16 @@ impl LabelService {
                 bucket.auc.iter().map(|s| s.as_str()),
             );
             let points = metrics::points(&meta, bucket.bucket.start, &aggregate, self.arrival_mode());
+            if points.is_empty() {
+                // Nothing to write: the bucket is done at once.
+                nothing_to_write.push(bucket.bucket);
+                continue;
+            }
             let entry = out.entry((bucket.bucket.start, meta.model.clone())).or_default();
             entry.0.extend(points);
             entry.1.push(bucket.bucket);
         }
+        self.store.confirm(nothing_to_write).await?;
         Ok(out
             .into_iter()
             .map(|((bucket_start, model), (points, claimed))| DueBucket { model, bucket_start, points, claimed })
