@@ -102,14 +102,21 @@ pub fn label_delta(prediction: f64, label: f64) -> (IntIncrements, FloatIncremen
 /// A bucket's regression label aggregate, parsed from its fields.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RegressionAggregate {
-    /// Labels joined to regression rows.
+    /// Labels joined to regression rows: n of every mean.
     pub count: u64,
+    /// Σ|e|, for `mae` and the mean of `error_value`.
     pub abs_error_sum: f64,
+    /// Σe², for `rmse`, `r2` and the spread of `error_value`.
     pub squared_error_sum: f64,
+    /// Σe, for `error_mean` (the bias).
     pub error_sum: f64,
+    /// Σy, for `r2`'s total sum of squares and `label_value`'s mean.
     pub label_sum: f64,
+    /// Σy², for `r2` and `label_value`'s spread.
     pub label_squared_sum: f64,
+    /// Σ|e|/|y| over labels ≠ 0, for `mape`.
     pub abs_percent_error_sum: f64,
+    /// Labels equal to 0: left out of `mape` and reported.
     pub zero_labels: u64,
     /// |error| counts per bin, by signed position.
     pub error_bins: Vec<((i8, i32), u64)>,
