@@ -206,7 +206,7 @@ fn sample_std(count: u64, mean: f64, sum_of_squares: f64) -> Option<f64> {
     })
 }
 
-/// The statistics of `monitor::stats::STATS` from exact moments and binned values:
+/// `count` and the statistics of `monitor::stats::STATS` from exact moments and binned values:
 /// quantiles, min and max come from the bins (within `BIN_RELATIVE_ACCURACY`).
 fn stats(count: u64, mean: f64, std: Option<f64>, bins: &[((i8, i32), u64)]) -> Vec<(&'static str, f64)> {
     let mut sorted: Vec<((i8, i32), u64)> = bins.iter().copied().filter(|(_, c)| *c > 0).collect();
@@ -231,7 +231,8 @@ fn stats(count: u64, mean: f64, std: Option<f64>, bins: &[((i8, i32), u64)]) -> 
     };
     let (min, max) = (quantile(0.0), quantile(1.0));
     let (q01, q25, q50, q75, q99) = (quantile(0.01), quantile(0.25), quantile(0.5), quantile(0.75), quantile(0.99));
-    let pairs: [(&'static str, Option<f64>); 12] = [
+    let pairs: [(&'static str, Option<f64>); 13] = [
+        ("count", Some(count as f64)),
         ("mean", (count > 0).then_some(mean)),
         ("median", q50),
         ("std", std),
@@ -301,6 +302,7 @@ mod tests {
         assert_eq!(m["r2"], 1.0 - 30.0 / 20.0);
         assert_eq!(m["mape"], (0.5 + 0.5 + 0.5 + 0.5) / 4.0);
         assert_eq!(m["mape_excluded_count"], 0.0);
+        assert_eq!(m["label_value:count"], 4.0);
         assert_eq!(m["label_value:mean"], 5.0);
         assert_eq!(m["error_value:mean"], 2.5);
         assert!((m["label_value:max"] - 8.0).abs() <= 8.0 * BIN_RELATIVE_ACCURACY);
