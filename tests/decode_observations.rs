@@ -275,3 +275,46 @@ fn a_configured_probabilities_output_wins_and_is_checked() {
     assert!(decoded.observations[0].probabilities.is_none());
     assert_eq!(decoded.errors[0].reason, reason::NOT_PROBABILITIES, "logits are not probabilities");
 }
+
+#[test]
+fn a_regression_task_reads_the_sigmoid_fixture_as_predictions_and_refuses_classify_results() {
+    let regression = ModelConfig { task: Some(mltap::tfserving::Task::Regression), ..ModelConfig::default() };
+    // The binary_sigmoid fixture's [5,1] output lies in [0, 1]: without a task it is a
+    // classifier's; a regression model's predictions are never probabilities.
+    let decoded = grpc(&Decoder::new(models("churn", regression.clone())), "binary_sigmoid", "Predict");
+    let obs = only(&decoded);
+    assert!(obs.probabilities.is_none());
+    assert_eq!(obs.regression.as_ref().map(Vec::len), Some(5));
+    assert_eq!(obs.regression.as_ref().unwrap()[1], 0.8062153458595276);
+    // Classify results of a model configured as a regression are not scored.
+    let decoded = grpc(&Decoder::new(models("census", regression)), "classify", "Classify");
+    assert_eq!(decoded.errors.iter().map(|e| e.reason).collect::<Vec<_>>(), [reason::TASK_MISMATCH]);
+    assert!(decoded.observations.iter().all(|o| o.probabilities.is_none() && o.regression.is_none()));
+}
+
+#[test]
+fn a_classification_task_never_reads_a_single_column_as_a_regression() {
+    let classifier = ModelConfig { task: Some(mltap::tfserving::Task::Classification), ..ModelConfig::default() };
+    // The recorded Regress response of `price` (101.5, 180.25): not scored for a classifier.
+    let decoded = grpc(&Decoder::new(models("price", classifier)), "regress", "Regress");
+    assert_eq!(decoded.errors.iter().map(|e| e.reason).collect::<Vec<_>>(), [reason::TASK_MISMATCH]);
+    assert!(decoded.observations.iter().all(|o| o.regression.is_none() && o.probabilities.is_none()));
+    // Without a task, Regress results are a regression.
+    let decoded = grpc(&Decoder::new(BTreeMap::new()), "regress", "Regress");
+    assert_eq!(only(&decoded).regression, Some(vec![101.5, 180.25]));
+}
+
+#[test]
+fn rest_calls_without_a_version_get_the_served_version_or_count_as_unresolved() {
+    let versions = mltap::tfserving::ServedVersions::fixed();
+    let decoder = Decoder::new(BTreeMap::new()).with_versions(versions.clone());
+    let decoded = rest(&decoder, "regress", "/v1/models/price:regress");
+    assert_eq!(decoded.errors.iter().map(|e| e.reason).collect::<Vec<_>>(), [reason::UNRESOLVED_VERSION]);
+    assert_eq!(decoded.observations[0].stream.version, None, "unknown: observed without a version, as before");
+    versions.insert("price", 4);
+    let decoded = rest(&decoder, "regress", "/v1/models/price:regress");
+    assert_eq!(only(&decoded).stream.version, Some(4));
+    // A version in the URL is the one that served the call.
+    let decoded = rest(&decoder, "regress", "/v1/models/price/versions/2:regress");
+    assert_eq!(only(&decoded).stream.version, Some(2));
+}

@@ -102,14 +102,21 @@ pub fn label_delta(prediction: f64, label: f64) -> (IntIncrements, FloatIncremen
 /// A bucket's regression label aggregate, parsed from its fields.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RegressionAggregate {
-    /// Labels joined to regression rows.
+    /// Labels joined to regression rows: n of every mean.
     pub count: u64,
+    /// Σ|e|, for `mae` and the mean of `error_value`.
     pub abs_error_sum: f64,
+    /// Σe², for `rmse`, `r2` and the spread of `error_value`.
     pub squared_error_sum: f64,
+    /// Σe, for `error_mean` (the bias).
     pub error_sum: f64,
+    /// Σy, for `r2`'s total sum of squares and `label_value`'s mean.
     pub label_sum: f64,
+    /// Σy², for `r2` and `label_value`'s spread.
     pub label_squared_sum: f64,
+    /// Σ|e|/|y| over labels ≠ 0, for `mape`.
     pub abs_percent_error_sum: f64,
+    /// Labels equal to 0: left out of `mape` and reported.
     pub zero_labels: u64,
     /// |error| counts per bin, by signed position.
     pub error_bins: Vec<((i8, i32), u64)>,
@@ -199,7 +206,7 @@ fn sample_std(count: u64, mean: f64, sum_of_squares: f64) -> Option<f64> {
     })
 }
 
-/// The statistics of `monitor::stats::STATS` from exact moments and binned values:
+/// `count` and the statistics of `monitor::stats::STATS` from exact moments and binned values:
 /// quantiles, min and max come from the bins (within `BIN_RELATIVE_ACCURACY`).
 fn stats(count: u64, mean: f64, std: Option<f64>, bins: &[((i8, i32), u64)]) -> Vec<(&'static str, f64)> {
     let mut sorted: Vec<((i8, i32), u64)> = bins.iter().copied().filter(|(_, c)| *c > 0).collect();
@@ -224,7 +231,8 @@ fn stats(count: u64, mean: f64, std: Option<f64>, bins: &[((i8, i32), u64)]) -> 
     };
     let (min, max) = (quantile(0.0), quantile(1.0));
     let (q01, q25, q50, q75, q99) = (quantile(0.01), quantile(0.25), quantile(0.5), quantile(0.75), quantile(0.99));
-    let pairs: [(&'static str, Option<f64>); 12] = [
+    let pairs: [(&'static str, Option<f64>); 13] = [
+        ("count", Some(count as f64)),
         ("mean", (count > 0).then_some(mean)),
         ("median", q50),
         ("std", std),
@@ -294,6 +302,7 @@ mod tests {
         assert_eq!(m["r2"], 1.0 - 30.0 / 20.0);
         assert_eq!(m["mape"], (0.5 + 0.5 + 0.5 + 0.5) / 4.0);
         assert_eq!(m["mape_excluded_count"], 0.0);
+        assert_eq!(m["label_value:count"], 4.0);
         assert_eq!(m["label_value:mean"], 5.0);
         assert_eq!(m["error_value:mean"], 2.5);
         assert!((m["label_value:max"] - 8.0).abs() <= 8.0 * BIN_RELATIVE_ACCURACY);

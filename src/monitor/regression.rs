@@ -52,6 +52,8 @@ impl PredictionStats {
 
     /// The bucket's prediction metrics, handed to `push` in a stable order.
     pub fn samples(&self, reference: Option<&NumericReference>, mut push: impl FnMut(Sample<'_>)) {
+        // The count of finite predictions first, then `feature_value`'s statistics.
+        push(catalog::PREDICTION_VALUE.sample(self.summary.count() as f64).with(Dimension::Stat, "count"));
         for (stat, v) in self.summary.stats() {
             push(catalog::PREDICTION_VALUE.sample(v).with(Dimension::Stat, stat));
         }
@@ -104,6 +106,7 @@ mod tests {
         stats.add(&[10.0, 20.0, f64::NAN, 30.0], Some(&reference));
         let points = values_of(&stats, Some(&reference));
         let get = |what: &str, dim: &str| points.iter().find(|p| p.0 == what && p.1 == dim).map(|p| p.2);
+        assert_eq!(get("prediction_value", "count"), Some(3.0));
         assert_eq!(get("prediction_value", "mean"), Some(20.0));
         assert_eq!(get("prediction_value", "min"), Some(10.0));
         assert_eq!(get("prediction_value", "max"), Some(30.0));

@@ -51,7 +51,8 @@ impl VersionSource {
 enum Entry {
     /// Asked for; no answer yet.
     Pending,
-    /// The served version, as of `fetched`; `refreshing` while a newer fetch is asked.
+    /// The served version, as of `fetched`; `refreshing` while a newer fetch is asked,
+    /// so that a model's calls ask for one refresh, not one each.
     Known { version: i64, fetched: Instant, refreshing: bool },
     /// The status could not be read; asked again after this instant.
     Failed(Instant),
@@ -59,20 +60,27 @@ enum Entry {
 
 #[derive(Debug)]
 struct Inner {
+    /// What is known per model name.
     entries: Mutex<HashMap<String, Entry>>,
     /// Wakes first callers when an answer arrives.
     answered: Condvar,
     /// To the fetcher; None for a cache filled by hand.
     requests: Option<mpsc::UnboundedSender<String>>,
+    /// `VersionSource::refresh_after`: when a known version is asked again.
     refresh_after: Duration,
+    /// `VersionSource::retry_after`: when a failed model is asked again.
     retry_after: Duration,
+    /// `VersionSource::first_wait`: how long a model's first call waits.
     first_wait: Duration,
+    /// `VersionSource::max_models`: the bound on `entries`.
     max_models: usize,
 }
 
 /// The shared cache of served versions. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ServedVersions {
+    /// Shared by the decode threads and the fetcher task (which holds it weakly, so
+    /// that it ends with the last clone).
     inner: Arc<Inner>,
 }
 
