@@ -470,6 +470,7 @@ fn reference(edges: Vec<f64>) -> mltap::monitor::Reference {
         .collect(),
         categorical: BTreeMap::new(),
         classes: None,
+        prediction: None,
     }
 }
 

@@ -13,7 +13,7 @@ use support::mltap::channel;
 use support::raw_codec::call_raw;
 use tokio::io::AsyncReadExt;
 
-const LIMITS: &str = "[limits]\nreserved_fds = 128\nidle_timeout = \"1s\"\n";
+const LIMITS: &str = "[limits]\nreserved_fds = 128\nidle_timeout = \"3s\"\n";
 
 #[tokio::test]
 async fn an_idle_connection_flood_is_refused_clearly_and_closed_without_starving_anyone() {
@@ -34,15 +34,6 @@ async fn an_idle_connection_flood_is_refused_clearly_and_closed_without_starving
             idle.push(stream);
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    // The admin port still answers, and says how many were refused.
-    assert_eq!(get(format!("{}/healthz", mltap.admin_url())).await.0, 200);
-    let (_, metrics) = get(format!("{}/metrics", mltap.admin_url())).await;
-    let refused = metric(&metrics, "mltap_connections_refused_total").expect("refusals counted");
-    assert!(refused >= 400.0, "{refused} refused\n{metrics}");
-    assert!(metric(&metrics, "mltap_open_connections").unwrap() <= 64.0, "{metrics}");
-
     // A REST client over the limit is told why, with a 503.
     let fixture = rest_fixtures().into_iter().next().unwrap();
     let request = format!(
@@ -54,18 +45,32 @@ async fn an_idle_connection_flood_is_refused_clearly_and_closed_without_starving
     bytes.extend_from_slice(&fixture.request);
     assert_eq!(raw_status(mltap.rest, &bytes).await, Some(503));
 
-    // Idle connections are closed after the idle timeout (1 s, checked each second).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut closed = 0;
+    // The admin port still answers, and says how many were refused.
+    assert_eq!(get(format!("{}/healthz", mltap.admin_url())).await.0, 200);
+    let (_, metrics) = get(format!("{}/metrics", mltap.admin_url())).await;
+    let refused = metric(&metrics, "mltap_connections_refused_total").expect("refusals counted");
+    assert!(refused >= 400.0, "{refused} refused\n{metrics}");
+    assert!(metric(&metrics, "mltap_open_connections").unwrap() <= 64.0, "{metrics}");
+
+    // Idle connections are closed after the idle timeout (3 s, checked every 3 s),
+    // those still in the accept queue once accepted and idle in turn.
+    let mut open = 0;
     for stream in &mut idle {
         let mut buf = [0u8; 1024];
-        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await {
-            closed += 1;
-        } else if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await {
-            closed += 1;
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        if closed.is_err() {
+            open += 1;
         }
     }
-    assert!(closed >= idle.len() - 5, "{closed} of {} idle connections closed", idle.len());
+    assert_eq!(open, 0, "{open} of {} idle connections still open", idle.len());
     drop(idle);
 
     // Everyone is served again, on both ports.

@@ -168,6 +168,10 @@ async fn the_label_store_recovers_after_a_disk_full_and_says_so_meanwhile() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(failed, "the full disk reaches the label store");
+    // Predictions made while the store cannot write still serve; their rows are lost.
+    for i in 0..50 {
+        assert_eq!(predict(&mltap, &format!("while-full-{i}")).await, Some(200));
+    }
     let (status, ready) = get(format!("{admin}/readyz")).await;
     assert_eq!(status, 200, "{ready}");
     assert!(ready.contains("monitoring: degraded") && ready.contains("label store"), "{ready}");

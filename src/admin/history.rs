@@ -402,7 +402,15 @@ impl History {
         let mut model_dirs: Vec<(String, PathBuf)> = models
             .filter_map(Result::ok)
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+            .filter_map(|e| {
+                // Directory names encode model names (`sinks::files::fs_safe_name`).
+                let dir = e.file_name().into_string().ok()?;
+                let model = match crate::sinks::files::name_from_fs(&dir) {
+                    Some(model) if dir != crate::sinks::files::PSEUDO_MODEL => model,
+                    _ => dir,
+                };
+                Some((model, e.path()))
+            })
             .collect();
         model_dirs.sort();
         for (model, dir) in model_dirs {

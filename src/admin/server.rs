@@ -21,6 +21,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::debug;
 
+/// Admin connections open at once; more are closed on accept. Probes, a scraper, a
+/// label poster and a few dashboards need far fewer.
+const MAX_ADMIN_CONNECTIONS: usize = 256;
+/// An admin connection older than this is closed once its request in flight (if any)
+/// is answered, so that idle keep-alive connections do not pile up.
+const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+
 /// How long `/readyz` waits for each upstream's TCP handshake.
 const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -128,6 +135,14 @@ impl AdminServer {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            // Reap finished connections so the set does not grow, then refuse past the
+            // bound: a flood on the admin port must not take its descriptors.
+            while connections.try_join_next().is_some() {}
+            if connections.len() >= MAX_ADMIN_CONNECTIONS {
+                debug!(message = "Admin connection refused: too many open.");
+                drop(stream);
+                continue;
+            }
             let server = self.clone();
             let builder = builder.clone();
             let mut stop = connection_stop.clone();
@@ -144,11 +159,10 @@ impl AdminServer {
                         return;
                     }
                     _ = stop.wait_for(|stopped| *stopped) => connection.as_mut().graceful_shutdown(),
+                    _ = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME) => connection.as_mut().graceful_shutdown(),
                 }
                 let _ = connection.await;
             });
-            // Reap finished connections so the set does not grow.
-            while connections.try_join_next().is_some() {}
         }
         drop(listener);
         while connections.join_next().await.is_some() {}

@@ -490,10 +490,15 @@ impl LabelService {
         let mut rows = 0;
         let mut batches = Vec::with_capacity(prepared.len());
         let mut last_stream: Option<Arc<StreamMeta>> = None;
+        // A store that fails before the rows reach it loses them all: count them.
+        let all_rows: u64 = prepared.iter().map(|record| record.batch.rows).sum();
         for record in prepared {
             if !last_stream.as_ref().is_some_and(|last| Arc::ptr_eq(last, &record.meta)) {
                 let model = record.meta.model.clone();
-                self.ensure_stream(record.meta.clone()).await?;
+                if let Err(error) = self.ensure_stream(record.meta.clone()).await {
+                    self.counters.failed.inc_by(all_rows);
+                    return Err(error);
+                }
                 self.known_models.lock().unwrap_or_else(|e| e.into_inner()).insert(model);
                 last_stream = Some(record.meta);
             }

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The pseudo-model of facts that belong to no model (`capture_dropped`, and requests
 /// or decode errors whose model is unknown). Its files are under `anodot/__mltap__/`
 /// and its points carry no `model` property.
-pub const GLOBAL_MODEL: &str = "__mltap__";
+pub const GLOBAL_MODEL: &str = crate::sinks::files::PSEUDO_MODEL;
 /// Most empty buckets emitted for one stream in one go (after a long pause of the
 /// process, older gaps are skipped rather than flooding the sinks).
 pub const MAX_HEARTBEAT_BUCKETS: i64 = 1000;
@@ -642,8 +642,10 @@ impl Engine {
     /// The model a fact is counted under: itself, or the global pseudo-model when it
     /// is unknown or when the number of models has reached its bound.
     fn model_slot(&self, model: Option<&str>) -> String {
-        match model {
-            Some(m) if self.models.contains_key(m) || self.models.len() <= self.config.max_streams => m.to_string(),
+        match model.map(client_model_key) {
+            Some(m) if self.models.contains_key(m.as_ref()) || self.models.len() <= self.config.max_streams => {
+                m.into_owned()
+            }
             _ => GLOBAL_MODEL.to_string(),
         }
     }
@@ -744,5 +746,17 @@ pub fn epoch_seconds(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
+    }
+}
+
+/// A client's model name as the engine keys it: names of the form `_…_mltap__…`
+/// (one or more `_`, then `_mltap__`) get one more leading `_`, so that no client model
+/// is ever counted as the pseudo-model `__mltap__`, and two client names stay two.
+fn client_model_key(name: &str) -> std::borrow::Cow<'_, str> {
+    let underscores = name.bytes().take_while(|b| *b == b'_').count();
+    if underscores >= 2 && name[underscores - 1..].starts_with("_mltap__") {
+        std::borrow::Cow::Owned(format!("_{name}"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
     }
 }

@@ -696,7 +696,7 @@ async fn run_connection<C, E>(
     let mut connection = std::pin::pin!(connection);
     let mut last_started = 0;
     let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + idle_timeout, idle_timeout);
-    loop {
+    let idle = loop {
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {
@@ -704,17 +704,21 @@ async fn run_connection<C, E>(
                 }
                 return;
             }
-            _ = stop.wait_for(|stopped| *stopped) => break,
+            _ = stop.wait_for(|stopped| *stopped) => break false,
             _ = idle_check.tick() => {
                 if activity.idle_since_last_look(&mut last_started) {
                     debug!(message = "Closing an idle client connection.");
-                    break;
+                    break true;
                 }
             }
         }
-    }
+    };
     graceful(connection.as_mut());
-    if let Err(error) = connection.await {
+    // An idle connection has nothing in flight: one that does not close promptly (an
+    // HTTP/2 client that never sent its preface, say) is dropped, which closes it.
+    let finished =
+        if idle { tokio::time::timeout(idle_timeout, connection).await.unwrap_or(Ok(())) } else { connection.await };
+    if let Err(error) = finished {
         debug!(message = "Client connection ended with an error.", %error);
     }
 }

@@ -33,7 +33,8 @@ impl FileSink {
 
     /// The file of one model's bucket.
     pub fn path(&self, model: &str, bucket_start: i64) -> PathBuf {
-        self.root.join(fs_safe_name(model)).join(format!("{}.json", utc_stamp(bucket_start)))
+        let dir = if model == PSEUDO_MODEL { pseudo_model_dir(model) } else { fs_safe_name(model) };
+        self.root.join(dir).join(format!("{}.json", utc_stamp(bucket_start)))
     }
 
     /// Writes (or merges into) the file of one model's bucket; returns its path.
@@ -66,15 +67,106 @@ impl FileSink {
     }
 }
 
-/// A model or signature name made safe as one path component: characters other than
-/// ASCII letters, digits, `-`, `_` and `.` become `_`, and `.`/`..`/empty become `_`.
+/// The pseudo-model mltap counts what belongs to no model under (the monitor's
+/// `GLOBAL_MODEL`); its directory is the only one named `__mltap__`.
+pub const PSEUDO_MODEL: &str = "__mltap__";
+
+/// Longest encoded name used whole as a path component; a longer one is cut and given
+/// a hash of the whole name (`NAME_HASH_CHARS` more bytes), so that it fits in the
+/// 255 bytes file systems allow with room for a suffix.
+const MAX_NAME_BYTES: usize = 200;
+const NAME_HASH_CHARS: usize = 17;
+
+/// A model or signature name as one path component, injectively: ASCII letters,
+/// digits, `-`, `_` and `.` stay, every other byte becomes `%XX` (so `a/b` is `a%2Fb`
+/// and `a\nb` is `a%0Ab`); a name of dots only is encoded whole (`.` is `%2E`), the
+/// empty name is `%`, and a name starting with `__` has its first `_` encoded, which
+/// keeps `__mltap__` (the pseudo-model's directory) out of clients' reach. A name
+/// whose encoding is longer than 200 bytes is cut there and ends in `~` and 16 hex
+/// digits of a hash of the whole name; mltap warns about it (once a minute at most).
 pub fn fs_safe_name(name: &str) -> String {
-    let s: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' }).collect();
-    if s.is_empty() || s.chars().all(|c| c == '.') {
-        "_".repeat(s.len().max(1))
-    } else {
-        s
+    if name.is_empty() {
+        return "%".to_string();
+    }
+    let all_dots = name.bytes().all(|b| b == b'.');
+    let mut out = String::with_capacity(name.len());
+    for (i, byte) in name.bytes().enumerate() {
+        let keep = (byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
+            && !(all_dots || (i == 0 && name.starts_with("__")));
+        if keep {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    if out.len() <= MAX_NAME_BYTES {
+        return out;
+    }
+    warn_long_name(name);
+    // Cut between two escapes, never inside one.
+    let mut cut = MAX_NAME_BYTES - NAME_HASH_CHARS;
+    while out.as_bytes()[..cut].iter().rev().take(2).any(|b| *b == b'%') {
+        cut -= 1;
+    }
+    out.truncate(cut);
+    out.push_str(&format!("~{:016x}", fnv1a(name.as_bytes())));
+    out
+}
+
+/// The pseudo-model's directory name, which `fs_safe_name` never gives a client's model.
+pub fn pseudo_model_dir(name: &str) -> String {
+    name.to_string()
+}
+
+/// The name `fs_safe_name` encoded (None for a cut name, or one it cannot have made).
+pub fn name_from_fs(component: &str) -> Option<String> {
+    if component == "%" {
+        return Some(String::new());
+    }
+    let bytes = component.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'~' => return None,
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// FNV-1a, 64 bits: a hash that stays the same across versions and platforms, so that
+/// a cut name keeps its directory across restarts.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// One warning a minute at most about names cut to fit a file name, with the count.
+fn warn_long_name(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_WARNED_SECOND: AtomicU64 = AtomicU64::new(0);
+    static CUT_SINCE: AtomicU64 = AtomicU64::new(0);
+    let cut = CUT_SINCE.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let last = LAST_WARNED_SECOND.load(Ordering::Relaxed);
+    if now >= last + 60 && LAST_WARNED_SECOND.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        CUT_SINCE.store(0, Ordering::Relaxed);
+        let shown: String = name.chars().take(64).collect();
+        tracing::warn!(
+            message = "Model or signature names too long for a file name were cut and given a hash suffix.",
+            example = %shown.escape_debug(),
+            bytes = name.len(),
+            names_cut = cut,
+        );
     }
 }
 
@@ -114,8 +206,34 @@ mod tests {
     #[test]
     fn unsafe_names_become_one_path_component() {
         assert_eq!(fs_safe_name("iris"), "iris");
-        assert_eq!(fs_safe_name("../etc/passwd"), ".._etc_passwd");
-        assert_eq!(fs_safe_name(".."), "__");
-        assert_eq!(fs_safe_name(""), "_");
+        assert_eq!(fs_safe_name("fraud-v2_model.3"), "fraud-v2_model.3");
+        assert_eq!(fs_safe_name("../etc/passwd"), "..%2Fetc%2Fpasswd");
+        assert_eq!(fs_safe_name(".."), "%2E%2E");
+        assert_eq!(fs_safe_name(""), "%");
+    }
+
+    #[test]
+    fn the_encoding_is_injective_and_decodes() {
+        let names =
+            ["a/b", "a\nb", "a_b", "", ".", "_", "%", "%2E", "__mltap__", "_mltap__", "a%2Fb", "é", "\u{202e}x"];
+        let encoded: std::collections::HashSet<String> = names.iter().map(|n| fs_safe_name(n)).collect();
+        assert_eq!(encoded.len(), names.len(), "{encoded:?}");
+        for name in names {
+            assert_eq!(name_from_fs(&fs_safe_name(name)).as_deref(), Some(name));
+        }
+        assert_ne!(fs_safe_name("__mltap__"), "__mltap__", "a client model never reaches the pseudo-model's directory");
+    }
+
+    #[test]
+    fn long_names_are_cut_with_a_hash_of_the_whole_name() {
+        let a = "m".repeat(300);
+        let b = format!("{}n", "m".repeat(299));
+        let (ea, eb) = (fs_safe_name(&a), fs_safe_name(&b));
+        assert!(ea.len() <= 200 && eb.len() <= 200, "{} {}", ea.len(), eb.len());
+        assert_ne!(ea, eb);
+        assert_eq!(ea, fs_safe_name(&a), "stable");
+        let escaped = fs_safe_name(&"/".repeat(100));
+        assert!(escaped.len() <= 200 && !escaped[..escaped.len() - 17].ends_with('%'), "{escaped}");
+        assert_eq!(name_from_fs(&ea), None);
     }
 }

@@ -196,19 +196,35 @@ fn sanitize_key(key: &str) -> String {
     key.chars().take(MAX_KEY_CHARS).collect()
 }
 
-/// Replaces `.`, `=` and whitespace with `_` and cuts to 150 characters. An empty
-/// value becomes `_`, since Anodot rejects empty property values.
+/// Replaces `.`, `=` and whitespace with `_`, writes control characters (NUL among
+/// them) and Unicode bidirectional controls (which can make a name read as another in
+/// a UI) as `\u{XXXX}` text, and cuts to 150 characters. An empty value becomes `_`,
+/// since Anodot rejects empty property values.
 pub fn sanitize_value(value: &str) -> String {
-    let s: String = value
-        .chars()
-        .map(|c| if c == '.' || c == '=' || c.is_whitespace() { '_' } else { c })
-        .take(MAX_VALUE_CHARS)
-        .collect();
+    let mut s = String::with_capacity(value.len().min(MAX_VALUE_CHARS));
+    for c in value.chars() {
+        if c == '.' || c == '=' || c.is_whitespace() {
+            s.push('_');
+        } else if c.is_control() || is_bidi_control(c) {
+            s.push_str(&format!("\\u{{{:04x}}}", c as u32));
+        } else {
+            s.push(c);
+        }
+        if s.len() >= 4 * MAX_VALUE_CHARS {
+            break;
+        }
+    }
+    let s: String = s.chars().take(MAX_VALUE_CHARS).collect();
     if s.is_empty() {
         "_".to_string()
     } else {
         s
     }
+}
+
+/// Unicode's bidirectional formatting characters (UAX #9).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 struct Properties<'a>(&'a [(String, String)]);
