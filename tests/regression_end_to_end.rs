@@ -366,6 +366,7 @@ async fn regression_streams_get_prediction_and_exact_label_metrics_in_their_buck
     let answer: serde_json::Value = rest_client
         .post(format!("http://127.0.0.1:{admin_port}/v1/labels"))
         .bearer_auth(LABELS_TOKEN)
+        .header("content-type", "application/json")
         .body(r#"{"id": "r-churn", "label": 1}"#)
         .send()
         .await
