@@ -37,6 +37,25 @@ const SERVED_VERSION: i64 = 7;
 /// Bucket width of the run, seconds.
 const BUCKET: u64 = 4;
 
+/// The bearer token protecting the label endpoint of the run.
+const LABELS_TOKEN: &str = "regression-test-token";
+
+/// The `mltap serve` child, stopped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The `eta` model: prediction = 2·x + 1.
 fn eta(x: f32) -> f32 {
     2.0 * x + 1.0
@@ -245,12 +264,14 @@ async fn regression_streams_get_prediction_and_exact_label_metrics_in_their_buck
     let config = dir.path().join("mltap.toml");
     std::fs::write(
         &config,
-        "[monitor]\ngrace_seconds = 1\n[models.eta]\ntask = \"regression\"\n[models.price]\ntask = \"regression\"\n\
+        "[monitor]\ngrace_seconds = 1\n[labels]\ntoken_env = \"MLTAP_TEST_LABELS_TOKEN\"\n\
+         [models.eta]\ntask = \"regression\"\n[models.price]\ntask = \"regression\"\n\
          [models.churn]\ntask = \"classification\"\n",
     )
     .unwrap();
     let (grpc_port, rest_port, admin_port) = (free_port(), free_port(), free_port());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mltap"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mltap"))
+        .env("MLTAP_TEST_LABELS_TOKEN", LABELS_TOKEN)
         .args(["serve", "--config"])
         .arg(&config)
         .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
@@ -263,6 +284,8 @@ async fn regression_streams_get_prediction_and_exact_label_metrics_in_their_buck
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Killed however the test ends, so that a failed assertion leaves no server behind.
+    let mut child = KillOnDrop(child);
     for port in [grpc_port, rest_port, admin_port] {
         wait_port(port).await;
     }
@@ -325,6 +348,7 @@ async fn regression_streams_get_prediction_and_exact_label_metrics_in_their_buck
     ]);
     let answer: serde_json::Value = rest_client
         .post(format!("http://127.0.0.1:{admin_port}/v1/labels"))
+        .bearer_auth(LABELS_TOKEN)
         .json(&labels)
         .send()
         .await
@@ -341,6 +365,8 @@ async fn regression_streams_get_prediction_and_exact_label_metrics_in_their_buck
     // A rejected label leaves its prediction for a correct one.
     let answer: serde_json::Value = rest_client
         .post(format!("http://127.0.0.1:{admin_port}/v1/labels"))
+        .bearer_auth(LABELS_TOKEN)
+        .header("content-type", "application/json")
         .body(r#"{"id": "r-churn", "label": 1}"#)
         .send()
         .await
@@ -361,8 +387,7 @@ async fn regression_streams_get_prediction_and_exact_label_metrics_in_their_buck
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    child.stop();
 
     // Traffic: one stream of the served version, REST calls without one included.
     assert!(!points.is_empty(), "no file for eta's bucket {start}");
