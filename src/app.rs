@@ -14,9 +14,9 @@ use crate::admin::history::History;
 use crate::admin::process_metrics::{BuildInfo, ProcessMetrics};
 use crate::admin::{AdminRoute, AdminServer, MonitoringHealth, ReadinessTarget};
 use crate::config::Config;
-use crate::labels::endpoint::LabelsRoute;
+use crate::labels::endpoint::{LabelsRoute, PendingLabelsRoute};
 use crate::labels::link::LabelLink;
-use crate::labels::{LabelService, LabelSettings, LabelsStoreConfig};
+use crate::labels::{LabelCounters, LabelService, LabelSettings, LabelsStoreConfig};
 use crate::monitor::ClosedBucket;
 use crate::proxy::{Proxy, ProxyMetrics, ProxySettings};
 use crate::request_log::{LogSettings, RunningLogs};
@@ -188,32 +188,130 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
 /// How long start-up waits for the label store before the listeners serve anyway.
 const LABEL_STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// First and longest wait between attempts to open a label store that failed to open.
+const LABEL_STORE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const LABEL_STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long one attempt to open the label store may take.
+const LABEL_STORE_OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The opened label service, its `/v1/labels` route and the link recording the
-/// worker's observations for it.
-fn attach_labels(
-    opened: Result<Result<Arc<LabelService>, crate::labels::LabelError>, tokio::task::JoinError>,
-    config: &Config,
-    worker: &crate::worker::WorkerHandle,
-    history: &Arc<History>,
-    registry: &mut Registry,
-) -> Result<(Arc<LabelService>, LabelsRoute, LabelLink), ServeError> {
-    let unopened = |detail: String| {
-        ServeError::from(ConfigError::new("labels_store", "", format!("the label store cannot be opened: {detail}")))
-    };
-    let labels = opened.map_err(|e| unopened(e.to_string()))?.map_err(|e| unopened(e.to_string()))?;
-    labels.register_metrics(registry);
-    let route = LabelsRoute::new(labels.clone())
-        .map_err(|e| ServeError::from(ConfigError::new("labels.token_env", "", e.to_string())))?;
-    let link = LabelLink::spawn(
-        labels.clone(),
-        worker.hooks(),
-        FileSink::new(&config.output_dir),
-        Some(history.clone()),
-        Some(worker.model_gauges()),
-        registry,
-    );
-    Ok((labels, route, link))
+/// The label service once open: its route serves `/v1/labels` and its link records
+/// the worker's observations. A store that cannot open at start (Redis not reachable
+/// yet, a directory not writable) is retried in the background with a backoff while
+/// the proxy serves, and `/readyz` reports it on its monitoring line: monitoring state
+/// never stops serving.
+struct Labels {
+    route: PendingLabelsRoute,
+    service: std::sync::OnceLock<Arc<LabelService>>,
+    link: std::sync::Mutex<Option<LabelLink>>,
+    /// Why the store is not open, while it is not.
+    problem: std::sync::Mutex<String>,
+    counters: LabelCounters,
+    dropped: prometheus_client::metrics::counter::Counter,
+    hooks: crate::worker::Hooks,
+    files: FileSink,
+    history: Arc<History>,
+    gauges: crate::sinks::prometheus::ModelGauges,
+}
+
+/// The outcome of opening the label store, a task's panic included.
+type Opened = Result<Arc<LabelService>, String>;
+
+fn joined(result: Result<Result<Arc<LabelService>, crate::labels::LabelError>, tokio::task::JoinError>) -> Opened {
+    match result {
+        Ok(Ok(service)) => Ok(service),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("opening task failed: {e}")),
+    }
+}
+
+impl Labels {
+    /// Serves labels with an opened service from now on.
+    fn attach(&self, service: Arc<LabelService>) -> Result<(), String> {
+        let route = LabelsRoute::new(service.clone()).map_err(|e| e.to_string())?;
+        let link = LabelLink::spawn_counted(
+            service.clone(),
+            &self.hooks,
+            self.files.clone(),
+            Some(self.history.clone()),
+            Some(self.gauges.clone()),
+            self.dropped.clone(),
+        );
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+        self.route.open(route);
+        let _ = self.service.set(service);
+        Ok(())
+    }
+
+    /// What `/readyz` says of the label store.
+    fn health(&self) -> Option<String> {
+        match self.service.get() {
+            Some(service) => service.store_health(),
+            None => Some(self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+        }
+    }
+
+    fn set_problem(&self, problem: String) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+    }
+
+    /// Finishes opening the store (`opening`), or after it failed opens it again and
+    /// again, with a backoff, until it opens.
+    async fn open_later(
+        self: Arc<Self>,
+        opening: Result<tokio::task::JoinHandle<Result<Arc<LabelService>, crate::labels::LabelError>>, String>,
+        settings: LabelSettings,
+    ) {
+        let opened = match opening {
+            Ok(handle) => Self::bounded(handle).await.and_then(|service| self.attach(service)),
+            Err(problem) => Err(problem),
+        };
+        match opened {
+            Ok(()) => return,
+            Err(problem) => {
+                error!(message = "The label store cannot be opened; serving continues and it is retried.", %problem);
+                self.set_problem(format!("not open: {problem}; retrying"));
+            }
+        }
+        let mut backoff = LABEL_STORE_RETRY_FIRST;
+        loop {
+            tokio::time::sleep(backoff).await;
+            let opened =
+                Self::bounded(tokio::spawn(LabelService::open_counted(settings.clone(), self.counters.clone()))).await;
+            match opened.and_then(|service| self.attach(service)) {
+                Ok(()) => {
+                    info!(message = "Label store open; labels are joined from now on.");
+                    return;
+                }
+                Err(problem) => {
+                    warn!(message = "Label store still cannot be opened.", %problem, retry_in = ?backoff);
+                    self.set_problem(format!("not open: {problem}; retrying"));
+                }
+            }
+            backoff = (backoff * 2).min(LABEL_STORE_RETRY_MAX);
+        }
+    }
+
+    /// An attempt to open the store, given up after `LABEL_STORE_OPEN_TIMEOUT` (the
+    /// Redis client's own reconnection backoff can outlast the server's return).
+    async fn bounded(
+        mut handle: tokio::task::JoinHandle<Result<Arc<LabelService>, crate::labels::LabelError>>,
+    ) -> Opened {
+        match tokio::time::timeout(LABEL_STORE_OPEN_TIMEOUT, &mut handle).await {
+            Ok(result) => joined(result),
+            Err(_) => {
+                handle.abort();
+                Err(format!("not open within {LABEL_STORE_OPEN_TIMEOUT:?}"))
+            }
+        }
+    }
+
+    /// Records what is pending and stops the link, if the store ever opened.
+    async fn finish(&self) {
+        let link = self.link.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(link) = link {
+            link.finish().await;
+        }
+    }
 }
 
 /// Threads serving the proxy's listeners: one per core, as nginx runs one worker
@@ -321,9 +419,23 @@ pub async fn run(
     // The label store opens before the listeners serve when it can, so that the first
     // exchanges are recorded for their labels; one that takes longer (a large file to
     // convert, a slow Redis) finishes opening while the proxy already serves.
-    let mut opening = tokio::spawn(LabelService::open(LabelSettings::from(config.as_ref())));
-    let opened_early = match tokio::time::timeout(LABEL_STORE_WAIT, &mut opening).await {
-        Ok(opened) => Some(attach_labels(opened, &config, &worker, &history, registry)?),
+    let labels = Arc::new(Labels {
+        route: PendingLabelsRoute::default(),
+        service: std::sync::OnceLock::new(),
+        link: std::sync::Mutex::new(None),
+        problem: std::sync::Mutex::new("opening".to_string()),
+        counters: LabelCounters::default(),
+        dropped: LabelLink::register_dropped(registry),
+        hooks: worker.hooks().clone(),
+        files: FileSink::new(&config.output_dir),
+        history: history.clone(),
+        gauges: worker.model_gauges(),
+    });
+    labels.counters.register(registry);
+    let label_settings = LabelSettings::from(config.as_ref());
+    let mut opening = tokio::spawn(LabelService::open_counted(label_settings.clone(), labels.counters.clone()));
+    let label_problem = match tokio::time::timeout(LABEL_STORE_WAIT, &mut opening).await {
+        Ok(opened) => joined(opened).and_then(|service| labels.attach(service)).err().map(Some),
         Err(_) => None,
     };
 
@@ -385,20 +497,16 @@ pub async fn run(
         Box::new(move || (!history_loaded.load(std::sync::atomic::Ordering::Relaxed)).then(|| "loading".to_string())),
     );
 
-    let (labels, labels_route, label_link) = match opened_early {
-        Some(attached) => attached,
-        None => match attach_labels(opening.await, &config, &worker, &history, registry) {
-            Ok(attached) => attached,
-            Err(e) => {
-                let _ = stop.send(true);
-                for done in finished {
-                    let _ = done.await;
-                }
-                return Err(e);
-            }
-        },
+    // A store still opening, or that failed to open, is finished in the background.
+    let label_retry = match label_problem {
+        Some(None) => None,
+        Some(Some(problem)) => Some(tokio::spawn(labels.clone().open_later(Err(problem), label_settings))),
+        None => Some(tokio::spawn(labels.clone().open_later(Ok(opening), label_settings))),
     };
-    monitoring.add("label store", Box::new(move || labels.store_health()));
+    {
+        let labels = labels.clone();
+        monitoring.add("label store", Box::new(move || labels.health()));
+    }
     let delivery = match delivery_settings(&config) {
         Ok(Some(settings)) => match Delivery::spawn(settings, &config.output_dir, registry) {
             Ok(delivery) => Some(delivery),
@@ -421,7 +529,7 @@ pub async fn run(
     };
 
     let mut routes = routes;
-    routes.push(Arc::new(labels_route));
+    routes.push(Arc::new(labels.route.clone()));
     routes.extend(crate::admin::dashboard::routes(history.clone()));
     let admin = Arc::new(AdminServer::new(root, readiness, routes).with_monitoring(monitoring).with_token(admin_token));
     let admin_task = tokio::spawn(admin.serve(listeners.admin, stopped));
@@ -435,7 +543,10 @@ pub async fn run(
             let _ = done.await;
         }
         worker.finish().await;
-        label_link.finish().await;
+        if let Some(retry) = &label_retry {
+            retry.abort();
+        }
+        labels.finish().await;
         exchange_logs.finish().await;
     })
     .await;

@@ -51,7 +51,8 @@ impl Instance {
         let config = dir.path().join("mltap.toml");
         std::fs::write(
             &config,
-            "[monitor]\ngrace_seconds = 1\nreference_buckets = 1\n[fleet]\nsettle_seconds = 2\nlease_seconds = 2\n",
+            "[monitor]\ngrace_seconds = 1\nreference_buckets = 1\n[fleet]\nsettle_seconds = 2\nlease_seconds = 2\n\
+             [labels]\nallow_unauthenticated = true\n",
         )
         .unwrap();
         let (grpc_port, rest_port, admin_port) = (free_port(), free_port(), free_port());

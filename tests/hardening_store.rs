@@ -14,6 +14,16 @@ use support::fake_tfserving::{rest_fixtures, FakeTfServing};
 /// A REST predict through mltap with this request id; its status.
 async fn predict(mltap: &Serve, id: &str) -> Option<u16> {
     let fixture = rest_fixtures().into_iter().find(|f| f.status == 200 && f.path.ends_with(":predict")).unwrap();
+    post_predict(mltap, id, fixture).await
+}
+
+/// A classifier's REST predict (iris, 3 classes), whose rows are recorded for labels.
+async fn predict_classifier(mltap: &Serve, id: &str) -> Option<u16> {
+    let fixture = rest_fixtures().into_iter().find(|f| f.name == "row_single_input").unwrap();
+    post_predict(mltap, id, fixture).await
+}
+
+async fn post_predict(mltap: &Serve, id: &str, fixture: support::fake_tfserving::RestFixture) -> Option<u16> {
     let head = format!(
         "POST {} HTTP/1.1\r\nHost: mltap\r\nx-request-id: {id}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         fixture.path,
@@ -206,4 +216,73 @@ async fn the_label_store_recovers_after_a_disk_full_and_says_so_meanwhile() {
     let stderr = mltap.stderr().await;
     assert!(stderr.contains("Label store failed; closing it to reopen"), "{stderr}");
     assert!(stderr.contains("Label store open."), "{stderr}");
+}
+
+/// A `redis-server` on a given port, killed when dropped.
+struct RedisOnPort(std::process::Child);
+
+impl RedisOnPort {
+    fn start(port: u16) -> RedisOnPort {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/test installs it)");
+        RedisOnPort(child)
+    }
+}
+
+impl Drop for RedisOnPort {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_redis_label_store_not_reachable_at_start_is_retried_while_serving() {
+    let fake = FakeTfServing::start().await;
+    let out = tempfile::tempdir().unwrap();
+    let redis_port = hardening_support::free_port().port();
+    let store = format!("redis://127.0.0.1:{redis_port}");
+    let mut options = ServeOptions::new(fake.grpc_url(), fake.rest_url(), out.path());
+    options.config = Some(OPEN_LABELS);
+    options.args = vec!["--labels-store", &store];
+    let mut mltap = Serve::start(options).await;
+
+    // No Redis: mltap serves, says monitoring is degraded, and refuses labels for now.
+    assert_eq!(predict(&mltap, "before-redis").await, Some(200));
+    let (status, ready) = get(format!("{}/readyz", mltap.admin_url())).await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.contains("monitoring: degraded") && ready.contains("label store"), "{ready}");
+    assert_eq!(post_labels(&mltap, &["before-redis:0".to_string()]).await.0, 503);
+
+    // Redis comes up: the store opens within the retry backoff, and predictions made
+    // from then on join their labels.
+    let _redis = RedisOnPort::start(redis_port);
+    let mut open = false;
+    for _ in 0..400 {
+        if post_labels(&mltap, &["nothing".to_string()]).await.0 == 200 {
+            open = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(open, "the label store opens once Redis is reachable\n{}", mltap.stderr().await);
+    assert_eq!(predict_classifier(&mltap, "after-redis").await, Some(200));
+    let mut accepted = String::new();
+    for _ in 0..100 {
+        let (status, body) = post_labels(&mltap, &["after-redis:0".to_string()]).await;
+        assert_eq!(status, 200, "{body}");
+        if body.contains("\"accepted\":1") || body.contains("\"accepted\": 1") {
+            accepted = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!accepted.is_empty(), "a prediction made after the store opened joins its label");
+    let (_, ready) = get(format!("{}/readyz", mltap.admin_url())).await;
+    assert!(ready.contains("monitoring: ok"), "{ready}");
+    let (_, metrics) = get(format!("{}/metrics", mltap.admin_url())).await;
+    assert!(metric(&metrics, "mltap_labels_accepted_total").is_some_and(|v| v >= 1.0), "{metrics}");
 }

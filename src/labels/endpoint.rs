@@ -306,6 +306,39 @@ fn too_large(limit: usize) -> AdminResponse {
     error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body is larger than labels.max_body_bytes ({limit} bytes)"))
 }
 
+/// `/v1/labels` while the label store may not be open yet: 503 until the route is
+/// set once the store opened (`mltap serve` retries opening it in the background).
+#[derive(Clone, Default)]
+pub struct PendingLabelsRoute {
+    route: Arc<std::sync::OnceLock<LabelsRoute>>,
+}
+
+impl PendingLabelsRoute {
+    /// Serves label posts from now on.
+    pub fn open(&self, route: LabelsRoute) {
+        let _ = self.route.set(route);
+    }
+}
+
+impl AdminRoute for PendingLabelsRoute {
+    fn matches(&self, _method: &Method, path: &str) -> bool {
+        path == LABELS_PATH
+    }
+
+    fn call(&self, request: AdminRequest) -> AdminFuture {
+        match self.route.get() {
+            Some(route) => route.call(request),
+            None => {
+                let response = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the label store is not open yet; mltap retries opening it (see /readyz)",
+                );
+                Box::pin(async move { response })
+            }
+        }
+    }
+}
+
 impl AdminRoute for LabelsRoute {
     fn matches(&self, _method: &Method, path: &str) -> bool {
         path == LABELS_PATH

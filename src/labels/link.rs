@@ -90,13 +90,31 @@ impl LabelLink {
         gauges: Option<ModelGauges>,
         registry: &mut Registry,
     ) -> LabelLink {
-        let (tx, mut rx) = mpsc::channel(PENDING_OBSERVATIONS);
+        Self::spawn_counted(labels, hooks, files, history, gauges, Self::register_dropped(registry))
+    }
+
+    /// Registers the count of observations not recorded because recording fell
+    /// behind, for `spawn_counted`.
+    pub fn register_dropped(registry: &mut Registry) -> Counter {
         let dropped = Counter::default();
         registry.register(
             "label_record_dropped",
             "Observations not recorded for labels because recording fell behind",
             dropped.clone(),
         );
+        dropped
+    }
+
+    /// `spawn`, counting into a counter registered beforehand (`register_dropped`).
+    pub fn spawn_counted(
+        labels: Arc<LabelService>,
+        hooks: &crate::worker::Hooks,
+        files: FileSink,
+        history: Option<Arc<History>>,
+        gauges: Option<ModelGauges>,
+        dropped: Counter,
+    ) -> LabelLink {
+        let (tx, mut rx) = mpsc::channel(PENDING_OBSERVATIONS);
         hooks.add_observation_listener(Arc::new(ObservationFeed { labels: labels.clone(), tx, dropped }));
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {

@@ -24,7 +24,9 @@ use crate::units::MIB;
 use serde::Deserialize;
 
 pub use endpoint::LabelsRoute;
-pub use service::{DueBucket, IngestOutcome, LabelError, LabelService, LabelSettings, PreparedRecord, Rejected};
+pub use service::{
+    DueBucket, IngestOutcome, LabelCounters, LabelError, LabelService, LabelSettings, PreparedRecord, Rejected,
+};
 pub use store::StoreError;
 
 /// Where the join store for labels lives (`labels_store`).

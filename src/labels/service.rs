@@ -152,9 +152,11 @@ pub enum LabelError {
     MissingToken(String),
 }
 
-/// Counters for `/metrics`, process-local.
+/// The label service's counters for `/metrics`, process-local. Registered before the
+/// store opens (`LabelService::open_counted`), so that they are on `/metrics` even
+/// while a store that could not open yet is retried.
 #[derive(Debug, Clone, Default)]
-struct Counters {
+pub struct LabelCounters {
     /// Prediction rows written to the store.
     recorded: Counter,
     /// Labels joined (late ones included).
@@ -190,7 +192,7 @@ pub struct LabelService {
     /// Models whose name may attribute an unmatched label: configured or recorded.
     known_models: Mutex<HashSet<String>>,
     /// Process-local counters for `/metrics`.
-    counters: Counters,
+    counters: LabelCounters,
     /// Store evictions, failed rows and corrupt files already added to the counters,
     /// to add only the difference.
     store_counts_seen: Mutex<(u64, u64, u64)>,
@@ -206,6 +208,14 @@ fn epoch_ms(t: SystemTime) -> i64 {
 impl LabelService {
     /// Opens the configured store (creating the embedded file, or connecting to Redis).
     pub async fn open(settings: LabelSettings) -> Result<Arc<LabelService>, LabelError> {
+        Self::open_counted(settings, LabelCounters::default()).await
+    }
+
+    /// `open`, counting into counters registered beforehand.
+    pub async fn open_counted(
+        settings: LabelSettings,
+        counters: LabelCounters,
+    ) -> Result<Arc<LabelService>, LabelError> {
         let labels = &settings.labels;
         let store: Box<dyn LabelStore> = match &settings.store {
             LabelsStoreConfig::Embedded => Box::new(EmbeddedStore::open(
@@ -228,7 +238,7 @@ impl LabelService {
             streams: Mutex::new(HashMap::new()),
             prepared_streams: Mutex::new(HashMap::new()),
             known_models: Mutex::new(known_models),
-            counters: Counters::default(),
+            counters,
             // A file set aside at start counts: the counter starts at zero.
             store_counts_seen: Mutex::new((stats.evictions, stats.failed_rows, 0)),
         }))
@@ -702,7 +712,14 @@ impl LabelService {
 
     /// Registers the service's counters with the admin server's registry.
     pub fn register_metrics(&self, registry: &mut Registry) {
-        let c = &self.counters;
+        self.counters.register(registry);
+    }
+}
+
+impl LabelCounters {
+    /// Registers the counters with the admin server's registry.
+    pub fn register(&self, registry: &mut Registry) {
+        let c = self;
         registry.register("label_rows_recorded", "Prediction rows recorded for label joins", c.recorded.clone());
         registry.register("labels_accepted", "Labels joined to a prediction", c.accepted.clone());
         registry.register("labels_unmatched", "Labels matching no known prediction", c.unmatched.clone());

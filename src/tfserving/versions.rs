@@ -41,7 +41,8 @@ impl VersionSource {
             timeout: Duration::from_secs(2),
             refresh_after: Duration::from_secs(30),
             retry_after: Duration::from_secs(30),
-            first_wait: Duration::from_secs(1),
+            // A status request answers in milliseconds; a busy machine may need more.
+            first_wait: Duration::from_secs(3),
             max_models: 10_000,
         }
     }
@@ -49,8 +50,8 @@ impl VersionSource {
 
 #[derive(Debug, Clone, Copy)]
 enum Entry {
-    /// Asked for; no answer yet.
-    Pending,
+    /// Asked for; no answer yet. Calls of the model wait for it until this instant.
+    Pending(Instant),
     /// The served version, as of `fetched`; `refreshing` while a newer fetch is asked,
     /// so that a model's calls ask for one refresh, not one each.
     Known { version: i64, fetched: Instant, refreshing: bool },
@@ -131,7 +132,9 @@ impl ServedVersions {
                 }
                 return Some(version);
             }
-            Some(Entry::Pending) => return None,
+            // Another decode thread asked first: wait for the same answer, so that no
+            // call of the model's first moments goes to a versionless stream.
+            Some(Entry::Pending(deadline)) => return self.wait(model, entries, deadline),
             Some(Entry::Failed(retry_at)) if Instant::now() < retry_at => return None,
             Some(Entry::Failed(_)) => {}
             None if entries.len() >= inner.max_models => return None,
@@ -140,10 +143,21 @@ impl ServedVersions {
         if !self.ask(model) {
             return None;
         }
-        entries.insert(model.to_string(), Entry::Pending);
-        // The first call of a model waits for the first answer, so that a model's
+        // The first calls of a model wait for the first answer, so that a model's
         // first bucket is not split between a versioned and a versionless stream.
         let deadline = Instant::now() + inner.first_wait;
+        entries.insert(model.to_string(), Entry::Pending(deadline));
+        self.wait(model, entries, deadline)
+    }
+
+    /// Waits until `model`'s version is answered, or `deadline`.
+    fn wait(
+        &self,
+        model: &str,
+        mut entries: std::sync::MutexGuard<'_, HashMap<String, Entry>>,
+        deadline: Instant,
+    ) -> Option<i64> {
+        let inner = &*self.inner;
         loop {
             let now = Instant::now();
             if now >= deadline {
