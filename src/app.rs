@@ -434,8 +434,9 @@ pub async fn run(
     labels.counters.register(registry);
     let label_settings = LabelSettings::from(config.as_ref());
     let mut opening = tokio::spawn(LabelService::open_counted(label_settings.clone(), labels.counters.clone()));
+    // None: still opening; Some(None): open; Some(Some(problem)): it failed.
     let label_problem = match tokio::time::timeout(LABEL_STORE_WAIT, &mut opening).await {
-        Ok(opened) => joined(opened).and_then(|service| labels.attach(service)).err().map(Some),
+        Ok(opened) => Some(joined(opened).and_then(|service| labels.attach(service)).err()),
         Err(_) => None,
     };
 

@@ -285,4 +285,31 @@ async fn a_redis_label_store_not_reachable_at_start_is_retried_while_serving() {
     assert!(ready.contains("monitoring: ok"), "{ready}");
     let (_, metrics) = get(format!("{}/metrics", mltap.admin_url())).await;
     assert!(metric(&metrics, "mltap_labels_accepted_total").is_some_and(|v| v >= 1.0), "{metrics}");
+    let stderr = mltap.stderr().await;
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_label_store_that_opens_at_start_serves_labels_without_a_fault() {
+    let fake = FakeTfServing::start().await;
+    let out = tempfile::tempdir().unwrap();
+    let mut options = ServeOptions::new(fake.grpc_url(), fake.rest_url(), out.path());
+    options.config = Some(OPEN_LABELS);
+    let mut mltap = Serve::start(options).await;
+    assert_eq!(predict_classifier(&mltap, "at-start").await, Some(200));
+    let mut accepted = false;
+    for _ in 0..100 {
+        let (status, body) = post_labels(&mltap, &["at-start:0".to_string()]).await;
+        assert_eq!(status, 200, "{body}");
+        if body.contains("\"accepted\":1") {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(accepted, "the first exchange joins its label");
+    let (_, ready) = get(format!("{}/readyz", mltap.admin_url())).await;
+    assert!(ready.contains("monitoring: ok"), "{ready}");
+    let stderr = mltap.stderr().await;
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
