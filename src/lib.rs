@@ -22,6 +22,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod file_names;
 pub mod fleet;
 pub mod labels;
 pub mod logging;

@@ -359,17 +359,10 @@ fn close_leftover(path: &Path) -> std::io::Result<PathBuf> {
     Ok(closed)
 }
 
-/// A folder name for a model name that clients chose: no separators, no `..`.
+/// A folder name for a model name that clients chose: the same injective encoding as
+/// the Anodot files' directories (`file_names::fs_safe_name`).
 pub fn folder_name(model: &str) -> String {
-    let mut name: String = model
-        .chars()
-        .take(100)
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') { c } else { '_' })
-        .collect();
-    if name.is_empty() || name.starts_with('.') {
-        name.insert(0, '_');
-    }
-    name
+    crate::file_names::fs_safe_name(model)
 }
 
 #[cfg(test)]
@@ -468,9 +461,11 @@ mod tests {
 
     #[test]
     fn model_names_cannot_leave_the_folder() {
-        assert_eq!(folder_name("../../etc"), "_.._.._etc");
-        assert_eq!(folder_name(""), "_");
+        assert_eq!(folder_name("../../etc"), "..%2F..%2Fetc");
+        assert_eq!(folder_name(""), "%");
         assert_eq!(folder_name("churn-v2.1"), "churn-v2.1");
-        assert_eq!(folder_name("a/b"), "a_b");
+        // Distinct names get distinct folders.
+        assert_eq!(folder_name("a/b"), "a%2Fb");
+        assert_ne!(folder_name("a/b"), folder_name("a\nb"));
     }
 }
