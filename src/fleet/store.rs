@@ -60,10 +60,45 @@ redis.call('DEL', KEYS[3], KEYS[1])
 return 1
 "#;
 
+/// A connection to one Redis or a Redis Cluster; the fleet and the labels' Redis
+/// store both open theirs with `Connection::open`.
 #[derive(Clone)]
-enum Connection {
+pub enum Connection {
+    /// One Redis: reconnects by itself, pipelines concurrent requests.
     Single(ConnectionManager),
+    /// A cluster: routes each command to its slot's node.
     Cluster(ClusterConnection),
+}
+
+impl Connection {
+    /// Connects to one Redis (one URL) or a cluster (several node URLs).
+    pub async fn open(nodes: &[String]) -> Result<Connection, RedisError> {
+        Ok(match nodes {
+            [] => return Err(RedisError::from((ErrorKind::InvalidClientConfig, "no Redis address given"))),
+            [url] => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(REDIS_TIMEOUT)
+                    .set_response_timeout(REDIS_TIMEOUT);
+                Connection::Single(ConnectionManager::new_with_config(client, config).await?)
+            }
+            many => {
+                let client = redis::cluster::ClusterClient::builder(many.to_vec())
+                    .connection_timeout(REDIS_TIMEOUT)
+                    .response_timeout(REDIS_TIMEOUT)
+                    .build()?;
+                Connection::Cluster(client.get_async_connection().await?)
+            }
+        })
+    }
+
+    /// Runs one command on whichever kind of connection this is.
+    pub async fn query<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, RedisError> {
+        match self.clone() {
+            Connection::Single(mut c) => cmd.query_async(&mut c).await,
+            Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
+        }
+    }
 }
 
 /// The outcome of a claim.
@@ -93,24 +128,7 @@ fn redis_error(e: RedisError) -> String {
 impl FleetStore {
     /// Connects to one Redis (one URL) or a cluster (several node URLs).
     pub async fn connect(nodes: &[String], prefix: &str) -> Result<FleetStore, String> {
-        let connection = match nodes {
-            [] => return Err("no Redis address given".into()),
-            [url] => {
-                let client = redis::Client::open(url.as_str()).map_err(redis_error)?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(REDIS_TIMEOUT)
-                    .set_response_timeout(REDIS_TIMEOUT);
-                Connection::Single(ConnectionManager::new_with_config(client, config).await.map_err(redis_error)?)
-            }
-            many => {
-                let client = redis::cluster::ClusterClient::builder(many.to_vec())
-                    .connection_timeout(REDIS_TIMEOUT)
-                    .response_timeout(REDIS_TIMEOUT)
-                    .build()
-                    .map_err(redis_error)?;
-                Connection::Cluster(client.get_async_connection().await.map_err(redis_error)?)
-            }
-        };
+        let connection = Connection::open(nodes).await.map_err(redis_error)?;
         Ok(FleetStore { connection, prefix: prefix.to_string() })
     }
 
@@ -130,11 +148,7 @@ impl FleetStore {
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, String> {
-        match self.connection.clone() {
-            Connection::Single(mut c) => cmd.query_async(&mut c).await,
-            Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
-        }
-        .map_err(redis_error)
+        self.connection.query(cmd).await.map_err(redis_error)
     }
 
     /// `EVALSHA`, falling back to `EVAL` when the node does not know the script yet.
@@ -148,10 +162,7 @@ impl FleetStore {
             }
             cmd
         };
-        let first = match self.connection.clone() {
-            Connection::Single(mut c) => build("EVALSHA", script.get_hash()).query_async::<T>(&mut c).await,
-            Connection::Cluster(mut c) => build("EVALSHA", script.get_hash()).query_async::<T>(&mut c).await,
-        };
+        let first = self.connection.query::<T>(build("EVALSHA", script.get_hash())).await;
         match first {
             Err(e) if e.kind() == ErrorKind::NoScriptError => self.query(build("EVAL", source)).await,
             other => other.map_err(redis_error),

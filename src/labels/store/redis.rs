@@ -32,11 +32,10 @@
 //! batch of labels in one call. This store never scans keys.
 
 use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
+use crate::fleet::store::Connection;
 use crate::labels::aggregate::{F_CLAIMED, F_PREDICTED};
 use crate::labels::record::{BucketId, ExchangeRecord, PendingRow, RowRef, StreamMeta};
 use futures_util::future::try_join_all;
-use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, Script};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -167,9 +166,6 @@ return 1
 /// claim it (the claimer died before confirming its emission).
 pub const CLAIM_LEASE_MS: i64 = 10_000;
 
-/// How long a connection attempt or a reply may take: a Redis that hangs must turn
-/// label posts into 503s, not into requests that never end.
-const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Records waiting for the writer task before `record` waits for room: a bound on
 /// the memory of rows not yet in Redis (a few MiB of 64-row exchanges).
 const WRITER_QUEUE_RECORDS: usize = 8192;
@@ -179,14 +175,6 @@ const WRITER_CHUNK_RECORDS: usize = 1024;
 const TAKE_CALL_KEYS: usize = 1000;
 /// Buckets claimed per `claim_due` call at most; the rest wait for the next tick.
 const CLAIM_BATCH: isize = 1000;
-
-#[derive(Clone)]
-enum Connection {
-    /// One Redis: reconnects by itself, pipelines concurrent requests.
-    Single(ConnectionManager),
-    /// A cluster: routes each command to its slot's node.
-    Cluster(ClusterConnection),
-}
 
 /// The Redis-backed store: a handle over the shared connection and the task that
 /// writes recorded rows behind the worker's back.
@@ -236,24 +224,7 @@ fn redis_error(e: RedisError) -> StoreError {
 impl RedisStore {
     /// Connects to one Redis (one URL) or a cluster (several node URLs).
     pub async fn connect(nodes: &[String], prefix: &str, auc_cap: usize) -> Result<RedisStore, StoreError> {
-        let connection = match nodes {
-            [] => return Err(StoreError::Redis("no Redis address given".into())),
-            [url] => {
-                let client = redis::Client::open(url.as_str()).map_err(redis_error)?;
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(REDIS_TIMEOUT)
-                    .set_response_timeout(REDIS_TIMEOUT);
-                Connection::Single(ConnectionManager::new_with_config(client, config).await.map_err(redis_error)?)
-            }
-            many => {
-                let client = redis::cluster::ClusterClient::builder(many.to_vec())
-                    .connection_timeout(REDIS_TIMEOUT)
-                    .response_timeout(REDIS_TIMEOUT)
-                    .build()
-                    .map_err(redis_error)?;
-                Connection::Cluster(client.get_async_connection().await.map_err(redis_error)?)
-            }
-        };
+        let connection = Connection::open(nodes).await.map_err(redis_error)?;
         let shared = Arc::new(Shared {
             connection,
             prefix: prefix.to_string(),
@@ -329,10 +300,7 @@ impl Shared {
     }
 
     async fn query_raw<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, RedisError> {
-        match self.connection.clone() {
-            Connection::Single(mut c) => cmd.query_async(&mut c).await,
-            Connection::Cluster(mut c) => cmd.query_async(&mut c).await,
-        }
+        self.connection.query(cmd).await
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
