@@ -552,31 +552,82 @@ impl CaptureReceiver {
         Some(exchange)
     }
 
-    /// The next exchange of either lane, count records first; None once every sender
-    /// is gone and both lanes are empty.
-    pub async fn recv_any(&mut self) -> Option<Exchange> {
-        tokio::select! {
-            biased;
-            Some(exchange) = self.count_rx.recv() => {
-                self.release_count(&exchange);
-                Some(exchange)
-            }
-            Some(exchange) = self.rx.recv() => {
-                self.release(&exchange);
-                Some(exchange)
-            }
-            else => None,
-        }
-    }
-
     fn release(&self, exchange: &Exchange) {
-        self.stats.depth.fetch_sub(1, Ordering::AcqRel);
-        self.stats.depth_bytes.fetch_sub(exchange.captured_bytes(), Ordering::AcqRel);
+        Lane::Sampled.release(&self.stats, exchange);
     }
 
     fn release_count(&self, exchange: &Exchange) {
-        self.stats.count_depth.fetch_sub(1, Ordering::AcqRel);
-        self.stats.count_depth_bytes.fetch_sub(exchange.captured_bytes() + RECORD_OVERHEAD_BYTES, Ordering::AcqRel);
+        Lane::Count.release(&self.stats, exchange);
+    }
+
+    /// The queue's counters.
+    pub fn stats(&self) -> &Arc<CaptureStats> {
+        &self.stats
+    }
+
+    /// Splits the queue into its two lanes, `(sampled, count)`, so that each is taken
+    /// by its own threads: the threads of one lane never wait on a lock the other's
+    /// hold, whatever their scheduling priorities.
+    pub fn into_lanes(self) -> (LaneReceiver, LaneReceiver) {
+        let CaptureReceiver { rx, count_rx, stats } = self;
+        (
+            LaneReceiver { rx, stats: stats.clone(), lane: Lane::Sampled },
+            LaneReceiver { rx: count_rx, stats, lane: Lane::Count },
+        )
+    }
+}
+
+/// Which lane a `LaneReceiver` takes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Sampled,
+    Count,
+}
+
+impl Lane {
+    /// Gives back what a taken exchange held of the lane's depth and bytes.
+    fn release(self, stats: &CaptureStats, exchange: &Exchange) {
+        match self {
+            Lane::Sampled => {
+                stats.depth.fetch_sub(1, Ordering::AcqRel);
+                stats.depth_bytes.fetch_sub(exchange.captured_bytes(), Ordering::AcqRel);
+            }
+            Lane::Count => {
+                stats.count_depth.fetch_sub(1, Ordering::AcqRel);
+                stats.count_depth_bytes.fetch_sub(exchange.captured_bytes() + RECORD_OVERHEAD_BYTES, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// Why a lane gave no exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneEmpty {
+    /// Nothing is waiting now.
+    Empty,
+    /// Nothing is waiting and every sender is gone: nothing will come.
+    Closed,
+}
+
+/// One lane of the capture queue, as the worker takes it (see `into_lanes`).
+#[derive(Debug)]
+pub struct LaneReceiver {
+    rx: mpsc::Receiver<Exchange>,
+    stats: Arc<CaptureStats>,
+    lane: Lane,
+}
+
+impl LaneReceiver {
+    /// The next exchange waiting in this lane, without waiting.
+    pub fn try_recv(&mut self) -> Result<Exchange, LaneEmpty> {
+        match self.rx.try_recv() {
+            Ok(exchange) => {
+                self.lane.release(&self.stats, &exchange);
+                Ok(exchange)
+            }
+            Err(mpsc::error::TryRecvError::Empty) => Err(LaneEmpty::Empty),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(LaneEmpty::Closed),
+        }
     }
 
     /// The queue's counters.

@@ -2,30 +2,39 @@
 //! observations, feeds the monitoring engine, and hands each closed bucket to the
 //! Anodot files, the Prometheus model gauges and any attached listeners.
 //!
-//! It runs on its own threads, never on the proxy's runtime: one thread moves
-//! exchanges from the capture queue (in batches every 20 ms, so that the hot path
-//! never has to wake it) to a pool of decode threads, which hand each
-//! decoded exchange to the aggregation (monitor) thread of its model. Each monitor
-//! thread owns an engine for its share of the models (so a model's streams and files
-//! stay on one thread), ticks every 250 ms (or a quarter of the bucket width if
-//! shorter), closes due buckets and writes their files.
+//! It runs on its own threads, never on the proxy's runtime. Each lane of the capture
+//! queue has its own decode threads, which take what has queued up in batches and
+//! sleep a short tick when the lane is empty (so that the hot path never has to wake
+//! them), and hand each batch of decoded exchanges to the aggregation (monitor) thread
+//! of its model. Each monitor thread owns an engine for its share of the models (so a
+//! model's streams and files stay on one thread), ticks every 250 ms (or a quarter of
+//! the bucket width if shorter), closes due buckets and writes their files.
 //!
-//! The capture thread takes the count lane first and whole (count records are small
-//! and cheap: their response only is decoded), then sampled exchanges only while the
-//! decode threads have room, so that a backlog stays in the sampled lane, where it
-//! lowers the proxy's keep-probability. When the worker falls behind, the proxy sheds
-//! statistics by uniform sampling and keeps the counts exact (`capture` module): the
-//! worker never slows the proxy down. On `finish`, it drains both lanes, flushes the
-//! open buckets, writes their files and returns.
+//! What must be exact and what may be sampled run at different priorities:
+//! - the **count threads** (`mltap-count-N`) take count records: only their response
+//!   is decoded, for the request, row and class counts and the label join. They run at
+//!   the normal priority, so they keep up with whatever the proxy serves.
+//! - the **statistics threads** (`mltap-decode-N`) take sampled exchanges, whose
+//!   requests are decoded for feature statistics. They run in the background
+//!   (`monitor.statistics_priority`, Linux `SCHED_IDLE`): on CPU time nothing else
+//!   wants. When they fall behind, the sampled lane fills, the proxy lowers its
+//!   keep-probability and sends more exchanges to the count lane (`capture` module):
+//!   statistics get sampled more thinly, counts stay exact, and monitoring never takes
+//!   CPU from serving for what it may estimate.
+//!
+//! On `finish`, the decode threads drain their lanes, the monitor threads flush the
+//! open buckets and write their files, and it returns.
 //!
 //! Other components attach through two hooks, called on the monitor threads (so
 //! they must be quick, thread-safe, and hand heavy work to their own threads):
 //! `BucketListener` sees every closed bucket after its file is written,
 //! `ObservationListener` sees every decoded observation with the start of its bucket.
 
-use crate::capture::{CaptureReceiver, CaptureStats, Exchange};
+use crate::capture::{CaptureReceiver, CaptureStats, Exchange, LaneEmpty, LaneReceiver, Protocol};
 use crate::fleet::{Fleet, FleetSettings};
-use crate::monitor::{BucketState, ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet};
+use crate::monitor::{
+    BucketState, ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet, StatisticsPriority,
+};
 use crate::sinks::files::FileSink;
 use crate::sinks::prometheus::ModelGauges;
 use crate::tfserving::{
@@ -38,24 +47,32 @@ use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-/// How often the capture thread takes what has queued up. It does not wait in `recv`:
-/// a parked receiver makes every `offer` on the proxy's hot path wake this thread
-/// (a futex write per exchange), which costs proxy throughput.
-const CAPTURE_TICK: Duration = Duration::from_millis(20);
-/// At shutdown, how long the queue may stay empty before the worker stops taking.
+/// How long a decode thread sleeps when its lane is empty. It does not wait in a
+/// blocking `recv`: a parked receiver makes every `offer` on the proxy's hot path wake
+/// a thread (a futex write per exchange), which costs proxy throughput.
+const LANE_TICK: Duration = Duration::from_millis(20);
+/// The same while finishing, when the last exchanges are drained.
+const FINISH_TICK: Duration = Duration::from_millis(5);
+/// At shutdown, how long a lane may stay empty before its threads stop taking.
 const FINISH_IDLE: Duration = Duration::from_millis(200);
-/// Exchanges waiting between the capture thread and the decode threads; small, since
-/// the capture queue in front of it is the buffer that counts drops.
-const DECODE_HANDOFF: usize = 32;
-/// Decoded exchanges waiting for the monitor thread; each holds its decoded columns
-/// (a 64 × 100 float batch is 50 KiB), so this stays small.
-const MONITOR_HANDOFF: usize = 16;
+/// Count records a count thread takes per batch; each crosses to its monitor thread
+/// in one hand-off (one wake-up per batch, not per exchange).
+const COUNT_BATCH: usize = 64;
+/// Sampled exchanges a statistics thread takes per batch: few, since each decoded one
+/// holds its columns (a 64 × 100 float batch is 50 KiB).
+const SAMPLED_BATCH: usize = 4;
+/// Decoded batches waiting for a monitor thread; with the batch sizes above this
+/// bounds what waits between decode and aggregation to 16 sampled exchanges and a
+/// few hundred count records' outputs.
+const MONITOR_HANDOFF: usize = 4;
+/// How often an aggregation thread waiting for count records looks for sampled ones.
+const SAMPLED_POLL: Duration = Duration::from_millis(5);
 /// How long one signature fetch from TF Serving may take.
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause between two ticks of the monitor thread.
@@ -198,9 +215,9 @@ impl WorkerSettings {
 pub struct WorkerHandle {
     /// Listeners, shared with the monitor thread.
     hooks: Hooks,
-    /// Tells the capture thread to drain the queue and stop.
-    stop: Arc<tokio::sync::Notify>,
-    /// Capture, decode and monitor threads, joined by `finish`.
+    /// Tells the decode threads to drain their lanes and stop.
+    stop: Arc<AtomicBool>,
+    /// Decode and monitor threads, joined by `finish`.
     threads: Vec<JoinHandle<()>>,
     /// The fleet, finished after the monitor threads handed it their last buckets.
     fleet: Option<Fleet>,
@@ -224,27 +241,24 @@ pub fn spawn_with(
     gauges.register(registry);
     let metrics = WorkerMetrics::default();
     metrics.register(registry);
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop = Arc::new(AtomicBool::new(false));
     let capture_stats = receiver.stats().clone();
-
-    let (exchange_tx, exchange_rx) = mpsc::sync_channel::<Exchange>(DECODE_HANDOFF);
-    let exchange_rx = Arc::new(Mutex::new(exchange_rx));
+    let (sampled_lane, count_lane) = receiver.into_lanes();
+    let (sampled_lane, count_lane) = (Arc::new(Mutex::new(sampled_lane)), Arc::new(Mutex::new(count_lane)));
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
     let pick = |configured: usize| if configured == 0 { cores } else { configured };
     let (decoders, shards) = (pick(config.monitor.decode_threads), pick(config.monitor.aggregation_threads));
-    let mut to_shards = Vec::with_capacity(shards);
+    let (mut counts_to_shards, mut sampled_to_shards) = (Vec::with_capacity(shards), Vec::with_capacity(shards));
     let mut shard_inputs = Vec::with_capacity(shards);
     for _ in 0..shards {
-        let (tx, rx) = mpsc::sync_channel::<Decoded>(MONITOR_HANDOFF);
-        to_shards.push(tx);
-        shard_inputs.push(rx);
+        let (counts_tx, counts) = mpsc::sync_channel::<Vec<Decoded>>(MONITOR_HANDOFF);
+        let (sampled_tx, sampled) = mpsc::sync_channel::<Vec<Decoded>>(MONITOR_HANDOFF);
+        counts_to_shards.push(counts_tx);
+        sampled_to_shards.push(sampled_tx);
+        shard_inputs.push(ShardInput { counts, sampled });
     }
-    let to_shards = Arc::new(to_shards);
+    let (counts_to_shards, sampled_to_shards) = (Arc::new(counts_to_shards), Arc::new(sampled_to_shards));
     let mut threads = Vec::new();
-
-    let stop_capture = stop.clone();
-    let received = metrics.received.clone();
-    threads.extend(spawn_thread("mltap-capture", move || capture_loop(receiver, exchange_tx, stop_capture, received)));
 
     let mut decoder = Decoder::new(config.models.clone()).with_limits(DecodeLimits::default());
     // The signature fetcher (names of unnamed REST inputs) is a task on the caller's
@@ -259,11 +273,29 @@ pub fn spawn_with(
         decoder = decoder.with_versions(ServedVersions::spawn(VersionSource::new(config.rest_upstream.clone())));
     }
     let decoder = Arc::new(decoder);
+    let background = config.monitor.statistics_priority == StatisticsPriority::Background;
     for i in 0..decoders {
-        let (rx, tx, decoder) = (exchange_rx.clone(), to_shards.clone(), decoder.clone());
-        threads.extend(spawn_thread(&format!("mltap-decode-{i}"), move || decode_loop(&decoder, &rx, &tx)));
+        for (lane, to_shards, name, batch, in_background) in [
+            (&count_lane, &counts_to_shards, format!("mltap-count-{i}"), COUNT_BATCH, false),
+            (&sampled_lane, &sampled_to_shards, format!("mltap-decode-{i}"), SAMPLED_BATCH, background),
+        ] {
+            let decode = LaneDecoder {
+                lane: lane.clone(),
+                batch,
+                decoder: decoder.clone(),
+                to_shards: to_shards.clone(),
+                stop: stop.clone(),
+                received: metrics.received.clone(),
+            };
+            threads.extend(spawn_thread(&name, move || {
+                if in_background {
+                    run_in_background();
+                }
+                decode.run();
+            }));
+        }
     }
-    drop(to_shards);
+    drop((counts_to_shards, sampled_to_shards));
 
     let emitter = Emitter {
         files: FileSink::new(&config.output_dir),
@@ -343,7 +375,7 @@ impl WorkerHandle {
 
     /// `finish` for callers outside an async context.
     pub fn finish_blocking(self) {
-        self.stop.notify_one();
+        self.stop.store(true, Ordering::Release);
         for thread in self.threads {
             if thread.join().is_err() {
                 tracing::error!(message = "A worker thread panicked before shutdown.");
@@ -355,113 +387,132 @@ impl WorkerHandle {
     }
 }
 
-/// Moves exchanges from the capture queue to the decode threads, in batches on a
-/// short tick, until stopped; then drains the queue.
-fn capture_loop(
-    mut receiver: CaptureReceiver,
-    to_decoders: mpsc::SyncSender<Exchange>,
-    stop: Arc<tokio::sync::Notify>,
-    received: Family<ProtocolLabels, Counter>,
-) {
-    let count = |exchange: &Exchange| {
-        received.get_or_create(&ProtocolLabels { protocol: exchange.protocol.as_str() }).inc();
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(error) => {
-            tracing::error!(message = "Cannot start the capture thread's runtime.", %error);
-            return;
-        }
-    };
-    runtime.block_on(async {
-        let mut tick = tokio::time::interval(CAPTURE_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A sampled exchange taken off the queue that the decode threads had no room for.
-        let mut waiting: Option<Exchange> = None;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    while let Some(record) = receiver.try_recv_count() {
-                        count(&record);
-                        if to_decoders.send(record).is_err() {
-                            return;
-                        }
-                    }
-                    loop {
-                        let exchange = match waiting.take() {
-                            Some(exchange) => exchange,
-                            None => match receiver.try_recv() {
-                                Some(exchange) => {
-                                    count(&exchange);
-                                    exchange
-                                }
-                                None => break,
-                            },
-                        };
-                        match to_decoders.try_send(exchange) {
-                            Ok(()) => {}
-                            Err(mpsc::TrySendError::Full(exchange)) => {
-                                waiting = Some(exchange);
-                                break;
-                            }
-                            Err(mpsc::TrySendError::Disconnected(_)) => return,
-                        }
-                    }
-                }
-                _ = stop.notified() => break,
-            }
-        }
-        // Shutdown: what is queued, and what exchanges still in flight add, until every
-        // sender is gone or the queue stays idle for a moment.
-        if let Some(exchange) = waiting {
-            if to_decoders.send(exchange).is_err() {
-                return;
-            }
-        }
-        while let Ok(Some(exchange)) = tokio::time::timeout(FINISH_IDLE, receiver.recv_any()).await {
-            count(&exchange);
-            if to_decoders.send(exchange).is_err() {
-                return;
-            }
-        }
-    });
-}
-
-/// Decodes exchanges until the capture thread is gone.
-fn decode_loop(
-    decoder: &Decoder,
-    from_capture: &Mutex<mpsc::Receiver<Exchange>>,
-    to_shards: &[mpsc::SyncSender<Decoded>],
-) {
-    loop {
-        let exchange = {
-            let rx = from_capture.lock().unwrap_or_else(|p| p.into_inner());
-            match rx.recv() {
-                Ok(exchange) => exchange,
-                Err(_) => return,
-            }
+/// Lowers the calling thread to Linux's `SCHED_IDLE`: it then runs only when a core
+/// would otherwise idle, and anything else that wakes up preempts it at once.
+fn run_in_background() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::{
+            set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy, ThreadPriority,
+            ThreadSchedulePolicy,
         };
-        let decoded = match std::panic::catch_unwind(AssertUnwindSafe(|| decoder.decode(&exchange))) {
-            Ok(decoded) => decoded,
-            Err(_) => {
-                tracing::error!(message = "The decoder panicked on an exchange; it is counted as a decode error.",
-                    path = %exchange.path);
-                crate::tfserving::Decoded {
-                    errors: vec![crate::tfserving::DecodeError { reason: "decoder_panic", detail: String::new() }],
-                    ..Default::default()
-                }
-            }
-        };
-        let facts = ExchangeFacts::new(&exchange, &decoded);
-        drop(exchange);
-        let sampled = decoded.sampled;
-        let to_listeners = sampled || !facts.model.as_deref().is_some_and(|m| decoder.ids_rows_by_feature(m));
-        let observations = decoded.observations.into_iter().map(Arc::new).collect();
-        let shard = &to_shards[shard_of(facts.model.as_deref(), to_shards.len())];
-        if shard.send(Decoded { facts, observations, sampled, to_listeners }).is_err() {
-            return;
+        // Lowering a thread's own priority needs no privilege.
+        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+        if let Err(error) = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle) {
+            tracing::warn!(message = "Cannot lower the statistics thread's priority; it runs at the normal one.",
+                error = ?error);
         }
     }
+}
+
+/// One decode thread: takes batches off its lane, decodes them and hands them to
+/// the monitor threads, until the lane is closed or, once stopped, stays empty.
+struct LaneDecoder {
+    /// The lane, shared by the threads of this lane only.
+    lane: Arc<Mutex<LaneReceiver>>,
+    /// Exchanges taken per batch.
+    batch: usize,
+    decoder: Arc<Decoder>,
+    to_shards: Arc<Vec<mpsc::SyncSender<Vec<Decoded>>>>,
+    stop: Arc<AtomicBool>,
+    received: Family<ProtocolLabels, Counter>,
+}
+
+impl LaneDecoder {
+    fn run(self) {
+        let mut batch = Vec::with_capacity(self.batch);
+        let mut empty_since: Option<Instant> = None;
+        loop {
+            let closed = self.take(&mut batch);
+            if batch.is_empty() {
+                if closed {
+                    return;
+                }
+                if !self.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(LANE_TICK);
+                    continue;
+                }
+                // Finishing: what is queued, and what exchanges still in flight add,
+                // until every sender is gone or the lane stays empty for a moment.
+                let since = *empty_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= FINISH_IDLE {
+                    return;
+                }
+                std::thread::sleep(FINISH_TICK);
+                continue;
+            }
+            empty_since = None;
+            let drained = batch.len() < self.batch;
+            if !self.decode(&mut batch) {
+                return;
+            }
+            // A lane taken faster than it fills is left to fill for a tick, so that
+            // exchanges cross to the monitor threads in batches, not one by one.
+            if drained && !self.stop.load(Ordering::Acquire) {
+                std::thread::sleep(LANE_TICK);
+            }
+        }
+    }
+
+    /// Takes up to a batch off the lane; returns whether the lane is closed.
+    fn take(&self, batch: &mut Vec<Exchange>) -> bool {
+        let mut lane = self.lane.lock().unwrap_or_else(|p| p.into_inner());
+        while batch.len() < self.batch {
+            match lane.try_recv() {
+                Ok(exchange) => batch.push(exchange),
+                Err(LaneEmpty::Empty) => return false,
+                Err(LaneEmpty::Closed) => return true,
+            }
+        }
+        false
+    }
+
+    /// Decodes a batch and hands it to the monitor threads, one hand-off per thread;
+    /// false once the monitor threads are gone.
+    fn decode(&self, batch: &mut Vec<Exchange>) -> bool {
+        let (mut grpc, mut rest) = (0, 0);
+        let mut per_shard: Vec<Vec<Decoded>> = (0..self.to_shards.len()).map(|_| Vec::new()).collect();
+        for exchange in batch.drain(..) {
+            match exchange.protocol {
+                Protocol::Grpc => grpc += 1,
+                Protocol::Rest => rest += 1,
+            }
+            let decoded = decode_exchange(&self.decoder, exchange);
+            per_shard[shard_of(decoded.facts.model.as_deref(), self.to_shards.len())].push(decoded);
+        }
+        for (protocol, n) in [(Protocol::Grpc, grpc), (Protocol::Rest, rest)] {
+            if n > 0 {
+                self.received.get_or_create(&ProtocolLabels { protocol: protocol.as_str() }).inc_by(n);
+            }
+        }
+        for (shard, decoded) in self.to_shards.iter().zip(per_shard) {
+            if !decoded.is_empty() && shard.send(decoded).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Decodes one exchange; a panic of the decoder is counted as a decode error.
+fn decode_exchange(decoder: &Decoder, exchange: Exchange) -> Decoded {
+    let decoded = match std::panic::catch_unwind(AssertUnwindSafe(|| decoder.decode(&exchange))) {
+        Ok(decoded) => decoded,
+        Err(_) => {
+            tracing::error!(message = "The decoder panicked on an exchange; it is counted as a decode error.",
+                path = %exchange.path);
+            crate::tfserving::Decoded {
+                errors: vec![crate::tfserving::DecodeError { reason: "decoder_panic", detail: String::new() }],
+                ..Default::default()
+            }
+        }
+    };
+    let facts = ExchangeFacts::new(&exchange, &decoded);
+    drop(exchange);
+    let sampled = decoded.sampled;
+    let to_listeners = sampled || !facts.model.as_deref().is_some_and(|m| decoder.ids_rows_by_feature(m));
+    let observations = decoded.observations.into_iter().map(Arc::new).collect();
+    Decoded { facts, observations, sampled, to_listeners }
 }
 
 /// The aggregation thread of a model: all its streams (and its Anodot files) stay
@@ -504,6 +555,13 @@ impl Emitter {
     }
 }
 
+/// What an aggregation (monitor) thread takes: decoded count records and decoded
+/// sampled exchanges, each from its own lane's decode threads.
+struct ShardInput {
+    counts: mpsc::Receiver<Vec<Decoded>>,
+    sampled: mpsc::Receiver<Vec<Decoded>>,
+}
+
 /// The state of one aggregation (monitor) thread.
 struct MonitorThread {
     engine: Engine,
@@ -519,14 +577,33 @@ struct MonitorThread {
 }
 
 impl MonitorThread {
-    fn run(mut self, from_decoders: mpsc::Receiver<Decoded>) {
+    fn run(mut self, input: ShardInput) {
+        let ShardInput { counts, sampled } = input;
+        let (mut counts_open, mut sampled_open) = (true, true);
         let mut next_tick = Instant::now() + self.tick;
-        loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match from_decoders.recv_timeout(wait) {
-                Ok(decoded) => self.feed(decoded),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+        while counts_open || sampled_open {
+            // Every count batch waiting goes first, then one sampled batch: counts
+            // never wait behind statistics.
+            let mut fed = false;
+            while counts_open {
+                match counts.try_recv() {
+                    Ok(batch) => {
+                        self.feed_all(batch);
+                        fed = true;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => counts_open = false,
+                }
+            }
+            if sampled_open {
+                match sampled.try_recv() {
+                    Ok(batch) => {
+                        self.feed_all(batch);
+                        fed = true;
+                    }
+                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Disconnected) => sampled_open = false,
+                }
             }
             if Instant::now() >= next_tick {
                 self.count_capture_drops();
@@ -534,10 +611,30 @@ impl MonitorThread {
                 self.emit(closed);
                 next_tick = Instant::now() + self.tick;
             }
+            if !fed {
+                // Waits on the count hand-off; sampled batches are looked for again
+                // within a poll.
+                let wait = next_tick.saturating_duration_since(Instant::now()).min(SAMPLED_POLL);
+                if counts_open {
+                    match counts.recv_timeout(wait) {
+                        Ok(batch) => self.feed_all(batch),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => counts_open = false,
+                    }
+                } else if sampled_open {
+                    std::thread::sleep(wait);
+                }
+            }
         }
         self.count_capture_drops();
         let closed = self.engine.flush_all_states();
         self.emit(closed);
+    }
+
+    fn feed_all(&mut self, batch: Vec<Decoded>) {
+        for decoded in batch {
+            self.feed(decoded);
+        }
     }
 
     fn feed(&mut self, decoded: Decoded) {

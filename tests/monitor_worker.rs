@@ -202,3 +202,51 @@ async fn every_model_is_aggregated_whatever_the_number_of_aggregation_threads() 
         assert_eq!(distinct.len(), stamps.len(), "{threads} threads");
     }
 }
+
+/// The scheduling policy (`/proc/.../stat` field 41) of this process's threads whose
+/// name starts with `prefix`.
+#[cfg(target_os = "linux")]
+fn policies_of_threads(prefix: &str) -> Vec<u32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else { continue };
+        if !name.trim_end().starts_with(prefix) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else { continue };
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        // Fields after the name start at field 3; the policy is field 41.
+        policies.push(after_name.split(' ').nth(41 - 3).unwrap().parse().unwrap());
+    }
+    policies
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_are_decoded_in_the_background_and_counts_at_the_normal_priority() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_IDLE: u32 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.monitor.decode_threads = 2;
+    let (sender, receiver) = capture::queue(&config.capture);
+    let mut registry = prometheus_client::registry::Registry::with_prefix("mltap");
+    let handle = worker::spawn(WorkerSettings::from(&config), receiver, &mut registry);
+    // The statistics threads lower their own priority as they start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let statistics = loop {
+        let policies = policies_of_threads("mltap-decode-");
+        if (policies.len() >= 2 && policies.iter().all(|&p| p == SCHED_IDLE)) || std::time::Instant::now() > deadline {
+            break policies;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(statistics.len() >= 2 && statistics.iter().all(|&p| p == SCHED_IDLE), "{statistics:?}");
+    let counts = policies_of_threads("mltap-count-");
+    assert!(counts.len() >= 2 && counts.iter().all(|&p| p == SCHED_OTHER), "{counts:?}");
+    let monitors = policies_of_threads("mltap-monitor-");
+    assert!(!monitors.is_empty() && monitors.iter().all(|&p| p == SCHED_OTHER), "{monitors:?}");
+    drop(sender);
+    handle.finish().await;
+}

@@ -68,6 +68,22 @@ pub struct MonitorConfig {
     /// models (a model's streams always go to the same thread); 0 picks the number of
     /// cores, at most 4. `max_streams` is divided among them.
     pub aggregation_threads: usize,
+    /// The scheduling priority of the threads that decode sampled exchanges for
+    /// statistics: `background` (default) lets them use only CPU time nothing else
+    /// wants, so that statistics never take CPU from serving and are sampled more thinly
+    /// instead; `normal` gives them the same share as everything else.
+    pub statistics_priority: StatisticsPriority,
+}
+
+/// See `MonitorConfig::statistics_priority`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatisticsPriority {
+    /// Linux `SCHED_IDLE`: runs when a core would otherwise idle.
+    #[default]
+    Background,
+    /// The scheduler's normal share.
+    Normal,
 }
 
 impl Default for MonitorConfig {
@@ -85,6 +101,7 @@ impl Default for MonitorConfig {
             quantile_relative_accuracy: 0.01,
             decode_threads: 0,
             aggregation_threads: 0,
+            statistics_priority: StatisticsPriority::Background,
         }
     }
 }
