@@ -8,8 +8,11 @@
 # (direct, nginx, mltap, direct, ...) and the median of the rounds is reported, with
 # the CPU time each proxy spent per request (from /proc), which noise disturbs less.
 #
+# Then the latency of nginx and mltap at half of nginx's saturating rate (open loop).
+#
 # Usage: scripts/bench-proxy.sh      (ROUNDS=3 rounds of DURATION=5 seconds per path)
 # Env:   ROUNDS, DURATION (s), WRK_CONNECTIONS, H2_CONNECTIONS, H2_STREAMS, BACKEND_THREADS,
+#        LATENCY_CONNECTIONS (REST, 32), LATENCY_H2_CONNECTIONS (gRPC, 4),
 #        MLTAP_BIN (the mltap binary measured; default: this tree's release build, built first)
 # Needs: cargo, nginx, wrk, h2load (nghttp2-client), python3, curl.
 set -euo pipefail
@@ -117,44 +120,50 @@ for proto in grpc rest; do
     "$(median ${P99[${proto}_nginx]})" "$(median ${CPU[${proto}_mltap]})" "$(median ${CPU[${proto}_nginx]})"
 done
 
-# Latency at a fixed moderate load (LATENCY_CONNECTIONS connections for REST,
-# one connection with LATENCY_STREAMS streams for gRPC), far below saturation: p50 and
-# p99 of nginx and mltap, measured alternately in the same rounds.
-LATENCY_CONNECTIONS=${LATENCY_CONNECTIONS:-4}
-LATENCY_STREAMS=${LATENCY_STREAMS:-4}
-declare -A LAT50 LAT99
-latency_rest() { # name port
-  local out
-  out=$(wrk -t 1 -c "$LATENCY_CONNECTIONS" -d "${DURATION}s" --latency -s "$W/post.lua" "http://127.0.0.1:$2$REST_PATH")
-  to_us() { awk -v q="$1" '$1 == q {v=$2; if (v ~ /us$/) {sub(/us$/,"",v)} else if (v ~ /ms$/) {sub(/ms$/,"",v); v=v*1000} else if (v ~ /s$/) {sub(/s$/,"",v); v=v*1000000}; print v}'; }
-  LAT50[rest_$1]="${LAT50[rest_$1]:-} $(to_us 50% <<<"$out")"
-  LAT99[rest_$1]="${LAT99[rest_$1]:-} $(to_us 99% <<<"$out")"
-}
-latency_grpc() { # name port
-  local stats
-  rm -f "$W/h2lat.log"
-  h2load -D "$DURATION" -c 1 -m "$LATENCY_STREAMS" -t 1 -H 'content-type: application/grpc' -H 'te: trailers' \
-    -d "$W/grpc.req" --log-file="$W/h2lat.log" "http://127.0.0.1:$2/tensorflow.serving.PredictionService/Predict" >/dev/null
-  stats=$(python3 - "$W/h2lat.log" <<'PY'
+# Latency at half of nginx's saturating rate, measured above: an open-loop load (h2load
+# sends at a fixed rate whatever the answers' speed, as independent clients do) of
+# nginx's median req/s / 2 per protocol, nginx and mltap alternately in the same
+# rounds. REST over LATENCY_CONNECTIONS HTTP/1.1 connections, gRPC over
+# LATENCY_H2_CONNECTIONS connections; p50 and p99 of every answered request.
+LATENCY_CONNECTIONS=${LATENCY_CONNECTIONS:-32}
+LATENCY_H2_CONNECTIONS=${LATENCY_H2_CONNECTIONS:-4}
+declare -A LAT50 LAT99 RATE
+for proto in grpc rest; do
+  # shellcheck disable=SC2086
+  RATE[$proto]=$(python3 -c "import sys; print(int(float(sys.argv[1]) / 2))" "$(median ${RPS[${proto}_nginx]})")
+done
+latency_percentiles() { # log -> "p50 p99" in microseconds, of the 200 answers
+  python3 - "$1" <<'PY'
 import sys
 ok = sorted(int(l.split()[2]) for l in open(sys.argv[1]) if l.strip() and l.split()[1] == "200")
 q = lambda p: ok[min(len(ok) - 1, int(len(ok) * p))] if ok else float("nan")
 print(q(0.5), q(0.99))
 PY
-)
-  read -r p50 p99 <<<"$stats"
-  LAT50[grpc_$1]="${LAT50[grpc_$1]:-} $p50"
-  LAT99[grpc_$1]="${LAT99[grpc_$1]:-} $p99"
+}
+latency_run() { # proto name port
+  local connections streams=1 path=$REST_PATH data=$FIX/rest/$REST_CASE.request.json p50 p99
+  local -a proto_args=(--h1 -H 'content-type: application/json')
+  connections=$LATENCY_CONNECTIONS
+  if [ "$1" = grpc ]; then
+    connections=$LATENCY_H2_CONNECTIONS streams=32 path=/tensorflow.serving.PredictionService/Predict data=$W/grpc.req
+    proto_args=(-H 'content-type: application/grpc' -H 'te: trailers')
+  fi
+  rm -f "$W/lat.log"
+  h2load -D "$DURATION" -c "$connections" -m "$streams" -t 1 --rps $(( ${RATE[$1]} / connections )) "${proto_args[@]}" \
+    -d "$data" --log-file="$W/lat.log" "http://127.0.0.1:$3$path" >/dev/null
+  read -r p50 p99 <<<"$(latency_percentiles "$W/lat.log")"
+  LAT50[$1_$2]="${LAT50[$1_$2]:-} $p50"
+  LAT99[$1_$2]="${LAT99[$1_$2]:-} $p99"
 }
 for round in $(seq "$ROUNDS"); do
   for name in nginx mltap; do
     case $name in nginx) rp=$N_REST gp=$N_GRPC ;; mltap) rp=$M_REST gp=$M_GRPC ;; esac
-    latency_rest $name "$rp"
-    latency_grpc $name "$gp"
+    latency_run rest $name "$rp"
+    latency_run grpc $name "$gp"
   done
 done
 echo
-echo "latency at a moderate load (REST $LATENCY_CONNECTIONS connections, gRPC 1 connection x $LATENCY_STREAMS streams; median of $ROUNDS rounds):"
+echo "latency at half of nginx's saturating rate (open loop: gRPC ${RATE[grpc]} req/s over $LATENCY_H2_CONNECTIONS connections, REST ${RATE[rest]} req/s over $LATENCY_CONNECTIONS connections; median of $ROUNDS rounds):"
 for proto in grpc rest; do
   # shellcheck disable=SC2086
   python3 -c "import sys; a,b,c,d=map(float,sys.argv[2:]); print(f'{sys.argv[1]}: p50 mltap {c:.0f} us vs nginx {a:.0f} us (+{c-a:.0f}); p99 mltap {d:.0f} us vs nginx {b:.0f} us (+{d-b:.0f}); target: within +100 us')" \

@@ -71,8 +71,6 @@ const SAMPLED_BATCH: usize = 4;
 /// bounds what waits between decode and aggregation to 16 sampled exchanges and a
 /// few hundred count records' outputs.
 const MONITOR_HANDOFF: usize = 4;
-/// How often an aggregation thread waiting for count records looks for sampled ones.
-const SAMPLED_POLL: Duration = Duration::from_millis(5);
 /// How long one signature fetch from TF Serving may take.
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest pause between two ticks of the monitor thread.
@@ -248,16 +246,15 @@ pub fn spawn_with(
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(4);
     let pick = |configured: usize| if configured == 0 { cores } else { configured };
     let (decoders, shards) = (pick(config.monitor.decode_threads), pick(config.monitor.aggregation_threads));
-    let (mut counts_to_shards, mut sampled_to_shards) = (Vec::with_capacity(shards), Vec::with_capacity(shards));
+    let mut to_shards = Vec::with_capacity(shards);
     let mut shard_inputs = Vec::with_capacity(shards);
     for _ in 0..shards {
-        let (counts_tx, counts) = mpsc::sync_channel::<Vec<Decoded>>(MONITOR_HANDOFF);
+        let (counts_tx, counts) = mpsc::sync_channel::<Handoff>(MONITOR_HANDOFF);
         let (sampled_tx, sampled) = mpsc::sync_channel::<Vec<Decoded>>(MONITOR_HANDOFF);
-        counts_to_shards.push(counts_tx);
-        sampled_to_shards.push(sampled_tx);
+        to_shards.push(ShardSender { counts: counts_tx, sampled: sampled_tx });
         shard_inputs.push(ShardInput { counts, sampled });
     }
-    let (counts_to_shards, sampled_to_shards) = (Arc::new(counts_to_shards), Arc::new(sampled_to_shards));
+    let to_shards = Arc::new(to_shards);
     let mut threads = Vec::new();
 
     let mut decoder = Decoder::new(config.models.clone()).with_limits(DecodeLimits::default());
@@ -275,13 +272,14 @@ pub fn spawn_with(
     let decoder = Arc::new(decoder);
     let background = config.monitor.statistics_priority == StatisticsPriority::Background;
     for i in 0..decoders {
-        for (lane, to_shards, name, batch, in_background) in [
-            (&count_lane, &counts_to_shards, format!("mltap-count-{i}"), COUNT_BATCH, false),
-            (&sampled_lane, &sampled_to_shards, format!("mltap-decode-{i}"), SAMPLED_BATCH, background),
+        for (lane, sampled, name, batch, in_background) in [
+            (&count_lane, false, format!("mltap-count-{i}"), COUNT_BATCH, false),
+            (&sampled_lane, true, format!("mltap-decode-{i}"), SAMPLED_BATCH, background),
         ] {
             let decode = LaneDecoder {
                 lane: lane.clone(),
                 batch,
+                sampled,
                 decoder: decoder.clone(),
                 to_shards: to_shards.clone(),
                 stop: stop.clone(),
@@ -295,7 +293,7 @@ pub fn spawn_with(
             }));
         }
     }
-    drop((counts_to_shards, sampled_to_shards));
+    drop(to_shards);
 
     let emitter = Emitter {
         files: FileSink::new(&config.output_dir),
@@ -412,8 +410,10 @@ struct LaneDecoder {
     lane: Arc<Mutex<LaneReceiver>>,
     /// Exchanges taken per batch.
     batch: usize,
+    /// Whether this is the sampled lane (else the count lane).
+    sampled: bool,
     decoder: Arc<Decoder>,
-    to_shards: Arc<Vec<mpsc::SyncSender<Vec<Decoded>>>>,
+    to_shards: Arc<Vec<ShardSender>>,
     stop: Arc<AtomicBool>,
     received: Family<ProtocolLabels, Counter>,
 }
@@ -486,7 +486,19 @@ impl LaneDecoder {
             }
         }
         for (shard, decoded) in self.to_shards.iter().zip(per_shard) {
-            if !decoded.is_empty() && shard.send(decoded).is_err() {
+            if decoded.is_empty() {
+                continue;
+            }
+            let sent = if self.sampled {
+                let sent = shard.sampled.send(decoded).is_ok();
+                // Wakes the aggregation thread, which waits on count records only; a
+                // full hand-off means it is busy and looks for sampled batches anyway.
+                let _ = shard.counts.try_send(Handoff::SampledWaiting);
+                sent
+            } else {
+                shard.counts.send(Handoff::Counts(decoded)).is_ok()
+            };
+            if !sent {
                 return false;
             }
         }
@@ -558,8 +570,21 @@ impl Emitter {
 /// What an aggregation (monitor) thread takes: decoded count records and decoded
 /// sampled exchanges, each from its own lane's decode threads.
 struct ShardInput {
-    counts: mpsc::Receiver<Vec<Decoded>>,
+    counts: mpsc::Receiver<Handoff>,
     sampled: mpsc::Receiver<Vec<Decoded>>,
+}
+
+/// The decode threads' ends of an aggregation thread's hand-offs.
+struct ShardSender {
+    counts: mpsc::SyncSender<Handoff>,
+    sampled: mpsc::SyncSender<Vec<Decoded>>,
+}
+
+/// What crosses an aggregation thread's first hand-off: decoded count records, or
+/// word that a sampled batch waits in the second.
+enum Handoff {
+    Counts(Vec<Decoded>),
+    SampledWaiting,
 }
 
 /// The state of one aggregation (monitor) thread.
@@ -587,10 +612,11 @@ impl MonitorThread {
             let mut fed = false;
             while counts_open {
                 match counts.try_recv() {
-                    Ok(batch) => {
+                    Ok(Handoff::Counts(batch)) => {
                         self.feed_all(batch);
                         fed = true;
                     }
+                    Ok(Handoff::SampledWaiting) => {}
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => counts_open = false,
                 }
@@ -612,17 +638,21 @@ impl MonitorThread {
                 next_tick = Instant::now() + self.tick;
             }
             if !fed {
-                // Waits on the count hand-off; sampled batches are looked for again
-                // within a poll.
-                let wait = next_tick.saturating_duration_since(Instant::now()).min(SAMPLED_POLL);
+                // Sampled batches come with a wake-up on the count hand-off, so waiting
+                // on it alone misses neither.
+                let wait = next_tick.saturating_duration_since(Instant::now());
                 if counts_open {
                     match counts.recv_timeout(wait) {
-                        Ok(batch) => self.feed_all(batch),
-                        Err(RecvTimeoutError::Timeout) => {}
+                        Ok(Handoff::Counts(batch)) => self.feed_all(batch),
+                        Ok(Handoff::SampledWaiting) | Err(RecvTimeoutError::Timeout) => {}
                         Err(RecvTimeoutError::Disconnected) => counts_open = false,
                     }
                 } else if sampled_open {
-                    std::thread::sleep(wait);
+                    match sampled.recv_timeout(wait) {
+                        Ok(batch) => self.feed_all(batch),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => sampled_open = false,
+                    }
                 }
             }
         }
