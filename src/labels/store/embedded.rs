@@ -43,16 +43,24 @@
 use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
 use crate::labels::aggregate::{apply_delta, BucketDelta, F_AUC_LEN, F_CLAIMED, F_PREDICTED};
 use crate::labels::record::{set_taken, BucketId, ExchangeRecord, PendingRow, RowRef, StreamMeta};
-use redb::{Database, DatabaseError, Durability, ReadableTable, StorageError, TableDefinition, WriteTransaction};
+use redb::{
+    Database, DatabaseError, Durability, ReadableTable, StorageError, TableDefinition, TableHandle, WriteTransaction,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Pending exchanges in recording order: sequence -> log entry (`entry_bytes`: the
-/// record's key, request id or a row's own id, then the encoded `ExchangeRecord`).
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("exchange_log");
+/// Pending exchanges in recording order, one table per generation of
+/// `GENERATION_RECORDS` sequences (`exchange_log.<generation>`): sequence -> log entry
+/// (`entry_bytes`: the record's key, request id or a row's own id, then the encoded
+/// `ExchangeRecord`). Evicting and expiring only move the log's start (`meta`
+/// `log_start`); a generation wholly before it is dropped as one table, so the
+/// oldest records cost no delete each.
+const LOG_PREFIX: &str = "exchange_log.";
+/// Sequences per generation table of the log.
+const GENERATION_RECORDS: u64 = 4096;
 /// Format 2's pending exchanges (key -> encoded `ExchangeRecord`), converted when
 /// such a file opens.
 const V2_EXCHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("exchanges");
@@ -82,6 +90,9 @@ const FORMAT: u64 = 3;
 const META_FORMAT: &str = "format";
 /// `meta` key of the rows waiting for a label, kept with the records they count.
 const META_PENDING: &str = "pending_rows";
+/// `meta` key of the log's start: records of smaller sequences are gone (evicted or
+/// expired), even where their generation table is still in the file.
+const META_LOG_START: &str = "log_start";
 /// `meta` key of the evictions since the file was created.
 const META_EVICTIONS: &str = "evictions";
 /// redb's page cache. Its default (1 GiB) fills up under sustained recording and
@@ -171,8 +182,8 @@ struct KeyIndex {
     slots: hashbrown::HashTable<Slot>,
     /// The sequence of the next record appended.
     next_seq: u64,
-    /// No record with a smaller sequence is left in the log.
-    oldest_seq: u64,
+    /// The generation tables of the log in the file.
+    generations: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -189,7 +200,7 @@ impl KeyIndex {
             hasher: foldhash::fast::RandomState::default(),
             slots: hashbrown::HashTable::new(),
             next_seq: 0,
-            oldest_seq: 0,
+            generations: std::collections::BTreeSet::new(),
         }
     }
 
@@ -491,11 +502,15 @@ fn now_ms() -> i64 {
 /// count of rows waiting for a label (stored in `meta` by `close`, so it always
 /// matches the file).
 struct Rows<'t> {
-    log: redb::Table<'t, u64, &'static [u8]>,
+    txn: &'t WriteTransaction,
+    /// The generation tables of the log opened by this transaction.
+    log: BTreeMap<u64, redb::Table<'t, u64, &'static [u8]>>,
     meta: redb::Table<'t, &'static str, u64>,
     index: std::sync::MutexGuard<'t, KeyIndex>,
     /// Rows waiting for a label.
     pending: u64,
+    /// Records of smaller sequences are gone (`META_LOG_START`).
+    log_start: u64,
 }
 
 /// A record a batch of labels read from the log (None: there was none), to write
@@ -510,38 +525,77 @@ struct Touched {
 /// Records touched by one batch of labels, by key.
 type TouchedRecords = HashMap<Vec<u8>, Touched, foldhash::fast::RandomState>;
 
+/// The name of a generation table of the log.
+fn generation_table(generation: u64) -> String {
+    format!("{LOG_PREFIX}{generation}")
+}
+
 impl<'t> Rows<'t> {
     fn open(txn: &'t WriteTransaction, index: &'t std::sync::Mutex<KeyIndex>) -> Result<Rows<'t>, DbError> {
         let meta = txn.open_table(META)?;
         let pending = meta.get(META_PENDING)?.map(|v| v.value()).unwrap_or(0);
+        let log_start = meta.get(META_LOG_START)?.map(|v| v.value()).unwrap_or(0);
         let index = index.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(Rows { log: txn.open_table(LOG)?, meta, index, pending })
+        Ok(Rows { txn, log: BTreeMap::new(), meta, index, pending, log_start })
     }
 
-    /// Rebuilds the index from the log: one scan, when the file opens.
+    /// The generation table holding `seq`, opened once per transaction.
+    fn table(&mut self, seq: u64) -> Result<&mut redb::Table<'t, u64, &'static [u8]>, DbError> {
+        let txn = self.txn;
+        Ok(match self.log.entry(seq / GENERATION_RECORDS) {
+            std::collections::btree_map::Entry::Occupied(open) => open.into_mut(),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let name = generation_table(*slot.key());
+                let table = txn.open_table(TableDefinition::new(&name))?;
+                self.index.generations.insert(*slot.key());
+                slot.insert(table)
+            }
+        })
+    }
+
+    /// Rebuilds the index from the log: one scan, when the file opens. Drops the
+    /// generation tables wholly before the log's start on the way.
     fn rebuild_index(&mut self) -> Result<u64, DbError> {
-        let index = &mut *self.index;
-        index.slots.clear();
+        let mut generations: Vec<u64> = self
+            .txn
+            .list_tables()?
+            .filter_map(|table| table.name().strip_prefix(LOG_PREFIX).and_then(|g| g.parse().ok()))
+            .collect();
+        generations.sort_unstable();
+        self.index.slots.clear();
+        self.index.generations.clear();
+        self.index.next_seq = self.log_start;
         let mut records = 0;
-        let mut first = None;
-        for entry in self.log.iter()? {
-            let (seq, bytes) = entry?;
-            let seq = seq.value();
-            first.get_or_insert(seq);
-            index.next_seq = seq + 1;
-            if let Some((key, _)) = split_entry(bytes.value()) {
-                index.insert(key, seq);
+        for generation in generations {
+            if generation < self.log_start / GENERATION_RECORDS {
+                self.txn.delete_table(TableDefinition::<u64, &[u8]>::new(&generation_table(generation)))?;
+                continue;
+            }
+            let start = self.log_start;
+            let table = self.table(generation * GENERATION_RECORDS)?;
+            let mut found = Vec::new();
+            for entry in table.range(start..)? {
+                let (seq, bytes) = entry?;
+                if let Some((key, _)) = split_entry(bytes.value()) {
+                    found.push((seq.value(), key.to_vec()));
+                }
+            }
+            for (seq, key) in found {
+                self.index.insert(&key, seq);
+                self.index.next_seq = self.index.next_seq.max(seq + 1);
                 records += 1;
             }
         }
-        index.oldest_seq = first.unwrap_or(index.next_seq);
         Ok(records)
     }
 
     /// The record stored under `key`: its sequence and log entry.
-    fn find(&self, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>, DbError> {
+    fn find(&mut self, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>, DbError> {
         for seq in self.index.candidates(key) {
-            let Some(entry) = self.log.get(seq)? else { continue };
+            if seq < self.log_start {
+                continue;
+            }
+            let Some(entry) = self.table(seq)?.get(seq)? else { continue };
             let entry = entry.value();
             if split_entry(entry).is_some_and(|(stored, _)| stored == key) {
                 return Ok(Some((seq, entry.to_vec())));
@@ -560,7 +614,7 @@ impl<'t> Rows<'t> {
             self.remove(seq, key, &old)?;
         }
         let seq = self.index.assign();
-        self.log.insert(seq, entry.as_slice())?;
+        self.table(seq)?.insert(seq, entry.as_slice())?;
         self.index.insert(key, seq);
         self.pending += untaken;
         Ok(())
@@ -568,30 +622,41 @@ impl<'t> Rows<'t> {
 
     /// Removes the record `entry` of `key` at `seq`, uncounting its waiting rows.
     fn remove(&mut self, seq: u64, key: &[u8], entry: &[u8]) -> Result<(), DbError> {
-        self.log.remove(seq)?;
+        self.table(seq)?.remove(seq)?;
+        self.forget(seq, key, entry);
+        Ok(())
+    }
+
+    /// Unindexes the record `entry` of `key` at `seq` and uncounts its waiting rows.
+    fn forget(&mut self, seq: u64, key: &[u8], entry: &[u8]) {
         self.index.remove(key, seq);
         let untaken = split_entry(entry).and_then(|(_, record)| ExchangeRecord::parse(record)).map(|r| r.untaken());
         self.pending = self.pending.saturating_sub(untaken.unwrap_or(0) as u64);
-        Ok(())
     }
 
-    /// The oldest record: its sequence and log entry.
+    /// The oldest record at or after the log's start: its sequence and log entry.
+    /// Moves the start past generations with nothing left in them.
     fn oldest(&mut self) -> Result<Option<(u64, Vec<u8>)>, DbError> {
-        let first = self.log.first()?.map(|(seq, entry)| (seq.value(), entry.value().to_vec()));
-        self.index.oldest_seq = first.as_ref().map_or(self.index.next_seq, |(seq, _)| *seq);
-        Ok(first)
+        while self.log_start < self.index.next_seq {
+            let start = self.log_start;
+            let first = self.table(start)?.range(start..)?.next().transpose()?;
+            if let Some(found) = first.map(|(seq, entry)| (seq.value(), entry.value().to_vec())) {
+                return Ok(Some(found));
+            }
+            // On to the next generation in the file (the ones between are empty).
+            let next = self.index.generations.range(start / GENERATION_RECORDS + 1..).next();
+            self.log_start = next.map_or(self.index.next_seq, |g| (g * GENERATION_RECORDS).min(self.index.next_seq));
+        }
+        Ok(None)
     }
 
-    /// Removes the oldest record (which `oldest` returned), advancing the log's start.
-    fn remove_oldest(&mut self, seq: u64, entry: &[u8]) -> Result<(), DbError> {
-        match split_entry(entry) {
-            Some((key, _)) => self.remove(seq, key, entry)?,
-            None => {
-                self.log.remove(seq)?;
-            }
+    /// Drops the oldest record (which `oldest` returned) by moving the log's start
+    /// past it: it stays in its generation table until that is dropped whole.
+    fn drop_oldest(&mut self, seq: u64, entry: &[u8]) {
+        if let Some((key, _)) = split_entry(entry) {
+            self.forget(seq, key, entry);
         }
-        self.index.oldest_seq = seq + 1;
-        Ok(())
+        self.log_start = seq + 1;
     }
 
     /// Evicts the oldest rows until at most `max_rows` wait (whole exchanges, and the
@@ -600,8 +665,8 @@ impl<'t> Rows<'t> {
     fn evict(&mut self, max_rows: u64) -> Result<u64, DbError> {
         let mut evicted = 0;
         loop {
-            let too_old = |index: &KeyIndex| index.next_seq - index.oldest_seq >= SEQ_WINDOW;
-            if self.pending <= max_rows && !too_old(&self.index) {
+            let too_old = |rows: &Rows<'_>| rows.index.next_seq - rows.log_start >= SEQ_WINDOW;
+            if self.pending <= max_rows && !too_old(self) {
                 return Ok(evicted);
             }
             let Some((seq, mut entry)) = self.oldest()? else {
@@ -610,16 +675,16 @@ impl<'t> Rows<'t> {
                 return Ok(evicted);
             };
             let Some(prefix) = entry_prefix(&entry) else {
-                self.remove_oldest(seq, &entry)?;
+                self.drop_oldest(seq, &entry);
                 continue;
             };
             let Some(untaken) = ExchangeRecord::parse(&entry[prefix..]).map(|r| r.untaken() as u64) else {
-                self.remove_oldest(seq, &entry)?;
+                self.drop_oldest(seq, &entry);
                 continue;
             };
             let excess = self.pending.saturating_sub(max_rows);
-            if untaken <= excess || too_old(&self.index) {
-                self.remove_oldest(seq, &entry)?;
+            if untaken <= excess || too_old(self) {
+                self.drop_oldest(seq, &entry);
                 evicted += untaken;
             } else if excess > 0 {
                 let record = &mut entry[prefix..];
@@ -629,7 +694,7 @@ impl<'t> Rows<'t> {
                 for row in first_rows {
                     set_taken(record, row, true);
                 }
-                self.log.insert(seq, entry.as_slice())?;
+                self.table(seq)?.insert(seq, entry.as_slice())?;
                 self.pending -= excess;
                 evicted += excess;
             }
@@ -645,7 +710,7 @@ impl<'t> Rows<'t> {
             if expires_ms.is_some_and(|e| e > now_ms) {
                 break;
             }
-            self.remove_oldest(seq, &entry)?;
+            self.drop_oldest(seq, &entry);
             dropped += 1;
         }
         Ok(dropped)
@@ -690,18 +755,28 @@ impl<'t> Rows<'t> {
             let (true, Some((seq, bytes))) = (entry.changed, entry.found) else { continue };
             let untaken = split_entry(&bytes).and_then(|(_, r)| ExchangeRecord::parse(r)).map(|r| r.untaken());
             if untaken == Some(0) {
-                self.log.remove(seq)?;
+                self.table(seq)?.remove(seq)?;
                 self.index.remove(&key, seq);
             } else {
-                self.log.insert(seq, bytes.as_slice())?;
+                self.table(seq)?.insert(seq, bytes.as_slice())?;
             }
         }
         Ok(())
     }
 
-    /// Stores the count and publishes it to the gauge.
+    /// Drops the generation tables wholly before the log's start, stores the count
+    /// and the start, and publishes the count to the gauge.
     fn close(mut self, gauge: &AtomicU64) -> Result<(), DbError> {
+        let live = self.log_start / GENERATION_RECORDS;
+        let dead: Vec<u64> = self.index.generations.range(..live).copied().collect();
+        for generation in dead {
+            // A table must be closed before it is deleted.
+            self.log.remove(&generation);
+            self.txn.delete_table(TableDefinition::<u64, &[u8]>::new(&generation_table(generation)))?;
+            self.index.generations.remove(&generation);
+        }
         self.meta.insert(META_PENDING, self.pending)?;
+        self.meta.insert(META_LOG_START, self.log_start)?;
         gauge.store(self.pending, Ordering::Relaxed);
         Ok(())
     }
@@ -976,7 +1051,7 @@ impl Inner {
                             && record.row(row).as_ref() == Some(&taken.row);
                         if same {
                             set_taken(bytes, row, false);
-                            rows.log.insert(seq, entry.as_slice())?;
+                            rows.table(seq)?.insert(seq, entry.as_slice())?;
                             rows.pending += 1;
                         }
                     }
@@ -1171,5 +1246,91 @@ impl LabelStore for EmbeddedStore {
             State::Open(_) => None,
             State::Failed { error, .. } => Some(format!("embedded label store unavailable ({error}); reopening")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::record::ExchangeWriter;
+    use redb::ReadableTableMetadata;
+
+    fn open(dir: &Path) -> Inner {
+        match Inner::open(&dir.join("labels.redb"), 1_000, 10).ok() {
+            Some(Opened::Ready(inner)) => inner,
+            _ => panic!("the store opens"),
+        }
+    }
+
+    fn one_row_record(p: f64) -> Vec<u8> {
+        let mut writer = ExchangeWriter::new(7, 0, i64::MAX, false, 2, 1);
+        writer.push_row(u16::from(p > 0.5), &[1.0 - p, p]);
+        writer.finish()
+    }
+
+    #[test]
+    fn a_key_whose_hash_collides_with_another_record_finds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open(dir.path());
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.index)?;
+                rows.put(b"request-a", &one_row_record(0.75))?;
+                let (seq_a, _) = rows.find(b"request-a")?.expect("recorded");
+                // As if "request-b" hashed like "request-a" and pointed at its record.
+                let tag = rows.index.tag(b"request-b");
+                let forged = Slot { tag, seq_low: seq_a as u32 };
+                rows.index.slots.insert_unique(KeyIndex::placement(tag), forged, |s| KeyIndex::placement(s.tag));
+                assert!(rows.find(b"request-b")?.is_none(), "the stored key decides, not the hash");
+                assert_eq!(rows.find(b"request-a")?.map(|(seq, _)| seq), Some(seq_a));
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn records_are_found_across_the_wrap_of_their_sequences_low_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open(dir.path());
+        inner.index.lock().unwrap().next_seq = (1 << 32) - 2;
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.index)?;
+                rows.log_start = (1 << 32) - 2;
+                for i in 0..4 {
+                    rows.put(format!("request-{i}").as_bytes(), &one_row_record(0.75))?;
+                }
+                for i in 0..4u64 {
+                    let found = rows.find(format!("request-{i}").as_bytes())?.map(|(seq, _)| seq);
+                    assert_eq!(found, Some((1 << 32) - 2 + i));
+                }
+                // A reused key replaces its record: appended anew, counted once.
+                rows.put(b"request-1", &one_row_record(0.25))?;
+                assert_eq!(rows.find(b"request-1")?.map(|(seq, _)| seq), Some((1 << 32) + 2));
+                let stored = rows.table((1 << 32) - 2)?.len()? + rows.table(1 << 32)?.len()?;
+                assert_eq!(stored, 4);
+                assert_eq!(rows.pending, 4);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_record_a_full_window_behind_the_next_sequence_is_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open(dir.path());
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.index)?;
+                rows.put(b"old", &one_row_record(0.75))?;
+                rows.index.next_seq = SEQ_WINDOW;
+                rows.put(b"new", &one_row_record(0.75))?;
+                assert_eq!(rows.evict(1_000)?, 1);
+                assert!(rows.find(b"old")?.is_none());
+                assert!(rows.find(b"new")?.is_some());
+                assert_eq!(rows.pending, 1);
+                Ok(())
+            })
+            .unwrap();
     }
 }
