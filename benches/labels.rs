@@ -6,7 +6,9 @@
 //!   in rows/s of 64-row exchanges (binary model, one random request id per exchange,
 //!   as the worker records `Predict` traffic), counted until the rows are stored
 //!   (`flush`). The store runs at its default bound (2,000,000 pending rows), so a long
-//!   run also measures recording with evictions. `record_64_row_exchanges_cpu/...`
+//!   run also measures recording with evictions. `.../embedded_at_bound` first fills
+//!   the store to that bound, so that every measured batch evicts as many rows as it
+//!   records: the regime of `mltap serve` at saturation. `record_64_row_exchanges_cpu/...`
 //!   measures the same with the process's CPU time instead of elapsed time: rows per
 //!   CPU-second, i.e. on one core, whatever else runs on the machine (for Redis it
 //!   leaves out the Redis server's own CPU).
@@ -199,11 +201,26 @@ fn bench_record(
     name: &str,
     clock: Clock,
     store: LabelsStoreConfig,
+    fill: bool,
 ) {
     let (_dir, path) = temp_dir();
-    let service = runtime.block_on(LabelService::open(settings(&path, store))).unwrap();
+    let settings = settings(&path, store);
+    let bound = settings.labels.max_pending_rows;
+    let service = runtime.block_on(LabelService::open(settings)).unwrap();
     let start = current_bucket();
     let mut seq = 0u64;
+    if fill {
+        // Up to the bound (and one batch past it), unmeasured: from then on every
+        // recorded exchange evicts the oldest one.
+        let exchanges = (bound as usize).div_ceil(EXCHANGE_ROWS) + EXCHANGES_PER_ITERATION;
+        runtime.block_on(async {
+            for _ in 0..exchanges {
+                seq += 1;
+                service.record(&exchange(seq), start).await.unwrap();
+            }
+            service.flush().await.unwrap();
+        });
+    }
     let mut group = c.benchmark_group(group);
     group.throughput(Throughput::Elements((EXCHANGE_ROWS * EXCHANGES_PER_ITERATION) as u64));
     group.bench_function(name, |b| {
@@ -241,11 +258,13 @@ fn main() {
         // One worker thread: the figure is what one core records.
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         for (group, clock) in [("record_64_row_exchanges", Clock::Wall), ("record_64_row_exchanges_cpu", Clock::Cpu)] {
-            bench_record(&mut criterion, &runtime, group, "embedded", clock, LabelsStoreConfig::Embedded);
+            bench_record(&mut criterion, &runtime, group, "embedded", clock, LabelsStoreConfig::Embedded, false);
+            let name = "embedded_at_bound";
+            bench_record(&mut criterion, &runtime, group, name, clock, LabelsStoreConfig::Embedded, true);
             if std::env::var("LABELS_BENCH_EMBEDDED_ONLY").is_err() {
                 let redis = RedisServer::start(false);
                 let store = LabelsStoreConfig::Redis(redis.url());
-                bench_record(&mut criterion, &runtime, group, "redis", clock, store);
+                bench_record(&mut criterion, &runtime, group, "redis", clock, store, false);
             }
         }
     }

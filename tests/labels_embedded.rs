@@ -321,6 +321,83 @@ async fn a_store_file_of_the_per_row_format_is_converted_and_its_rows_still_join
 }
 
 #[tokio::test]
+async fn a_store_file_of_the_request_id_keyed_format_is_converted_and_its_rows_still_join() {
+    use mltap::labels::record::{ExchangeWriter, StreamMeta};
+    let (_dir, path) = temp_dir();
+    let start = current_bucket();
+    let meta = StreamMeta {
+        model: "fraud".into(),
+        version: Some(3),
+        signature: "serving_default".into(),
+        class_names: vec!["legit".into(), "fraud".into()],
+    };
+    let expires_ms = (start + (WIDTH + HORIZON + 3600) as i64) * 1000;
+    let expired_ms = (start - 10) * 1000;
+    {
+        // What format 2 wrote: one record per exchange under its request id, an
+        // expiry index of them, and the pending count and format in `meta`.
+        let exchanges: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("exchanges");
+        let expiry: redb::TableDefinition<(i64, &[u8]), ()> = redb::TableDefinition::new("exchange_expiry");
+        let streams: redb::TableDefinition<u64, &str> = redb::TableDefinition::new("streams");
+        let meta_table: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        let db = redb::Database::create(path.join(mltap::labels::service::EMBEDDED_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut exchanges = txn.open_table(exchanges).unwrap();
+            let mut expiry = txn.open_table(expiry).unwrap();
+            // A 3-row exchange whose row 1 was already taken, a one-row exchange,
+            // and an expired exchange that must not come back.
+            let mut three = ExchangeWriter::new(meta.id(), start, expires_ms, true, 2, 3);
+            for p in [0.75, 0.25, 0.75] {
+                three.push_row(u16::from(p > 0.5), &[1.0 - p, p]);
+            }
+            three.mark_taken(1);
+            let mut one = ExchangeWriter::new(meta.id(), start, expires_ms, false, 2, 1);
+            one.push_row(1, &[0.25, 0.75]);
+            let mut gone = ExchangeWriter::new(meta.id(), start, expired_ms, true, 2, 2);
+            gone.push_row(1, &[0.25, 0.75]);
+            gone.push_row(1, &[0.25, 0.75]);
+            for (id, record, expires) in [
+                ("req-3", three.finish(), expires_ms),
+                ("req-1", one.finish(), expires_ms),
+                ("req-old", gone.finish(), expired_ms),
+            ] {
+                exchanges.insert(id.as_bytes(), record.as_slice()).unwrap();
+                expiry.insert((expires, id.as_bytes()), ()).unwrap();
+            }
+            let mut meta_table = txn.open_table(meta_table).unwrap();
+            meta_table.insert("format", 2).unwrap();
+            meta_table.insert("pending_rows", 5).unwrap();
+            let json = serde_json::to_string(&meta).unwrap();
+            txn.open_table(streams).unwrap().insert(meta.id(), json.as_str()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    service.due(at(start, 1)).await.unwrap();
+    // The expired exchange is dropped by the conversion and the count recomputed.
+    assert!(metrics_text(&service).contains("mltap_label_store_pending_rows 3"), "{}", metrics_text(&service));
+    let body =
+        r#"[{"id": "req-3:0", "label": "fraud"}, {"id": "req-3:1", "label": 1}, {"id": "req-old:0", "label": 1}]"#;
+    let outcome = ingest(&service, body, at(start, 1)).await;
+    assert_eq!((outcome.accepted, outcome.unmatched), (1, 2));
+    drop(service);
+
+    // Reopened in the new format: the index is rebuilt from the file.
+    let service = labels_support::service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    service.due(at(start, 2)).await.unwrap();
+    assert!(metrics_text(&service).contains("mltap_label_store_pending_rows 2"), "{}", metrics_text(&service));
+    let body =
+        r#"[{"id": "req-3:2", "label": "fraud"}, {"id": "req-1", "label": "legit"}, {"id": "req-3:0", "label": 1}]"#;
+    let outcome = ingest(&service, body, at(start, 2)).await;
+    assert_eq!((outcome.accepted, outcome.unmatched), (2, 1));
+    let due = service.due(after_horizon(start)).await.unwrap();
+    let fraud = due.iter().find(|d| d.model == "fraud").expect("the converted rows' bucket");
+    // req-3:0 (fraud, predicted fraud), req-3:2 (fraud, fraud), req-1 (legit, fraud).
+    assert_close(value(&fraud.points, "accuracy", &[]), 2.0 / 3.0, "accuracy");
+}
+
+#[tokio::test]
 async fn an_unreadable_or_newer_store_file_is_set_aside_and_the_store_starts_empty() {
     let (_dir, path) = temp_dir();
     let file = path.join(mltap::labels::service::EMBEDDED_FILE);

@@ -185,12 +185,14 @@ pub struct LabelService {
     settings: LabelSettings,
     /// Stream metadata already written to the store by this process (or read from
     /// it): avoids a store write per observation and a read per label.
-    streams: Mutex<HashMap<u64, Arc<StreamMeta>>>,
+    /// Both maps are looked up once per exchange, so they hash with foldhash rather
+    /// than SipHash (their keys are model names and ids, not chosen per request).
+    streams: Mutex<HashMap<u64, Arc<StreamMeta>, foldhash::fast::RandomState>>,
     /// The metadata `prepare` built last per stream, reused while the observation's
     /// classes are the same: `prepare` runs once per exchange on the worker's thread.
-    prepared_streams: Mutex<HashMap<StreamKey, PreparedStream>>,
+    prepared_streams: Mutex<HashMap<StreamKey, PreparedStream, foldhash::fast::RandomState>>,
     /// Models whose name may attribute an unmatched label: configured or recorded.
-    known_models: Mutex<HashSet<String>>,
+    known_models: Mutex<HashSet<String, foldhash::fast::RandomState>>,
     /// Process-local counters for `/metrics`.
     counters: LabelCounters,
     /// Store evictions, failed rows and corrupt files already added to the counters,
@@ -235,8 +237,8 @@ impl LabelService {
         Ok(Arc::new(LabelService {
             store,
             settings,
-            streams: Mutex::new(HashMap::new()),
-            prepared_streams: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::default()),
+            prepared_streams: Mutex::new(HashMap::default()),
             known_models: Mutex::new(known_models),
             counters,
             // A file set aside at start counts: the counter starts at zero.
@@ -504,12 +506,15 @@ impl LabelService {
         let all_rows: u64 = prepared.iter().map(|record| record.batch.rows).sum();
         for record in prepared {
             if !last_stream.as_ref().is_some_and(|last| Arc::ptr_eq(last, &record.meta)) {
-                let model = record.meta.model.clone();
                 if let Err(error) = self.ensure_stream(record.meta.clone()).await {
                     self.counters.failed.inc_by(all_rows);
                     return Err(error);
                 }
-                self.known_models.lock().unwrap_or_else(|e| e.into_inner()).insert(model);
+                let mut known = self.known_models.lock().unwrap_or_else(|e| e.into_inner());
+                if !known.contains(&record.meta.model) {
+                    known.insert(record.meta.model.clone());
+                }
+                drop(known);
                 last_stream = Some(record.meta);
             }
             rows += record.batch.rows;

@@ -4,9 +4,21 @@
 //! waiting for a label, evicting those closest to expiry first and counting them.
 //!
 //! Prediction rows are kept as one record per exchange (`record::ExchangeRecord`),
-//! keyed by its request id, with a bitmap of the rows already taken: recording costs
-//! one insert per exchange, and expiry drops whole exchanges. Records are buffered
-//! and written many per transaction.
+//! with a bitmap of the rows already taken: recording costs one insert per exchange,
+//! and expiry drops whole exchanges. Records are buffered and written many per
+//! transaction.
+//!
+//! Records are appended to a log under a sequence number that only grows, each with
+//! its own key (request id or row id) inside: inserts land on the B-tree's right edge
+//! and expiry and eviction remove from its left edge, so a transaction writes a few
+//! pages for hundreds of exchanges instead of one random leaf each. A label finds its
+//! record through an in-memory index (`KeyIndex`: a 32-bit hash of the key to the
+//! sequence, 8 bytes a record, rebuilt by one scan when the file opens), and the key
+//! stored in the record is compared on every lookup, so a hash collision misses
+//! instead of joining a label to another exchange's row. There is no expiry index:
+//! expiry drops records from the oldest while they are expired; a record of an older
+//! bucket recorded after newer ones waits behind them (refused by its own expiry
+//! when a label asks for it) and goes with them, or with eviction, oldest first.
 //!
 //! redb is synchronous, so every operation runs on the blocking pool. Writes commit
 //! without fsync (`Durability::None`: an fsync per observation would cap recording
@@ -14,9 +26,10 @@
 //! closing the store commit durably. A crash loses at most the writes since the last
 //! tick, never the file.
 //!
-//! The file carries its format (`meta.format`). A file of the per-row format 1 is
-//! converted on open (each row becomes a one-row record under its own id, so it still
-//! joins); a file of a newer format is renamed aside (`labels.redb.unusable-TIME`)
+//! The file carries its format (`meta.format`). A file of an earlier format is
+//! converted on open: format 2's records keyed by request id are appended to the log
+//! in their expiry order, and each row of the per-row format 1 becomes a one-row
+//! record under its own id, so both still join; a file of a newer format is renamed aside (`labels.redb.unusable-TIME`)
 //! with a warning, and a damaged one (truncated, corrupt) is renamed aside as
 //! `labels.redb.corrupt-TIME`, logged at error and counted; the store starts empty.
 //!
@@ -30,18 +43,29 @@
 use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
 use crate::labels::aggregate::{apply_delta, BucketDelta, F_AUC_LEN, F_CLAIMED, F_PREDICTED};
 use crate::labels::record::{set_taken, BucketId, ExchangeRecord, PendingRow, RowRef, StreamMeta};
-use redb::{Database, DatabaseError, Durability, ReadableTable, StorageError, TableDefinition, WriteTransaction};
+use redb::{
+    Database, DatabaseError, Durability, ReadableTable, StorageError, TableDefinition, TableHandle, WriteTransaction,
+};
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Pending exchanges: key (request id, or a row's own id) -> encoded
-/// `ExchangeRecord`. Keys are bytes: `&str` keys are checked for UTF-8 on every
-/// comparison, a measurable share of a label's cost.
-const EXCHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("exchanges");
-/// Expiry order of the exchanges: (expires_ms, key); also the eviction order.
-const EXPIRY: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("exchange_expiry");
+/// Pending exchanges in recording order, one table per generation of
+/// `GENERATION_RECORDS` sequences (`exchange_log.<generation>`): sequence -> log entry
+/// (`entry_bytes`: the record's key, request id or a row's own id, then the encoded
+/// `ExchangeRecord`). Evicting and expiring only move the log's start (`meta`
+/// `log_start`); a generation wholly before it is dropped as one table, so the
+/// oldest records cost no delete each.
+const LOG_PREFIX: &str = "exchange_log.";
+/// Sequences per generation table of the log.
+const GENERATION_RECORDS: u64 = 4096;
+/// Format 2's pending exchanges (key -> encoded `ExchangeRecord`), converted when
+/// such a file opens.
+const V2_EXCHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("exchanges");
+/// Format 2's expiry order of its exchanges: (expires_ms, key).
+const V2_EXPIRY: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("exchange_expiry");
 /// Format 1's pending rows (id -> per-row record), converted when such a file opens.
 const LEGACY_ROWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rows");
 /// Format 1's expiry index of its rows.
@@ -58,13 +82,17 @@ const AUC: TableDefinition<(&str, u64), &str> = TableDefinition::new("bucket_auc
 const RETAIN: TableDefinition<(i64, &str), ()> = TableDefinition::new("bucket_retain");
 /// Counters that must survive restarts, and the file's format: name -> value.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// The file layout this code writes (`meta.format`): 2 is one record per exchange.
-/// Files without it are of format 1 (one record per row).
-const FORMAT: u64 = 2;
+/// The file layout this code writes (`meta.format`): 3 is one record per exchange in
+/// a log ordered by sequence; 2 was one record per exchange keyed by request id;
+/// files without it are of format 1 (one record per row).
+const FORMAT: u64 = 3;
 /// `meta` key of the format.
 const META_FORMAT: &str = "format";
 /// `meta` key of the rows waiting for a label, kept with the records they count.
 const META_PENDING: &str = "pending_rows";
+/// `meta` key of the log's start: records of smaller sequences are gone (evicted or
+/// expired), even where their generation table is still in the file.
+const META_LOG_START: &str = "log_start";
 /// `meta` key of the evictions since the file was created.
 const META_EVICTIONS: &str = "evictions";
 /// redb's page cache. Its default (1 GiB) fills up under sustained recording and
@@ -74,6 +102,10 @@ const CACHE_BYTES: usize = 4 << 20;
 /// Buffered rows that trigger a write of the buffer: a few hundred 64-row exchanges
 /// per transaction, so a commit's fixed cost is shared by many of them.
 const FLUSH_ROWS: usize = 16_384;
+/// How far behind the next sequence a record may be: the index keeps the low 32 bits
+/// of each record's sequence, which name it only within this window. A record this
+/// old is evicted (at a million records a second, after 71 minutes of recording).
+const SEQ_WINDOW: u64 = u32::MAX as u64;
 /// Field of a bucket holding how long it is kept, epoch ms.
 const F_RETAIN: &str = "rt";
 
@@ -132,6 +164,120 @@ struct Inner {
     buffered_rows: AtomicUsize,
     /// Buffered rows lost because the write that carried them failed.
     failed_rows: AtomicU64,
+    /// Where each record is in the log, by key; changed only inside write
+    /// transactions (which redb runs one at a time), and rebuilt from the file when
+    /// it is reopened after a failed one.
+    index: std::sync::Mutex<KeyIndex>,
+}
+
+/// The in-memory index from a record's key to its sequence in the log. A slot is 8
+/// bytes (a 32-bit hash of the key and the sequence's low 32 bits, see `SEQ_WINDOW`)
+/// plus hashbrown's control byte: 9 bytes at 44-88 % load, i.e. 10-21 bytes a pending
+/// record. A 32-bit hash collides (two keys in a few billion of the keys pending at
+/// once), so it only proposes candidates: the key stored in the record decides.
+struct KeyIndex {
+    /// Seeded per process: keys come from clients, who must not be able to choose
+    /// colliding ones (each collision costs a record read on lookup).
+    hasher: foldhash::fast::RandomState,
+    slots: hashbrown::HashTable<Slot>,
+    /// The sequence of the next record appended.
+    next_seq: u64,
+    /// The generation tables of the log in the file.
+    generations: std::collections::BTreeSet<u64>,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    /// The high 32 bits of the key's hash.
+    tag: u32,
+    /// The low 32 bits of the record's sequence.
+    seq_low: u32,
+}
+
+impl KeyIndex {
+    fn new() -> KeyIndex {
+        KeyIndex {
+            hasher: foldhash::fast::RandomState::default(),
+            slots: hashbrown::HashTable::new(),
+            next_seq: 0,
+            generations: std::collections::BTreeSet::new(),
+        }
+    }
+
+    fn tag(&self, key: &[u8]) -> u32 {
+        (self.hasher.hash_one(key) >> 32) as u32
+    }
+
+    /// The table's hash of a slot, from its tag alone (the table rehashes slots when
+    /// it grows, and a slot holds nothing else of its key).
+    fn placement(tag: u32) -> u64 {
+        u64::from(tag).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// The full sequence of a slot: the one below `next_seq` with its low 32 bits.
+    fn seq_of(&self, slot: &Slot) -> Option<u64> {
+        let behind = (self.next_seq as u32).wrapping_sub(slot.seq_low);
+        self.next_seq.checked_sub(u64::from(behind))
+    }
+
+    /// Sequences of the records that may have `key`, to be checked against the log.
+    fn candidates(&self, key: &[u8]) -> Vec<u64> {
+        let tag = self.tag(key);
+        self.slots
+            .iter_hash(Self::placement(tag))
+            .filter(|slot| slot.tag == tag)
+            .filter_map(|slot| self.seq_of(slot))
+            .collect()
+    }
+
+    /// The sequence for the next record.
+    fn assign(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn insert(&mut self, key: &[u8], seq: u64) {
+        let tag = self.tag(key);
+        let slot = Slot { tag, seq_low: seq as u32 };
+        self.slots.insert_unique(Self::placement(tag), slot, |s| Self::placement(s.tag));
+    }
+
+    fn remove(&mut self, key: &[u8], seq: u64) {
+        let tag = self.tag(key);
+        let found = self.slots.find_entry(Self::placement(tag), |s| s.tag == tag && s.seq_low == seq as u32);
+        if let Ok(entry) = found {
+            entry.remove();
+        }
+    }
+
+    /// Heap bytes of the index.
+    fn bytes(&self) -> usize {
+        self.slots.allocation_size()
+    }
+}
+
+/// A log entry: the key's length (u16, little-endian), the key, then the encoded
+/// `ExchangeRecord`; None for a key too long to be a request or row id.
+fn entry_bytes(key: &[u8], record: &[u8]) -> Option<Vec<u8>> {
+    let len = u16::try_from(key.len()).ok()?;
+    let mut entry = Vec::with_capacity(2 + key.len() + record.len());
+    entry.extend_from_slice(&len.to_le_bytes());
+    entry.extend_from_slice(key);
+    entry.extend_from_slice(record);
+    Some(entry)
+}
+
+/// Bytes of a log entry before its record.
+fn entry_prefix(entry: &[u8]) -> Option<usize> {
+    let len = usize::from(u16::from_le_bytes(entry.get(..2)?.try_into().ok()?));
+    (entry.len() >= 2 + len).then_some(2 + len)
+}
+
+/// The key and record of a log entry.
+fn split_entry(entry: &[u8]) -> Option<(&[u8], &[u8])> {
+    let prefix = entry_prefix(entry)?;
+    Some((&entry[2..prefix], &entry[prefix..]))
 }
 
 impl EmbeddedStore {
@@ -352,113 +498,241 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// The pending-row tables of one write transaction, with the running count of rows
-/// waiting for a label (stored in `meta` by `close`, so it always matches the file).
+/// The pending-row log of one write transaction and its index, with the running
+/// count of rows waiting for a label (stored in `meta` by `close`, so it always
+/// matches the file).
 struct Rows<'t> {
-    exchanges: redb::Table<'t, &'static [u8], &'static [u8]>,
-    expiry: redb::Table<'t, (i64, &'static [u8]), ()>,
+    txn: &'t WriteTransaction,
+    /// The generation tables of the log opened by this transaction.
+    log: BTreeMap<u64, redb::Table<'t, u64, &'static [u8]>>,
     meta: redb::Table<'t, &'static str, u64>,
+    index: std::sync::MutexGuard<'t, KeyIndex>,
     /// Rows waiting for a label.
     pending: u64,
+    /// Records of smaller sequences are gone (`META_LOG_START`).
+    log_start: u64,
 }
 
-/// A record a batch of labels took out of the table (None: there was none), to put
-/// back by `write_back` unless all its rows are taken.
+/// A record a batch of labels read from the log (None: there was none), to write
+/// back by `write_back` if a row of it was taken.
 struct Touched {
-    bytes: Option<Vec<u8>>,
+    /// Its sequence and log entry.
+    found: Option<(u64, Vec<u8>)>,
+    /// Whether a row was taken from it.
+    changed: bool,
+}
+
+/// Records touched by one batch of labels, by key.
+type TouchedRecords = HashMap<Vec<u8>, Touched, foldhash::fast::RandomState>;
+
+/// The name of a generation table of the log.
+fn generation_table(generation: u64) -> String {
+    format!("{LOG_PREFIX}{generation}")
 }
 
 impl<'t> Rows<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Rows<'t>, DbError> {
+    fn open(txn: &'t WriteTransaction, index: &'t std::sync::Mutex<KeyIndex>) -> Result<Rows<'t>, DbError> {
         let meta = txn.open_table(META)?;
         let pending = meta.get(META_PENDING)?.map(|v| v.value()).unwrap_or(0);
-        Ok(Rows { exchanges: txn.open_table(EXCHANGES)?, expiry: txn.open_table(EXPIRY)?, meta, pending })
+        let log_start = meta.get(META_LOG_START)?.map(|v| v.value()).unwrap_or(0);
+        let index = index.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Rows { txn, log: BTreeMap::new(), meta, index, pending, log_start })
     }
 
-    /// Stores a record under `key`, replacing (and uncounting) a record of the same
+    /// The generation table holding `seq`, opened once per transaction.
+    fn table(&mut self, seq: u64) -> Result<&mut redb::Table<'t, u64, &'static [u8]>, DbError> {
+        let txn = self.txn;
+        Ok(match self.log.entry(seq / GENERATION_RECORDS) {
+            std::collections::btree_map::Entry::Occupied(open) => open.into_mut(),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let name = generation_table(*slot.key());
+                let table = txn.open_table(TableDefinition::new(&name))?;
+                self.index.generations.insert(*slot.key());
+                slot.insert(table)
+            }
+        })
+    }
+
+    /// Rebuilds the index from the log: one scan, when the file opens. Drops the
+    /// generation tables wholly before the log's start on the way.
+    fn rebuild_index(&mut self) -> Result<u64, DbError> {
+        let mut generations: Vec<u64> = self
+            .txn
+            .list_tables()?
+            .filter_map(|table| table.name().strip_prefix(LOG_PREFIX).and_then(|g| g.parse().ok()))
+            .collect();
+        generations.sort_unstable();
+        self.index.slots.clear();
+        self.index.generations.clear();
+        self.index.next_seq = self.log_start;
+        let mut records = 0;
+        for generation in generations {
+            if generation < self.log_start / GENERATION_RECORDS {
+                self.txn.delete_table(TableDefinition::<u64, &[u8]>::new(&generation_table(generation)))?;
+                continue;
+            }
+            let start = self.log_start;
+            let table = self.table(generation * GENERATION_RECORDS)?;
+            let mut found = Vec::new();
+            for entry in table.range(start..)? {
+                let (seq, bytes) = entry?;
+                if let Some((key, _)) = split_entry(bytes.value()) {
+                    found.push((seq.value(), key.to_vec()));
+                }
+            }
+            for (seq, key) in found {
+                self.index.insert(&key, seq);
+                self.index.next_seq = self.index.next_seq.max(seq + 1);
+                records += 1;
+            }
+        }
+        Ok(records)
+    }
+
+    /// The record stored under `key`: its sequence and log entry.
+    fn find(&mut self, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>, DbError> {
+        for seq in self.index.candidates(key) {
+            if seq < self.log_start {
+                continue;
+            }
+            let Some(entry) = self.table(seq)?.get(seq)? else { continue };
+            let entry = entry.value();
+            if split_entry(entry).is_some_and(|(stored, _)| stored == key) {
+                return Ok(Some((seq, entry.to_vec())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Appends a record under `key`, replacing (and uncounting) a record of the same
     /// key: a request id reused by a later exchange names that exchange's rows.
     fn put(&mut self, key: &[u8], bytes: &[u8]) -> Result<(), DbError> {
         let Some(record) = ExchangeRecord::parse(bytes) else { return Ok(()) };
-        let (expires_ms, untaken) = (record.expires_ms(), record.untaken() as u64);
-        let replaced = self.exchanges.insert(key, bytes)?.map(|old| old.value().to_vec());
-        if let Some(old) = replaced.as_deref().and_then(ExchangeRecord::parse) {
-            self.expiry.remove((old.expires_ms(), key))?;
-            self.pending = self.pending.saturating_sub(old.untaken() as u64);
+        let untaken = record.untaken() as u64;
+        let Some(entry) = entry_bytes(key, bytes) else { return Ok(()) };
+        if let Some((seq, old)) = self.find(key)? {
+            self.remove(seq, key, &old)?;
         }
-        self.expiry.insert((expires_ms, key), ())?;
+        let seq = self.index.assign();
+        self.table(seq)?.insert(seq, entry.as_slice())?;
+        self.index.insert(key, seq);
         self.pending += untaken;
         Ok(())
     }
 
-    /// Removes a record and its expiry entry, uncounting its waiting rows.
-    fn remove(&mut self, key: &[u8]) -> Result<(), DbError> {
-        let removed = self.exchanges.remove(key)?.map(|old| old.value().to_vec());
-        if let Some(old) = removed.as_deref().and_then(ExchangeRecord::parse) {
-            self.expiry.remove((old.expires_ms(), key))?;
-            self.pending = self.pending.saturating_sub(old.untaken() as u64);
-        }
+    /// Removes the record `entry` of `key` at `seq`, uncounting its waiting rows.
+    fn remove(&mut self, seq: u64, key: &[u8], entry: &[u8]) -> Result<(), DbError> {
+        self.table(seq)?.remove(seq)?;
+        self.forget(seq, key, entry);
         Ok(())
     }
 
-    /// Evicts rows closest to expiry until at most `max_rows` wait (whole exchanges,
-    /// and the first rows of the last one); returns how many were evicted.
+    /// Unindexes the record `entry` of `key` at `seq` and uncounts its waiting rows.
+    fn forget(&mut self, seq: u64, key: &[u8], entry: &[u8]) {
+        self.index.remove(key, seq);
+        let untaken = split_entry(entry).and_then(|(_, record)| ExchangeRecord::parse(record)).map(|r| r.untaken());
+        self.pending = self.pending.saturating_sub(untaken.unwrap_or(0) as u64);
+    }
+
+    /// The oldest record at or after the log's start: its sequence and log entry.
+    /// Moves the start past generations with nothing left in them.
+    fn oldest(&mut self) -> Result<Option<(u64, Vec<u8>)>, DbError> {
+        while self.log_start < self.index.next_seq {
+            let start = self.log_start;
+            let first = self.table(start)?.range(start..)?.next().transpose()?;
+            if let Some(found) = first.map(|(seq, entry)| (seq.value(), entry.value().to_vec())) {
+                return Ok(Some(found));
+            }
+            // On to the next generation in the file (the ones between are empty).
+            let next = self.index.generations.range(start / GENERATION_RECORDS + 1..).next();
+            self.log_start = next.map_or(self.index.next_seq, |g| (g * GENERATION_RECORDS).min(self.index.next_seq));
+        }
+        Ok(None)
+    }
+
+    /// Drops the oldest record (which `oldest` returned) by moving the log's start
+    /// past it: it stays in its generation table until that is dropped whole.
+    fn drop_oldest(&mut self, seq: u64, entry: &[u8]) {
+        if let Some((key, _)) = split_entry(entry) {
+            self.forget(seq, key, entry);
+        }
+        self.log_start = seq + 1;
+    }
+
+    /// Evicts the oldest rows until at most `max_rows` wait (whole exchanges, and the
+    /// first rows of the last one) and no record is older than `SEQ_WINDOW`; returns
+    /// how many rows were evicted.
     fn evict(&mut self, max_rows: u64) -> Result<u64, DbError> {
         let mut evicted = 0;
-        while self.pending > max_rows {
-            let first = self.expiry.first()?.map(|(k, _)| {
-                let (expires_ms, key) = k.value();
-                (expires_ms, key.to_vec())
-            });
-            let Some((expires_ms, key)) = first else {
+        loop {
+            let too_old = |rows: &Rows<'_>| rows.index.next_seq - rows.log_start >= SEQ_WINDOW;
+            if self.pending <= max_rows && !too_old(self) {
+                return Ok(evicted);
+            }
+            let Some((seq, mut entry)) = self.oldest()? else {
                 // Nothing left to evict: the count had drifted from the records.
                 self.pending = 0;
-                break;
+                return Ok(evicted);
             };
-            let bytes = self.exchanges.get(key.as_slice())?.map(|v| v.value().to_vec());
-            let Some(mut bytes) = bytes else {
-                self.expiry.remove((expires_ms, key.as_slice()))?;
+            let Some(prefix) = entry_prefix(&entry) else {
+                self.drop_oldest(seq, &entry);
                 continue;
             };
-            let Some(record) = ExchangeRecord::parse(&bytes) else {
-                self.exchanges.remove(key.as_slice())?;
-                self.expiry.remove((expires_ms, key.as_slice()))?;
+            let Some(untaken) = ExchangeRecord::parse(&entry[prefix..]).map(|r| r.untaken() as u64) else {
+                self.drop_oldest(seq, &entry);
                 continue;
             };
-            let excess = self.pending - max_rows;
-            let untaken = record.untaken() as u64;
-            if untaken <= excess {
-                self.remove(&key)?;
+            let excess = self.pending.saturating_sub(max_rows);
+            if untaken <= excess || too_old(self) {
+                self.drop_oldest(seq, &entry);
                 evicted += untaken;
-            } else {
-                let first_rows: Vec<usize> = record.untaken_rows().take(excess as usize).collect();
+            } else if excess > 0 {
+                let record = &mut entry[prefix..];
+                let first_rows: Vec<usize> = ExchangeRecord::parse(record)
+                    .map(|r| r.untaken_rows().take(excess as usize).collect())
+                    .unwrap_or_default();
                 for row in first_rows {
-                    set_taken(&mut bytes, row, true);
+                    set_taken(record, row, true);
                 }
-                self.exchanges.insert(key.as_slice(), bytes.as_slice())?;
+                self.table(seq)?.insert(seq, entry.as_slice())?;
                 self.pending -= excess;
                 evicted += excess;
             }
         }
-        Ok(evicted)
+    }
+
+    /// Drops the records expired by `now_ms`, from the oldest, up to the first one
+    /// that is not; returns how many records were dropped.
+    fn expire(&mut self, now_ms: i64) -> Result<u64, DbError> {
+        let mut dropped = 0;
+        while let Some((seq, entry)) = self.oldest()? {
+            let expires_ms = split_entry(&entry).and_then(|(_, r)| ExchangeRecord::parse(r)).map(|r| r.expires_ms());
+            if expires_ms.is_some_and(|e| e > now_ms) {
+                break;
+            }
+            self.drop_oldest(seq, &entry);
+            dropped += 1;
+        }
+        Ok(dropped)
     }
 
     /// Takes one row for a label, through the records this transaction touched.
     fn take_row(
         &mut self,
-        touched: &mut HashMap<Vec<u8>, Touched>,
+        touched: &mut TouchedRecords,
         at: &RowRef,
         now_ms: i64,
     ) -> Result<Option<TakenRow>, DbError> {
         let key = at.key.as_bytes();
         if !touched.contains_key(key) {
-            // Removed rather than read: a one-row record, the most common, is then
-            // gone in one step once taken, as a row was before records held exchanges.
-            let bytes = self.exchanges.remove(key)?.map(|v| v.value().to_vec());
-            touched.insert(key.to_vec(), Touched { bytes });
+            let found = self.find(key)?;
+            touched.insert(key.to_vec(), Touched { found, changed: false });
         }
         let Some(entry) = touched.get_mut(key) else { return Ok(None) };
-        let Some(bytes) = entry.bytes.as_mut() else { return Ok(None) };
-        let Some(record) = ExchangeRecord::parse(bytes) else { return Ok(None) };
+        let Some((_, bytes)) = entry.found.as_mut() else { return Ok(None) };
+        let Some(prefix) = entry_prefix(bytes) else { return Ok(None) };
+        let record_bytes = &mut bytes[prefix..];
+        let Some(record) = ExchangeRecord::parse(record_bytes) else { return Ok(None) };
         let row = at.row as usize;
         if record.suffixed() != at.suffixed
             || row >= record.rows()
@@ -468,31 +742,41 @@ impl<'t> Rows<'t> {
             return Ok(None);
         }
         let Some(pending) = record.row(row) else { return Ok(None) };
-        set_taken(bytes, row, true);
+        set_taken(record_bytes, row, true);
+        entry.changed = true;
         self.pending = self.pending.saturating_sub(1);
         Ok(Some(TakenRow { at: at.clone(), row: pending }))
     }
 
-    /// Puts back the records a batch of labels took out; a record whose rows are all
-    /// taken stays out, with its expiry entry (nothing can join it any more).
-    fn write_back(&mut self, touched: HashMap<Vec<u8>, Touched>) -> Result<(), DbError> {
+    /// Writes back the records a batch of labels took rows from; a record whose rows
+    /// are all taken is removed (nothing can join it any more).
+    fn write_back(&mut self, touched: TouchedRecords) -> Result<(), DbError> {
         for (key, entry) in touched {
-            let Some(bytes) = entry.bytes else { continue };
-            match ExchangeRecord::parse(&bytes) {
-                Some(record) if record.untaken() == 0 => {
-                    self.expiry.remove((record.expires_ms(), key.as_slice()))?;
-                }
-                _ => {
-                    self.exchanges.insert(key.as_slice(), bytes.as_slice())?;
-                }
+            let (true, Some((seq, bytes))) = (entry.changed, entry.found) else { continue };
+            let untaken = split_entry(&bytes).and_then(|(_, r)| ExchangeRecord::parse(r)).map(|r| r.untaken());
+            if untaken == Some(0) {
+                self.table(seq)?.remove(seq)?;
+                self.index.remove(&key, seq);
+            } else {
+                self.table(seq)?.insert(seq, bytes.as_slice())?;
             }
         }
         Ok(())
     }
 
-    /// Stores the count and publishes it to the gauge.
+    /// Drops the generation tables wholly before the log's start, stores the count
+    /// and the start, and publishes the count to the gauge.
     fn close(mut self, gauge: &AtomicU64) -> Result<(), DbError> {
+        let live = self.log_start / GENERATION_RECORDS;
+        let dead: Vec<u64> = self.index.generations.range(..live).copied().collect();
+        for generation in dead {
+            // A table must be closed before it is deleted.
+            self.log.remove(&generation);
+            self.txn.delete_table(TableDefinition::<u64, &[u8]>::new(&generation_table(generation)))?;
+            self.index.generations.remove(&generation);
+        }
         self.meta.insert(META_PENDING, self.pending)?;
+        self.meta.insert(META_LOG_START, self.log_start)?;
         gauge.store(self.pending, Ordering::Relaxed);
         Ok(())
     }
@@ -511,25 +795,53 @@ fn read_format(db: &Database) -> Result<Option<u64>, DbError> {
 }
 
 /// Converts format 1's per-row records into one-row records under the same ids (a
-/// label `ID:ROW` finds them through the second of `RowRef::candidates`), skipping
-/// expired rows, and removes format 1's tables. Streams from one table to the other,
-/// so a full file converts without holding its rows in memory.
+/// label `ID:ROW` finds them through the second of `RowRef::candidates`), in their
+/// expiry order and skipping expired rows, and removes format 1's tables. Streams
+/// from one table to the other, so a full file converts without holding its rows in
+/// memory.
 fn convert_rows(txn: &WriteTransaction, rows: &mut Rows<'_>, now_ms: i64) -> Result<u64, DbError> {
     let mut converted = 0;
     {
         let legacy = txn.open_table(LEGACY_ROWS)?;
-        for entry in legacy.iter()? {
-            let (id, bytes) = entry?;
-            let Some(row) = PendingRow::decode(bytes.value()) else { continue };
-            if row.expires_ms <= now_ms {
+        let order = txn.open_table(LEGACY_EXPIRY)?;
+        for entry in order.iter()? {
+            let (key, _) = entry?;
+            let (expires_ms, id) = key.value();
+            if expires_ms <= now_ms {
                 continue;
             }
-            rows.put(id.value(), &row.to_record(0, false))?;
+            let Some(bytes) = legacy.get(id)? else { continue };
+            let Some(row) = PendingRow::decode(bytes.value()) else { continue };
+            rows.put(id, &row.to_record(0, false))?;
             converted += 1;
         }
     }
     txn.delete_table(LEGACY_ROWS)?;
     txn.delete_table(LEGACY_EXPIRY)?;
+    Ok(converted)
+}
+
+/// Converts format 2's records keyed by request id into the log, in their expiry
+/// order (so that the oldest are evicted and expire first, as before), skipping
+/// expired ones, and removes format 2's tables. Streams like `convert_rows`.
+fn convert_exchanges(txn: &WriteTransaction, rows: &mut Rows<'_>, now_ms: i64) -> Result<u64, DbError> {
+    let mut converted = 0;
+    {
+        let exchanges = txn.open_table(V2_EXCHANGES)?;
+        let order = txn.open_table(V2_EXPIRY)?;
+        for entry in order.iter()? {
+            let (key, _) = entry?;
+            let (expires_ms, id) = key.value();
+            if expires_ms <= now_ms {
+                continue;
+            }
+            let Some(bytes) = exchanges.get(id)? else { continue };
+            rows.put(id, bytes.value())?;
+            converted += 1;
+        }
+    }
+    txn.delete_table(V2_EXCHANGES)?;
+    txn.delete_table(V2_EXPIRY)?;
     Ok(converted)
 }
 
@@ -581,6 +893,7 @@ impl Inner {
             buffer: std::sync::Mutex::new(Vec::new()),
             buffered_rows: AtomicUsize::new(0),
             failed_rows: AtomicU64::new(0),
+            index: std::sync::Mutex::new(KeyIndex::new()),
         };
         // Create the tables up front so readers never meet a missing table.
         inner.write(Durability::Immediate, |txn| {
@@ -589,15 +902,34 @@ impl Inner {
             txn.open_table(DUE)?;
             txn.open_table(AUC)?;
             txn.open_table(RETAIN)?;
-            let mut rows = Rows::open(txn)?;
+            let mut rows = Rows::open(txn, &inner.index)?;
             let mut evictions = rows.meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0);
-            if format.is_none() {
-                let converted = convert_rows(txn, &mut rows, now_ms())?;
+            let started = std::time::Instant::now();
+            let records = rows.rebuild_index()?;
+            if records > 0 {
+                tracing::info!(
+                    message = "Label store index rebuilt.",
+                    path = %inner.path.display(),
+                    records,
+                    pending_rows = rows.pending,
+                    index_bytes = rows.index.bytes(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                );
+            }
+            if format != Some(FORMAT) {
+                // Every pending row of an earlier format is in the tables converted.
+                rows.pending = 0;
+                let (converted, from) = match format {
+                    Some(2) => (convert_exchanges(txn, &mut rows, now_ms())?, "one record per exchange by request id"),
+                    _ => (convert_rows(txn, &mut rows, now_ms())?, "one record per row"),
+                };
                 if converted > 0 {
                     tracing::info!(
-                        message = "Label store converted from the per-row format.",
+                        message = "Label store converted from an earlier format.",
                         path = %inner.path.display(),
-                        rows = converted
+                        from,
+                        records = converted,
+                        pending_rows = rows.pending,
                     );
                 }
                 evictions += rows.evict(inner.max_rows)?;
@@ -647,7 +979,7 @@ impl Inner {
         }
         let mut per_bucket: BTreeMap<BucketId, (i64, i64, i64)> = BTreeMap::new();
         {
-            let mut rows = Rows::open(txn)?;
+            let mut rows = Rows::open(txn, &self.index)?;
             for batch in &batches {
                 for (key, bytes) in &batch.records {
                     rows.put(key.as_bytes(), bytes)?;
@@ -681,10 +1013,10 @@ impl Inner {
 
     fn take(&self, ids: Vec<String>, now_ms: i64) -> Result<Vec<Option<TakenRow>>, StoreError> {
         self.write(Durability::None, |txn| {
-            let mut rows = Rows::open(txn)?;
-            // The labels of one batch often share exchanges: each record is taken
-            // out and put back once per batch.
-            let mut touched = HashMap::new();
+            let mut rows = Rows::open(txn, &self.index)?;
+            // The labels of one batch often share exchanges: each record is read
+            // and written back once per batch.
+            let mut touched = TouchedRecords::default();
             let mut out = Vec::with_capacity(ids.len());
             for id in &ids {
                 let (first, fallback) = RowRef::candidates(id);
@@ -702,14 +1034,15 @@ impl Inner {
 
     fn restore(&self, restored: Vec<TakenRow>) -> Result<(), StoreError> {
         self.write(Durability::None, |txn| {
-            let mut rows = Rows::open(txn)?;
+            let mut rows = Rows::open(txn, &self.index)?;
             for taken in &restored {
                 let key = taken.at.key.as_bytes();
                 let row = taken.at.row as usize;
-                let current = rows.exchanges.get(key)?.map(|v| v.value().to_vec());
-                match current {
-                    Some(mut bytes) => {
-                        let Some(record) = ExchangeRecord::parse(&bytes) else { continue };
+                match rows.find(key)? {
+                    Some((seq, mut entry)) => {
+                        let Some(prefix) = entry_prefix(&entry) else { continue };
+                        let bytes = &mut entry[prefix..];
+                        let Some(record) = ExchangeRecord::parse(bytes) else { continue };
                         // Only into the record it came from: a later exchange under the
                         // same id has replaced it otherwise, and the row is gone.
                         let same = record.suffixed() == taken.at.suffixed
@@ -717,8 +1050,8 @@ impl Inner {
                             && record.is_taken(row)
                             && record.row(row).as_ref() == Some(&taken.row);
                         if same {
-                            set_taken(&mut bytes, row, false);
-                            rows.exchanges.insert(key, bytes.as_slice())?;
+                            set_taken(bytes, row, false);
+                            rows.table(seq)?.insert(seq, entry.as_slice())?;
                             rows.pending += 1;
                         }
                     }
@@ -799,24 +1132,10 @@ impl Inner {
     fn maintain(&self, now_ms: i64) -> Result<(), StoreError> {
         self.write(Durability::Immediate, |txn| {
             {
-                let mut rows = Rows::open(txn)?;
-                let mut expired = Vec::new();
-                for entry in rows.expiry.iter()? {
-                    let (key, _) = entry?;
-                    let (expires_ms, id) = key.value();
-                    if expires_ms > now_ms {
-                        break;
-                    }
-                    expired.push((expires_ms, id.to_vec()));
-                }
-                // Whole exchanges expire together: one delete per exchange.
-                for (expires_ms, key) in &expired {
-                    rows.expiry.remove((*expires_ms, key.as_slice()))?;
-                    let removed = rows.exchanges.remove(key.as_slice())?.map(|v| v.value().to_vec());
-                    if let Some(record) = removed.as_deref().and_then(ExchangeRecord::parse) {
-                        rows.pending = rows.pending.saturating_sub(record.untaken() as u64);
-                    }
-                }
+                let mut rows = Rows::open(txn, &self.index)?;
+                // Whole exchanges expire together: one delete per exchange, from
+                // the log's start.
+                rows.expire(now_ms)?;
                 rows.close(&self.pending)?;
             }
             let mut retain = txn.open_table(RETAIN)?;
@@ -927,5 +1246,91 @@ impl LabelStore for EmbeddedStore {
             State::Open(_) => None,
             State::Failed { error, .. } => Some(format!("embedded label store unavailable ({error}); reopening")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::record::ExchangeWriter;
+    use redb::ReadableTableMetadata;
+
+    fn open(dir: &Path) -> Inner {
+        match Inner::open(&dir.join("labels.redb"), 1_000, 10).ok() {
+            Some(Opened::Ready(inner)) => inner,
+            _ => panic!("the store opens"),
+        }
+    }
+
+    fn one_row_record(p: f64) -> Vec<u8> {
+        let mut writer = ExchangeWriter::new(7, 0, i64::MAX, false, 2, 1);
+        writer.push_row(u16::from(p > 0.5), &[1.0 - p, p]);
+        writer.finish()
+    }
+
+    #[test]
+    fn a_key_whose_hash_collides_with_another_record_finds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open(dir.path());
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.index)?;
+                rows.put(b"request-a", &one_row_record(0.75))?;
+                let (seq_a, _) = rows.find(b"request-a")?.expect("recorded");
+                // As if "request-b" hashed like "request-a" and pointed at its record.
+                let tag = rows.index.tag(b"request-b");
+                let forged = Slot { tag, seq_low: seq_a as u32 };
+                rows.index.slots.insert_unique(KeyIndex::placement(tag), forged, |s| KeyIndex::placement(s.tag));
+                assert!(rows.find(b"request-b")?.is_none(), "the stored key decides, not the hash");
+                assert_eq!(rows.find(b"request-a")?.map(|(seq, _)| seq), Some(seq_a));
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn records_are_found_across_the_wrap_of_their_sequences_low_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open(dir.path());
+        inner.index.lock().unwrap().next_seq = (1 << 32) - 2;
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.index)?;
+                rows.log_start = (1 << 32) - 2;
+                for i in 0..4 {
+                    rows.put(format!("request-{i}").as_bytes(), &one_row_record(0.75))?;
+                }
+                for i in 0..4u64 {
+                    let found = rows.find(format!("request-{i}").as_bytes())?.map(|(seq, _)| seq);
+                    assert_eq!(found, Some((1 << 32) - 2 + i));
+                }
+                // A reused key replaces its record: appended anew, counted once.
+                rows.put(b"request-1", &one_row_record(0.25))?;
+                assert_eq!(rows.find(b"request-1")?.map(|(seq, _)| seq), Some((1 << 32) + 2));
+                let stored = rows.table((1 << 32) - 2)?.len()? + rows.table(1 << 32)?.len()?;
+                assert_eq!(stored, 4);
+                assert_eq!(rows.pending, 4);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_record_a_full_window_behind_the_next_sequence_is_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open(dir.path());
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.index)?;
+                rows.put(b"old", &one_row_record(0.75))?;
+                rows.index.next_seq = SEQ_WINDOW;
+                rows.put(b"new", &one_row_record(0.75))?;
+                assert_eq!(rows.evict(1_000)?, 1);
+                assert!(rows.find(b"old")?.is_none());
+                assert!(rows.find(b"new")?.is_some());
+                assert_eq!(rows.pending, 1);
+                Ok(())
+            })
+            .unwrap();
     }
 }
