@@ -17,7 +17,7 @@
 use crate::units::MIB;
 use bytes::Bytes;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -321,7 +321,7 @@ fn concat(chunks: &[Bytes]) -> Bytes {
 }
 
 /// Counters of the capture path, read by `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CaptureStats {
     /// Exchanges put on the sampled lane.
     pub enqueued: AtomicU64,
@@ -343,6 +343,30 @@ pub struct CaptureStats {
     pub count_depth_bytes: AtomicUsize,
     /// Exchanges lost entirely because both lanes were full: missing from the counts.
     pub uncounted: AtomicU64,
+    /// The share of exchanges sampled for statistics while the sampled lane has room,
+    /// in units of `1 / FULL_SHARE`: lowered by the worker while mltap's threads wait
+    /// for CPU (`worker`), so that statistics give way to serving.
+    pub statistics_share: AtomicU32,
+}
+
+/// `CaptureStats::statistics_share` when every exchange may be sampled.
+pub const FULL_SHARE: u32 = 1 << 16;
+
+impl Default for CaptureStats {
+    fn default() -> Self {
+        CaptureStats {
+            enqueued: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            skipped_oversize: AtomicU64::new(0),
+            depth: AtomicUsize::new(0),
+            depth_bytes: AtomicUsize::new(0),
+            count_enqueued: AtomicU64::new(0),
+            count_depth: AtomicUsize::new(0),
+            count_depth_bytes: AtomicUsize::new(0),
+            uncounted: AtomicU64::new(0),
+            statistics_share: AtomicU32::new(FULL_SHARE),
+        }
+    }
 }
 
 /// The hot path's end of the queue. Cheap to clone.
@@ -427,11 +451,13 @@ pub fn keep_probability(occupancy: f64) -> f64 {
 
 impl CaptureSender {
     /// Decides, at the start of an exchange, whether its statistics are computed
-    /// (both bodies are copied) or it is only counted.
+    /// (both bodies are copied) or it is only counted: with the keep-probability of
+    /// the sampled lane's occupancy, times the statistics share.
     pub fn sample(&self) -> bool {
         let by_count = self.stats.depth.load(Ordering::Relaxed) as f64 / self.max_exchanges as f64;
         let by_bytes = self.stats.depth_bytes.load(Ordering::Relaxed) as f64 / self.max_sampled_bytes.max(1) as f64;
-        let p = keep_probability(by_count.max(by_bytes));
+        let share = self.stats.statistics_share.load(Ordering::Relaxed);
+        let p = keep_probability(by_count.max(by_bytes)) * (f64::from(share) / f64::from(FULL_SHARE));
         p >= 1.0 || (p > 0.0 && uniform() < p)
     }
 

@@ -10,17 +10,16 @@
 //! model's streams and files stay on one thread), ticks every 250 ms (or a quarter of
 //! the bucket width if shorter), closes due buckets and writes their files.
 //!
-//! What must be exact and what may be sampled run at different priorities:
+//! What must be exact goes first, and what may be sampled gives way:
 //! - the **count threads** (`mltap-count-N`) take count records: only their response
-//!   is decoded, for the request, row and class counts and the label join. They run at
-//!   the normal priority, so they keep up with whatever the proxy serves.
+//!   is decoded, for the request, row and class counts and the label join. The monitor
+//!   threads take every waiting batch of them before each sampled batch.
 //! - the **statistics threads** (`mltap-decode-N`) take sampled exchanges, whose
-//!   requests are decoded for feature statistics. They run in the background
-//!   (`monitor.statistics_priority`, Linux `SCHED_IDLE`): on CPU time nothing else
-//!   wants. When they fall behind, the sampled lane fills, the proxy lowers its
-//!   keep-probability and sends more exchanges to the count lane (`capture` module):
-//!   statistics get sampled more thinly, counts stay exact, and monitoring never takes
-//!   CPU from serving for what it may estimate.
+//!   requests are decoded for feature statistics. While mltap's threads wait for CPU
+//!   (`CpuGovernor`), the share of exchanges the proxy samples is lowered, so that
+//!   statistics give way to serving and come from a thinner uniform sample; counts stay
+//!   exact. With `monitor.statistics_priority = "background"` these threads also run at
+//!   Linux's `SCHED_IDLE`.
 //!
 //! On `finish`, the decode threads drain their lanes, the monitor threads flush the
 //! open buckets and write their files, and it returns.
@@ -30,7 +29,7 @@
 //! `BucketListener` sees every closed bucket after its file is written,
 //! `ObservationListener` sees every decoded observation with the start of its bucket.
 
-use crate::capture::{CaptureReceiver, CaptureStats, Exchange, LaneEmpty, LaneReceiver, Protocol};
+use crate::capture::{CaptureReceiver, CaptureStats, Exchange, LaneEmpty, LaneReceiver, Protocol, FULL_SHARE};
 use crate::fleet::{Fleet, FleetSettings};
 use crate::monitor::{
     BucketState, ClosedBucket, Engine, EngineOptions, ExchangeFacts, MonitorConfig, ReferenceSet, StatisticsPriority,
@@ -325,6 +324,7 @@ pub fn spawn_with(
             // One thread reports the capture queue's drops.
             capture_stats: (i == 0).then(|| capture_stats.clone()),
             capture_dropped_seen: 0,
+            governor: (i == 0 && config.monitor.statistics_yield_cpu).then(|| CpuGovernor::new(capture_stats.clone())),
             tick: (config.bucket / 4).clamp(Duration::from_millis(50), MAX_TICK),
         };
         threads.extend(spawn_thread(&format!("mltap-monitor-{i}"), move || monitor.run(input)));
@@ -598,6 +598,8 @@ struct MonitorThread {
     capture_stats: Option<Arc<CaptureStats>>,
     /// `capture_stats.dropped` already counted.
     capture_dropped_seen: u64,
+    /// Lowers the statistics share while mltap waits for CPU (first thread only).
+    governor: Option<CpuGovernor>,
     tick: Duration,
 }
 
@@ -632,6 +634,9 @@ impl MonitorThread {
                 }
             }
             if Instant::now() >= next_tick {
+                if let Some(governor) = &mut self.governor {
+                    governor.adjust();
+                }
                 self.count_capture_drops();
                 let closed = self.engine.close_due_states(SystemTime::now());
                 self.emit(closed);
@@ -701,9 +706,122 @@ impl MonitorThread {
     }
 }
 
+/// Wait / (run + wait) of mltap's threads over a tick above which its threads are
+/// taken to compete for CPU; after `CONTENDED_TICKS` such ticks in a row the
+/// statistics share halves, and again after each further one.
+const CONTENDED: f64 = 0.15;
+/// Contended ticks in a row before the share falls: a moment of contention (start-up,
+/// a neighbour's burst) leaves statistics alone.
+const CONTENDED_TICKS: u32 = 4;
+/// Below it, the share grows back by `SHARE_STEP` per tick.
+const UNCONTENDED: f64 = 0.05;
+/// Cores' worth of CPU mltap's threads must have run during a tick for its waits to
+/// count: a lightly loaded mltap keeps sampling every exchange whatever else the
+/// machine does.
+const BUSY_CORES: f64 = 0.5;
+/// The share's floor: statistics never stop altogether.
+const MIN_SHARE: u32 = FULL_SHARE / 256;
+/// The share's growth per uncontended tick: from the floor to every exchange in 16.
+const SHARE_STEP: u32 = FULL_SHARE / 16;
+
+/// Sets the share of exchanges sampled for statistics from how long mltap's threads
+/// waited for a CPU (Linux schedstat): halved each tick they waited long, grown back
+/// step by step each tick they did not. Statistics then give way to serving on a
+/// machine whose cores are busy, and cover every exchange again once they are not.
+struct CpuGovernor {
+    stats: Arc<CaptureStats>,
+    /// The process's threads' run and wait nanoseconds at the last tick, and when.
+    last: Option<(u64, u64)>,
+    at: Instant,
+    /// Contended ticks in a row so far.
+    contended: u32,
+}
+
+impl CpuGovernor {
+    fn new(stats: Arc<CaptureStats>) -> CpuGovernor {
+        CpuGovernor { stats, last: process_cpu_times(), at: Instant::now(), contended: 0 }
+    }
+
+    fn adjust(&mut self) {
+        let now = process_cpu_times();
+        let elapsed = self.at.elapsed().as_nanos() as f64;
+        self.at = Instant::now();
+        let (Some((run, wait)), Some((last_run, last_wait))) = (now, self.last) else {
+            self.last = now;
+            return;
+        };
+        self.last = now;
+        // Threads that ended take their times with them: such a tick tells nothing.
+        let (Some(ran), Some(waited)) = (run.checked_sub(last_run), wait.checked_sub(last_wait)) else { return };
+        let busy = ran as f64 >= BUSY_CORES * elapsed;
+        let waiting = if busy { waited as f64 / (ran + waited).max(1) as f64 } else { 0.0 };
+        self.contended = if waiting > CONTENDED { self.contended + 1 } else { 0 };
+        if waiting > CONTENDED && self.contended < CONTENDED_TICKS {
+            return;
+        }
+        let share = self.stats.statistics_share.load(Ordering::Relaxed);
+        let next = next_share(share, waiting);
+        if next != share {
+            self.stats.statistics_share.store(next, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The statistics share after a tick in which mltap's threads spent `waiting` of
+/// their runnable time waiting for a CPU.
+fn next_share(share: u32, waiting: f64) -> u32 {
+    if waiting > CONTENDED {
+        (share / 2).max(MIN_SHARE)
+    } else if waiting < UNCONTENDED {
+        share.saturating_add(SHARE_STEP).min(FULL_SHARE)
+    } else {
+        share
+    }
+}
+
+/// Nanoseconds this process's threads ran and waited runnable for a CPU, summed
+/// over its current threads (`/proc/self/task/*/schedstat`); None where the kernel
+/// does not say.
+fn process_cpu_times() -> Option<(u64, u64)> {
+    let mut totals = (0u64, 0u64);
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
+        let mut fields = text.split_ascii_whitespace().map(str::parse::<u64>);
+        if let (Some(Ok(run)), Some(Ok(wait))) = (fields.next(), fields.next()) {
+            totals.0 += run;
+            totals.1 += wait;
+        }
+    }
+    Some(totals)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_statistics_share_halves_while_contended_and_grows_back_step_by_step() {
+        assert_eq!(next_share(FULL_SHARE, 0.5), FULL_SHARE / 2);
+        assert_eq!(next_share(FULL_SHARE / 2, 0.1), FULL_SHARE / 2, "between the thresholds it holds");
+        assert_eq!(next_share(FULL_SHARE / 2, 0.0), FULL_SHARE / 2 + SHARE_STEP);
+        assert_eq!(next_share(FULL_SHARE, 0.0), FULL_SHARE);
+        let mut share = FULL_SHARE;
+        for _ in 0..20 {
+            share = next_share(share, 0.9);
+        }
+        assert_eq!(share, MIN_SHARE, "statistics never stop altogether");
+        for _ in 0..16 {
+            share = next_share(share, 0.01);
+        }
+        assert_eq!(share, FULL_SHARE);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_process_reports_how_long_its_threads_ran() {
+        let (run, _wait) = process_cpu_times().expect("schedstat");
+        assert!(run > 0);
+    }
 
     #[test]
     fn a_model_always_goes_to_the_same_aggregation_thread() {

@@ -38,6 +38,8 @@ async fn admin_serves_health_readiness_and_metrics_after_traffic() {
         "mltap_capture_dropped_total 0",
         "mltap_capture_skipped_oversize_total 0",
         "mltap_capture_queue_depth 0",
+        // A lightly loaded mltap samples every exchange it has room for.
+        "mltap_capture_statistics_share 1.0",
         r#"mltap_upstream_latency_seconds_count{protocol="grpc"} 1"#,
     ];
     // Exchanges are counted when they end, just after the client has its answer.

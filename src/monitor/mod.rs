@@ -68,10 +68,15 @@ pub struct MonitorConfig {
     /// models (a model's streams always go to the same thread); 0 picks the number of
     /// cores, at most 4. `max_streams` is divided among them.
     pub aggregation_threads: usize,
+    /// Sample statistics more thinly while mltap's threads wait for CPU, and back to
+    /// every exchange once they do not: on a machine whose cores are busy, statistics
+    /// give way to serving. Counts are exact either way.
+    pub statistics_yield_cpu: bool,
     /// The scheduling priority of the threads that decode sampled exchanges for
-    /// statistics: `background` (default) lets them use only CPU time nothing else
-    /// wants, so that statistics never take CPU from serving and are sampled more thinly
-    /// instead; `normal` gives them the same share as everything else.
+    /// statistics: `normal` (default), or `background` (Linux `SCHED_IDLE`: only CPU
+    /// time nothing else wants, for hosts whose cores are never all busy; where they
+    /// are, sampled exchanges can wait in the queue past their bucket's grace and be
+    /// counted late).
     pub statistics_priority: StatisticsPriority,
 }
 
@@ -79,11 +84,11 @@ pub struct MonitorConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StatisticsPriority {
-    /// Linux `SCHED_IDLE`: runs when a core would otherwise idle.
-    #[default]
-    Background,
     /// The scheduler's normal share.
+    #[default]
     Normal,
+    /// Linux `SCHED_IDLE`: runs when a core would otherwise idle.
+    Background,
 }
 
 impl Default for MonitorConfig {
@@ -101,7 +106,8 @@ impl Default for MonitorConfig {
             quantile_relative_accuracy: 0.01,
             decode_threads: 0,
             aggregation_threads: 0,
-            statistics_priority: StatisticsPriority::Background,
+            statistics_yield_cpu: true,
+            statistics_priority: StatisticsPriority::Normal,
         }
     }
 }
