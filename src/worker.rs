@@ -86,6 +86,9 @@ pub trait BucketListener: Send + Sync + 'static {
 /// shared (`Arc`) so that a listener can keep it or send it on without copying it.
 pub trait ObservationListener: Send + Sync + 'static {
     fn on_observation(&self, observation: &Arc<Observation>, bucket_start: i64);
+    /// Called on the monitor thread after each batch of exchanges it took: a listener
+    /// that gathers observations hands them on here, one hand-off per batch.
+    fn on_batch_end(&self) {}
 }
 
 /// The listeners of a worker; cheap to clone, listeners can be added at any time.
@@ -114,6 +117,15 @@ impl Hooks {
         for listener in self.buckets.read().unwrap_or_else(|p| p.into_inner()).iter() {
             if std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_closed(bucket))).is_err() {
                 tracing::error!(message = "A bucket listener panicked; monitoring goes on.", model = %bucket.model);
+            }
+        }
+    }
+
+    fn batch_end(&self) {
+        let listeners = self.observations.read().unwrap_or_else(|p| p.into_inner());
+        for listener in listeners.iter() {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| listener.on_batch_end())).is_err() {
+                tracing::error!(message = "An observation listener panicked; monitoring goes on.");
             }
         }
     }
@@ -670,6 +682,7 @@ impl MonitorThread {
         for decoded in batch {
             self.feed(decoded);
         }
+        self.emitter.hooks.batch_end();
     }
 
     fn feed(&mut self, decoded: Decoded) {

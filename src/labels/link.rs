@@ -4,10 +4,12 @@
 //!
 //! The worker's listeners run on its monitor thread and must never wait: there each
 //! observation is reduced to what the store keeps (`LabelService::prepare`: one
-//! record per exchange, no features), which crosses to an async task over a bounded
-//! channel; when that channel is full the observation is not recorded and
-//! `label_record_dropped` counts it. The task writes whatever queued up meanwhile in
-//! one store call, so a busy worker gets large transactions.
+//! record per exchange, no features), gathered for the batch of exchanges the monitor
+//! thread is feeding, and the batch crosses to an async task over a bounded channel in
+//! one hand-off (one wake-up of the task per batch, not per exchange); when that
+//! channel is full the batch is not recorded and `label_record_dropped` counts its
+//! observations. The task writes whatever queued up meanwhile in one store call, so a
+//! busy worker gets large transactions.
 
 use crate::admin::history::History;
 use crate::labels::{LabelService, PreparedRecord};
@@ -23,24 +25,46 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-/// Prepared observations waiting to be recorded (a few hundred bytes each); beyond
-/// it they are dropped and counted. Holds a quarter of a second of 64-row exchanges
-/// at 1 M rows/s, so a store commit or a tick's durable write does not drop any.
-const PENDING_OBSERVATIONS: usize = 4096;
+/// Batches of prepared observations waiting to be recorded (a few hundred bytes
+/// each, at most `FEED_BATCH` per batch); beyond it they are dropped and counted.
+/// Holds at least a quarter of a second of 64-row exchanges at 1 M rows/s when the
+/// worker hands over full batches, so a store commit or a tick's durable write does
+/// not drop any.
+const PENDING_BATCHES: usize = 64;
+/// Prepared observations gathered before they are handed on, whatever the batch.
+const FEED_BATCH: usize = 64;
 /// Prepared observations written in one store call at most.
 const RECORD_CHUNK: usize = 512;
 /// How often buckets past their label horizon are looked for.
 const DUE_TICK: Duration = Duration::from_secs(1);
 
-/// The worker-side end: prepares each observation's record and hands it to the
-/// recording task without waiting.
+/// The worker-side end: prepares each observation's record, gathers them for the
+/// monitor thread's batch, and hands the batch to the recording task without waiting.
 struct ObservationFeed {
     /// Turns observations into records (and names their streams).
     labels: Arc<LabelService>,
+    /// Records prepared since the last hand-off (monitor threads share it).
+    gathered: std::sync::Mutex<Vec<PreparedRecord>>,
     /// To the recording task.
-    tx: mpsc::Sender<PreparedRecord>,
+    tx: mpsc::Sender<Vec<PreparedRecord>>,
     /// Observations not recorded because the task fell behind.
     dropped: Counter,
+}
+
+impl ObservationFeed {
+    fn new(labels: Arc<LabelService>, tx: mpsc::Sender<Vec<PreparedRecord>>, dropped: Counter) -> ObservationFeed {
+        ObservationFeed { labels, gathered: std::sync::Mutex::new(Vec::new()), tx, dropped }
+    }
+
+    /// Hands what was gathered to the recording task, or counts it dropped.
+    fn hand_on(&self, gathered: Vec<PreparedRecord>) {
+        if gathered.is_empty() {
+            return;
+        }
+        if let Err(refused) = self.tx.try_send(gathered) {
+            self.dropped.inc_by(refused.into_inner().len() as u64);
+        }
+    }
 }
 
 impl ObservationListener for ObservationFeed {
@@ -52,19 +76,33 @@ impl ObservationListener for ObservationFeed {
         // itself would keep its feature columns (50 KiB for 64 rows × 100 features)
         // alive for every queued entry.
         let Some(prepared) = self.labels.prepare(observation, bucket_start) else { return };
-        if self.tx.try_send(prepared).is_err() {
-            self.dropped.inc();
+        let full = {
+            let mut gathered = self.gathered.lock().unwrap_or_else(|p| p.into_inner());
+            gathered.push(prepared);
+            (gathered.len() >= FEED_BATCH).then(|| std::mem::take(&mut *gathered))
+        };
+        if let Some(full) = full {
+            self.hand_on(full);
         }
+    }
+
+    fn on_batch_end(&self) {
+        let gathered = std::mem::take(&mut *self.gathered.lock().unwrap_or_else(|p| p.into_inner()));
+        self.hand_on(gathered);
     }
 }
 
-/// Records a prepared observation and whatever else is queued, in one store call.
-async fn record_queued(labels: &LabelService, first: PreparedRecord, rx: &mut mpsc::Receiver<PreparedRecord>) {
-    let mut chunk = Vec::with_capacity(RECORD_CHUNK.min(rx.len() + 1));
-    chunk.push(first);
+/// Records a batch of prepared observations and whatever else is queued, in one
+/// store call.
+async fn record_queued(
+    labels: &LabelService,
+    first: Vec<PreparedRecord>,
+    rx: &mut mpsc::Receiver<Vec<PreparedRecord>>,
+) {
+    let mut chunk = first;
     while chunk.len() < RECORD_CHUNK {
         match rx.try_recv() {
-            Ok(more) => chunk.push(more),
+            Ok(more) => chunk.extend(more),
             Err(_) => break,
         }
     }
@@ -114,8 +152,8 @@ impl LabelLink {
         gauges: Option<ModelGauges>,
         dropped: Counter,
     ) -> LabelLink {
-        let (tx, mut rx) = mpsc::channel(PENDING_OBSERVATIONS);
-        hooks.add_observation_listener(Arc::new(ObservationFeed { labels: labels.clone(), tx, dropped }));
+        let (tx, mut rx) = mpsc::channel(PENDING_BATCHES);
+        hooks.add_observation_listener(Arc::new(ObservationFeed::new(labels.clone(), tx, dropped)));
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(DUE_TICK);
@@ -247,17 +285,29 @@ mod tests {
         .await
         .unwrap();
         let (tx, mut rx) = mpsc::channel(1);
-        let feed = ObservationFeed { labels: labels.clone(), tx, dropped: Counter::default() };
+        let feed = ObservationFeed::new(labels.clone(), tx, Counter::default());
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
         let bucket_start = now - now % 60;
         feed.on_observation(&observation(100), bucket_start);
-        let queued = rx.try_recv().expect("queued");
+        assert!(rx.try_recv().is_err(), "gathered until the monitor thread's batch ends");
+        feed.on_batch_end();
+        let mut queued = rx.try_recv().expect("queued");
+        assert_eq!(queued.len(), 1, "one record for the exchange");
+        let queued = queued.remove(0);
         assert_eq!(queued.rows(), 2, "both rows of the exchange, in one record");
         assert_eq!(feed.dropped.get(), 0);
 
+        // A full gathering is handed on before its batch ends.
+        for _ in 0..FEED_BATCH {
+            feed.on_observation(&observation(0), bucket_start);
+        }
+        assert_eq!(rx.try_recv().expect("a full gathering").len(), FEED_BATCH);
+        feed.on_observation(&observation(0), bucket_start);
+        feed.on_batch_end();
         feed.on_observation(&observation(0), bucket_start);
         feed.on_observation(&observation(0), bucket_start);
-        assert_eq!(feed.dropped.get(), 1, "the queue held one; the second is dropped and counted");
+        feed.on_batch_end();
+        assert_eq!(feed.dropped.get(), 2, "the queue held one batch; the next batch's two are dropped and counted");
 
         // What was queued joins its labels by `ID:ROW`.
         labels.record_all(vec![queued]).await.unwrap();
