@@ -522,6 +522,9 @@ struct Touched {
     changed: bool,
 }
 
+/// A record's sequence and log entry.
+type LogEntry = (u64, Vec<u8>);
+
 /// Records touched by one batch of labels, by key.
 type TouchedRecords = HashMap<Vec<u8>, Touched, foldhash::fast::RandomState>;
 
@@ -646,7 +649,7 @@ impl<'t> Rows<'t> {
     /// Drops the oldest records (read by `oldest_while`) by moving the log's start
     /// past them: they stay in their generation table until it is dropped whole.
     /// Returns the rows they had waiting.
-    fn drop_oldest(&mut self, dropped: Vec<(u64, Vec<u8>)>) -> u64 {
+    fn drop_oldest(&mut self, dropped: Vec<LogEntry>) -> u64 {
         let before = self.pending;
         for (seq, entry) in dropped {
             if let Some((key, _)) = split_entry(&entry) {
@@ -660,11 +663,10 @@ impl<'t> Rows<'t> {
     /// Reads the oldest records, from the log's start, in one pass over its
     /// generation, while `more(sequence, waiting rows, expiry)` says to go on; the
     /// first record it refuses is returned apart. Empty generations are skipped.
-    #[allow(clippy::type_complexity)]
     fn oldest_while(
         &mut self,
         mut more: impl FnMut(u64, u64, i64) -> bool,
-    ) -> Result<(Vec<(u64, Vec<u8>)>, Option<(u64, Vec<u8>)>), DbError> {
+    ) -> Result<(Vec<LogEntry>, Option<LogEntry>), DbError> {
         loop {
             let start = self.log_start;
             if start >= self.index.next_seq {
