@@ -1413,6 +1413,20 @@ mod tests {
     }
 
     #[test]
+    fn the_index_of_a_full_store_of_one_row_records_stays_within_its_memory_budget() {
+        // The worst case of the default bound: 2,000,000 records of one row each.
+        let mut index = KeyIndex::new();
+        let records = 2_000_000u64;
+        for seq in 0..records {
+            index.insert(&seq.to_le_bytes(), seq);
+        }
+        index.next_seq = records;
+        let per_record = index.bytes() as f64 / records as f64;
+        assert!(per_record <= 24.0, "{per_record} bytes a record");
+        assert_eq!(index.candidates(&1_234_567u64.to_le_bytes()).iter().filter(|s| **s == 1_234_567).count(), 1);
+    }
+
+    #[test]
     fn a_record_a_full_window_behind_the_next_sequence_is_evicted() {
         let dir = tempfile::tempdir().unwrap();
         let inner = open(dir.path());
