@@ -522,6 +522,9 @@ struct Touched {
     changed: bool,
 }
 
+/// A record's sequence and log entry.
+type LogEntry = (u64, Vec<u8>);
+
 /// Records touched by one batch of labels, by key.
 type TouchedRecords = HashMap<Vec<u8>, Touched, foldhash::fast::RandomState>;
 
@@ -634,29 +637,65 @@ impl<'t> Rows<'t> {
         self.pending = self.pending.saturating_sub(untaken.unwrap_or(0) as u64);
     }
 
-    /// The oldest record at or after the log's start: its sequence and log entry.
-    /// Moves the start past generations with nothing left in them.
-    fn oldest(&mut self) -> Result<Option<(u64, Vec<u8>)>, DbError> {
-        while self.log_start < self.index.next_seq {
-            let start = self.log_start;
-            let first = self.table(start)?.range(start..)?.next().transpose()?;
-            if let Some(found) = first.map(|(seq, entry)| (seq.value(), entry.value().to_vec())) {
-                return Ok(Some(found));
-            }
-            // On to the next generation in the file (the ones between are empty).
-            let next = self.index.generations.range(start / GENERATION_RECORDS + 1..).next();
-            self.log_start = next.map_or(self.index.next_seq, |g| (g * GENERATION_RECORDS).min(self.index.next_seq));
-        }
-        Ok(None)
+    /// Moves the log's start to the next generation in the file (the ones between
+    /// are empty); false when the log has nothing left.
+    fn skip_generation(&mut self) -> bool {
+        let next_seq = self.index.next_seq;
+        let next = self.index.generations.range(self.log_start / GENERATION_RECORDS + 1..).next();
+        self.log_start = next.map_or(next_seq, |g| (g * GENERATION_RECORDS).min(next_seq));
+        self.log_start < next_seq
     }
 
-    /// Drops the oldest record (which `oldest` returned) by moving the log's start
-    /// past it: it stays in its generation table until that is dropped whole.
-    fn drop_oldest(&mut self, seq: u64, entry: &[u8]) {
-        if let Some((key, _)) = split_entry(entry) {
-            self.forget(seq, key, entry);
+    /// Drops the oldest records (read by `oldest_while`) by moving the log's start
+    /// past them: they stay in their generation table until it is dropped whole.
+    /// Returns the rows they had waiting.
+    fn drop_oldest(&mut self, dropped: Vec<LogEntry>) -> u64 {
+        let before = self.pending;
+        for (seq, entry) in dropped {
+            if let Some((key, _)) = split_entry(&entry) {
+                self.forget(seq, key, &entry);
+            }
+            self.log_start = self.log_start.max(seq + 1);
         }
-        self.log_start = seq + 1;
+        before - self.pending
+    }
+
+    /// Reads the oldest records, from the log's start, in one pass over its
+    /// generation, while `more(sequence, waiting rows, expiry)` says to go on; the
+    /// first record it refuses is returned apart. Empty generations are skipped.
+    fn oldest_while(
+        &mut self,
+        mut more: impl FnMut(u64, u64, i64) -> bool,
+    ) -> Result<(Vec<LogEntry>, Option<LogEntry>), DbError> {
+        loop {
+            let start = self.log_start;
+            if start >= self.index.next_seq {
+                return Ok((Vec::new(), None));
+            }
+            let mut taken = Vec::new();
+            let mut refused = None;
+            for item in self.table(start)?.range(start..)? {
+                let (seq, entry) = item?;
+                let (seq, entry) = (seq.value(), entry.value());
+                let record = split_entry(entry).and_then(|(_, r)| ExchangeRecord::parse(r));
+                // An entry that cannot be read has nothing waiting: it goes first.
+                let (untaken, expires_ms) = record.map_or((0, i64::MIN), |r| (r.untaken() as u64, r.expires_ms()));
+                if !more(seq, untaken, expires_ms) {
+                    refused = Some((seq, entry.to_vec()));
+                    break;
+                }
+                taken.push((seq, entry.to_vec()));
+            }
+            if let Some((seq, _)) = &refused {
+                // Nothing is left before it but what was taken.
+                if taken.is_empty() {
+                    self.log_start = *seq;
+                }
+            }
+            if !taken.is_empty() || refused.is_some() || !self.skip_generation() {
+                return Ok((taken, refused));
+            }
+        }
     }
 
     /// Evicts the oldest rows until at most `max_rows` wait (whole exchanges, and the
@@ -665,38 +704,47 @@ impl<'t> Rows<'t> {
     fn evict(&mut self, max_rows: u64) -> Result<u64, DbError> {
         let mut evicted = 0;
         loop {
-            let too_old = |rows: &Rows<'_>| rows.index.next_seq - rows.log_start >= SEQ_WINDOW;
-            if self.pending <= max_rows && !too_old(self) {
+            let next_seq = self.index.next_seq;
+            let too_old = |seq: u64| next_seq - seq >= SEQ_WINDOW;
+            if self.pending <= max_rows && !too_old(self.log_start) {
                 return Ok(evicted);
             }
-            let Some((seq, mut entry)) = self.oldest()? else {
-                // Nothing left to evict: the count had drifted from the records.
-                self.pending = 0;
-                return Ok(evicted);
-            };
-            let Some(prefix) = entry_prefix(&entry) else {
-                self.drop_oldest(seq, &entry);
-                continue;
-            };
-            let Some(untaken) = ExchangeRecord::parse(&entry[prefix..]).map(|r| r.untaken() as u64) else {
-                self.drop_oldest(seq, &entry);
-                continue;
-            };
-            let excess = self.pending.saturating_sub(max_rows);
-            if untaken <= excess || too_old(self) {
-                self.drop_oldest(seq, &entry);
-                evicted += untaken;
-            } else if excess > 0 {
-                let record = &mut entry[prefix..];
-                let first_rows: Vec<usize> = ExchangeRecord::parse(record)
-                    .map(|r| r.untaken_rows().take(excess as usize).collect())
-                    .unwrap_or_default();
-                for row in first_rows {
-                    set_taken(record, row, true);
+            let mut excess = self.pending.saturating_sub(max_rows);
+            let (whole, partly) = self.oldest_while(|seq, untaken, _| {
+                if excess == 0 && !too_old(seq) {
+                    return false;
                 }
-                self.table(seq)?.insert(seq, entry.as_slice())?;
-                self.pending -= excess;
-                evicted += excess;
+                if untaken <= excess || too_old(seq) {
+                    excess = excess.saturating_sub(untaken);
+                    return true;
+                }
+                false
+            })?;
+            let progressed = !whole.is_empty();
+            evicted += self.drop_oldest(whole);
+            let excess = self.pending.saturating_sub(max_rows);
+            match partly {
+                Some((seq, mut entry)) if excess > 0 => {
+                    let Some(prefix) = entry_prefix(&entry) else { continue };
+                    let record = &mut entry[prefix..];
+                    let first_rows: Vec<usize> = ExchangeRecord::parse(record)
+                        .map(|r| r.untaken_rows().take(excess as usize).collect())
+                        .unwrap_or_default();
+                    for row in &first_rows {
+                        set_taken(record, *row, true);
+                    }
+                    self.table(seq)?.insert(seq, entry.as_slice())?;
+                    self.pending -= first_rows.len() as u64;
+                    evicted += first_rows.len() as u64;
+                }
+                None if !progressed => {
+                    // Nothing left to evict: the count had drifted from the records.
+                    if self.pending > max_rows {
+                        self.pending = 0;
+                    }
+                    return Ok(evicted);
+                }
+                _ => {}
             }
         }
     }
@@ -705,15 +753,17 @@ impl<'t> Rows<'t> {
     /// that is not; returns how many records were dropped.
     fn expire(&mut self, now_ms: i64) -> Result<u64, DbError> {
         let mut dropped = 0;
-        while let Some((seq, entry)) = self.oldest()? {
-            let expires_ms = split_entry(&entry).and_then(|(_, r)| ExchangeRecord::parse(r)).map(|r| r.expires_ms());
-            if expires_ms.is_some_and(|e| e > now_ms) {
-                break;
+        loop {
+            let (expired, first_alive) = self.oldest_while(|_, _, expires_ms| expires_ms <= now_ms)?;
+            if expired.is_empty() {
+                return Ok(dropped);
             }
-            self.drop_oldest(seq, &entry);
-            dropped += 1;
+            dropped += expired.len() as u64;
+            self.drop_oldest(expired);
+            if first_alive.is_some() {
+                return Ok(dropped);
+            }
         }
-        Ok(dropped)
     }
 
     /// Takes one row for a label, through the records this transaction touched.
@@ -1313,6 +1363,67 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+    }
+
+    #[test]
+    fn eviction_moves_the_log_start_and_drops_whole_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open(dir.path());
+        let gauge = AtomicU64::new(0);
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.index)?;
+                let mut three = ExchangeWriter::new(7, 0, i64::MAX, true, 2, 3);
+                for _ in 0..3 {
+                    three.push_row(1, &[0.25, 0.75]);
+                }
+                let three = three.finish();
+                for i in 0..10_000 {
+                    if i == 9_001 {
+                        rows.put(b"three", &three)?;
+                    }
+                    rows.put(format!("request-{i}").as_bytes(), &one_row_record(0.75))?;
+                }
+                // 10,003 waiting: the 9,001 oldest one-row records go whole, then
+                // the first two rows of the three-row one after them.
+                assert_eq!(rows.evict(1_000)?, 9_003);
+                assert_eq!(rows.pending, 1_000);
+                assert!(rows.find(b"request-9000")?.is_none());
+                assert!(rows.find(b"request-9001")?.is_some());
+                let (_, entry) = rows.find(b"three")?.expect("kept, partly");
+                let record = ExchangeRecord::parse(&entry[entry_prefix(&entry).unwrap()..]).unwrap();
+                assert_eq!(record.untaken_rows().collect::<Vec<_>>(), vec![2]);
+                rows.close(&gauge)
+            })
+            .unwrap();
+        assert_eq!(gauge.load(Ordering::Relaxed), 1_000);
+        // Sequences 0..8192 are gone with their two generations; the third stays.
+        assert_eq!(inner.index.lock().unwrap().generations.iter().copied().collect::<Vec<_>>(), vec![2]);
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.index)?;
+                assert_eq!(rows.log_start, 9_001);
+                assert_eq!(rows.rebuild_index()?, 1_000);
+                // Records below the start are in the file but not indexed again.
+                assert!(rows.find(b"request-8500")?.is_none());
+                assert!(rows.find(b"request-9500")?.is_some());
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn the_index_of_a_full_store_of_one_row_records_stays_within_its_memory_budget() {
+        // The worst case of the default bound: 2,000,000 records of one row each.
+        let mut index = KeyIndex::new();
+        let records = 2_000_000u64;
+        for seq in 0..records {
+            index.insert(&seq.to_le_bytes(), seq);
+        }
+        index.next_seq = records;
+        let per_record = index.bytes() as f64 / records as f64;
+        assert!(per_record <= 24.0, "{per_record} bytes a record");
+        assert_eq!(index.candidates(&1_234_567u64.to_le_bytes()).iter().filter(|s| **s == 1_234_567).count(), 1);
     }
 
     #[test]
