@@ -9,9 +9,11 @@
 //! transaction.
 //!
 //! Records are appended to a log under a sequence number that only grows, each with
-//! its own key (request id or row id) inside: inserts land on the B-tree's right edge
-//! and expiry and eviction remove from its left edge, so a transaction writes a few
-//! pages for hundreds of exchanges instead of one random leaf each. A label finds its
+//! its own key (request id or row id) inside: inserts land on the B-tree's right edge,
+//! so a transaction writes a few pages for hundreds of exchanges instead of one
+//! random leaf each. Expiry and eviction move the log's start past the oldest records
+//! instead of deleting them, and drop the log's generation tables (`LOG_PREFIX`)
+//! wholly behind it, so the oldest records cost no delete each. A label finds its
 //! record through an in-memory index (`KeyIndex`: a 32-bit hash of the key to the
 //! sequence, 8 bytes a record, rebuilt by one scan when the file opens), and the key
 //! stored in the record is compared on every lookup, so a hash collision misses
