@@ -379,10 +379,15 @@ async fn regression_streams_get_prediction_and_exact_label_metrics_in_their_buck
     // The label metrics are appended to the predictions' bucket once its horizon passed.
     let version = SERVED_VERSION.to_string();
     let eta_stream = [("version", version.as_str()), ("signature", "serving_default")];
+    let rest_price = [("version", version.as_str())];
     let mut points = Vec::new();
+    // Each model's label points are appended on their own: wait for all three.
     for _ in 0..300 {
         points = bucket_points(&out, "eta", start);
-        if value(&points, "mae", &eta_stream).is_some() {
+        if value(&points, "mae", &eta_stream).is_some()
+            && value(&bucket_points(&out, "price", start), "mae", &rest_price).is_some()
+            && value(&bucket_points(&out, "churn", start), "accuracy", &[]).is_some()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -419,7 +424,6 @@ async fn regression_streams_get_prediction_and_exact_label_metrics_in_their_buck
     // price: REST :regress attributed to the served version; gRPC Regress's recorded
     // response names its own version, if any. Labels 100 and 0 against 101.5, 180.25.
     let price = bucket_points(&out, "price", start);
-    let rest_price = [("version", version.as_str())];
     assert_eq!(value(&price, "prediction_value", &[("version", version.as_str()), ("stat", "max")]), Some(180.25));
     assert_eq!(value(&price, "mae", &rest_price), Some((1.5 + 180.25) / 2.0));
     assert_eq!(value(&price, "mape", &rest_price), Some(0.015));
