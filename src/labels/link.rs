@@ -26,11 +26,12 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 /// Batches of prepared observations waiting to be recorded (a few hundred bytes
-/// each, at most `FEED_BATCH` per batch); beyond it they are dropped and counted.
-/// Holds at least a quarter of a second of 64-row exchanges at 1 M rows/s when the
-/// worker hands over full batches, so a store commit or a tick's durable write does
-/// not drop any.
-const PENDING_BATCHES: usize = 64;
+/// each, at most `FEED_BATCH` per batch, so at most 8192 and about 6 MiB of 64-row
+/// binary exchanges); beyond it they are dropped and counted. Holds half a second of
+/// 64-row exchanges at 1 M rows/s when the worker hands over full batches: a tick's
+/// durable commit at saturation can outlast even that (`label_record_dropped` 1 013
+/// in ten minutes of saturation with 64 batches, 66 with 128; BENCHMARKS.md).
+const PENDING_BATCHES: usize = 128;
 /// Prepared observations gathered before they are handed on, whatever the batch.
 const FEED_BATCH: usize = 64;
 /// Prepared observations written in one store call at most.
