@@ -321,7 +321,7 @@ fn concat(chunks: &[Bytes]) -> Bytes {
 }
 
 /// Counters of the capture path, read by `/metrics`.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct CaptureStats {
     /// Exchanges put on the sampled lane.
     pub enqueued: AtomicU64,
@@ -343,29 +343,25 @@ pub struct CaptureStats {
     pub count_depth_bytes: AtomicUsize,
     /// Exchanges lost entirely because both lanes were full: missing from the counts.
     pub uncounted: AtomicU64,
+    /// The share of exchanges withheld from statistics while the sampled lane has
+    /// room, in units of `1 / FULL_SHARE` (0: none; see `statistics_share`).
+    statistics_withheld: AtomicU32,
+}
+
+/// The statistics share when every exchange may be sampled.
+pub const FULL_SHARE: u32 = 1 << 16;
+
+impl CaptureStats {
     /// The share of exchanges sampled for statistics while the sampled lane has room,
     /// in units of `1 / FULL_SHARE`: lowered by the worker while mltap's threads wait
     /// for CPU (`worker`), so that statistics give way to serving.
-    pub statistics_share: AtomicU32,
-}
+    pub fn statistics_share(&self) -> u32 {
+        FULL_SHARE - self.statistics_withheld.load(Ordering::Relaxed).min(FULL_SHARE)
+    }
 
-/// `CaptureStats::statistics_share` when every exchange may be sampled.
-pub const FULL_SHARE: u32 = 1 << 16;
-
-impl Default for CaptureStats {
-    fn default() -> Self {
-        CaptureStats {
-            enqueued: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            skipped_oversize: AtomicU64::new(0),
-            depth: AtomicUsize::new(0),
-            depth_bytes: AtomicUsize::new(0),
-            count_enqueued: AtomicU64::new(0),
-            count_depth: AtomicUsize::new(0),
-            count_depth_bytes: AtomicUsize::new(0),
-            uncounted: AtomicU64::new(0),
-            statistics_share: AtomicU32::new(FULL_SHARE),
-        }
+    /// Sets the statistics share (clamped to `FULL_SHARE`).
+    pub fn set_statistics_share(&self, share: u32) {
+        self.statistics_withheld.store(FULL_SHARE - share.min(FULL_SHARE), Ordering::Relaxed);
     }
 }
 
@@ -456,8 +452,8 @@ impl CaptureSender {
     pub fn sample(&self) -> bool {
         let by_count = self.stats.depth.load(Ordering::Relaxed) as f64 / self.max_exchanges as f64;
         let by_bytes = self.stats.depth_bytes.load(Ordering::Relaxed) as f64 / self.max_sampled_bytes.max(1) as f64;
-        let share = self.stats.statistics_share.load(Ordering::Relaxed);
-        let p = keep_probability(by_count.max(by_bytes)) * (f64::from(share) / f64::from(FULL_SHARE));
+        let share = f64::from(self.stats.statistics_share()) / f64::from(FULL_SHARE);
+        let p = keep_probability(by_count.max(by_bytes)) * share;
         p >= 1.0 || (p > 0.0 && uniform() < p)
     }
 

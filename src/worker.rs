@@ -654,22 +654,14 @@ impl MonitorThread {
                 self.emit(closed);
                 next_tick = Instant::now() + self.tick;
             }
-            if !fed {
-                // Sampled batches come with a wake-up on the count hand-off, so waiting
-                // on it alone misses neither.
-                let wait = next_tick.saturating_duration_since(Instant::now());
-                if counts_open {
-                    match counts.recv_timeout(wait) {
-                        Ok(Handoff::Counts(batch)) => self.feed_all(batch),
-                        Ok(Handoff::SampledWaiting) | Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => counts_open = false,
-                    }
-                } else if sampled_open {
-                    match sampled.recv_timeout(wait) {
-                        Ok(batch) => self.feed_all(batch),
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => sampled_open = false,
-                    }
+            // Sampled batches come with a wake-up on the count hand-off, so waiting on it
+            // alone misses neither. (Every decode thread holds a count sender: once the
+            // count hand-off is closed, the sampled one is drained above.)
+            if !fed && counts_open {
+                match counts.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+                    Ok(Handoff::Counts(batch)) => self.feed_all(batch),
+                    Ok(Handoff::SampledWaiting) | Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => counts_open = false,
                 }
             }
         }
@@ -769,14 +761,10 @@ impl CpuGovernor {
         let busy = ran as f64 >= BUSY_CORES * elapsed;
         let waiting = if busy { waited as f64 / (ran + waited).max(1) as f64 } else { 0.0 };
         self.contended = if waiting > CONTENDED { self.contended + 1 } else { 0 };
-        if waiting > CONTENDED && self.contended < CONTENDED_TICKS {
+        if (1..CONTENDED_TICKS).contains(&self.contended) {
             return;
         }
-        let share = self.stats.statistics_share.load(Ordering::Relaxed);
-        let next = next_share(share, waiting);
-        if next != share {
-            self.stats.statistics_share.store(next, Ordering::Relaxed);
-        }
+        self.stats.set_statistics_share(next_share(self.stats.statistics_share(), waiting));
     }
 }
 

@@ -56,7 +56,7 @@ impl Collector for CaptureCollector {
             let gauge = ConstGauge::new(value.load(Ordering::Relaxed) as i64);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
-        let share = f64::from(s.statistics_share.load(Ordering::Relaxed)) / f64::from(crate::capture::FULL_SHARE);
+        let share = f64::from(s.statistics_share()) / f64::from(crate::capture::FULL_SHARE);
         let gauge = ConstGauge::new(share);
         gauge.encode(encoder.encode_descriptor(
             "capture_statistics_share",
