@@ -8,6 +8,8 @@ use labels_support::*;
 use mltap::config::LabelsStoreConfig;
 use mltap::labels::endpoint::parse_body;
 use mltap::labels::LabelService;
+use redb::TableHandle;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -320,60 +322,64 @@ async fn a_store_file_of_the_per_row_format_is_converted_and_its_rows_still_join
     assert_close(value(&fraud.points, "accuracy", &[]), 0.5, "accuracy");
 }
 
-#[tokio::test]
-async fn a_store_file_of_the_request_id_keyed_format_is_converted_and_its_rows_still_join() {
-    use mltap::labels::record::{ExchangeWriter, StreamMeta};
-    let (_dir, path) = temp_dir();
-    let start = current_bucket();
-    let meta = StreamMeta {
+/// The stream of the records written by earlier formats in the conversion tests.
+fn converted_stream() -> mltap::labels::record::StreamMeta {
+    mltap::labels::record::StreamMeta {
         model: "fraud".into(),
         version: Some(3),
         signature: "serving_default".into(),
         class_names: vec!["legit".into(), "fraud".into()],
-    };
+    }
+}
+
+/// What an earlier format held, by request id with its expiry: a 3-row exchange
+/// whose row 1 was already taken, a one-row exchange, and an expired exchange that
+/// must not come back.
+fn earlier_format_records(start: i64) -> Vec<(&'static str, Vec<u8>, i64)> {
+    use mltap::labels::record::ExchangeWriter;
+    let stream = converted_stream().id();
     let expires_ms = (start + (WIDTH + HORIZON + 3600) as i64) * 1000;
     let expired_ms = (start - 10) * 1000;
-    {
-        // What format 2 wrote: one record per exchange under its request id, an
-        // expiry index of them, and the pending count and format in `meta`.
-        let exchanges: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("exchanges");
-        let expiry: redb::TableDefinition<(i64, &[u8]), ()> = redb::TableDefinition::new("exchange_expiry");
-        let streams: redb::TableDefinition<u64, &str> = redb::TableDefinition::new("streams");
-        let meta_table: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-        let db = redb::Database::create(path.join(mltap::labels::service::EMBEDDED_FILE)).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut exchanges = txn.open_table(exchanges).unwrap();
-            let mut expiry = txn.open_table(expiry).unwrap();
-            // A 3-row exchange whose row 1 was already taken, a one-row exchange,
-            // and an expired exchange that must not come back.
-            let mut three = ExchangeWriter::new(meta.id(), start, expires_ms, true, 2, 3);
-            for p in [0.75, 0.25, 0.75] {
-                three.push_row(u16::from(p > 0.5), &[1.0 - p, p]);
-            }
-            three.mark_taken(1);
-            let mut one = ExchangeWriter::new(meta.id(), start, expires_ms, false, 2, 1);
-            one.push_row(1, &[0.25, 0.75]);
-            let mut gone = ExchangeWriter::new(meta.id(), start, expired_ms, true, 2, 2);
-            gone.push_row(1, &[0.25, 0.75]);
-            gone.push_row(1, &[0.25, 0.75]);
-            for (id, record, expires) in [
-                ("req-3", three.finish(), expires_ms),
-                ("req-1", one.finish(), expires_ms),
-                ("req-old", gone.finish(), expired_ms),
-            ] {
-                exchanges.insert(id.as_bytes(), record.as_slice()).unwrap();
-                expiry.insert((expires, id.as_bytes()), ()).unwrap();
-            }
-            let mut meta_table = txn.open_table(meta_table).unwrap();
-            meta_table.insert("format", 2).unwrap();
-            meta_table.insert("pending_rows", 5).unwrap();
-            let json = serde_json::to_string(&meta).unwrap();
-            txn.open_table(streams).unwrap().insert(meta.id(), json.as_str()).unwrap();
-        }
-        txn.commit().unwrap();
+    let mut three = ExchangeWriter::new(stream, start, expires_ms, true, 2, 3);
+    for p in [0.75, 0.25, 0.75] {
+        three.push_row(u16::from(p > 0.5), &[1.0 - p, p]);
     }
-    let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    three.mark_taken(1);
+    let mut one = ExchangeWriter::new(stream, start, expires_ms, false, 2, 1);
+    one.push_row(1, &[0.25, 0.75]);
+    let mut gone = ExchangeWriter::new(stream, start, expired_ms, true, 2, 2);
+    gone.push_row(1, &[0.25, 0.75]);
+    gone.push_row(1, &[0.25, 0.75]);
+    vec![
+        ("req-3", three.finish(), expires_ms),
+        ("req-1", one.finish(), expires_ms),
+        ("req-old", gone.finish(), expired_ms),
+    ]
+}
+
+/// Writes an earlier format's file: `fill` writes its records; the stream and the
+/// format go in as every format stored them.
+fn write_earlier_format(path: &Path, format: u64, fill: impl FnOnce(&redb::WriteTransaction)) {
+    let streams: redb::TableDefinition<u64, &str> = redb::TableDefinition::new("streams");
+    let meta_table: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+    let db = redb::Database::create(path.join(mltap::labels::service::EMBEDDED_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    fill(&txn);
+    {
+        let mut meta_table = txn.open_table(meta_table).unwrap();
+        meta_table.insert("format", format).unwrap();
+        meta_table.insert("pending_rows", 5).unwrap();
+        let meta = converted_stream();
+        let json = serde_json::to_string(&meta).unwrap();
+        txn.open_table(streams).unwrap().insert(meta.id(), json.as_str()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// Opens a converted file and checks that its rows join, exactly once, before and
+/// after a restart in the current format.
+async fn converted_rows_join(path: &Path, start: i64) {
+    let service = service(settings(path, LabelsStoreConfig::Embedded)).await;
     service.due(at(start, 1)).await.unwrap();
     // The expired exchange is dropped by the conversion and the count recomputed.
     assert!(metrics_text(&service).contains("mltap_label_store_pending_rows 3"), "{}", metrics_text(&service));
@@ -384,7 +390,7 @@ async fn a_store_file_of_the_request_id_keyed_format_is_converted_and_its_rows_s
     drop(service);
 
     // Reopened in the new format: the index is rebuilt from the file.
-    let service = labels_support::service(settings(&path, LabelsStoreConfig::Embedded)).await;
+    let service = labels_support::service(settings(path, LabelsStoreConfig::Embedded)).await;
     service.due(at(start, 2)).await.unwrap();
     assert!(metrics_text(&service).contains("mltap_label_store_pending_rows 2"), "{}", metrics_text(&service));
     let body =
@@ -398,19 +404,72 @@ async fn a_store_file_of_the_request_id_keyed_format_is_converted_and_its_rows_s
 }
 
 #[tokio::test]
+async fn a_store_file_of_the_request_id_keyed_format_is_converted_and_its_rows_still_join() {
+    let (_dir, path) = temp_dir();
+    let start = current_bucket();
+    // What format 2 wrote: one record per exchange under its request id and an
+    // expiry index of them.
+    write_earlier_format(&path, 2, |txn| {
+        let exchanges: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("exchanges");
+        let expiry: redb::TableDefinition<(i64, &[u8]), ()> = redb::TableDefinition::new("exchange_expiry");
+        let mut exchanges = txn.open_table(exchanges).unwrap();
+        let mut expiry = txn.open_table(expiry).unwrap();
+        for (id, record, expires) in earlier_format_records(start) {
+            exchanges.insert(id.as_bytes(), record.as_slice()).unwrap();
+            expiry.insert((expires, id.as_bytes()), ()).unwrap();
+        }
+    });
+    converted_rows_join(&path, start).await;
+}
+
+#[tokio::test]
+async fn a_store_file_whose_log_is_in_redb_tables_is_converted_and_its_rows_still_join() {
+    let (_dir, path) = temp_dir();
+    let start = current_bucket();
+    // What format 3 wrote: a log by sequence in tables of 4096 sequences, each entry
+    // the key's length, the key and the record, and the log's start in `meta`. A
+    // record before the start (evicted) must not come back either.
+    write_earlier_format(&path, 3, |txn| {
+        let mut entries = vec![("req-evicted", earlier_format_records(start).remove(0).1)];
+        entries.extend(earlier_format_records(start).into_iter().map(|(id, record, _)| (id, record)));
+        for (seq, (id, record)) in (4094u64..).zip(entries) {
+            let table: redb::TableDefinition<u64, &[u8]> =
+                redb::TableDefinition::new(if seq < 4096 { "exchange_log.0" } else { "exchange_log.1" });
+            let mut entry = (id.len() as u16).to_le_bytes().to_vec();
+            entry.extend_from_slice(id.as_bytes());
+            entry.extend_from_slice(&record);
+            txn.open_table(table).unwrap().insert(seq, entry.as_slice()).unwrap();
+        }
+        let meta_table: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        txn.open_table(meta_table).unwrap().insert("log_start", 4095).unwrap();
+    });
+    converted_rows_join(&path, start).await;
+    // Its tables are gone: the log is in segment files now.
+    let db = redb::Database::open(path.join(mltap::labels::service::EMBEDDED_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    let tables: Vec<String> = txn.list_tables().unwrap().map(|t| t.name().to_string()).collect();
+    assert!(!tables.iter().any(|t| t.starts_with("exchange_log.")), "{tables:?}");
+    let segments = std::fs::read_dir(path.join("labels.redb.log")).unwrap().count();
+    assert!(segments >= 1);
+}
+
+#[tokio::test]
 async fn an_unreadable_or_newer_store_file_is_set_aside_and_the_store_starts_empty() {
     let (_dir, path) = temp_dir();
     let file = path.join(mltap::labels::service::EMBEDDED_FILE);
-    let set_aside = || {
+    // Store files set aside, and log segment directories set aside with them.
+    let aside = |segments: bool| {
         std::fs::read_dir(&path)
             .unwrap()
             .filter_map(|e| e.ok())
             .filter(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with("labels.redb.unusable-") || name.starts_with("labels.redb.corrupt-")
+                let aside = name.starts_with("labels.redb.unusable-") || name.starts_with("labels.redb.corrupt-");
+                aside && name.ends_with(".log") == segments
             })
             .count()
     };
+    let set_aside = || aside(false);
     std::fs::write(&file, b"not a label store").unwrap();
     let service = service(settings(&path, LabelsStoreConfig::Embedded)).await;
     assert_eq!(set_aside(), 1);
@@ -432,6 +491,8 @@ async fn an_unreadable_or_newer_store_file_is_set_aside_and_the_store_starts_emp
     }
     let service = labels_support::service(settings(&path, LabelsStoreConfig::Embedded)).await;
     assert_eq!(set_aside(), 2);
+    // The first store's log went aside with the newer file that replaced it.
+    assert_eq!(aside(true), 1);
     service.record(&fraud_observation("fraud"), start).await.unwrap();
     assert_eq!(ingest(&service, FRAUD_LABELS, SystemTime::now()).await.accepted, 7);
 }

@@ -333,6 +333,11 @@ impl<'a> ExchangeRecord<'a> {
         self.rows - bitmap.iter().map(|b| b.count_ones() as usize).sum::<usize>()
     }
 
+    /// Where the bitmap of taken rows is in the record's bytes.
+    pub fn taken_bitmap_range(&self) -> std::ops::Range<usize> {
+        EXCHANGE_HEADER..EXCHANGE_HEADER + bitmap_bytes(self.rows)
+    }
+
     /// The rows still waiting for a label, in row order.
     pub fn untaken_rows(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.rows).filter(|r| !self.is_taken(*r))

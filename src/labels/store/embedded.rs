@@ -42,27 +42,31 @@
 //! Meanwhile its operations fail (the label endpoint answers 503), recorded rows are
 //! counted as failed, and `health` says what is wrong for `/readyz`.
 
+use super::segments::Segments;
 use super::{BucketUpdate, ClaimedBucket, LabelStore, RecordBatch, StoreError, StoreFuture, StoreStats, TakenRow};
 use crate::labels::aggregate::{apply_delta, BucketDelta, F_AUC_LEN, F_CLAIMED, F_PREDICTED};
 use crate::labels::record::{set_taken, BucketId, ExchangeRecord, PendingRow, RowRef, StreamMeta};
 use redb::{
     Database, DatabaseError, Durability, ReadableTable, StorageError, TableDefinition, TableHandle, WriteTransaction,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Pending exchanges in recording order, one table per generation of
-/// `GENERATION_RECORDS` sequences (`exchange_log.<generation>`): sequence -> log entry
-/// (`entry_bytes`: the record's key, request id or a row's own id, then the encoded
-/// `ExchangeRecord`). Evicting and expiring only move the log's start (`meta`
-/// `log_start`); a generation wholly before it is dropped as one table, so the
-/// oldest records cost no delete each.
-const LOG_PREFIX: &str = "exchange_log.";
-/// Sequences per generation table of the log.
+/// Format 3's log of pending exchanges, one table per generation of
+/// `GENERATION_RECORDS` sequences (`exchange_log.<generation>`): sequence -> log
+/// entry; converted into segments when such a file opens.
+const V3_LOG_PREFIX: &str = "exchange_log.";
+/// The rows taken from records of the log since they were appended, one table per
+/// generation (`exchange_taken.<generation>`, dropped with its segment): sequence ->
+/// the record's bitmap of taken rows. Segments are never rewritten.
+const TAKEN_PREFIX: &str = "exchange_taken.";
+/// Sequences per generation of the log (a segment file and a taken-row table).
 const GENERATION_RECORDS: u64 = 4096;
+/// Oldest records read at a time by expiry and eviction.
+const OLDEST_RUN: usize = 64;
 /// Format 2's pending exchanges (key -> encoded `ExchangeRecord`), converted when
 /// such a file opens.
 const V2_EXCHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("exchanges");
@@ -84,10 +88,11 @@ const AUC: TableDefinition<(&str, u64), &str> = TableDefinition::new("bucket_auc
 const RETAIN: TableDefinition<(i64, &str), ()> = TableDefinition::new("bucket_retain");
 /// Counters that must survive restarts, and the file's format: name -> value.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// The file layout this code writes (`meta.format`): 3 is one record per exchange in
-/// a log ordered by sequence; 2 was one record per exchange keyed by request id;
-/// files without it are of format 1 (one record per row).
-const FORMAT: u64 = 3;
+/// The file layout this code writes (`meta.format`): 4 keeps the log of exchange
+/// records in segment files beside the redb file; 3 kept it in redb tables by
+/// sequence; 2 was one record per exchange keyed by request id; files without it
+/// are of format 1 (one record per row).
+const FORMAT: u64 = 4;
 /// `meta` key of the format.
 const META_FORMAT: &str = "format";
 /// `meta` key of the rows waiting for a label, kept with the records they count.
@@ -95,6 +100,9 @@ const META_PENDING: &str = "pending_rows";
 /// `meta` key of the log's start: records of smaller sequences are gone (evicted or
 /// expired), even where their generation table is still in the file.
 const META_LOG_START: &str = "log_start";
+/// `meta` key of the log's end: the sequence after the last record appended. A
+/// reopened store reads the segments up to the end of the last commit redb kept.
+const META_LOG_END: &str = "log_end";
 /// `meta` key of the evictions since the file was created.
 const META_EVICTIONS: &str = "evictions";
 /// redb's page cache. Its default (1 GiB) fills up under sustained recording and
@@ -166,10 +174,8 @@ struct Inner {
     buffered_rows: AtomicUsize,
     /// Buffered rows lost because the write that carried them failed.
     failed_rows: AtomicU64,
-    /// Where each record is in the log, by key; changed only inside write
-    /// transactions (which redb runs one at a time), and rebuilt from the file when
-    /// it is reopened after a failed one.
-    index: std::sync::Mutex<KeyIndex>,
+    /// The log of pending exchanges: its index and segments.
+    log: std::sync::Mutex<Log>,
 }
 
 /// The in-memory index from a record's key to its sequence in the log. A slot is 8
@@ -184,8 +190,6 @@ struct KeyIndex {
     slots: hashbrown::HashTable<Slot>,
     /// The sequence of the next record appended.
     next_seq: u64,
-    /// The generation tables of the log in the file.
-    generations: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -198,12 +202,7 @@ struct Slot {
 
 impl KeyIndex {
     fn new() -> KeyIndex {
-        KeyIndex {
-            hasher: foldhash::fast::RandomState::default(),
-            slots: hashbrown::HashTable::new(),
-            next_seq: 0,
-            generations: std::collections::BTreeSet::new(),
-        }
+        KeyIndex { hasher: foldhash::fast::RandomState::default(), slots: hashbrown::HashTable::new(), next_seq: 0 }
     }
 
     fn tag(&self, key: &[u8]) -> u32 {
@@ -230,13 +229,6 @@ impl KeyIndex {
             .filter(|slot| slot.tag == tag)
             .filter_map(|slot| self.seq_of(slot))
             .collect()
-    }
-
-    /// The sequence for the next record.
-    fn assign(&mut self) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        seq
     }
 
     fn insert(&mut self, key: &[u8], seq: u64) {
@@ -313,7 +305,7 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its directory: {e}")))?;
         }
         match Inner::open(path, self.max_rows, self.auc_cap)? {
-            Opened::Ready(inner) => return Ok(inner),
+            Opened::Ready(inner) => return Ok(*inner),
             Opened::Unusable(reason) => set_aside(path, "unusable", &reason)?,
             Opened::Corrupt(reason) => {
                 set_aside(path, "corrupt", &reason)?;
@@ -321,7 +313,7 @@ impl EmbeddedStore {
             }
         }
         match Inner::open(path, self.max_rows, self.auc_cap)? {
-            Opened::Ready(inner) => Ok(inner),
+            Opened::Ready(inner) => Ok(*inner),
             Opened::Unusable(reason) | Opened::Corrupt(reason) => Err(fail(reason)),
         }
     }
@@ -456,8 +448,8 @@ fn keep_until(
 
 /// What opening the file gave.
 enum Opened {
-    /// A store in the current format (converted if it was of format 1).
-    Ready(Inner),
+    /// A store in the current format (converted if it was of an earlier one).
+    Ready(Box<Inner>),
     /// A file this version cannot use (a newer format), and why.
     Unusable(String),
     /// A damaged file (truncated, corrupt, not redb), and why.
@@ -477,6 +469,14 @@ fn set_aside(path: &Path, why: &str, reason: &str) -> Result<(), StoreError> {
         path: path.display().to_string(),
         detail: format!("{reason}; it cannot be set aside either: {e}"),
     })?;
+    // The log's segments go with their file (`<aside>.log`), where the file alone
+    // would leave them to be removed by the fresh store.
+    let segments = Segments::dir_of(path);
+    if segments.exists() {
+        if let Err(e) = std::fs::rename(&segments, Segments::dir_of(&aside)) {
+            tracing::warn!(message = "Label log segments not set aside with their file.", dir = %segments.display(), error = %e);
+        }
+    }
     if why == "corrupt" {
         tracing::error!(
             message = "Label store file damaged; set aside, starting with an empty store (pending labels of earlier predictions are lost).",
@@ -500,15 +500,35 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// The log of pending exchanges in memory: the index from keys to sequences, the
+/// segment files holding the records, and which generations have taken-row tables.
+/// Changed only inside write transactions (which redb runs one at a time), and
+/// rebuilt from the files when the store is reopened after a failed one.
+struct Log {
+    /// Where the segments are (`Segments::dir_of` the store file).
+    dir: PathBuf,
+    index: KeyIndex,
+    segments: Segments,
+    /// Generations with a taken-row table (`TAKEN_PREFIX`) in the file.
+    taken_generations: BTreeSet<u64>,
+}
+
+impl Log {
+    fn new(store: &Path) -> Log {
+        let dir = Segments::dir_of(store);
+        Log { segments: Segments::empty(&dir), dir, index: KeyIndex::new(), taken_generations: BTreeSet::new() }
+    }
+}
+
 /// The pending-row log of one write transaction and its index, with the running
 /// count of rows waiting for a label (stored in `meta` by `close`, so it always
 /// matches the file).
 struct Rows<'t> {
     txn: &'t WriteTransaction,
-    /// The generation tables of the log opened by this transaction.
-    log: BTreeMap<u64, redb::Table<'t, u64, &'static [u8]>>,
+    /// The taken-row tables opened by this transaction, by generation.
+    taken: BTreeMap<u64, redb::Table<'t, u64, &'static [u8]>>,
     meta: redb::Table<'t, &'static str, u64>,
-    index: std::sync::MutexGuard<'t, KeyIndex>,
+    log: std::sync::MutexGuard<'t, Log>,
     /// Rows waiting for a label.
     pending: u64,
     /// Records of smaller sequences are gone (`META_LOG_START`).
@@ -530,83 +550,183 @@ type LogEntry = (u64, Vec<u8>);
 /// Records touched by one batch of labels, by key.
 type TouchedRecords = HashMap<Vec<u8>, Touched, foldhash::fast::RandomState>;
 
-/// The name of a generation table of the log.
-fn generation_table(generation: u64) -> String {
-    format!("{LOG_PREFIX}{generation}")
+/// The generation of a sequence.
+fn generation_of(seq: u64) -> u64 {
+    seq / GENERATION_RECORDS
+}
+
+/// The name of a taken-row table.
+fn taken_table_name(generation: u64) -> String {
+    format!("{TAKEN_PREFIX}{generation}")
+}
+
+/// The name of a format 3 generation table of the log.
+fn v3_log_table_name(generation: u64) -> String {
+    format!("{V3_LOG_PREFIX}{generation}")
+}
+
+/// Generations of the tables named `prefix<generation>`, in order.
+fn tables_of(txn: &WriteTransaction, prefix: &str) -> Result<Vec<u64>, DbError> {
+    let mut generations: Vec<u64> =
+        txn.list_tables()?.filter_map(|table| table.name().strip_prefix(prefix).and_then(|g| g.parse().ok())).collect();
+    generations.sort_unstable();
+    Ok(generations)
+}
+
+/// The bitmap of taken rows inside a log entry.
+fn entry_bitmap(entry: &mut [u8]) -> Option<&mut [u8]> {
+    let prefix = entry_prefix(entry)?;
+    let record = &mut entry[prefix..];
+    let range = ExchangeRecord::parse(record)?.taken_bitmap_range();
+    record.get_mut(range)
 }
 
 impl<'t> Rows<'t> {
-    fn open(txn: &'t WriteTransaction, index: &'t std::sync::Mutex<KeyIndex>) -> Result<Rows<'t>, DbError> {
+    fn open(txn: &'t WriteTransaction, log: &'t std::sync::Mutex<Log>) -> Result<Rows<'t>, DbError> {
         let meta = txn.open_table(META)?;
         let pending = meta.get(META_PENDING)?.map(|v| v.value()).unwrap_or(0);
         let log_start = meta.get(META_LOG_START)?.map(|v| v.value()).unwrap_or(0);
-        let index = index.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(Rows { txn, log: BTreeMap::new(), meta, index, pending, log_start })
+        let log = log.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Rows { txn, taken: BTreeMap::new(), meta, log, pending, log_start })
     }
 
-    /// The generation table holding `seq`, opened once per transaction.
-    fn table(&mut self, seq: u64) -> Result<&mut redb::Table<'t, u64, &'static [u8]>, DbError> {
+    /// The taken-row table of `generation`, opened once per transaction (and
+    /// created by its first write).
+    fn taken_table(&mut self, generation: u64) -> Result<&mut redb::Table<'t, u64, &'static [u8]>, DbError> {
         let txn = self.txn;
-        Ok(match self.log.entry(seq / GENERATION_RECORDS) {
+        Ok(match self.taken.entry(generation) {
             std::collections::btree_map::Entry::Occupied(open) => open.into_mut(),
             std::collections::btree_map::Entry::Vacant(slot) => {
-                let name = generation_table(*slot.key());
+                let name = taken_table_name(*slot.key());
                 let table = txn.open_table(TableDefinition::new(&name))?;
-                self.index.generations.insert(*slot.key());
+                self.log.taken_generations.insert(*slot.key());
                 slot.insert(table)
             }
         })
     }
 
-    /// Rebuilds the index from the log: one scan, when the file opens. Drops the
-    /// generation tables wholly before the log's start on the way.
+    /// Overlays the rows taken since `entry` (of record `seq`) was appended.
+    fn overlay_taken(&mut self, seq: u64, entry: &mut [u8]) -> Result<(), DbError> {
+        let generation = generation_of(seq);
+        if !self.log.taken_generations.contains(&generation) {
+            return Ok(());
+        }
+        let Some(taken) = self.taken_table(generation)?.get(seq)? else { return Ok(()) };
+        let taken = taken.value();
+        if let Some(bitmap) = entry_bitmap(entry).filter(|b| b.len() == taken.len()) {
+            bitmap.copy_from_slice(taken);
+        }
+        Ok(())
+    }
+
+    /// Stores which rows of record `seq` are taken, from its entry `entry`.
+    fn store_taken(&mut self, seq: u64, entry: &[u8]) -> Result<(), DbError> {
+        let mut copy = entry.to_vec();
+        let Some(bitmap) = entry_bitmap(&mut copy) else { return Ok(()) };
+        let bitmap = bitmap.to_vec();
+        self.taken_table(generation_of(seq))?.insert(seq, bitmap.as_slice())?;
+        Ok(())
+    }
+
+    /// The entry of record `seq` as it is now (with its taken rows).
+    fn read(&mut self, seq: u64) -> Result<Option<Vec<u8>>, DbError> {
+        let Some(mut entry) = self.log.segments.read(generation_of(seq), seq)? else { return Ok(None) };
+        self.overlay_taken(seq, &mut entry)?;
+        Ok(Some(entry))
+    }
+
+    /// Rebuilds the index and the pending count from the segments: one scan, when
+    /// the file opens. Frames past the log's committed end (written after the last
+    /// commit redb kept) are cut off, segments and taken-row tables wholly before
+    /// the log's start are dropped. Returns the records indexed.
     fn rebuild_index(&mut self) -> Result<u64, DbError> {
-        let mut generations: Vec<u64> = self
-            .txn
-            .list_tables()?
-            .filter_map(|table| table.name().strip_prefix(LOG_PREFIX).and_then(|g| g.parse().ok()))
-            .collect();
-        generations.sort_unstable();
-        self.index.slots.clear();
-        self.index.generations.clear();
-        self.index.next_seq = self.log_start;
-        let mut records = 0;
-        for generation in generations {
-            if generation < self.log_start / GENERATION_RECORDS {
-                self.txn.delete_table(TableDefinition::<u64, &[u8]>::new(&generation_table(generation)))?;
-                continue;
-            }
-            let start = self.log_start;
-            let table = self.table(generation * GENERATION_RECORDS)?;
-            let mut found = Vec::new();
-            for entry in table.range(start..)? {
-                let (seq, bytes) = entry?;
-                if let Some((key, _)) = split_entry(bytes.value()) {
-                    found.push((seq.value(), key.to_vec()));
-                }
-            }
-            for (seq, key) in found {
-                self.index.insert(&key, seq);
-                self.index.next_seq = self.index.next_seq.max(seq + 1);
-                records += 1;
+        let log_end = self.meta.get(META_LOG_END)?.map(|v| v.value()).unwrap_or(0);
+        let start_generation = generation_of(self.log_start);
+        let end_generation = generation_of(log_end.saturating_sub(1));
+        self.log.taken_generations.clear();
+        for generation in tables_of(self.txn, TAKEN_PREFIX)? {
+            if log_end == 0 || generation < start_generation || generation > end_generation {
+                self.txn.delete_table(TableDefinition::<u64, &[u8]>::new(&taken_table_name(generation)))?;
+            } else {
+                self.taken_table(generation)?;
             }
         }
+        let log = &mut *self.log;
+        log.index.slots.clear();
+        log.index.next_seq = self.log_start.max(log_end);
+        let (log_start, taken) = (self.log_start, &self.taken);
+        let (mut records, mut pending, mut failed) = (0u64, 0u64, None);
+        let index = &mut log.index;
+        let mut visit = |seq: u64, entry: &[u8]| {
+            if seq < log_start || failed.is_some() {
+                return;
+            }
+            let Some((key, record)) = split_entry(entry) else { return };
+            let mut record = record.to_vec();
+            if let Some(table) = taken.get(&generation_of(seq)) {
+                match table.get(seq) {
+                    Ok(Some(bits)) => {
+                        let range = ExchangeRecord::parse(&record).map(|r| r.taken_bitmap_range());
+                        if let Some(bitmap) =
+                            range.and_then(|r| record.get_mut(r)).filter(|b| b.len() == bits.value().len())
+                        {
+                            bitmap.copy_from_slice(bits.value());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => failed = Some(DbError(e.to_string())),
+                }
+            }
+            let untaken = ExchangeRecord::parse(&record).map_or(0, |r| r.untaken() as u64);
+            if untaken > 0 {
+                index.insert(key, seq);
+                pending += untaken;
+                records += 1;
+            }
+        };
+        let (segments, damaged) = Segments::open(&log.dir, start_generation, log_end, generation_of, &mut visit)?;
+        if let Some(error) = failed {
+            return Err(error);
+        }
+        if damaged > 0 {
+            tracing::error!(
+                message = "Label log segments damaged; the records from the first damaged frame of each were dropped.",
+                dir = %log.dir.display(),
+                damaged_frames = damaged,
+            );
+        }
+        log.segments = segments;
+        self.pending = pending;
         Ok(records)
     }
 
     /// The record stored under `key`: its sequence and log entry.
     fn find(&mut self, key: &[u8]) -> Result<Option<(u64, Vec<u8>)>, DbError> {
-        for seq in self.index.candidates(key) {
+        for seq in self.log.index.candidates(key) {
             if seq < self.log_start {
                 continue;
             }
-            let Some(entry) = self.table(seq)?.get(seq)? else { continue };
-            let entry = entry.value();
-            if split_entry(entry).is_some_and(|(stored, _)| stored == key) {
-                return Ok(Some((seq, entry.to_vec())));
+            let Some(entry) = self.read(seq)? else { continue };
+            if split_entry(&entry).is_some_and(|(stored, _)| stored == key) {
+                return Ok(Some((seq, entry)));
             }
         }
         Ok(None)
+    }
+
+    /// The sequence of the next record, of `len` bytes: the next in the current
+    /// generation's segment, or the first of the next generation when the segment
+    /// is full (or the next sequence was moved past its end).
+    fn assign(&mut self, len: usize) -> u64 {
+        let log = &mut *self.log;
+        let mut seq = log.index.next_seq;
+        let generation = generation_of(seq);
+        let continues = log.segments.next_in(generation).is_none_or(|next| next == seq);
+        if !continues || !log.segments.fits(generation, len) {
+            seq = (generation + 1) * GENERATION_RECORDS;
+        }
+        log.index.next_seq = seq + 1;
+        seq
     }
 
     /// Appends a record under `key`, replacing (and uncounting) a record of the same
@@ -618,39 +738,48 @@ impl<'t> Rows<'t> {
         if let Some((seq, old)) = self.find(key)? {
             self.remove(seq, key, &old)?;
         }
-        let seq = self.index.assign();
-        self.table(seq)?.insert(seq, entry.as_slice())?;
-        self.index.insert(key, seq);
+        let seq = self.assign(entry.len());
+        self.log.segments.append(generation_of(seq), seq, &entry)?;
+        self.log.index.insert(key, seq);
         self.pending += untaken;
         Ok(())
     }
 
-    /// Removes the record `entry` of `key` at `seq`, uncounting its waiting rows.
+    /// Removes the record `entry` of `key` at `seq` (all its rows taken), uncounting
+    /// its waiting rows.
     fn remove(&mut self, seq: u64, key: &[u8], entry: &[u8]) -> Result<(), DbError> {
-        self.table(seq)?.remove(seq)?;
+        let mut all_taken = entry.to_vec();
+        if let Some(prefix) = entry_prefix(&all_taken) {
+            let record = &mut all_taken[prefix..];
+            let rows = ExchangeRecord::parse(record).map_or(0, |r| r.rows());
+            for row in 0..rows {
+                set_taken(record, row, true);
+            }
+        }
+        self.store_taken(seq, &all_taken)?;
         self.forget(seq, key, entry);
         Ok(())
     }
 
     /// Unindexes the record `entry` of `key` at `seq` and uncounts its waiting rows.
     fn forget(&mut self, seq: u64, key: &[u8], entry: &[u8]) {
-        self.index.remove(key, seq);
+        self.log.index.remove(key, seq);
         let untaken = split_entry(entry).and_then(|(_, record)| ExchangeRecord::parse(record)).map(|r| r.untaken());
         self.pending = self.pending.saturating_sub(untaken.unwrap_or(0) as u64);
     }
 
-    /// Moves the log's start to the next generation in the file (the ones between
-    /// are empty); false when the log has nothing left.
+    /// Moves the log's start to the next generation with a segment (the ones
+    /// between are empty); false when the log has nothing left.
     fn skip_generation(&mut self) -> bool {
-        let next_seq = self.index.next_seq;
-        let next = self.index.generations.range(self.log_start / GENERATION_RECORDS + 1..).next();
+        let next_seq = self.log.index.next_seq;
+        let next = self.log.segments.next_generation_after(generation_of(self.log_start));
         self.log_start = next.map_or(next_seq, |g| (g * GENERATION_RECORDS).min(next_seq));
         self.log_start < next_seq
     }
 
     /// Drops the oldest records (read by `oldest_while`) by moving the log's start
-    /// past them: they stay in their generation table until it is dropped whole.
-    /// Returns the rows they had waiting.
+    /// past them: they stay in their segment until it is dropped whole. Returns the
+    /// rows they had waiting.
     fn drop_oldest(&mut self, dropped: Vec<LogEntry>) -> u64 {
         let before = self.pending;
         for (seq, entry) in dropped {
@@ -662,31 +791,31 @@ impl<'t> Rows<'t> {
         before - self.pending
     }
 
-    /// Reads the oldest records, from the log's start, in one pass over its
-    /// generation, while `more(sequence, waiting rows, expiry)` says to go on; the
-    /// first record it refuses is returned apart. Empty generations are skipped.
+    /// Reads the oldest records, from the log's start, a run of them at a time,
+    /// while `more(sequence, waiting rows, expiry)` says to go on; the first record
+    /// it refuses is returned apart. Empty generations are skipped.
     fn oldest_while(
         &mut self,
         mut more: impl FnMut(u64, u64, i64) -> bool,
     ) -> Result<(Vec<LogEntry>, Option<LogEntry>), DbError> {
         loop {
             let start = self.log_start;
-            if start >= self.index.next_seq {
+            if start >= self.log.index.next_seq {
                 return Ok((Vec::new(), None));
             }
+            let run = self.log.segments.read_run(generation_of(start), start, OLDEST_RUN)?;
             let mut taken = Vec::new();
             let mut refused = None;
-            for item in self.table(start)?.range(start..)? {
-                let (seq, entry) = item?;
-                let (seq, entry) = (seq.value(), entry.value());
-                let record = split_entry(entry).and_then(|(_, r)| ExchangeRecord::parse(r));
+            for (seq, mut entry) in run {
+                self.overlay_taken(seq, &mut entry)?;
+                let record = split_entry(&entry).and_then(|(_, r)| ExchangeRecord::parse(r));
                 // An entry that cannot be read has nothing waiting: it goes first.
                 let (untaken, expires_ms) = record.map_or((0, i64::MIN), |r| (r.untaken() as u64, r.expires_ms()));
                 if !more(seq, untaken, expires_ms) {
-                    refused = Some((seq, entry.to_vec()));
+                    refused = Some((seq, entry));
                     break;
                 }
-                taken.push((seq, entry.to_vec()));
+                taken.push((seq, entry));
             }
             if let Some((seq, _)) = &refused {
                 // Nothing is left before it but what was taken.
@@ -706,7 +835,7 @@ impl<'t> Rows<'t> {
     fn evict(&mut self, max_rows: u64) -> Result<u64, DbError> {
         let mut evicted = 0;
         loop {
-            let next_seq = self.index.next_seq;
+            let next_seq = self.log.index.next_seq;
             let too_old = |seq: u64| next_seq - seq >= SEQ_WINDOW;
             if self.pending <= max_rows && !too_old(self.log_start) {
                 return Ok(evicted);
@@ -735,7 +864,7 @@ impl<'t> Rows<'t> {
                     for row in &first_rows {
                         set_taken(record, *row, true);
                     }
-                    self.table(seq)?.insert(seq, entry.as_slice())?;
+                    self.store_taken(seq, &entry)?;
                     self.pending -= first_rows.len() as u64;
                     evicted += first_rows.len() as u64;
                 }
@@ -800,35 +929,37 @@ impl<'t> Rows<'t> {
         Ok(Some(TakenRow { at: at.clone(), row: pending }))
     }
 
-    /// Writes back the records a batch of labels took rows from; a record whose rows
-    /// are all taken is removed (nothing can join it any more).
+    /// Stores the taken rows of the records a batch of labels took rows from; a
+    /// record whose rows are all taken is unindexed (nothing can join it any more).
     fn write_back(&mut self, touched: TouchedRecords) -> Result<(), DbError> {
         for (key, entry) in touched {
             let (true, Some((seq, bytes))) = (entry.changed, entry.found) else { continue };
+            self.store_taken(seq, &bytes)?;
             let untaken = split_entry(&bytes).and_then(|(_, r)| ExchangeRecord::parse(r)).map(|r| r.untaken());
             if untaken == Some(0) {
-                self.table(seq)?.remove(seq)?;
-                self.index.remove(&key, seq);
-            } else {
-                self.table(seq)?.insert(seq, bytes.as_slice())?;
+                self.log.index.remove(&key, seq);
             }
         }
         Ok(())
     }
 
-    /// Drops the generation tables wholly before the log's start, stores the count
-    /// and the start, and publishes the count to the gauge.
+    /// Drops the segments and taken-row tables wholly before the log's start, writes
+    /// the records appended, stores the count, the start and the end, and publishes
+    /// the count to the gauge.
     fn close(mut self, gauge: &AtomicU64) -> Result<(), DbError> {
-        let live = self.log_start / GENERATION_RECORDS;
-        let dead: Vec<u64> = self.index.generations.range(..live).copied().collect();
+        let live = generation_of(self.log_start);
+        self.log.segments.drop_before(live);
+        let dead: Vec<u64> = self.log.taken_generations.range(..live).copied().collect();
         for generation in dead {
             // A table must be closed before it is deleted.
-            self.log.remove(&generation);
-            self.txn.delete_table(TableDefinition::<u64, &[u8]>::new(&generation_table(generation)))?;
-            self.index.generations.remove(&generation);
+            self.taken.remove(&generation);
+            self.txn.delete_table(TableDefinition::<u64, &[u8]>::new(&taken_table_name(generation)))?;
+            self.log.taken_generations.remove(&generation);
         }
+        self.log.segments.flush()?;
         self.meta.insert(META_PENDING, self.pending)?;
         self.meta.insert(META_LOG_START, self.log_start)?;
+        self.meta.insert(META_LOG_END, self.log.index.next_seq)?;
         gauge.store(self.pending, Ordering::Relaxed);
         Ok(())
     }
@@ -897,6 +1028,31 @@ fn convert_exchanges(txn: &WriteTransaction, rows: &mut Rows<'_>, now_ms: i64) -
     Ok(converted)
 }
 
+/// Converts format 3's log (redb tables by sequence, from its start) into segments,
+/// in its order, skipping expired records and records with nothing waiting, and
+/// removes its tables.
+fn convert_log(txn: &WriteTransaction, rows: &mut Rows<'_>, log_start: u64, now_ms: i64) -> Result<u64, DbError> {
+    let mut converted = 0;
+    for generation in tables_of(txn, V3_LOG_PREFIX)? {
+        let name = v3_log_table_name(generation);
+        {
+            let table = txn.open_table(TableDefinition::<u64, &[u8]>::new(&name))?;
+            for item in table.range(log_start..)? {
+                let (_, entry) = item?;
+                let Some((key, bytes)) = split_entry(entry.value()) else { continue };
+                let Some(record) = ExchangeRecord::parse(bytes) else { continue };
+                if record.expires_ms() <= now_ms || record.untaken() == 0 {
+                    continue;
+                }
+                rows.put(key, bytes)?;
+                converted += 1;
+            }
+        }
+        txn.delete_table(TableDefinition::<u64, &[u8]>::new(&name))?;
+    }
+    Ok(converted)
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Makes the non-durable commits since the last tick durable on a clean stop.
@@ -945,7 +1101,7 @@ impl Inner {
             buffer: std::sync::Mutex::new(Vec::new()),
             buffered_rows: AtomicUsize::new(0),
             failed_rows: AtomicU64::new(0),
-            index: std::sync::Mutex::new(KeyIndex::new()),
+            log: std::sync::Mutex::new(Log::new(path)),
         };
         // Create the tables up front so readers never meet a missing table.
         inner.write(Durability::Immediate, |txn| {
@@ -954,8 +1110,14 @@ impl Inner {
             txn.open_table(DUE)?;
             txn.open_table(AUC)?;
             txn.open_table(RETAIN)?;
-            let mut rows = Rows::open(txn, &inner.index)?;
+            let mut rows = Rows::open(txn, &inner.log)?;
             let mut evictions = rows.meta.get(META_EVICTIONS)?.map(|v| v.value()).unwrap_or(0);
+            // An earlier format's log starts afresh in segments (any segment files
+            // beside it are not its own: it has no `log_end`, so they are removed).
+            let earlier_log_start = rows.log_start;
+            if format != Some(FORMAT) {
+                rows.log_start = 0;
+            }
             let started = std::time::Instant::now();
             let records = rows.rebuild_index()?;
             if records > 0 {
@@ -964,7 +1126,8 @@ impl Inner {
                     path = %inner.path.display(),
                     records,
                     pending_rows = rows.pending,
-                    index_bytes = rows.index.bytes(),
+                    index_bytes = rows.log.index.bytes(),
+                    segment_bytes = rows.log.segments.bytes(),
                     elapsed_ms = started.elapsed().as_millis() as u64,
                 );
             }
@@ -972,6 +1135,10 @@ impl Inner {
                 // Every pending row of an earlier format is in the tables converted.
                 rows.pending = 0;
                 let (converted, from) = match format {
+                    Some(3) => (
+                        convert_log(txn, &mut rows, earlier_log_start, now_ms())?,
+                        "a log of exchange records in redb tables",
+                    ),
                     Some(2) => (convert_exchanges(txn, &mut rows, now_ms())?, "one record per exchange by request id"),
                     _ => (convert_rows(txn, &mut rows, now_ms())?, "one record per row"),
                 };
@@ -991,7 +1158,7 @@ impl Inner {
             inner.evictions.store(evictions, Ordering::Relaxed);
             rows.close(&inner.pending)
         })?;
-        Ok(Opened::Ready(inner))
+        Ok(Opened::Ready(Box::new(inner)))
     }
 
     fn write<T>(
@@ -1002,12 +1169,20 @@ impl Inner {
         let fail = |DbError(detail)| StoreError::Embedded { path: self.path.display().to_string(), detail };
         let batches = self.drain();
         let rows = batches.iter().map(|b| b.rows).sum::<u64>();
+        let durable = matches!(durability, Durability::Immediate);
         let result = (|| {
             let mut txn = self.db.begin_write()?;
             txn.set_durability(durability);
             self.write_records(&txn, batches)?;
             let out = op(&txn)?;
+            if durable {
+                // The segments hold what this commit's `log_end` promises.
+                self.log.lock().unwrap_or_else(|e| e.into_inner()).segments.sync()?;
+            }
             txn.commit()?;
+            if durable {
+                self.log.lock().unwrap_or_else(|e| e.into_inner()).segments.remove_doomed();
+            }
             Ok(out)
         })();
         if result.is_err() {
@@ -1031,7 +1206,7 @@ impl Inner {
         }
         let mut per_bucket: BTreeMap<BucketId, (i64, i64, i64)> = BTreeMap::new();
         {
-            let mut rows = Rows::open(txn, &self.index)?;
+            let mut rows = Rows::open(txn, &self.log)?;
             for batch in &batches {
                 for (key, bytes) in &batch.records {
                     rows.put(key.as_bytes(), bytes)?;
@@ -1065,7 +1240,7 @@ impl Inner {
 
     fn take(&self, ids: Vec<String>, now_ms: i64) -> Result<Vec<Option<TakenRow>>, StoreError> {
         self.write(Durability::None, |txn| {
-            let mut rows = Rows::open(txn, &self.index)?;
+            let mut rows = Rows::open(txn, &self.log)?;
             // The labels of one batch often share exchanges: each record is read
             // and written back once per batch.
             let mut touched = TouchedRecords::default();
@@ -1086,7 +1261,7 @@ impl Inner {
 
     fn restore(&self, restored: Vec<TakenRow>) -> Result<(), StoreError> {
         self.write(Durability::None, |txn| {
-            let mut rows = Rows::open(txn, &self.index)?;
+            let mut rows = Rows::open(txn, &self.log)?;
             for taken in &restored {
                 let key = taken.at.key.as_bytes();
                 let row = taken.at.row as usize;
@@ -1103,7 +1278,7 @@ impl Inner {
                             && record.row(row).as_ref() == Some(&taken.row);
                         if same {
                             set_taken(bytes, row, false);
-                            rows.table(seq)?.insert(seq, entry.as_slice())?;
+                            rows.store_taken(seq, &entry)?;
                             rows.pending += 1;
                         }
                     }
@@ -1184,7 +1359,7 @@ impl Inner {
     fn maintain(&self, now_ms: i64) -> Result<(), StoreError> {
         self.write(Durability::Immediate, |txn| {
             {
-                let mut rows = Rows::open(txn, &self.index)?;
+                let mut rows = Rows::open(txn, &self.log)?;
                 // Whole exchanges expire together: one delete per exchange, from
                 // the log's start.
                 rows.expire(now_ms)?;
@@ -1305,11 +1480,10 @@ impl LabelStore for EmbeddedStore {
 mod tests {
     use super::*;
     use crate::labels::record::ExchangeWriter;
-    use redb::ReadableTableMetadata;
 
     fn open(dir: &Path) -> Inner {
         match Inner::open(&dir.join("labels.redb"), 1_000, 10).ok() {
-            Some(Opened::Ready(inner)) => inner,
+            Some(Opened::Ready(inner)) => *inner,
             _ => panic!("the store opens"),
         }
     }
@@ -1326,13 +1500,13 @@ mod tests {
         let inner = open(dir.path());
         inner
             .write(Durability::None, |txn| {
-                let mut rows = Rows::open(txn, &inner.index)?;
+                let mut rows = Rows::open(txn, &inner.log)?;
                 rows.put(b"request-a", &one_row_record(0.75))?;
                 let (seq_a, _) = rows.find(b"request-a")?.expect("recorded");
                 // As if "request-b" hashed like "request-a" and pointed at its record.
-                let tag = rows.index.tag(b"request-b");
+                let tag = rows.log.index.tag(b"request-b");
                 let forged = Slot { tag, seq_low: seq_a as u32 };
-                rows.index.slots.insert_unique(KeyIndex::placement(tag), forged, |s| KeyIndex::placement(s.tag));
+                rows.log.index.slots.insert_unique(KeyIndex::placement(tag), forged, |s| KeyIndex::placement(s.tag));
                 assert!(rows.find(b"request-b")?.is_none(), "the stored key decides, not the hash");
                 assert_eq!(rows.find(b"request-a")?.map(|(seq, _)| seq), Some(seq_a));
                 Ok(())
@@ -1344,10 +1518,10 @@ mod tests {
     fn records_are_found_across_the_wrap_of_their_sequences_low_bits() {
         let dir = tempfile::tempdir().unwrap();
         let inner = open(dir.path());
-        inner.index.lock().unwrap().next_seq = (1 << 32) - 2;
+        inner.log.lock().unwrap().index.next_seq = (1 << 32) - 2;
         inner
             .write(Durability::None, |txn| {
-                let mut rows = Rows::open(txn, &inner.index)?;
+                let mut rows = Rows::open(txn, &inner.log)?;
                 rows.log_start = (1 << 32) - 2;
                 for i in 0..4 {
                     rows.put(format!("request-{i}").as_bytes(), &one_row_record(0.75))?;
@@ -1356,11 +1530,14 @@ mod tests {
                     let found = rows.find(format!("request-{i}").as_bytes())?.map(|(seq, _)| seq);
                     assert_eq!(found, Some((1 << 32) - 2 + i));
                 }
-                // A reused key replaces its record: appended anew, counted once.
+                // A reused key replaces its record: appended anew, counted once, the
+                // earlier record all taken.
                 rows.put(b"request-1", &one_row_record(0.25))?;
                 assert_eq!(rows.find(b"request-1")?.map(|(seq, _)| seq), Some((1 << 32) + 2));
-                let stored = rows.table((1 << 32) - 2)?.len()? + rows.table(1 << 32)?.len()?;
-                assert_eq!(stored, 4);
+                let earlier = rows.read((1 << 32) - 1)?.expect("still in its segment");
+                let earlier = ExchangeRecord::parse(split_entry(&earlier).unwrap().1).unwrap();
+                assert_eq!(earlier.untaken(), 0);
+                assert_eq!(rows.log.segments.generations().collect::<Vec<_>>(), vec![(1 << 20) - 1, 1 << 20]);
                 assert_eq!(rows.pending, 4);
                 Ok(())
             })
@@ -1374,7 +1551,7 @@ mod tests {
         let gauge = AtomicU64::new(0);
         inner
             .write(Durability::None, |txn| {
-                let mut rows = Rows::open(txn, &inner.index)?;
+                let mut rows = Rows::open(txn, &inner.log)?;
                 let mut three = ExchangeWriter::new(7, 0, i64::MAX, true, 2, 3);
                 for _ in 0..3 {
                     three.push_row(1, &[0.25, 0.75]);
@@ -1400,10 +1577,10 @@ mod tests {
             .unwrap();
         assert_eq!(gauge.load(Ordering::Relaxed), 1_000);
         // Sequences 0..8192 are gone with their two generations; the third stays.
-        assert_eq!(inner.index.lock().unwrap().generations.iter().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(inner.log.lock().unwrap().segments.generations().collect::<Vec<_>>(), vec![2]);
         inner
             .write(Durability::None, |txn| {
-                let mut rows = Rows::open(txn, &inner.index)?;
+                let mut rows = Rows::open(txn, &inner.log)?;
                 assert_eq!(rows.log_start, 9_001);
                 assert_eq!(rows.rebuild_index()?, 1_000);
                 // Records below the start are in the file but not indexed again.
@@ -1434,9 +1611,9 @@ mod tests {
         let inner = open(dir.path());
         inner
             .write(Durability::None, |txn| {
-                let mut rows = Rows::open(txn, &inner.index)?;
+                let mut rows = Rows::open(txn, &inner.log)?;
                 rows.put(b"old", &one_row_record(0.75))?;
-                rows.index.next_seq = SEQ_WINDOW;
+                rows.log.index.next_seq = SEQ_WINDOW;
                 rows.put(b"new", &one_row_record(0.75))?;
                 assert_eq!(rows.evict(1_000)?, 1);
                 assert!(rows.find(b"old")?.is_none());

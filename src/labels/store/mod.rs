@@ -10,6 +10,7 @@
 
 pub mod embedded;
 pub mod redis;
+mod segments;
 
 use super::aggregate::BucketDelta;
 use super::record::{BucketId, PendingRow, RowRef, StreamMeta};
