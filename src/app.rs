@@ -327,6 +327,7 @@ fn spawn_serving_thread(
     index: usize,
     proxy: Proxy,
     (grpc, rest): (std::net::TcpListener, std::net::TcpListener),
+    (grpc_spread, rest_spread): (crate::proxy::listen::Spread, crate::proxy::listen::Spread),
     stopped: watch::Receiver<bool>,
     done: oneshot::Sender<()>,
 ) -> Result<(), ServeError> {
@@ -343,7 +344,10 @@ fn spawn_serving_thread(
             runtime.block_on(async move {
                 match (TcpListener::from_std(grpc), TcpListener::from_std(rest)) {
                     (Ok(grpc), Ok(rest)) => {
-                        tokio::join!(proxy.serve_grpc(grpc, stopped.clone()), proxy.serve_rest(rest, stopped));
+                        tokio::join!(
+                            proxy.serve_grpc_spread(grpc, stopped.clone(), grpc_spread),
+                            proxy.serve_rest_spread(rest, stopped, rest_spread)
+                        );
                     }
                     (Err(error), _) | (_, Err(error)) => {
                         error!(message = "Cannot register a listener on a serving thread.", %error);
@@ -449,6 +453,8 @@ pub async fn run(
     let threads = serving_threads();
     let mut proxy = Some(first);
     let mut finished = Vec::with_capacity(threads);
+    let mut spreads =
+        crate::proxy::listen::Spread::group(threads).into_iter().zip(crate::proxy::listen::Spread::group(threads));
     for index in 0..threads {
         let proxy = match proxy.take() {
             Some(first) => first,
@@ -461,7 +467,8 @@ pub async fn run(
         );
         let (done, done_seen) = oneshot::channel::<()>();
         finished.push(done_seen);
-        spawn_serving_thread(index, proxy, listeners, stopped.clone(), done)?;
+        let spread = spreads.next().expect("one part of each group per thread");
+        spawn_serving_thread(index, proxy, listeners, spread, stopped.clone(), done)?;
     }
     // The serving threads hold the only listener handles and the only senders of the
     // capture queue now: the ports close and the queue ends when the threads do.

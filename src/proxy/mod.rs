@@ -403,19 +403,26 @@ impl Proxy {
     /// Serves the REST listener until `stop` turns true, then stops accepting, lets
     /// in-flight exchanges finish and returns when every connection is closed.
     pub async fn serve_rest(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        self.serve_rest_spread(listener, stop, listen::Spread::alone()).await
+    }
+
+    /// `serve_rest` as one of several serving threads of the port (`spread`).
+    pub async fn serve_rest_spread(&self, listener: TcpListener, stop: watch::Receiver<bool>, spread: listen::Spread) {
         let tls = self.rest_tls.clone().map(TlsAcceptor::from);
         let governance = Governance::of(&self.shared, Refusal::Http1);
         if let Some(relay) = &self.rest_relay {
             let relay = relay.stopping_on(stop.clone());
-            accept_loop(listener, tls, stop, governance, move |io, _, peer| relay.clone().serve(io.into_inner(), peer))
-                .await;
+            accept_loop(listener, tls, stop, governance, spread, move |io, _, peer| {
+                relay.clone().serve(io.into_inner(), peer)
+            })
+            .await;
             return;
         }
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.keep_alive(true).auto_date_header(false).timer(TokioTimer::new());
         let shared = self.shared.clone();
         let idle_timeout = shared.limits.idle_timeout;
-        accept_loop(listener, tls, stop, governance, move |io, stop, peer| {
+        accept_loop(listener, tls, stop, governance, spread, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
@@ -433,6 +440,11 @@ impl Proxy {
 
     /// Serves the gRPC listener (HTTP/2 prior knowledge) like `serve_rest`.
     pub async fn serve_grpc(&self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        self.serve_grpc_spread(listener, stop, listen::Spread::alone()).await
+    }
+
+    /// `serve_grpc` as one of several serving threads of the port (`spread`).
+    pub async fn serve_grpc_spread(&self, listener: TcpListener, stop: watch::Receiver<bool>, spread: listen::Spread) {
         let limits = &self.shared.limits;
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -450,7 +462,7 @@ impl Proxy {
         let idle_timeout = limits.idle_timeout;
         let governance = Governance::of(&self.shared, Refusal::Http2);
         let tls = self.grpc_tls.clone().map(TlsAcceptor::from);
-        accept_loop(listener, tls, stop, governance, move |io, stop, peer| {
+        accept_loop(listener, tls, stop, governance, spread, move |io, stop, peer| {
             let shared = shared.clone();
             let builder = builder.clone();
             async move {
@@ -562,6 +574,7 @@ async fn accept_loop<F, Fut>(
     tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
     governance: Governance,
+    mut spread: listen::Spread,
     serve: F,
 ) where
     F: Fn(TokioIo<ClientStream>, watch::Receiver<bool>, std::net::SocketAddr) -> Fut + Clone + Send + 'static,
@@ -575,11 +588,28 @@ async fn accept_loop<F, Fut>(
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => break,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept() => accepted.map(|(stream, peer)| (stream, peer, None)),
+            Some((stream, peer, hold)) = spread.handed_off() => {
+                // Registered with this thread's reactor from here on.
+                match stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) {
+                    Ok(stream) => Ok((stream, peer, Some(hold))),
+                    Err(error) => {
+                        debug!(message = "A connection passed from another serving thread could not be taken.", %peer, %error);
+                        continue;
+                    }
+                }
+            }
         };
         match accepted {
-            Ok((stream, peer)) => {
+            Ok((stream, peer, hold)) => {
                 backoff = Duration::ZERO;
+                let (stream, hold) = match hold {
+                    Some(hold) => (stream, hold),
+                    None => match place_accepted(&spread, stream, peer) {
+                        Some(kept) => kept,
+                        None => continue,
+                    },
+                };
                 let Some(admitted) = governance.connections.admit() else {
                     governance.metrics.connections_refused.inc();
                     if let Some(count) = refusals.due() {
@@ -626,7 +656,7 @@ async fn accept_loop<F, Fut>(
                         }
                     };
                     serve(TokioIo::new(stream), stop, peer).await;
-                    drop(held);
+                    drop((held, hold));
                 });
             }
             Err(error) => {
@@ -643,6 +673,36 @@ async fn accept_loop<F, Fut>(
     drop(listener);
     drop(open);
     let _ = all_closed.recv().await;
+}
+
+/// Places a connection this thread accepted on the serving thread with the fewest
+/// (see `listen::Spread`): returns it, with its hold, when it is served here; None
+/// once another thread has it.
+fn place_accepted(
+    spread: &listen::Spread,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<(tokio::net::TcpStream, listen::SpreadHold)> {
+    let (target, hold) = spread.place();
+    if spread.is_here(target) {
+        return Some((stream, hold));
+    }
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            debug!(message = "An accepted connection could not be passed to another serving thread.", %peer, %error);
+            return None;
+        }
+    };
+    match spread.hand_off(target, (stream, peer, hold)) {
+        Ok(()) => None,
+        // That thread has stopped: served here after all.
+        Err((stream, _, hold)) => {
+            drop(hold);
+            let stream = tokio::net::TcpStream::from_std(stream).ok()?;
+            Some((stream, spread.hold_here()))
+        }
+    }
 }
 
 /// Requests of one client connection: in flight, and started since the idle check
