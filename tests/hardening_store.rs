@@ -313,3 +313,52 @@ async fn a_label_store_that_opens_at_start_serves_labels_without_a_fault() {
     let stderr = mltap.stderr().await;
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[tokio::test]
+async fn predictions_recorded_before_a_crash_still_join_after_a_restart() {
+    let fake = FakeTfServing::start().await;
+    let out = tempfile::tempdir().unwrap();
+    let options = || {
+        let mut options = ServeOptions::new(fake.grpc_url(), fake.rest_url(), out.path());
+        options.config = Some(OPEN_LABELS);
+        options
+    };
+    let mltap = Serve::start(options()).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("before-crash-{i}")).collect();
+    for id in &ids {
+        assert_eq!(predict_classifier(&mltap, id).await, Some(200));
+    }
+    // Recorded (the gauge follows each write), then made durable by a tick (each
+    // second): what a crash must not lose.
+    let mut pending = None;
+    for _ in 0..100 {
+        let (_, metrics) = get(format!("{}/metrics", mltap.admin_url())).await;
+        pending = metric(&metrics, "mltap_label_store_pending_rows");
+        if pending.is_some_and(|p| p >= 60.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pending, Some(60.0), "three rows per predict");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // SIGKILL: no clean close of the store.
+    drop(mltap);
+    let segments = out.path().join("labels.redb.log");
+    assert!(std::fs::read_dir(&segments).unwrap().count() >= 1, "the log is in segment files");
+
+    let mltap = Serve::start(options()).await;
+    let rows: Vec<String> = ids.iter().flat_map(|id| (0..3).map(move |row| format!("{id}:{row}"))).collect();
+    let mut answer = String::new();
+    for _ in 0..50 {
+        // The store opens after the listeners serve: 503 until it has.
+        let (status, body) = post_labels(&mltap, &rows).await;
+        answer = body;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect(&answer);
+    assert_eq!(answer["accepted"], 60, "{answer}");
+    assert_eq!(answer["unmatched"], 0, "{answer}");
+}

@@ -9,29 +9,35 @@
 //! transaction.
 //!
 //! Records are appended to a log under a sequence number that only grows, each with
-//! its own key (request id or row id) inside: inserts land on the B-tree's right edge,
-//! so a transaction writes a few pages for hundreds of exchanges instead of one
-//! random leaf each. Expiry and eviction move the log's start past the oldest records
-//! instead of deleting them, and drop the log's generation tables (`LOG_PREFIX`)
-//! wholly behind it, so the oldest records cost no delete each. A label finds its
-//! record through an in-memory index (`KeyIndex`: a 32-bit hash of the key to the
-//! sequence, 8 bytes a record, rebuilt by one scan when the file opens), and the key
-//! stored in the record is compared on every lookup, so a hash collision misses
-//! instead of joining a label to another exchange's row. There is no expiry index:
-//! expiry drops records from the oldest while they are expired; a record of an older
-//! bucket recorded after newer ones waits behind them (refused by its own expiry
-//! when a label asks for it) and goes with them, or with eviction, oldest first.
+//! its own key (request id or row id) inside, in append-only segment files beside the
+//! redb file (`segments`: one file per generation of `GENERATION_RECORDS`
+//! sequences, one write per transaction). redb keeps what changes: the rows labels
+//! took (`TAKEN_PREFIX` tables, laid over the records when they are read), the
+//! counts, the log's start and end, the streams and the bucket aggregates. Expiry and
+//! eviction move the log's start past the oldest records instead of deleting them,
+//! and drop the generations wholly behind it, file and table, so the oldest records
+//! cost no delete each. A label finds its record through an in-memory index
+//! (`KeyIndex`: a 32-bit hash of the key to the sequence, 8 bytes a record, rebuilt
+//! by one scan of the segments when the store opens), and the key stored in the
+//! record is compared on every lookup, so a hash collision misses instead of joining
+//! a label to another exchange's row. There is no expiry index: expiry drops records
+//! from the oldest while they are expired; a record of an older bucket recorded
+//! after newer ones waits behind them (refused by its own expiry when a label asks
+//! for it) and goes with them, or with eviction, oldest first.
 //!
 //! redb is synchronous, so every operation runs on the blocking pool. Writes commit
 //! without fsync (`Durability::None`: an fsync per observation would cap recording
 //! at a few hundred per second); `maintain`, called with every `due` tick, and
-//! closing the store commit durably. A crash loses at most the writes since the last
-//! tick, never the file.
+//! closing the store commit durably, after syncing the segments written since the
+//! last durable commit. A crash loses at most the writes since the last tick, never
+//! the file: redb rolls back to its last durable commit, and the segments are read up
+//! to the log's end that commit stored (`META_LOG_END`), the frames after it cut off.
 //!
 //! The file carries its format (`meta.format`). A file of an earlier format is
-//! converted on open: format 2's records keyed by request id are appended to the log
-//! in their expiry order, and each row of the per-row format 1 becomes a one-row
-//! record under its own id, so both still join; a file of a newer format is renamed aside (`labels.redb.unusable-TIME`)
+//! converted on open: format 3's log in redb tables is appended to the segments in
+//! its order, format 2's records keyed by request id in their expiry order, and each
+//! row of the per-row format 1 becomes a one-row record under its own id, so all
+//! still join; a file of a newer format is renamed aside (`labels.redb.unusable-TIME`)
 //! with a warning, and a damaged one (truncated, corrupt) is renamed aside as
 //! `labels.redb.corrupt-TIME`, logged at error and counted; the store starts empty.
 //!
@@ -1619,6 +1625,48 @@ mod tests {
                 assert!(rows.find(b"old")?.is_none());
                 assert!(rows.find(b"new")?.is_some());
                 assert_eq!(rows.pending, 1);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn frames_written_after_the_last_commit_are_cut_off_when_the_store_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = open(dir.path());
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.log)?;
+                for i in 0..10 {
+                    rows.put(format!("request-{i}").as_bytes(), &one_row_record(0.75))?;
+                }
+                rows.close(&inner.pending)
+            })
+            .unwrap();
+        // As if the process died between writing a transaction's frames and its
+        // commit: a frame past the committed end, which no commit will ever name.
+        {
+            let mut log = inner.log.lock().unwrap();
+            let entry = entry_bytes(b"uncommitted", &one_row_record(0.25)).unwrap();
+            log.segments.append(0, 10, &entry).unwrap();
+            log.segments.flush().unwrap();
+        }
+        drop(inner);
+        let segment = dir.path().join("labels.redb.log").join("0.seg");
+        let before = std::fs::metadata(&segment).unwrap().len();
+        let inner = open(dir.path());
+        assert!(std::fs::metadata(&segment).unwrap().len() < before, "the frame is cut off");
+        inner
+            .write(Durability::None, |txn| {
+                let mut rows = Rows::open(txn, &inner.log)?;
+                assert_eq!(rows.pending, 10);
+                assert!(rows.find(b"uncommitted")?.is_none());
+                // The next record takes its place and reads back as itself.
+                rows.put(b"request-10", &one_row_record(0.25))?;
+                let (seq, entry) = rows.find(b"request-10")?.expect("recorded");
+                assert_eq!(seq, 10);
+                assert_eq!(split_entry(&entry).map(|(key, _)| key), Some(&b"request-10"[..]));
+                assert!(rows.find(b"request-9")?.is_some());
                 Ok(())
             })
             .unwrap();
