@@ -84,7 +84,14 @@ async fn run(store: &'static str, config: LabelsStoreConfig, rows: usize, measur
     let service = LabelService::open(s).await.unwrap();
     let start = current_bucket();
     let file = path.join(mltap::labels::service::EMBEDDED_FILE);
-    let file_len = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    // The redb file and the log's segment files beside it.
+    let segments = path.join(format!("{}.log", mltap::labels::service::EMBEDDED_FILE));
+    let file_len = || {
+        let segment_bytes: u64 = std::fs::read_dir(&segments)
+            .map(|dir| dir.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) + segment_bytes
+    };
     let bytes_before = measure_bytes() + file_len();
 
     // What the worker does per observation: one single-row request at a time.
@@ -275,7 +282,7 @@ fn main() {
     let rows: usize = std::env::var("LABELS_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let figures = runtime.block_on(async {
-        let mut figures = vec![run("embedded (redb)", LabelsStoreConfig::Embedded, rows, || 0).await];
+        let mut figures = vec![run("embedded", LabelsStoreConfig::Embedded, rows, || 0).await];
         if std::env::var("LABELS_BENCH_EMBEDDED_ONLY").is_ok() {
             return figures;
         }
