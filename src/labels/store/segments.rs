@@ -30,6 +30,10 @@ const FRAME_PREFIX: usize = 4;
 const MAX_SEGMENT_BYTES: u64 = u32::MAX as u64;
 /// Bytes read at a time when scanning a segment on open.
 const SCAN_CHUNK: usize = 1 << 20;
+/// Segment files kept open at most: a store of one-row records at its bound has
+/// hundreds of segments, and file descriptors are the proxy's (connections) first.
+/// Older segments are opened again when a label reads them.
+const MAX_OPEN_FILES: usize = 16;
 
 /// The segment files of one store.
 pub struct Segments {
@@ -47,7 +51,9 @@ pub struct Segments {
 }
 
 struct Segment {
-    file: File,
+    path: PathBuf,
+    /// The open file; None when closed to bound open files (`MAX_OPEN_FILES`).
+    file: Option<File>,
     /// The sequence of the first record.
     first: u64,
     /// Offset of each record's frame, by sequence from `first`.
@@ -133,12 +139,22 @@ impl Segments {
                 std::fs::remove_file(&path)?;
                 continue;
             }
-            let mut segment = Segment { file, first, offsets: Vec::new(), written: HEADER_BYTES, buffered: Vec::new() };
+            let mut segment = Segment {
+                path,
+                file: Some(file),
+                first,
+                offsets: Vec::new(),
+                written: HEADER_BYTES,
+                buffered: Vec::new(),
+            };
             let cut = segment.scan(end, &mut damaged, &mut *visit)?;
             if cut {
-                segment.file.set_len(segment.written)?;
-                segments.unsynced.insert(generation);
+                let written = segment.written;
+                segment.file()?.set_len(written)?;
+                segment.file()?.sync_data()?;
             }
+            // Opened again when needed.
+            segment.file = None;
             segments.open.insert(generation, segment);
         }
         Ok((segments, damaged))
@@ -171,7 +187,14 @@ impl Segments {
             self.created = true;
             self.open.insert(
                 generation,
-                Segment { file, first: seq, offsets: Vec::new(), written: HEADER_BYTES, buffered: Vec::new() },
+                Segment {
+                    path,
+                    file: Some(file),
+                    first: seq,
+                    offsets: Vec::new(),
+                    written: HEADER_BYTES,
+                    buffered: Vec::new(),
+                },
             );
         }
         let segment = self.open.get_mut(&generation).expect("opened above");
@@ -184,16 +207,16 @@ impl Segments {
     }
 
     /// The entry of the record `seq` of `generation`, None if it has none.
-    pub fn read(&self, generation: u64, seq: u64) -> std::io::Result<Option<Vec<u8>>> {
-        let Some(segment) = self.open.get(&generation) else { return Ok(None) };
+    pub fn read(&mut self, generation: u64, seq: u64) -> std::io::Result<Option<Vec<u8>>> {
+        let Some(segment) = self.open.get_mut(&generation) else { return Ok(None) };
         let Some((start, end)) = segment.frame(seq) else { return Ok(None) };
         segment.entry(start, end).map(Some)
     }
 
     /// The entries (and sequences) of up to `limit` records of `generation` from `seq` on, with one
     /// read: how the oldest records are scanned for expiry and eviction.
-    pub fn read_run(&self, generation: u64, seq: u64, limit: usize) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
-        let Some(segment) = self.open.get(&generation) else { return Ok(Vec::new()) };
+    pub fn read_run(&mut self, generation: u64, seq: u64, limit: usize) -> std::io::Result<Vec<(u64, Vec<u8>)>> {
+        let Some(segment) = self.open.get_mut(&generation) else { return Ok(Vec::new()) };
         // Sequences before the segment's first have no record.
         let from = seq.saturating_sub(segment.first) as usize;
         let count = segment.offsets.len().saturating_sub(from).min(limit);
@@ -212,13 +235,24 @@ impl Segments {
         Ok(out)
     }
 
-    /// Writes the buffered frames: one write per segment appended to.
+    /// Writes the buffered frames: one write per segment appended to. Then closes
+    /// the files of the oldest segments past `MAX_OPEN_FILES`.
     pub fn flush(&mut self) -> std::io::Result<()> {
         for segment in self.open.values_mut() {
             if !segment.buffered.is_empty() {
-                segment.file.write_all_at(&segment.buffered, segment.written)?;
-                segment.written += segment.buffered.len() as u64;
+                let (at, bytes) = (segment.written, std::mem::take(&mut segment.buffered));
+                segment.file()?.write_all_at(&bytes, at)?;
+                segment.written += bytes.len() as u64;
+                segment.buffered = bytes;
                 segment.buffered.clear();
+            }
+        }
+        let open_files = self.open.values().filter(|s| s.file.is_some()).count();
+        if open_files > MAX_OPEN_FILES {
+            // The newest stay open: appends and most labels go there.
+            let excess = open_files - MAX_OPEN_FILES / 2;
+            for segment in self.open.values_mut().filter(|s| s.file.is_some()).take(excess) {
+                segment.file = None;
             }
         }
         Ok(())
@@ -229,8 +263,10 @@ impl Segments {
     pub fn sync(&mut self) -> std::io::Result<()> {
         self.flush()?;
         for generation in std::mem::take(&mut self.unsynced) {
-            if let Some(segment) = self.open.get(&generation) {
-                segment.file.sync_data()?;
+            if let Some(segment) = self.open.get_mut(&generation) {
+                // A file closed since it was written syncs through a new handle:
+                // its dirty pages are the inode's.
+                segment.file()?.sync_data()?;
             }
         }
         if std::mem::take(&mut self.created) {
@@ -284,6 +320,14 @@ impl Segments {
 }
 
 impl Segment {
+    /// The open file, opened again if it was closed.
+    fn file(&mut self) -> std::io::Result<&File> {
+        if self.file.is_none() {
+            self.file = Some(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?);
+        }
+        Ok(self.file.as_ref().expect("opened above"))
+    }
+
     /// Bytes written and buffered.
     fn end(&self) -> u64 {
         self.written + self.buffered.len() as u64
@@ -302,7 +346,7 @@ impl Segment {
     }
 
     /// The entry of the frame spanning `start..end`.
-    fn entry(&self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+    fn entry(&mut self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
         let mut bytes = self.entry_span(start, end)?;
         bytes.drain(..FRAME_PREFIX.min(bytes.len()));
         Ok(bytes)
@@ -310,7 +354,7 @@ impl Segment {
 
     /// The bytes `start..end`, from the file or the buffer (a flush writes whole
     /// frames, so a frame is in one or the other).
-    fn entry_span(&self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+    fn entry_span(&mut self, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
         let len = (end - start) as usize;
         if start >= self.written {
             let at = (start - self.written) as usize;
@@ -318,10 +362,10 @@ impl Segment {
         }
         let mut bytes = vec![0u8; len];
         if end <= self.written {
-            self.file.read_exact_at(&mut bytes, start)?;
+            self.file()?.read_exact_at(&mut bytes, start)?;
         } else {
             let on_disk = (self.written - start) as usize;
-            self.file.read_exact_at(&mut bytes[..on_disk], start)?;
+            self.file()?.read_exact_at(&mut bytes[..on_disk], start)?;
             bytes[on_disk..].copy_from_slice(&self.buffered[..len - on_disk]);
         }
         Ok(bytes)
@@ -331,7 +375,7 @@ impl Segment {
     /// the first frame at or past `end` or the first that cannot be read (counted);
     /// true if it stopped before the file's end (the file is then cut there).
     fn scan(&mut self, end: u64, damaged: &mut u64, visit: Visit<'_>) -> std::io::Result<bool> {
-        let size = self.file.metadata()?.len();
+        let size = self.file()?.metadata()?.len();
         let mut at = HEADER_BYTES;
         let mut chunk: Vec<u8> = Vec::new();
         let mut chunk_at = at;
@@ -367,16 +411,23 @@ impl Segment {
     }
 
     /// Fills `out` with the file's bytes at `at`, through a chunk read ahead.
-    fn read_buffered(&self, chunk: &mut Vec<u8>, chunk_at: &mut u64, at: u64, out: &mut [u8]) -> std::io::Result<()> {
+    fn read_buffered(
+        &mut self,
+        chunk: &mut Vec<u8>,
+        chunk_at: &mut u64,
+        at: u64,
+        out: &mut [u8],
+    ) -> std::io::Result<()> {
         let in_chunk = at >= *chunk_at && at + out.len() as u64 <= *chunk_at + chunk.len() as u64;
         if !in_chunk {
+            let file = self.file()?;
             if out.len() > SCAN_CHUNK {
-                return self.file.read_exact_at(out, at);
+                return file.read_exact_at(out, at);
             }
-            let size = self.file.metadata()?.len();
+            let size = file.metadata()?.len();
             let len = (size - at).min(SCAN_CHUNK as u64) as usize;
             chunk.resize(len, 0);
-            self.file.read_exact_at(chunk, at)?;
+            file.read_exact_at(chunk, at)?;
             *chunk_at = at;
         }
         let from = (at - *chunk_at) as usize;
@@ -455,6 +506,26 @@ mod tests {
         drop(segments);
         let (_, seen, _) = reopen(dir.path(), 1, 9);
         assert_eq!(seen, (4..9).map(|s| (s, entry(s))).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn old_segments_are_closed_past_the_open_file_bound_and_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _, _) = reopen(dir.path(), 0, 0);
+        let records = PER_GENERATION * (MAX_OPEN_FILES as u64 + 4);
+        append(&mut segments, 0, records);
+        segments.flush().unwrap();
+        let open_files = segments.open.values().filter(|s| s.file.is_some()).count();
+        assert!(open_files <= MAX_OPEN_FILES, "{open_files} files open");
+        // The oldest record's file was closed; it reads through a new handle.
+        assert!(segments.open[&0].file.is_none());
+        assert_eq!(segments.read(0, 1).unwrap(), Some(entry(1)));
+        assert_eq!(segments.read_run(0, 0, 2).unwrap(), vec![(0, entry(0)), (1, entry(1))]);
+        // A closed segment written since the last sync is synced all the same.
+        segments.sync().unwrap();
+        drop(segments);
+        let (_, seen, damaged) = reopen(dir.path(), 0, records);
+        assert_eq!((seen.len() as u64, damaged), (records, 0));
     }
 
     #[test]
