@@ -380,6 +380,11 @@ impl StreamBucket {
         if self.class_count_mismatch > 0 {
             push(catalog::CLASS_COUNT_MISMATCH.sample(self.class_count_mismatch as f64));
         }
+        if let Some(classes) = &mut self.classes {
+            for summary in [&mut classes.max_proba, &mut classes.spread12, &mut classes.entropy] {
+                summary.settle();
+            }
+        }
         if let Some(classes) = &self.classes {
             let rows = classes.confusion.rows();
             for (c, name) in classes.names.iter().enumerate() {
@@ -451,6 +456,7 @@ impl StreamBucket {
             push(catalog::FEATURE_MISSING_COUNT.sample(feature.missing as f64).with(FeatName, name));
             let category_freq = |value: f64| catalog::FEATURE_CATEGORY_FREQ.sample(value).with(FeatName, name);
             if let Some(numeric) = &mut feature.numeric {
+                numeric.summary.settle();
                 for (stat, v) in numeric.summary.stats() {
                     push(catalog::FEATURE_VALUE.sample(v).with(FeatName, name).with(Stat, stat));
                 }

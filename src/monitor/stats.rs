@@ -219,8 +219,9 @@ impl Summary {
         }
     }
 
-    /// Moves the values gathered in `pending` into the sketch.
-    fn settle(&mut self) {
+    /// Moves the values gathered by `add_slice` into the sketch; reading several
+    /// statistics of a settled summary reads the sketch as it is.
+    pub fn settle(&mut self) {
         if !self.pending.is_empty() {
             let _ = self.sketch.merge(&self.pending.to_sketch(&self.sketch));
             self.pending.clear();
@@ -462,28 +463,34 @@ impl PendingBins {
     /// A sketch like `like` (same mapping and accuracy) holding exactly the pending
     /// values' bins.
     fn to_sketch(&self, like: &DDSketch) -> DDSketch {
-        let mut empty = like.clone();
-        empty.clear();
+        // `like`'s accuracy and the summaries' one mapping, without copying its bins.
+        let empty = new_sketch(like.alpha()).unwrap_or_else(|_| {
+            let mut empty = like.clone();
+            empty.clear();
+            empty
+        });
         match self.sketch_by_parts(&empty) {
             Some(sketch) => sketch,
             None => self.sketch_by_adding(empty),
         }
     }
 
-    /// The sketch built from its serialized parts: its stores are a bin array with
-    /// the keys of its first bin and of its lowest and highest populated ones.
+    /// The sketch built from its serialized parts: its positive store is the array of
+    /// populated bins with the keys of its first (lowest) and last (highest) bin.
     fn sketch_by_parts(&self, empty: &DDSketch) -> Option<DDSketch> {
         let mut parts = serde_json::to_value(empty).ok()?;
         let populated = self.counts.iter().position(|c| *c > 0);
         if let Some(lowest) = populated {
             let highest = self.counts.iter().rposition(|c| *c > 0)?;
             let key_at = |slot: usize| i64::from(self.first_key) + slot as i64;
+            // Only the populated bins: the window is mostly empty, and its bins are
+            // copied twice on the way (to JSON values and back).
             parts["positive_store"] = serde_json::json!({
-                "bins": self.counts,
+                "bins": &self.counts[lowest..=highest],
                 "count": self.positive,
                 "min_key": key_at(lowest),
                 "max_key": key_at(highest),
-                "offset": self.first_key,
+                "offset": key_at(lowest),
                 "bin_limit": MAX_SKETCH_BINS,
                 "is_collapsed": false,
             });
