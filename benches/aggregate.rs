@@ -146,7 +146,10 @@ fn fixture_exchanges(count: usize, sampled: bool) -> Vec<DecodedExchange> {
             let (bodies, request_body) = if sampled {
                 (Bodies::Full, vec![request.clone()])
             } else {
-                (Bodies::ResponseOnly, mltap::capture::prefix(&[request.clone()], mltap::capture::REQUEST_PREFIX_BYTES))
+                (
+                    Bodies::ResponseOnly,
+                    mltap::capture::prefix(std::slice::from_ref(&request), mltap::capture::REQUEST_PREFIX_BYTES),
+                )
             };
             let exchange = Exchange {
                 protocol: Protocol::Grpc,
