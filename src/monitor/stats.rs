@@ -463,12 +463,16 @@ impl PendingBins {
     /// A sketch like `like` (same mapping and accuracy) holding exactly the pending
     /// values' bins.
     fn to_sketch(&self, like: &DDSketch) -> DDSketch {
-        // `like`'s accuracy and the summaries' one mapping, without copying its bins.
-        let empty = new_sketch(like.alpha()).unwrap_or_else(|_| {
-            let mut empty = like.clone();
-            empty.clear();
-            empty
-        });
+        // `like`'s accuracy and mapping without copying its bins; a sketch of another
+        // mapping would not merge (its values would be lost), so that one is copied.
+        let empty = match new_sketch(like.alpha()) {
+            Ok(empty) if empty.mapping() == like.mapping() => empty,
+            _ => {
+                let mut empty = like.clone();
+                empty.clear();
+                empty
+            }
+        };
         match self.sketch_by_parts(&empty) {
             Some(sketch) => sketch,
             None => self.sketch_by_adding(empty),
