@@ -269,6 +269,25 @@ impl ExchangeWriter {
         self.written += 1;
     }
 
+    /// Appends rows at once: `probabilities` holds them one after the other (the
+    /// record's class count each); `predicted` gives the predicted class of the n-th
+    /// of them. The same bytes as `push_row` per row, written in place.
+    pub fn push_rows(&mut self, probabilities: &[f64], mut predicted: impl FnMut(usize) -> u16) {
+        let width = row_bytes(self.classes);
+        let rows = probabilities.len().checked_div(self.classes).unwrap_or(0);
+        let start = self.bytes.len();
+        self.bytes.resize(start + rows * width, 0);
+        let out = self.bytes[start..].chunks_exact_mut(width);
+        for (row, (out, probs)) in out.zip(probabilities.chunks_exact(self.classes)).enumerate() {
+            let (class, values) = out.split_at_mut(2);
+            class.copy_from_slice(&predicted(row).to_le_bytes());
+            for (value, p) in values.chunks_exact_mut(4).zip(probs) {
+                value.copy_from_slice(&(*p as f32).to_le_bytes());
+            }
+        }
+        self.written += rows;
+    }
+
     /// Marks a row as not joinable through this record (its id is another's, or too
     /// long to be posted).
     pub fn mark_taken(&mut self, row: usize) {
@@ -502,6 +521,25 @@ mod tests {
         let mut old_format = bytes.clone();
         old_format[0] = ROW_FORMAT;
         assert!(ExchangeRecord::parse(&old_format).is_none());
+    }
+
+    #[test]
+    fn rows_pushed_at_once_are_the_bytes_of_rows_pushed_one_by_one() {
+        let values: Vec<f64> = (0..21).map(|i| f64::from(i) / 20.0 + 1e-9).collect();
+        let mut one_by_one = ExchangeWriter::new(7, 60, 9_000, true, 3, 7);
+        for (row, probs) in values.chunks_exact(3).enumerate() {
+            one_by_one.push_row((row % 3) as u16, probs);
+        }
+        one_by_one.mark_taken(2);
+        let mut at_once = ExchangeWriter::new(7, 60, 9_000, true, 3, 7);
+        at_once.push_rows(&values, |row| (row % 3) as u16);
+        at_once.mark_taken(2);
+        assert_eq!(at_once.written, 7);
+        let bytes = at_once.finish();
+        assert_eq!(bytes, one_by_one.finish());
+        let record = ExchangeRecord::parse(&bytes).unwrap();
+        assert_eq!(record.row(4).unwrap().predicted, 1);
+        assert_eq!(record.row(6).unwrap().probabilities, vec![0.9f32, 0.95, 1.0]);
     }
 
     #[test]

@@ -353,24 +353,17 @@ impl LabelService {
         let own_ids = observation.row_ids.as_deref().unwrap_or_default();
         let suffixed = observation.rows > 1;
         let request_id = &observation.request_id;
-        // Whether the label id of a row without its own id can be posted.
-        let addressable = |row: usize| {
-            if suffixed {
-                request_id.len() + 1 + decimal_digits(row) <= MAX_ID_BYTES
-            } else {
-                !request_id.is_empty() && request_id.len() <= MAX_ID_BYTES
-            }
-        };
-        let by_request = (own_ids.len()..rows).filter(|row| addressable(*row)).count();
+        // Rows without their own id are joined as `REQUESTID:ROW` (or `REQUESTID`): those
+        // whose id fits in a label's id, which is a first run of rows.
+        let addressable = addressable_rows(request_id.len(), suffixed, rows);
+        let by_request = addressable.saturating_sub(own_ids.len());
         let mut records = Vec::with_capacity(1);
         let mut joinable = 0;
         if by_request > 0 {
             let mut writer = ExchangeWriter::new(stream, bucket_start, expires_ms, suffixed, classes, rows);
-            for row in 0..rows {
-                writer.push_row(probabilities.predicted_class(row) as u16, probabilities.row(row));
-                if row < own_ids.len() || !addressable(row) {
-                    writer.mark_taken(row);
-                }
+            writer.push_rows(&probabilities.values[..rows * classes], |row| probabilities.predicted_class(row) as u16);
+            for row in (0..own_ids.len().min(rows)).chain(addressable..rows) {
+                writer.mark_taken(row);
             }
             records.push((request_id.clone(), writer.finish()));
             joinable += by_request;
@@ -754,6 +747,26 @@ fn decimal_digits(row: usize) -> usize {
     row.checked_ilog10().unwrap_or(0) as usize + 1
 }
 
+/// How many of an exchange's first rows can be joined by request id: the label id of
+/// row r, `REQUESTID:r` (several rows) or `REQUESTID` (one), must fit in
+/// `MAX_ID_BYTES`. Ids only grow with r, so the addressable rows are a first run.
+fn addressable_rows(request_id_len: usize, suffixed: bool, rows: usize) -> usize {
+    if !suffixed {
+        let fits = request_id_len > 0 && request_id_len <= MAX_ID_BYTES;
+        return if fits { rows } else { 0 };
+    }
+    // Room left for the row's digits after `REQUESTID:`.
+    let Some(digits) = MAX_ID_BYTES.checked_sub(request_id_len + 1) else { return 0 };
+    if digits == 0 {
+        return 0;
+    }
+    // Rows with at most `digits` digits: 0 ..= 10^digits − 1.
+    match u32::try_from(digits).ok().and_then(|d| 10usize.checked_pow(d)) {
+        Some(limit) => rows.min(limit),
+        None => rows,
+    }
+}
+
 /// A label resolved against the prediction it joined.
 enum Joined {
     /// The actual class of a classifier's row.
@@ -809,6 +822,30 @@ pub fn resolve(label: &RawLabel, classes: usize, names: &[String]) -> Result<usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addressable_rows_are_those_whose_label_id_fits() {
+        // Each row's id as the old per-row rule checked it.
+        let fits = |len: usize, suffixed: bool, row: usize| {
+            if suffixed {
+                len + 1 + decimal_digits(row) <= MAX_ID_BYTES
+            } else {
+                len > 0 && len <= MAX_ID_BYTES
+            }
+        };
+        for len in [0, 1, 36, MAX_ID_BYTES - 4, MAX_ID_BYTES - 3, MAX_ID_BYTES - 2, MAX_ID_BYTES - 1, MAX_ID_BYTES] {
+            for suffixed in [false, true] {
+                let rows = 1200;
+                let expected = (0..rows).take_while(|row| fits(len, suffixed, *row)).count();
+                assert!((expected..rows).all(|row| !fits(len, suffixed, row)), "not a first run: {len}");
+                assert_eq!(addressable_rows(len, suffixed, rows), expected, "len {len}, suffixed {suffixed}");
+            }
+        }
+        assert_eq!(addressable_rows(MAX_ID_BYTES - 3, true, 1200), 100);
+        assert_eq!(addressable_rows(MAX_ID_BYTES - 1, true, 64), 0);
+        assert_eq!(addressable_rows(MAX_ID_BYTES + 1, false, 1), 0);
+        assert_eq!(addressable_rows(36, true, 64), 64);
+    }
 
     #[test]
     fn labels_resolve_by_index_name_and_boolean() {

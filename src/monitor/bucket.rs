@@ -6,6 +6,7 @@
 
 use crate::catalog::{self, Sample, ScopeValues};
 use crate::monitor::drift;
+use crate::monitor::entropy;
 use crate::monitor::estimate::ExpectedConfusion;
 use crate::monitor::merge::Merge;
 use crate::monitor::reference::{Reference, ReferenceBuilder, OTHER_CATEGORY};
@@ -122,6 +123,29 @@ pub struct StreamContext<'a> {
     /// False for an observation of a count record: it has outputs but no inputs, so it
     /// counts rows and classes and leaves the features alone.
     pub features_sampled: bool,
+    /// Buffers for the per-row output statistics of an observation, kept by the
+    /// engine so that observing allocates nothing per exchange.
+    pub output_columns: &'a mut OutputColumns,
+}
+
+/// The per-row values of one observation's output statistics, gathered before they
+/// are added to their summaries a column at a time.
+#[derive(Debug, Default)]
+pub struct OutputColumns {
+    /// Each row's top probability.
+    top1: Vec<f64>,
+    /// Each row's top-1 minus top-2 probability.
+    spread12: Vec<f64>,
+    /// Each row's entropy, in nats.
+    entropy: Vec<f64>,
+}
+
+impl OutputColumns {
+    fn clear(&mut self) {
+        self.top1.clear();
+        self.spread12.clear();
+        self.entropy.clear();
+    }
 }
 
 impl StreamBucket {
@@ -284,41 +308,49 @@ impl StreamBucket {
             entropy: Summary::new(alpha),
         });
         // Per-row values are gathered first and added a column at a time, which lets
-        // the summaries merge a batch's moments at once instead of row by row.
-        let mut top1s = Vec::with_capacity(rows);
-        let mut spreads = Vec::with_capacity(rows);
-        let mut entropies = Vec::with_capacity(rows);
-        for row in 0..rows {
-            let probs = p.row(row);
-            if probs.iter().any(|v| !v.is_finite()) {
-                continue;
-            }
-            let predicted = p.predicted_class(row);
-            classes.confusion.add_row(probs, predicted);
+        // the summaries merge a batch's moments at once instead of row by row; the
+        // columns are the engine's, reused from one observation to the next.
+        let columns = &mut *ctx.output_columns;
+        columns.clear();
+        let threshold = p.threshold.filter(|_| p.classes == 2);
+        // One pass over each row finds what every output statistic needs: finiteness,
+        // the top two probabilities (the first of equal maxima is the predicted class,
+        // as `Probabilities::predicted_class` decides) and the entropy.
+        for probs in p.values.chunks_exact(p.classes) {
             let (mut top1, mut top2) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+            let mut argmax = 0;
             let mut entropy = 0.0;
-            for &v in probs {
+            let mut finite = true;
+            for (class, &v) in probs.iter().enumerate() {
+                finite &= v.is_finite();
                 if v > top1 {
                     top2 = top1;
                     top1 = v;
+                    argmax = class;
                 } else if v > top2 {
                     top2 = v;
                 }
-                if v > 0.0 {
-                    entropy -= v * v.ln();
-                }
+                entropy += entropy::term(v);
             }
-            top1s.push(top1);
-            spreads.push(top1 - top2);
-            entropies.push(entropy);
+            if !finite {
+                continue;
+            }
+            let predicted = match threshold {
+                Some(t) => usize::from(probs[1] > t),
+                None => argmax,
+            };
+            classes.confusion.add_row(probs, predicted);
+            columns.top1.push(top1);
+            columns.spread12.push(top1 - top2);
+            columns.entropy.push(entropy);
             if let Some(b) = ctx.builder.as_deref_mut() {
                 let names = &classes.names;
                 b.add_prediction(predicted, || names.clone());
             }
         }
-        classes.max_proba.add_slice(&top1s);
-        classes.spread12.add_slice(&spreads);
-        classes.entropy.add_slice(&entropies);
+        classes.max_proba.add_slice(&columns.top1);
+        classes.spread12.add_slice(&columns.spread12);
+        classes.entropy.add_slice(&columns.entropy);
     }
 
     /// The points of this bucket, in a stable order: counts, outputs, estimates,
@@ -347,6 +379,11 @@ impl StreamBucket {
         }
         if self.class_count_mismatch > 0 {
             push(catalog::CLASS_COUNT_MISMATCH.sample(self.class_count_mismatch as f64));
+        }
+        if let Some(classes) = &mut self.classes {
+            for summary in [&mut classes.max_proba, &mut classes.spread12, &mut classes.entropy] {
+                summary.settle();
+            }
         }
         if let Some(classes) = &self.classes {
             let rows = classes.confusion.rows();
@@ -419,6 +456,7 @@ impl StreamBucket {
             push(catalog::FEATURE_MISSING_COUNT.sample(feature.missing as f64).with(FeatName, name));
             let category_freq = |value: f64| catalog::FEATURE_CATEGORY_FREQ.sample(value).with(FeatName, name);
             if let Some(numeric) = &mut feature.numeric {
+                numeric.summary.settle();
                 for (stat, v) in numeric.summary.stats() {
                     push(catalog::FEATURE_VALUE.sample(v).with(FeatName, name).with(Stat, stat));
                 }
@@ -572,4 +610,111 @@ fn categorical_linf(reference: &BTreeMap<String, f64>, counts: &CategoryCounts) 
         }
     }
     worst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tfserving::InferenceMethod;
+    use std::time::{Duration, SystemTime};
+
+    fn observation(classes: usize, values: Vec<f64>, threshold: Option<f64>) -> Observation {
+        Observation {
+            stream: StreamKey { model: "m".into(), version: Some(1), signature: "serving_default".into() },
+            method: InferenceMethod::Predict,
+            event_time: SystemTime::UNIX_EPOCH,
+            request_id: "r".into(),
+            rows: values.len() / classes,
+            features: Vec::new(),
+            probabilities: Some(Probabilities { classes, values, class_names: None, threshold }),
+            regression: None,
+            row_ids: None,
+            upstream_latency: Duration::ZERO,
+        }
+    }
+
+    /// Observes count records (outputs only) into a new bucket with fresh buffers.
+    fn observed(observations: &[Observation]) -> StreamBucket {
+        let config = MonitorConfig::default();
+        let (mut known, categorical, mut names) = (BTreeSet::new(), BTreeSet::new(), None);
+        let mut columns = OutputColumns::default();
+        let mut bucket = StreamBucket::new(0);
+        for (sequence, obs) in observations.iter().enumerate() {
+            bucket.observe(
+                obs,
+                StreamContext {
+                    config: &config,
+                    known_features: &mut known,
+                    categorical_features: &categorical,
+                    reference: None,
+                    builder: None,
+                    class_names: &mut names,
+                    sequence: sequence as u64 + 1,
+                    features_sampled: false,
+                    output_columns: &mut columns,
+                },
+            );
+        }
+        bucket
+    }
+
+    fn close(actual: Option<f64>, expected: f64) -> bool {
+        actual.is_some_and(|a| (a - expected).abs() <= 1e-12 * expected.abs().max(1e-300))
+    }
+
+    #[test]
+    fn output_statistics_of_each_row_are_those_of_its_probabilities() {
+        let rows: [[f64; 3]; 6] = [
+            [0.7, 0.2, 0.1],
+            [0.2, 0.2, 0.6],
+            [0.5, 0.5, 0.0],
+            [f64::NAN, 0.5, 0.5],
+            [1.0, 0.0, 0.0],
+            [0.25, 0.125, 0.625],
+        ];
+        // Two observations, so that the engine's buffers are reused between them.
+        let first = observation(3, rows[..3].concat(), None);
+        let second = observation(3, rows[3..].concat(), None);
+        let bucket = observed(&[first, second]);
+        let classes = bucket.classes.as_ref().expect("class statistics");
+        let finite: Vec<&[f64; 3]> = rows.iter().filter(|r| r.iter().all(|v| v.is_finite())).collect();
+        assert_eq!(finite.len(), 5);
+        // The first of equal maxima is the predicted class.
+        assert_eq!(classes.confusion.predicted, vec![3, 0, 2]);
+        let entropy = |r: &[f64; 3]| -> f64 { r.iter().filter(|p| **p > 0.0).map(|p| -p * p.ln()).sum() };
+        let top1 = |r: &[f64; 3]| r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let spread = |r: &[f64; 3]| {
+            let mut sorted = r.to_vec();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            sorted[0] - sorted[1]
+        };
+        for (summary, f) in [
+            (&classes.max_proba, &top1 as &dyn Fn(&[f64; 3]) -> f64),
+            (&classes.spread12, &spread),
+            (&classes.entropy, &entropy),
+        ] {
+            let values: Vec<f64> = finite.iter().map(|r| f(r)).collect();
+            let mean = values.iter().sum::<f64>() / values.len() as f64;
+            let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(summary.count(), 5);
+            assert!(close(summary.mean(), mean), "{:?} vs {mean} for {values:?}", summary.mean());
+            assert!(close(summary.min(), min) || (min == 0.0 && summary.min() == Some(0.0)), "{values:?}");
+            assert!(close(summary.max(), max), "{values:?}");
+        }
+        // Row by row: a tie has no spread and ln 2 of entropy, a certain row none.
+        assert_eq!(classes.spread12.min(), Some(0.0));
+        assert_eq!(classes.entropy.min(), Some(0.0));
+        assert!(close(classes.entropy.max(), entropy(&rows[0]).max(entropy(&rows[1])).max(entropy(&rows[5]))));
+    }
+
+    #[test]
+    fn a_binary_sigmoid_row_is_predicted_by_its_threshold() {
+        let bucket = observed(&[observation(2, vec![0.6, 0.4, 0.8, 0.2], Some(0.3))]);
+        let classes = bucket.classes.as_ref().expect("class statistics");
+        assert_eq!(classes.confusion.predicted, vec![1, 1]);
+        // The statistics of the outputs do not depend on the threshold.
+        assert!(close(classes.max_proba.mean(), 0.7));
+        assert!(close(classes.spread12.mean(), 0.4));
+    }
 }

@@ -8,7 +8,7 @@
 
 use crate::capture::{CallMethod, ErrorOrigin, Exchange};
 use crate::catalog::{self, Sample, ScopeValues};
-use crate::monitor::bucket::{EmitContext, StreamBucket, StreamContext};
+use crate::monitor::bucket::{EmitContext, OutputColumns, StreamBucket, StreamContext};
 use crate::monitor::merge::{self, Merge};
 use crate::monitor::reference::{reference_path, Reference, ReferenceBuilder, ReferenceSet};
 use crate::monitor::stats::Summary;
@@ -334,6 +334,9 @@ pub struct Engine {
     reports_capture: bool,
     /// The fleet's shared drift references, when replicas share one.
     shared_references: Option<Arc<dyn SharedReferences>>,
+    /// Buffers every observation's output statistics are gathered in (reused: the
+    /// engine observes every exchange, and allocating per exchange showed).
+    output_columns: OutputColumns,
 }
 
 impl Engine {
@@ -362,6 +365,7 @@ impl Engine {
             no_features: BTreeSet::new(),
             reports_capture: false,
             shared_references: None,
+            output_columns: OutputColumns::default(),
         }
     }
 
@@ -398,7 +402,7 @@ impl Engine {
         if !self.streams.contains_key(&obs.stream) {
             if self.streams.len() >= self.config.max_streams {
                 let model = self.model_slot(Some(&obs.stream.model));
-                self.model_bucket(&model, start).stream_limit_dropped += rows;
+                self.model_bucket(&model, start, |bucket| bucket.stream_limit_dropped += rows);
                 return Observed { bucket_start: start, accepted: false };
             }
             let stream = self.new_stream(&obs.stream);
@@ -453,6 +457,7 @@ impl Engine {
                 class_names,
                 sequence: self.sequence,
                 features_sampled,
+                output_columns: &mut self.output_columns,
             },
         );
         Observed { bucket_start: start, accepted: true }
@@ -463,19 +468,14 @@ impl Engine {
     pub fn record_exchange(&mut self, facts: &ExchangeFacts) {
         let model = self.model_slot(facts.model.as_deref());
         let start = self.bucket_of(facts.event_time);
-        let bucket = self.model_bucket(&model, start);
-        *bucket.requests.entry((facts.method, facts.status.clone(), facts.origin)).or_default() += 1;
-        bucket.latency.add(facts.upstream_latency.as_secs_f64() * 1000.0);
-        for reason in &facts.decode_errors {
-            *bucket.decode_errors.entry((*reason).to_string()).or_default() += 1;
-        }
+        self.model_bucket(&model, start, |bucket| bucket.count(facts));
     }
 
     /// Counts exchanges the capture queue dropped, in the bucket of `now`.
     pub fn record_capture_dropped(&mut self, now: SystemTime, dropped: u64) {
         let start = self.bucket_of(now);
         self.reports_capture = true;
-        *self.model_bucket(GLOBAL_MODEL, start).capture_dropped.get_or_insert(0) += dropped;
+        self.model_bucket(GLOBAL_MODEL, start, |bucket| *bucket.capture_dropped.get_or_insert(0) += dropped);
     }
 
     /// Closes every bucket whose end plus grace is at or before `now`, filling gaps of
@@ -641,24 +641,28 @@ impl Engine {
 
     /// The model a fact is counted under: itself, or the global pseudo-model when it
     /// is unknown or when the number of models has reached its bound.
-    fn model_slot(&self, model: Option<&str>) -> String {
+    fn model_slot<'m>(&self, model: Option<&'m str>) -> std::borrow::Cow<'m, str> {
         match model.map(client_model_key) {
-            Some(m) if self.models.contains_key(m.as_ref()) || self.models.len() <= self.config.max_streams => {
-                m.into_owned()
-            }
-            _ => GLOBAL_MODEL.to_string(),
+            Some(m) if self.models.contains_key(m.as_ref()) || self.models.len() <= self.config.max_streams => m,
+            _ => std::borrow::Cow::Borrowed(GLOBAL_MODEL),
         }
     }
 
-    /// The open model bucket for `start`, or the next open one when `start` is closed.
-    fn model_bucket(&mut self, model: &str, start: i64) -> &mut ModelBucket {
+    /// Updates the open model bucket for `start`, or the next open one when `start` is
+    /// closed. The model's name is copied only for its first bucket, not per exchange.
+    fn model_bucket(&mut self, model: &str, start: i64, update: impl FnOnce(&mut ModelBucket)) {
         let width = self.width;
-        let state = self.models.entry(model.to_string()).or_default();
-        let start = match state.closed_through {
-            Some(closed) if start <= closed => closed + width,
-            _ => start,
+        let open_bucket = |state: &mut ModelState| {
+            let start = match state.closed_through {
+                Some(closed) if start <= closed => closed + width,
+                _ => start,
+            };
+            update(state.open.entry(start).or_insert_with(ModelBucket::new));
         };
-        state.open.entry(start).or_insert_with(ModelBucket::new)
+        match self.models.get_mut(model) {
+            Some(state) => open_bucket(state),
+            None => open_bucket(self.models.entry(model.to_string()).or_default()),
+        }
     }
 }
 
@@ -696,6 +700,31 @@ fn freeze(
 }
 
 impl ModelBucket {
+    /// Counts one exchange's request, latency and decode errors.
+    fn count(&mut self, facts: &ExchangeFacts) {
+        // Keys are looked up before they are built: this runs for every exchange, and
+        // a bucket has a handful of (method, status, origin) keys.
+        let counted = self
+            .requests
+            .iter_mut()
+            .find(|((method, status, origin), _)| {
+                *method == facts.method && *status == facts.status && *origin == facts.origin
+            })
+            .map(|(_, count)| *count += 1);
+        if counted.is_none() {
+            self.requests.insert((facts.method, facts.status.clone(), facts.origin), 1);
+        }
+        self.latency.add(facts.upstream_latency.as_secs_f64() * 1000.0);
+        for reason in &facts.decode_errors {
+            match self.decode_errors.get_mut(*reason) {
+                Some(count) => *count += 1,
+                None => {
+                    self.decode_errors.insert((*reason).to_string(), 1);
+                }
+            }
+        }
+    }
+
     fn new() -> Self {
         // Latency needs no finer accuracy than the default sketch's 1 %.
         ModelBucket {

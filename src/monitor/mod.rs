@@ -16,6 +16,7 @@
 pub mod bucket;
 pub mod drift;
 pub mod engine;
+pub mod entropy;
 pub mod estimate;
 pub mod merge;
 pub mod reference;
