@@ -1181,14 +1181,16 @@ impl Inner {
             txn.set_durability(durability);
             self.write_records(&txn, batches)?;
             let out = op(&txn)?;
-            if durable {
+            let doomed = if durable {
                 // The segments hold what this commit's `log_end` promises.
-                self.log.lock().unwrap_or_else(|e| e.into_inner()).segments.sync()?;
-            }
+                let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+                log.segments.sync()?;
+                log.segments.take_doomed()
+            } else {
+                Vec::new()
+            };
             txn.commit()?;
-            if durable {
-                self.log.lock().unwrap_or_else(|e| e.into_inner()).segments.remove_doomed();
-            }
+            Segments::remove_files(doomed);
             Ok(out)
         })();
         if result.is_err() {
@@ -1363,6 +1365,14 @@ impl Inner {
     }
 
     fn maintain(&self, now_ms: i64) -> Result<(), StoreError> {
+        // The segments written since the last tick are synced first, outside any
+        // transaction: at saturation that is a second of records, and recording
+        // waits for no sync. The durable commit then syncs only what came meanwhile.
+        let unsynced = self.log.lock().unwrap_or_else(|e| e.into_inner()).segments.take_unsynced();
+        unsynced.and_then(|u| u.sync()).map_err(|e| StoreError::Embedded {
+            path: self.path.display().to_string(),
+            detail: format!("cannot sync the label log: {e}"),
+        })?;
         self.write(Durability::Immediate, |txn| {
             {
                 let mut rows = Rows::open(txn, &self.log)?;

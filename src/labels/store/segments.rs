@@ -64,6 +64,25 @@ struct Segment {
     buffered: Vec<u8>,
 }
 
+/// Segment files written but not yet synced (`Segments::take_unsynced`).
+pub struct Unsynced {
+    files: Vec<File>,
+    dir: Option<PathBuf>,
+}
+
+impl Unsynced {
+    /// Syncs the files, and the directory when a segment was created.
+    pub fn sync(self) -> std::io::Result<()> {
+        for file in &self.files {
+            file.sync_data()?;
+        }
+        if let Some(dir) = &self.dir {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
 /// A record met by the scan on open: its sequence and entry.
 pub type Visit<'v> = &'v mut dyn FnMut(u64, &[u8]);
 
@@ -261,23 +280,38 @@ impl Segments {
     /// Flushes, then syncs the segments written since the last sync (and the
     /// directory when a file was created): before a durable commit of redb.
     pub fn sync(&mut self) -> std::io::Result<()> {
-        self.flush()?;
-        for generation in std::mem::take(&mut self.unsynced) {
-            if let Some(segment) = self.open.get_mut(&generation) {
-                // A file closed since it was written syncs through a new handle:
-                // its dirty pages are the inode's.
-                segment.file()?.sync_data()?;
-            }
-        }
-        if std::mem::take(&mut self.created) {
-            File::open(&self.dir)?.sync_all()?;
-        }
-        Ok(())
+        // A file closed since it was written syncs through a new handle: its dirty
+        // pages are the inode's.
+        self.take_unsynced()?.sync()
     }
 
-    /// Removes the files of the generations dropped before the last durable commit.
-    pub fn remove_doomed(&mut self) {
-        for path in self.doomed.drain(..) {
+    /// Writes the buffered frames and hands out what `sync` would sync (handles of the
+    /// segments written since the last sync, and the directory if a segment was
+    /// created), marking it synced: the caller syncs them without holding the store,
+    /// so that appends go on meanwhile, and a durable commit then only syncs what was
+    /// appended since.
+    pub fn take_unsynced(&mut self) -> std::io::Result<Unsynced> {
+        self.flush()?;
+        let mut files = Vec::new();
+        for generation in std::mem::take(&mut self.unsynced) {
+            if let Some(segment) = self.open.get_mut(&generation) {
+                files.push(segment.file()?.try_clone()?);
+            }
+        }
+        let dir = std::mem::take(&mut self.created).then(|| self.dir.clone());
+        Ok(Unsynced { files, dir })
+    }
+
+    /// Takes the files of the generations dropped so far, to be removed by
+    /// `remove_files` once the durable commit that drops them is done (taken before
+    /// it: a later transaction may drop more, which its own durable commit removes).
+    pub fn take_doomed(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.doomed)
+    }
+
+    /// Removes segment files of dropped generations (`take_doomed`).
+    pub fn remove_files(doomed: Vec<PathBuf>) {
+        for path in doomed {
             if let Err(error) = std::fs::remove_file(&path) {
                 if error.kind() != ErrorKind::NotFound {
                     tracing::warn!(message = "Label log segment not removed.", path = %path.display(), %error);
@@ -287,7 +321,7 @@ impl Segments {
     }
 
     /// Drops the generations before `generation`: closed now, their files removed
-    /// after the next durable commit (`remove_doomed`).
+    /// after the next durable commit (`take_doomed`).
     pub fn drop_before(&mut self, generation: u64) -> Vec<u64> {
         let dead: Vec<u64> = self.open.range(..generation).map(|(g, _)| *g).collect();
         for g in &dead {
