@@ -20,8 +20,9 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 
-/// A connection accepted by one serving thread for another.
-pub type HandedOff = (std::net::TcpStream, SocketAddr, SpreadHold);
+/// A connection accepted (and admitted to the connection budget) by one serving
+/// thread for another.
+pub type HandedOff = (std::net::TcpStream, SocketAddr, SpreadHold, super::limits::Admitted);
 
 /// The serving threads of one listening port, and how many connections each serves.
 #[derive(Debug)]
@@ -196,11 +197,12 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (stream, peer) = listener.accept().unwrap();
+        let budget = super::super::limits::ConnectionBudget::new(8);
         let _here = first.hold_here();
         let (target, hold) = first.place();
         assert_eq!(target, 1);
-        first.hand_off(target, (stream, peer, hold)).unwrap();
-        let (_, arrived_from, hold) = second.handed_off().await.unwrap();
+        first.hand_off(target, (stream, peer, hold, budget.admit().unwrap())).unwrap();
+        let (_, arrived_from, hold, _admitted) = second.handed_off().await.unwrap();
         assert_eq!(arrived_from, peer);
         assert_eq!(hold.index, 1);
         drop(second);
@@ -209,7 +211,7 @@ mod tests {
             let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             listener.accept().unwrap()
         };
-        assert!(first.hand_off(1, (stream, peer, first.hold_here())).is_err());
+        assert!(first.hand_off(1, (stream, peer, first.hold_here(), budget.admit().unwrap())).is_err());
     }
 
     #[tokio::test]

@@ -589,10 +589,10 @@ async fn accept_loop<F, Fut>(
         let accepted = tokio::select! {
             _ = stop.wait_for(|stopped| *stopped) => break,
             accepted = listener.accept() => accepted.map(|(stream, peer)| (stream, peer, None)),
-            Some((stream, peer, hold)) = spread.handed_off() => {
+            Some((stream, peer, hold, admitted)) = spread.handed_off() => {
                 // Registered with this thread's reactor from here on.
                 match stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) {
-                    Ok(stream) => Ok((stream, peer, Some(hold))),
+                    Ok(stream) => Ok((stream, peer, Some((hold, admitted)))),
                     Err(error) => {
                         debug!(message = "A connection passed from another serving thread could not be taken.", %peer, %error);
                         continue;
@@ -601,30 +601,33 @@ async fn accept_loop<F, Fut>(
             }
         };
         match accepted {
-            Ok((stream, peer, hold)) => {
+            Ok((stream, peer, handed_off)) => {
                 backoff = Duration::ZERO;
-                let (stream, hold) = match hold {
-                    Some(hold) => (stream, hold),
-                    None => match place_accepted(&spread, stream, peer) {
-                        Some(kept) => kept,
-                        None => continue,
-                    },
-                };
-                let Some(admitted) = governance.connections.admit() else {
-                    governance.metrics.connections_refused.inc();
-                    if let Some(count) = refusals.due() {
-                        warn!(
-                            message = "Client connections refused: limits.max_connections are open.",
-                            max_connections = governance.connections.max(),
-                            refused = count,
-                        );
+                let (stream, hold, admitted) = match handed_off {
+                    Some((hold, admitted)) => (stream, hold, admitted),
+                    None => {
+                        // Refused by the thread that accepted it, before any hand-off.
+                        let Some(admitted) = governance.connections.admit() else {
+                            governance.metrics.connections_refused.inc();
+                            if let Some(count) = refusals.due() {
+                                warn!(
+                                    message = "Client connections refused: limits.max_connections are open.",
+                                    max_connections = governance.connections.max(),
+                                    refused = count,
+                                );
+                            }
+                            if governance.refusal == Refusal::Http1 && tls.is_none() {
+                                // Best effort and never waiting: the socket buffer takes it.
+                                let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+                            }
+                            drop(stream);
+                            continue;
+                        };
+                        match place_accepted(&spread, stream, peer, admitted) {
+                            Some(kept) => kept,
+                            None => continue,
+                        }
                     }
-                    if governance.refusal == Refusal::Http1 && tls.is_none() {
-                        // Best effort and never waiting: the socket buffer takes it.
-                        let _ = stream.try_write(TOO_MANY_CONNECTIONS);
-                    }
-                    drop(stream);
-                    continue;
                 };
                 let _ = stream.set_nodelay(true);
                 debug!(message = "Accepted connection.", %peer);
@@ -682,10 +685,11 @@ fn place_accepted(
     spread: &listen::Spread,
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-) -> Option<(tokio::net::TcpStream, listen::SpreadHold)> {
+    admitted: limits::Admitted,
+) -> Option<(tokio::net::TcpStream, listen::SpreadHold, limits::Admitted)> {
     let (target, hold) = spread.place();
     if spread.is_here(target) {
-        return Some((stream, hold));
+        return Some((stream, hold, admitted));
     }
     let stream = match stream.into_std() {
         Ok(stream) => stream,
@@ -694,13 +698,13 @@ fn place_accepted(
             return None;
         }
     };
-    match spread.hand_off(target, (stream, peer, hold)) {
+    match spread.hand_off(target, (stream, peer, hold, admitted)) {
         Ok(()) => None,
         // That thread has stopped: served here after all.
-        Err((stream, _, hold)) => {
+        Err((stream, _, hold, admitted)) => {
             drop(hold);
             let stream = tokio::net::TcpStream::from_std(stream).ok()?;
-            Some((stream, spread.hold_here()))
+            Some((stream, spread.hold_here(), admitted))
         }
     }
 }
