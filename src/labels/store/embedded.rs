@@ -1367,12 +1367,16 @@ impl Inner {
     fn maintain(&self, now_ms: i64) -> Result<(), StoreError> {
         // The segments written since the last tick are synced first, outside any
         // transaction: at saturation that is a second of records, and recording
-        // waits for no sync. The durable commit then syncs only what came meanwhile.
-        let unsynced = self.log.lock().unwrap_or_else(|e| e.into_inner()).segments.take_unsynced();
-        unsynced.and_then(|u| u.sync()).map_err(|e| StoreError::Embedded {
-            path: self.path.display().to_string(),
-            detail: format!("cannot sync the label log: {e}"),
-        })?;
+        // waits for no sync. Twice: the second pass syncs what was recorded during
+        // the first, so that the durable commit, which recording does wait for,
+        // syncs only the few records of the second pass's time.
+        for _ in 0..2 {
+            let unsynced = self.log.lock().unwrap_or_else(|e| e.into_inner()).segments.take_unsynced();
+            unsynced.and_then(|u| u.sync()).map_err(|e| StoreError::Embedded {
+                path: self.path.display().to_string(),
+                detail: format!("cannot sync the label log: {e}"),
+            })?;
+        }
         self.write(Durability::Immediate, |txn| {
             {
                 let mut rows = Rows::open(txn, &self.log)?;
