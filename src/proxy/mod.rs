@@ -590,8 +590,9 @@ async fn accept_loop<F, Fut>(
             _ = stop.wait_for(|stopped| *stopped) => break,
             accepted = listener.accept() => accepted.map(|(stream, peer)| (stream, peer, None)),
             Some((stream, peer, hold, admitted)) = spread.handed_off() => {
-                // Registered with this thread's reactor from here on.
-                match stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) {
+                // Registered with this thread's reactor from here on (`into_std` left
+                // it non-blocking).
+                match tokio::net::TcpStream::from_std(stream) {
                     Ok(stream) => Ok((stream, peer, Some((hold, admitted)))),
                     Err(error) => {
                         debug!(message = "A connection passed from another serving thread could not be taken.", %peer, %error);

@@ -579,12 +579,18 @@ fn tables_of(txn: &WriteTransaction, prefix: &str) -> Result<Vec<u64>, DbError> 
     Ok(generations)
 }
 
-/// The bitmap of taken rows inside a log entry.
-fn entry_bitmap(entry: &mut [u8]) -> Option<&mut [u8]> {
+/// Where the bitmap of taken rows is inside a log entry.
+fn bitmap_range(entry: &[u8]) -> Option<std::ops::Range<usize>> {
     let prefix = entry_prefix(entry)?;
-    let record = &mut entry[prefix..];
-    let range = ExchangeRecord::parse(record)?.taken_bitmap_range();
-    record.get_mut(range)
+    let range = ExchangeRecord::parse(&entry[prefix..])?.taken_bitmap_range();
+    Some(prefix + range.start..prefix + range.end)
+}
+
+/// Lays a stored bitmap of taken rows (`TAKEN_PREFIX`) over a log entry's own.
+fn lay_taken(entry: &mut [u8], taken: &[u8]) {
+    if let Some(bitmap) = bitmap_range(entry).and_then(|r| entry.get_mut(r)).filter(|b| b.len() == taken.len()) {
+        bitmap.copy_from_slice(taken);
+    }
 }
 
 impl<'t> Rows<'t> {
@@ -617,20 +623,16 @@ impl<'t> Rows<'t> {
         if !self.log.taken_generations.contains(&generation) {
             return Ok(());
         }
-        let Some(taken) = self.taken_table(generation)?.get(seq)? else { return Ok(()) };
-        let taken = taken.value();
-        if let Some(bitmap) = entry_bitmap(entry).filter(|b| b.len() == taken.len()) {
-            bitmap.copy_from_slice(taken);
+        if let Some(taken) = self.taken_table(generation)?.get(seq)? {
+            lay_taken(entry, taken.value());
         }
         Ok(())
     }
 
     /// Stores which rows of record `seq` are taken, from its entry `entry`.
     fn store_taken(&mut self, seq: u64, entry: &[u8]) -> Result<(), DbError> {
-        let mut copy = entry.to_vec();
-        let Some(bitmap) = entry_bitmap(&mut copy) else { return Ok(()) };
-        let bitmap = bitmap.to_vec();
-        self.taken_table(generation_of(seq))?.insert(seq, bitmap.as_slice())?;
+        let Some(bitmap) = bitmap_range(entry).and_then(|r| entry.get(r)) else { return Ok(()) };
+        self.taken_table(generation_of(seq))?.insert(seq, bitmap)?;
         Ok(())
     }
 
@@ -667,23 +669,16 @@ impl<'t> Rows<'t> {
             if seq < log_start || failed.is_some() {
                 return;
             }
-            let Some((key, record)) = split_entry(entry) else { return };
-            let mut record = record.to_vec();
+            let mut entry = entry.to_vec();
             if let Some(table) = taken.get(&generation_of(seq)) {
                 match table.get(seq) {
-                    Ok(Some(bits)) => {
-                        let range = ExchangeRecord::parse(&record).map(|r| r.taken_bitmap_range());
-                        if let Some(bitmap) =
-                            range.and_then(|r| record.get_mut(r)).filter(|b| b.len() == bits.value().len())
-                        {
-                            bitmap.copy_from_slice(bits.value());
-                        }
-                    }
+                    Ok(Some(bits)) => lay_taken(&mut entry, bits.value()),
                     Ok(None) => {}
                     Err(e) => failed = Some(DbError(e.to_string())),
                 }
             }
-            let untaken = ExchangeRecord::parse(&record).map_or(0, |r| r.untaken() as u64);
+            let Some((key, record)) = split_entry(&entry) else { return };
+            let untaken = ExchangeRecord::parse(record).map_or(0, |r| r.untaken() as u64);
             if untaken > 0 {
                 index.insert(key, seq);
                 pending += untaken;

@@ -259,10 +259,9 @@ impl Segments {
     pub fn flush(&mut self) -> std::io::Result<()> {
         for segment in self.open.values_mut() {
             if !segment.buffered.is_empty() {
-                let (at, bytes) = (segment.written, std::mem::take(&mut segment.buffered));
-                segment.file()?.write_all_at(&bytes, at)?;
-                segment.written += bytes.len() as u64;
-                segment.buffered = bytes;
+                let file = open_file(&mut segment.file, &segment.path)?;
+                file.write_all_at(&segment.buffered, segment.written)?;
+                segment.written += segment.buffered.len() as u64;
                 segment.buffered.clear();
             }
         }
@@ -353,13 +352,19 @@ impl Segments {
     }
 }
 
+/// A segment's open file, opened again if it was closed (apart from `Segment::file`
+/// so that a caller can borrow the segment's other fields meanwhile).
+fn open_file<'f>(file: &'f mut Option<File>, path: &Path) -> std::io::Result<&'f File> {
+    if file.is_none() {
+        *file = Some(std::fs::OpenOptions::new().read(true).write(true).open(path)?);
+    }
+    Ok(file.as_ref().expect("opened above"))
+}
+
 impl Segment {
     /// The open file, opened again if it was closed.
     fn file(&mut self) -> std::io::Result<&File> {
-        if self.file.is_none() {
-            self.file = Some(std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?);
-        }
-        Ok(self.file.as_ref().expect("opened above"))
+        open_file(&mut self.file, &self.path)
     }
 
     /// Bytes written and buffered.
